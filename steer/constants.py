@@ -1,0 +1,84 @@
+"""Every port, mark, name and path that more than one module relies on.
+
+Kept in one place so the datapath, the renderers, the lab and the docs can never
+disagree about which bit of a conntrack mark means what.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+# --- Kubernetes surface -----------------------------------------------------------------
+API_GROUP: Final = "steer.dev"
+API_VERSION: Final = "v1alpha1"
+API_GROUP_VERSION: Final = f"{API_GROUP}/{API_VERSION}"
+POLICY_KIND: Final = "HTTPPolicy"
+
+ANNOTATION_INJECT: Final = "steer.dev/inject"
+ANNOTATION_DATAPLANE: Final = "steer.dev/dataplane"
+ANNOTATION_EXCLUDE_OUTBOUND_PORTS: Final = "steer.dev/exclude-outbound-ports"
+ANNOTATION_EXCLUDE_INBOUND_PORTS: Final = "steer.dev/exclude-inbound-ports"
+ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: Final = "steer.dev/exclude-outbound-cidrs"
+# Namespace label that permits a pod's exclusion annotations to take effect; without it
+# exclusions are ignored, because an exclusion is a way around policy.
+LABEL_ALLOW_EXCLUSIONS: Final = "steer.dev/allow-exclusions"
+
+# --- Envoy ports (Istio's habits) ---------------------------------------------------------
+ENVOY_OUTBOUND_PORT: Final = 15001
+ENVOY_INBOUND_PORT: Final = 15006
+ENVOY_ADMIN_PORT: Final = 15000
+XDS_PORT: Final = 15010
+WEBHOOK_PORT: Final = 15017
+METRICS_PORT: Final = 15020
+ENVOY_ADMIN_ADDRESS: Final = "127.0.0.1"
+
+# --- xDS names ------------------------------------------------------------------------------
+XDS_CLUSTER_NAME: Final = "steer-xds"
+ORIGINAL_DST_CLUSTER: Final = "steer-original-dst"
+OUTBOUND_LISTENER: Final = "steer-outbound"
+INBOUND_LISTENER: Final = "steer-inbound"
+ROUTE_PREFIX: Final = "steer-dst"
+ENVOY_CLUSTER_ID: Final = "steer"
+# HTTP filter names carry the direction and the action: per-route RBAC configs are keyed
+# by filter name, so each of the four decisions gets its own filter.
+RBAC_FILTERS: Final = (
+    "steer.rbac.egress-deny",
+    "steer.rbac.ingress-deny",
+    "steer.rbac.egress-allow",
+    "steer.rbac.ingress-allow",
+)
+
+# --- conntrack mark layout ------------------------------------------------------------------
+# Bits 0-15 belong to others (kube-proxy uses 0x4000/0x8000, Istio 0x539). steer owns
+# bits 16-29: a 2-bit verdict and a 12-bit policy id naming the policy that decided.
+MARK_VERDICT_SHIFT: Final = 28
+MARK_VERDICT_MASK: Final = 0x3 << MARK_VERDICT_SHIFT
+MARK_ID_SHIFT: Final = 16
+MARK_ID_MASK: Final = 0xFFF << MARK_ID_SHIFT
+MARK_MASK: Final = MARK_VERDICT_MASK | MARK_ID_MASK
+MARK_MAX_POLICY_ID: Final = 0xFFF
+VERDICT_ALLOW: Final = 1
+VERDICT_DENY: Final = 2
+VERDICT_L7: Final = 3
+
+# --- iptables -------------------------------------------------------------------------------
+CHAIN_PREFIX: Final = "STEER"
+COMMENT_PREFIX: Final = "steer/"
+
+# --- local node (lab) -----------------------------------------------------------------------
+NODE_NETNS: Final = "steer-node"
+POD_NETNS_PREFIX: Final = "steer-pod-"
+# Node-side veth names: prefix + 8 hex digits of a hash of namespace/name (IFNAMSIZ is 16).
+POD_VETH_PREFIX: Final = "sp"
+POD_IFNAME: Final = "eth0"
+LAB_POD_CIDR: Final = "10.244.0.0/16"
+LAB_GATEWAY_IP: Final = "10.244.0.1"
+LAB_NODE_NAME: Final = "lab-node"
+CGROUP_SUBTREE: Final = "steer"
+CGROUP2_CANDIDATES: Final = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+
+RUN_DIR: Final = Path("/run/steer")
+LAB_STATE_FILE: Final = RUN_DIR / "lab.json"
+XDS_SOCKET: Final = RUN_DIR / "xds.sock"
+BPF_PIN_DIR: Final = Path("/sys/fs/bpf/steer")
