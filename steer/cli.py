@@ -1,0 +1,256 @@
+"""steer's command line: demo | lab | control | agent | envoy | render | status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from steer.constants import LAB_NODE_NAME, LAB_STATE_FILE, NODE_NETNS, RUN_DIR, XDS_SOCKET
+
+DEFAULT_POLICY_DIR = RUN_DIR / "policies"
+
+
+def _print_json(document: object) -> None:
+    print(json.dumps(document, indent=2, sort_keys=False))
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from steer.node.lab import LabPodSpec, default_lab_specs, lab_down, lab_status, lab_up
+
+    if args.action == "down":
+        lab_down(args.lab_state)
+        return 0
+    if args.action == "up":
+        specs = default_lab_specs()
+        specs += [
+            LabPodSpec(name=f"pod-{i}", labels={"app": "filler"})
+            for i in range(max(0, args.pods - len(specs)))
+        ]
+        state = lab_up(specs, args.lab_state)
+    else:
+        found = lab_status(args.lab_state)
+        if found is None:
+            print("no lab is up; fix: steer lab up", file=sys.stderr)
+            return 1
+        state = found
+    if args.json:
+        _print_json(state.to_json())
+    else:
+        print(f"node netns {state.node_netns}")
+        for pod in state.pods:
+            print(f"  {pod.namespace}/{pod.name:<12} {pod.ip:<14} {pod.netns:<28} {pod.veth}")
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from steer.control.plane import LocalControlPlane
+
+    plane = LocalControlPlane(args.policies, args.lab_state, node_id=args.node_id)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(plane.run(args.socket))
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from steer.node.agent import IptablesDatapath, LocalAgent
+    from steer.node.netns import enter_netns
+    from steer.source.local import PolicyDirectory, load_lab_pods
+
+    if args.netns:
+        enter_netns(args.netns)
+    if args.dry_run:
+        from steer.node import iptables
+        from steer.render.iptables import KernelState, restore_text
+
+        policies = PolicyDirectory(args.policies).reload()
+        for error in policies.errors:
+            print(f"error: {error}", file=sys.stderr)
+        ruleset = IptablesDatapath().plan(policies.policies, load_lab_pods(args.lab_state))
+        try:
+            current = iptables.read_state()
+        except Exception:  # no iptables access: plan against an empty node
+            current = KernelState()
+        sys.stdout.write(restore_text(ruleset, current))
+        return 1 if policies.errors else 0
+    agent = LocalAgent(args.policies, args.lab_state)
+    if args.once:
+        report = agent.sync()
+        for message in report.errors:
+            print(f"error: {message}", file=sys.stderr)
+        return 1 if report.errors else 0
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(agent.run())
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    from steer.node import iptables
+    from steer.node.netns import enter_netns
+
+    if args.netns:
+        enter_netns(args.netns)
+    iptables.unload()
+    return 0
+
+
+def cmd_envoy(args: argparse.Namespace) -> int:
+    from steer.node.envoy import supervise
+    from steer.node.netns import enter_netns
+
+    if args.netns:
+        enter_netns(args.netns)
+    supervise(args.node_id, args.socket, args.ads)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from steer.model.enforce import resolve
+    from steer.render.iptables import KernelState, render_ruleset, restore_text
+    from steer.render.xds import render_resources
+    from steer.source.local import PolicyDirectory, load_lab_pods
+
+    loaded = PolicyDirectory(args.policies).reload()
+    for error in loaded.errors:
+        print(f"error: {error}", file=sys.stderr)
+    enforcement = resolve(loaded.policies, load_lab_pods(args.lab_state))
+    if args.what == "iptables":
+        sys.stdout.write(restore_text(render_ruleset(enforcement), KernelState()))
+    else:
+        _print_json(
+            {
+                type_url: {name: MessageToDict(msg) for name, msg in by_name.items()}
+                for type_url, by_name in render_resources(enforcement).items()
+            }
+        )
+    return 1 if loaded.errors else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    documents = {}
+    for name in ("agent", "control"):
+        path = RUN_DIR / f"{name}-status.json"
+        try:
+            documents[name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            documents[name] = None
+    if args.json:
+        _print_json(documents)
+        return 0
+    agent, control = documents["agent"], documents["control"]
+    if agent is None:
+        print("agent: not running (no status file)")
+    else:
+        print("pods:")
+        for pod in agent["pods"]:
+            print(f"  {pod['namespace']}/{pod['name']:<12} {pod['dataplane']:<9} {pod['reason']}")
+        for error in agent["last_sync"]["errors"]:
+            print(f"  error: {error}")
+    if control is None:
+        print("control plane: not running (no status file)")
+    else:
+        print(
+            f"control plane: node {control['node']} streams={control['streams']} "
+            f"pushes={control['pushes']} acks={control['acks']} nacks={control['nacks']}"
+        )
+        if control["last_nack"]:
+            print(f"  last NACK: {control['last_nack']['detail']}")
+        for error in control["errors"]:
+            print(f"  error: {error}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from steer.demo import run_demo
+
+    result = run_demo(keep=args.keep, dataplane=args.dataplane, ads=args.ads)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        print(result.table())
+    return 0 if result.ok else 1
+
+
+def _add_inputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policies",
+        type=Path,
+        default=DEFAULT_POLICY_DIR,
+        help="directory of HTTPPolicy YAML files",
+    )
+    parser.add_argument("--lab-state", type=Path, default=LAB_STATE_FILE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the local node end to end and check it")
+    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--keep", action="store_true", help="leave the lab running")
+    demo.add_argument("--dataplane", choices=["iptables"], default="iptables")
+    demo.add_argument("--ads", choices=["delta", "sotw"], default="delta")
+    demo.set_defaults(func=cmd_demo)
+
+    lab = sub.add_parser("lab", help="the local node: namespaces, veths, cgroups")
+    lab.add_argument("action", choices=["up", "down", "status"])
+    lab.add_argument("--json", action="store_true")
+    lab.add_argument("--pods", type=int, default=3, help="with up: total number of pods")
+    lab.add_argument("--lab-state", type=Path, default=LAB_STATE_FILE)
+    lab.set_defaults(func=cmd_lab)
+
+    control = sub.add_parser("control", help="the control plane: xDS server")
+    _add_inputs(control)
+    control.add_argument("--socket", type=Path, default=XDS_SOCKET)
+    control.add_argument("--node-id", default=LAB_NODE_NAME)
+    control.set_defaults(func=cmd_control)
+
+    agent = sub.add_parser("agent", help="the node agent: iptables datapath")
+    _add_inputs(agent)
+    agent.add_argument("--netns", default=NODE_NETNS, help="node namespace ('' for current)")
+    agent.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    agent.add_argument("--once", action="store_true", help="sync once and exit")
+    agent.set_defaults(func=cmd_agent)
+
+    dataplane = sub.add_parser("dataplane", help="datapath maintenance")
+    dataplane.add_argument("action", choices=["unload"])
+    dataplane.add_argument("--netns", default=NODE_NETNS)
+    dataplane.set_defaults(func=cmd_unload)
+
+    envoy = sub.add_parser("envoy", help="run and supervise the node's Envoy")
+    envoy.add_argument("--netns", default=NODE_NETNS)
+    envoy.add_argument("--socket", type=Path, default=XDS_SOCKET)
+    envoy.add_argument("--node-id", default=LAB_NODE_NAME)
+    envoy.add_argument("--ads", choices=["delta", "sotw"], default="delta")
+    envoy.set_defaults(func=cmd_envoy)
+
+    render = sub.add_parser("render", help="print what would be programmed")
+    render.add_argument("what", choices=["iptables", "xds"])
+    _add_inputs(render)
+    render.set_defaults(func=cmd_render)
+
+    status = sub.add_parser("status", help="per-pod datapath and control-plane push state")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

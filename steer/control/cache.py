@@ -1,0 +1,406 @@
+"""Versioned per-node xDS snapshots and per-node push status.
+
+The cache is the meeting point of the renderer (which produces a whole configuration
+for a node at once) and the ADS streams (which push it). It never talks gRPC: a stream
+handler reads the current snapshot, waits for the next one, and reports what the node
+did with each push, so the control plane can tell an operator which nodes run which
+configuration and why a node refused one.
+
+Everything here is meant to be used from one asyncio event loop: ``set_snapshot`` and
+the ``record_*`` methods are plain synchronous calls that wake waiters on that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any, Final
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
+from google.protobuf.message import Message
+
+LISTENER_TYPE: Final = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE: Final = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE: Final = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE: Final = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+# Make-before-break: a cluster must exist before a route can point at it, and a listener
+# before the RDS config it names is of any use, so updates go out in this order.
+PUSH_ORDER: Final = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+# Envoy subscribes to every listener and cluster (wildcard), but to routes and endpoints
+# by the names its listeners and clusters mention.
+WILDCARD_TYPES: Final = frozenset({LISTENER_TYPE, CLUSTER_TYPE})
+
+# Hex digits kept from a sha256; 64 bits is plenty to tell configurations apart and keeps
+# versions readable in logs and in Envoy's config_dump.
+VERSION_DIGITS: Final = 16
+
+_HCM_TYPE: Final = (
+    "type.googleapis.com/"
+    + http_connection_manager_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+)
+
+
+class InconsistentSnapshot(ValueError):
+    """A snapshot refers to something it does not contain; Envoy would stall on it."""
+
+
+def resource_name(msg: Message) -> str:
+    """The name Envoy knows a resource by (ClusterLoadAssignment calls it cluster_name)."""
+    # Message declares no fields, and the concrete Envoy classes carry no types.
+    fields: Any = msg
+    if msg.DESCRIPTOR.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
+        return str(fields.cluster_name)
+    return str(fields.name)
+
+
+def _type_url(msg: Message) -> str:
+    return f"type.googleapis.com/{msg.DESCRIPTOR.full_name}"
+
+
+def _digest(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        # Length prefixes keep ("ab", "c") and ("a", "bc") from hashing alike.
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()[:VERSION_DIGITS]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One node's whole configuration: type_url -> resource name -> resource.
+
+    The snapshot takes ownership of the messages: versions are computed once, so a
+    message mutated after the snapshot was built would be pushed under a stale version.
+    """
+
+    resources: Mapping[str, Mapping[str, Message]]
+
+    def __post_init__(self) -> None:
+        # Freeze the containers so a caller's later edits to its dicts cannot change a
+        # snapshot that is already being served.
+        frozen = {t: MappingProxyType(dict(byname)) for t, byname in self.resources.items()}
+        object.__setattr__(self, "resources", MappingProxyType(frozen))
+
+    @classmethod
+    def of(cls, *messages: Message) -> Snapshot:
+        """Build a snapshot from resources, keyed by their type and their own names."""
+        resources: dict[str, dict[str, Message]] = {}
+        for msg in messages:
+            byname = resources.setdefault(_type_url(msg), {})
+            name = resource_name(msg)
+            if name in byname:
+                raise InconsistentSnapshot(f"duplicate {msg.DESCRIPTOR.name} {name!r}")
+            byname[name] = msg
+        return cls(resources)
+
+    def get(self, type_url: str) -> Mapping[str, Message]:
+        return self.resources.get(type_url, MappingProxyType({}))
+
+    @cached_property
+    def _resource_versions(self) -> Mapping[str, Mapping[str, str]]:
+        return {
+            type_url: {
+                name: _digest([msg.SerializeToString(deterministic=True)])
+                for name, msg in byname.items()
+            }
+            for type_url, byname in self.resources.items()
+        }
+
+    @cached_property
+    def _versions(self) -> Mapping[str, str]:
+        versions: dict[str, str] = {}
+        for type_url, byname in self.resources.items():
+            parts: list[bytes] = []
+            for name in sorted(byname):
+                parts.append(name.encode())
+                parts.append(byname[name].SerializeToString(deterministic=True))
+            versions[type_url] = _digest(parts)
+        return versions
+
+    def version(self, type_url: str) -> str:
+        """Content hash of every resource of one type; equal content, equal version."""
+        return self._versions.get(type_url) or _digest([])
+
+    def resource_version(self, type_url: str, name: str) -> str:
+        """Content hash of one resource (the per-resource version of delta xDS)."""
+        try:
+            return self._resource_versions[type_url][name]
+        except KeyError:
+            raise KeyError(f"no {type_url} named {name!r} in snapshot") from None
+
+    def resource_versions(self, type_url: str) -> Mapping[str, str]:
+        return self._resource_versions.get(type_url, {})
+
+    def check_consistency(self) -> None:
+        """Raise InconsistentSnapshot listing every dangling reference and misnamed key.
+
+        Envoy does not reject a listener whose RDS name or a route whose cluster is
+        missing; it waits for it (warming) or answers 503, which is much harder to
+        diagnose than refusing the snapshot here.
+        """
+        problems: list[str] = []
+        for type_url, byname in self.resources.items():
+            for key, msg in byname.items():
+                if resource_name(msg) != key:
+                    problems.append(
+                        f"{type_url.rsplit('.', 1)[-1]} stored as {key!r} "
+                        f"is named {resource_name(msg)!r}"
+                    )
+
+        routes = self.get(ROUTE_TYPE)
+        clusters = self.get(CLUSTER_TYPE)
+        endpoints = self.get(ENDPOINT_TYPE)
+        for name, listener in self.get(LISTENER_TYPE).items():
+            problems.extend(_listener_problems(name, listener, routes, clusters))
+        for name, route in routes.items():
+            problems.extend(f"route {name!r} {p}" for p in _dangling_clusters(route, clusters))
+        for name, cluster in clusters.items():
+            problems.extend(_cluster_problems(name, cluster, endpoints))
+
+        if problems:
+            raise InconsistentSnapshot("; ".join(problems))
+
+
+# The helpers below take the concrete Envoy messages: the generated envoy modules are
+# untyped, so these annotations let field access through where Message would not.
+
+
+def _listener_problems(
+    name: str,
+    listener: listener_pb2.Listener,
+    routes: Mapping[str, Message],
+    clusters: Mapping[str, Message],
+) -> Iterator[str]:
+    chains = list(listener.filter_chains)
+    if listener.HasField("default_filter_chain"):
+        chains.append(listener.default_filter_chain)
+    for chain in chains:
+        for flt in chain.filters:
+            # In v3 the typed_config's type, not the filter's free-form name, picks the
+            # extension, so match on the type to catch HCMs whatever they are called.
+            if not (flt.HasField("typed_config") and flt.typed_config.type_url == _HCM_TYPE):
+                continue
+            hcm = http_connection_manager_pb2.HttpConnectionManager()
+            flt.typed_config.Unpack(hcm)
+            if hcm.HasField("rds"):
+                rname = hcm.rds.route_config_name
+                if rname not in routes:
+                    yield f"listener {name!r} uses missing route {rname!r}"
+            elif hcm.HasField("route_config"):
+                for p in _dangling_clusters(hcm.route_config, clusters):
+                    yield f"listener {name!r} inline route {p}"
+
+
+def _cluster_problems(
+    name: str, cluster: cluster_pb2.Cluster, endpoints: Mapping[str, Message]
+) -> Iterator[str]:
+    if cluster.type == cluster_pb2.Cluster.EDS:
+        service = cluster.eds_cluster_config.service_name or name
+        if service not in endpoints:
+            yield f"EDS cluster {name!r} has no endpoints {service!r}"
+
+
+def _dangling_clusters(
+    route_config: route_pb2.RouteConfiguration, clusters: Mapping[str, Message]
+) -> list[str]:
+    problems: list[str] = []
+    for vhost in route_config.virtual_hosts:
+        for route in vhost.routes:
+            if not route.HasField("route"):
+                continue
+            action = route.route
+            names = [action.cluster] if action.cluster else []
+            names += [w.name for w in action.weighted_clusters.clusters]
+            problems.extend(
+                f"vhost {vhost.name!r} uses missing cluster {name!r}"
+                for name in names
+                if name not in clusters
+            )
+    return problems
+
+
+@dataclass(frozen=True)
+class Nack:
+    type_url: str
+    version: str
+    detail: str
+    at: float
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: str
+    acked: Mapping[str, str]
+    """type_url -> last version the node accepted."""
+    sent: Mapping[str, str]
+    """type_url -> last version pushed to the node (accepted or not)."""
+    last_nack: Nack | None
+    pushes: int
+    acks: int
+    nacks: int
+    streams: int
+    """ADS streams open right now for this node id."""
+
+
+class PushRejected(Exception):
+    """The node NACKed the version a caller was waiting for."""
+
+    def __init__(self, node_id: str, nack: Nack) -> None:
+        super().__init__(
+            f"node {node_id} rejected {nack.type_url} version {nack.version}: {nack.detail}"
+        )
+        self.node_id = node_id
+        self.nack = nack
+
+
+class _Signal:
+    """A broadcast wake-up: every current waiter wakes, later waiters wait for the next."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+@dataclass
+class _Node:
+    snapshot: Snapshot | None = None
+    # Bumped on every accepted set_snapshot so a waiter can tell "changed since I looked"
+    # apart from "woken for nothing".
+    generation: int = 0
+    changed: _Signal = field(default_factory=_Signal)
+    status_changed: _Signal = field(default_factory=_Signal)
+    acked: dict[str, str] = field(default_factory=dict)
+    sent: dict[str, str] = field(default_factory=dict)
+    last_nack: Nack | None = None
+    pushes: int = 0
+    acks: int = 0
+    nacks: int = 0
+    streams: int = 0
+
+
+class SnapshotCache:
+    def __init__(self) -> None:
+        self._nodes: dict[str, _Node] = {}
+
+    def _node(self, node_id: str) -> _Node:
+        return self._nodes.setdefault(node_id, _Node())
+
+    def set_snapshot(self, node_id: str, snapshot: Snapshot) -> bool:
+        """Install a snapshot; False (and nothing happens) if no type's version changed."""
+        snapshot.check_consistency()
+        node = self._node(node_id)
+        old = node.snapshot
+        if old is not None:
+            types = set(old.resources) | set(snapshot.resources)
+            if all(old.version(t) == snapshot.version(t) for t in types):
+                return False
+        node.snapshot = snapshot
+        node.generation += 1
+        node.changed.fire()
+        # The target of wait_for_ack moved, so its waiters must re-evaluate.
+        node.status_changed.fire()
+        return True
+
+    def get(self, node_id: str) -> Snapshot | None:
+        node = self._nodes.get(node_id)
+        return node.snapshot if node else None
+
+    def generation(self, node_id: str) -> int:
+        """A counter that grows with every accepted snapshot (0: none yet)."""
+        node = self._nodes.get(node_id)
+        return node.generation if node else 0
+
+    async def wait_for_change(self, node_id: str, seen: int) -> int:
+        """Return the node's generation once it differs from ``seen``."""
+        node = self._node(node_id)
+        while node.generation == seen:
+            await node.changed.wait()
+        return node.generation
+
+    def nodes(self) -> list[str]:
+        return sorted(self._nodes)
+
+    # --- push bookkeeping, fed by the ADS streams ------------------------------------------
+
+    def stream_opened(self, node_id: str) -> None:
+        self._node(node_id).streams += 1
+
+    def stream_closed(self, node_id: str) -> None:
+        self._node(node_id).streams -= 1
+
+    def record_push(self, node_id: str, type_url: str, version: str) -> None:
+        node = self._node(node_id)
+        node.pushes += 1
+        node.sent[type_url] = version
+
+    def record_ack(self, node_id: str, type_url: str, version: str) -> None:
+        node = self._node(node_id)
+        node.acks += 1
+        node.acked[type_url] = version
+        node.status_changed.fire()
+
+    def record_nack(
+        self, node_id: str, type_url: str, version_attempted: str, error_detail: str
+    ) -> None:
+        node = self._node(node_id)
+        node.nacks += 1
+        node.last_nack = Nack(type_url, version_attempted, error_detail, time.time())
+        node.status_changed.fire()
+
+    def status(self, node_id: str) -> NodeStatus:
+        node = self._node(node_id)
+        return NodeStatus(
+            node_id=node_id,
+            acked=dict(node.acked),
+            sent=dict(node.sent),
+            last_nack=node.last_nack,
+            pushes=node.pushes,
+            acks=node.acks,
+            nacks=node.nacks,
+            streams=node.streams,
+        )
+
+    async def wait_for_ack(
+        self, node_id: str, type_urls: Iterable[str] | None = None
+    ) -> NodeStatus:
+        """Wait until the node has accepted the current snapshot.
+
+        ``type_urls`` defaults to the types the snapshot has resources of: a node
+        subscribes to routes and endpoints only once something refers to them, so an
+        empty type may never be acknowledged. Raises PushRejected as soon as the node
+        NACKs a version being waited for. Bound the wait with asyncio.timeout.
+        """
+        node = self._node(node_id)
+        wanted = None if type_urls is None else tuple(type_urls)
+        while True:
+            snap = node.snapshot
+            if snap is not None:
+                types = wanted
+                if types is None:
+                    types = tuple(t for t, byname in snap.resources.items() if byname)
+                nack = node.last_nack
+                if nack is not None and any(
+                    nack.type_url == t and nack.version == snap.version(t) for t in types
+                ):
+                    raise PushRejected(node_id, nack)
+                if all(node.acked.get(t) == snap.version(t) for t in types):
+                    return self.status(node_id)
+            await node.status_changed.wait()

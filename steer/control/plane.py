@@ -1,0 +1,104 @@
+"""The control plane in local mode: policy directory + lab pods -> snapshot -> ADS.
+
+Rendering is pure (steer.render.xds); this module only watches inputs and feeds the cache.
+A policy set that renders inconsistently is refused as a whole and the node keeps its
+last good snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchfiles import awatch
+
+from steer.constants import LAB_NODE_NAME, RUN_DIR, XDS_SOCKET
+from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
+from steer.control.xds import serve
+from steer.model.enforce import resolve
+from steer.render.xds import render_resources
+from steer.source.local import PolicyDirectory, load_lab_pods
+
+log = logging.getLogger("steer.control")
+STATUS_FILE = RUN_DIR / "control-status.json"
+
+
+@dataclass
+class LocalControlPlane:
+    policy_dir: Path
+    lab_state: Path
+    node_id: str = LAB_NODE_NAME
+    cache: SnapshotCache = field(default_factory=SnapshotCache)
+    status_file: Path = STATUS_FILE
+
+    def __post_init__(self) -> None:
+        self._policies = PolicyDirectory(self.policy_dir)
+        self.errors: list[str] = []
+
+    def refresh(self) -> bool:
+        """Re-render from current inputs; True if the node's snapshot changed."""
+        started = time.perf_counter()
+        reload = self._policies.reload()
+        self.errors = [str(e) for e in reload.errors]
+        enforcement = resolve(reload.policies, load_lab_pods(self.lab_state))
+        snapshot = Snapshot(render_resources(enforcement))
+        try:
+            changed = self.cache.set_snapshot(self.node_id, snapshot)
+        except InconsistentSnapshot as exc:
+            self.errors.append(f"snapshot refused, last good stays: {exc}")
+            log.error("snapshot refused, node keeps its last good config: %s", exc)
+            return False
+        if changed:
+            log.info(
+                "snapshot for %s rendered in %.1f ms (%d policies)",
+                self.node_id,
+                (time.perf_counter() - started) * 1000,
+                len(reload.policies),
+            )
+        for warning in enforcement.warnings:
+            log.warning("%s", warning)
+        return changed
+
+    def write_status(self) -> None:
+        status = self.cache.status(self.node_id)
+        document = {
+            "node": self.node_id,
+            "acked": dict(status.acked),
+            "sent": dict(status.sent),
+            "pushes": status.pushes,
+            "acks": status.acks,
+            "nacks": status.nacks,
+            "streams": status.streams,
+            "last_nack": None
+            if status.last_nack is None
+            else {"type": status.last_nack.type_url, "detail": status.last_nack.detail},
+            "errors": self.errors,
+        }
+        self.status_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document, indent=2))
+        tmp.replace(self.status_file)
+
+    async def run(self, xds_socket: Path = XDS_SOCKET) -> None:
+        self.refresh()
+        server = await serve(self.cache, uds_path=xds_socket)
+        try:
+            await asyncio.gather(self._watch_inputs(), self._report_status())
+        finally:
+            await server.stop(grace=1)
+
+    async def _watch_inputs(self) -> None:
+        watched = [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
+        async for changes in awatch(*watched, debounce=10, step=5):
+            paths = [Path(p) for _, p in changes]
+            if any(p.parent == self.policy_dir or p == self.lab_state for p in paths):
+                self.refresh()
+
+    async def _report_status(self) -> None:
+        while True:
+            self.write_status()
+            await asyncio.sleep(0.5)

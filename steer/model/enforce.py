@@ -1,0 +1,228 @@
+"""Policies plus pods resolved into per-pod, per-direction rule lists, and the L4 decision.
+
+This is the single definition of what a flow's verdict is. The iptables renderer encodes
+it as chains, the xDS renderer as RBAC, and the agent calls `decide_flow` to find which live
+flows a policy change affects. Semantics (docs/policy-reference.md):
+
+* A pod's side (its egress, or its ingress) is unrestricted until a policy with that
+  section selects it.
+* Within a side: a matching L4 Deny rule denies; else a matching rule with `http` sends the
+  flow to Envoy (L7); else a matching L4 Allow rule allows; else the default action, which
+  is Deny if any selecting policy says Deny.
+* A flow's verdict combines the source's egress and the destination's ingress:
+  deny beats L7 beats allow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from steer.constants import MARK_MAX_POLICY_ID, VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
+from steer.model.pod import Pod, PodSteering, parse_steering
+from steer.model.policy import (
+    Action,
+    Direction,
+    EgressRule,
+    EgressSection,
+    HTTPMatch,
+    HTTPPolicy,
+    IngressRule,
+    IngressSection,
+    Peer,
+)
+
+AnyPort = tuple[tuple[int, int], ...] | None
+
+
+@dataclass(frozen=True)
+class ResolvedRule:
+    policy_key: str
+    policy_id: int
+    name: str
+    action: Action
+    # None means any peer / any port; an empty tuple means a selector that matched nothing.
+    peers: tuple[IPv4Network, ...] | None
+    ports: AnyPort
+    http: HTTPMatch | None
+
+    def matches(self, peer: IPv4Address, port: int) -> bool:
+        if self.peers is not None and not any(peer in net for net in self.peers):
+            return False
+        return self.ports is None or any(lo <= port <= hi for lo, hi in self.ports)
+
+    @property
+    def kind(self) -> int:
+        """Which class this rule decides: evaluated deny, then L7, then allow."""
+        if self.http is not None:
+            return VERDICT_L7
+        return VERDICT_DENY if self.action is Action.DENY else VERDICT_ALLOW
+
+
+@dataclass(frozen=True)
+class SideRules:
+    """All rules of one pod in one direction, in evaluation order."""
+
+    pod_key: str
+    pod_ip: IPv4Address
+    direction: Direction
+    default_action: Action
+    default_policy_id: int
+    rules: tuple[ResolvedRule, ...]
+
+    def by_kind(self, kind: int) -> tuple[ResolvedRule, ...]:
+        return tuple(r for r in self.rules if r.kind == kind)
+
+    def verdict(self, peer: IPv4Address, port: int) -> tuple[int, int]:
+        for kind in (VERDICT_DENY, VERDICT_L7, VERDICT_ALLOW):
+            for rule in self.by_kind(kind):
+                if rule.matches(peer, port):
+                    return kind, rule.policy_id
+        default = VERDICT_ALLOW if self.default_action is Action.ALLOW else VERDICT_DENY
+        return default, self.default_policy_id
+
+
+@dataclass(frozen=True)
+class ManagedPod:
+    pod: Pod
+    ip: IPv4Address
+    steering: PodSteering
+
+
+@dataclass(frozen=True)
+class FlowVerdict:
+    verdict: int
+    policy_id: int
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    pods: tuple[ManagedPod, ...]
+    egress: Mapping[IPv4Address, SideRules]
+    ingress: Mapping[IPv4Address, SideRules]
+    policy_ids: Mapping[str, int]
+    warnings: tuple[str, ...]
+
+    def pod_by_ip(self, ip: IPv4Address) -> ManagedPod | None:
+        return next((p for p in self.pods if p.ip == ip), None)
+
+
+def policy_ids(policies: Iterable[HTTPPolicy]) -> dict[str, int]:
+    """Stable small ids for the conntrack mark; 0 means 'no policy' or 'out of ids'."""
+    keys = sorted({p.key for p in policies})
+    return {key: (i + 1 if i + 1 <= MARK_MAX_POLICY_ID else 0) for i, key in enumerate(keys)}
+
+
+def _resolve_peers(
+    peers: Sequence[Peer] | None, namespace: str, pods: Sequence[ManagedPod]
+) -> tuple[IPv4Network, ...] | None:
+    if peers is None:
+        return None
+    nets: list[IPv4Network] = []
+    for peer in peers:
+        if peer.cidr is not None:
+            nets.append(IPv4Network(peer.cidr))
+        elif peer.pod_selector is not None:
+            nets.extend(
+                IPv4Network(f"{p.ip}/32")
+                for p in pods
+                if p.pod.namespace == namespace and peer.pod_selector.matches(dict(p.pod.labels))
+            )
+    return tuple(dict.fromkeys(nets))
+
+
+def resolve(policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> Enforcement:
+    warnings: list[str] = []
+    managed: list[ManagedPod] = []
+    for pod in sorted(pods, key=lambda p: p.key):
+        steering, errors = parse_steering(pod.annotations, pod.namespace_labels)
+        warnings += [f"pod {pod.key}: {e}" for e in errors]
+        if steering.inject:
+            managed.append(ManagedPod(pod, IPv4Address(pod.ip), steering))
+
+    ids = policy_ids(policies)
+    sides: dict[tuple[Direction, IPv4Address], list[tuple[HTTPPolicy, ResolvedRule | None]]] = {}
+    for policy in sorted(policies, key=lambda p: p.key):
+        ns = policy.metadata.namespace
+        selected = [
+            p
+            for p in managed
+            if p.pod.namespace == ns and policy.spec.pod_selector.matches(dict(p.pod.labels))
+        ]
+        if not selected:
+            warnings.append(f"policy {policy.key}: podSelector matches no steered pod")
+        sections: tuple[tuple[Direction, IngressSection | EgressSection | None], ...] = (
+            (Direction.INGRESS, policy.spec.ingress),
+            (Direction.EGRESS, policy.spec.egress),
+        )
+        for direction, section in sections:
+            if section is None:
+                continue
+            section_rules: Sequence[IngressRule | EgressRule] = section.rules
+            rules = [
+                ResolvedRule(
+                    policy.key,
+                    ids[policy.key],
+                    rule.name or f"{direction.value}[{index}]",
+                    rule.action,
+                    _resolve_peers(rule.peers, ns, managed),
+                    None if rule.ports is None else tuple(p.range for p in rule.ports),
+                    rule.http,
+                )
+                for index, rule in enumerate(section_rules)
+            ]
+            for target in selected:
+                entries = sides.setdefault((direction, target.ip), [])
+                entries.append((policy, None))
+                entries.extend((policy, r) for r in rules)
+
+    pod_keys = {p.ip: p.pod.key for p in managed}
+    built = {key: _side(key, entries, pod_keys, ids) for key, entries in sides.items()}
+    return Enforcement(
+        pods=tuple(managed),
+        egress={ip: s for (d, ip), s in built.items() if d is Direction.EGRESS},
+        ingress={ip: s for (d, ip), s in built.items() if d is Direction.INGRESS},
+        policy_ids=ids,
+        warnings=tuple(warnings),
+    )
+
+
+def _side(
+    key: tuple[Direction, IPv4Address],
+    entries: list[tuple[HTTPPolicy, ResolvedRule | None]],
+    pod_keys: Mapping[IPv4Address, str],
+    ids: Mapping[str, int],
+) -> SideRules:
+    direction, ip = key
+    policies = list({p.key: p for p, _ in entries}.values())
+
+    def default_of(policy: HTTPPolicy) -> Action:
+        section = policy.spec.ingress if direction is Direction.INGRESS else policy.spec.egress
+        return section.default_action if section is not None else Action.ALLOW
+
+    denying = [p for p in policies if default_of(p) is Action.DENY]
+    return SideRules(
+        pod_key=pod_keys[ip],
+        pod_ip=ip,
+        direction=direction,
+        default_action=Action.DENY if denying else Action.ALLOW,
+        default_policy_id=ids[(denying or policies)[0].key],
+        rules=tuple(r for _, r in entries if r is not None),
+    )
+
+
+def decide_flow(
+    enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, port: int
+) -> FlowVerdict:
+    """The verdict the datapath must reach for a new TCP flow src -> dst:port."""
+    sides: list[tuple[int, int]] = []
+    if (egress := enforcement.egress.get(src)) is not None:
+        sides.append(egress.verdict(dst, port))
+    if (ingress := enforcement.ingress.get(dst)) is not None:
+        sides.append(ingress.verdict(src, port))
+    for kind in (VERDICT_DENY, VERDICT_L7):
+        for verdict, policy_id in sides:
+            if verdict == kind:
+                return FlowVerdict(kind, policy_id)
+    return FlowVerdict(VERDICT_ALLOW, sides[-1][1] if sides else 0)

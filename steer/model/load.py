@@ -1,0 +1,110 @@
+"""YAML text to validated policies, with errors an operator can act on.
+
+Pure: the caller reads the file; this module never touches the filesystem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from steer.model.policy import HTTPPolicy
+
+_FIX_BY_ERROR_TYPE = {
+    "extra_forbidden": "remove it, or check its spelling against docs/policy-reference.md",
+    "missing": "add it",
+    "literal_error": "use one of the allowed values",
+    "enum": "use one of the allowed values",
+    "int_parsing": "write a whole number",
+    "int_type": "write a whole number",
+    "string_type": "write a string",
+    "bool_type": "write true or false",
+    "list_type": "write a list",
+    "tuple_type": "write a list",
+    "dict_type": "write a mapping",
+    "model_type": "write a mapping",
+    "model_attributes_type": "write a mapping",
+}
+
+
+@dataclass(frozen=True)
+class PolicyError:
+    source: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}: {self.path}" if self.path else self.source
+        return f"{where}: {self.message}"
+
+
+def _field_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _describe(err: Any) -> str:
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if "fix:" in message:
+        return message
+    fix = _FIX_BY_ERROR_TYPE.get(err["type"])
+    return f"{message}; fix: {fix}" if fix else message
+
+
+def parse_policies(text: str, source: str) -> tuple[list[HTTPPolicy], list[PolicyError]]:
+    """Every document in `text`, or the errors that stop it loading.
+
+    A file is all or nothing: if one document fails, none of its policies is returned, so a
+    half-edited file never half-applies.
+    """
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        return [], [PolicyError(source, where, f"malformed YAML: {problem}; fix the syntax")]
+
+    policies: list[HTTPPolicy] = []
+    errors: list[PolicyError] = []
+    for index, doc in enumerate(documents):
+        prefix = f"document {index}: " if len(documents) > 1 else ""
+        if not isinstance(doc, dict):
+            errors.append(PolicyError(source, prefix.rstrip(": "), "expected a mapping"))
+            continue
+        try:
+            policies.append(HTTPPolicy.model_validate(doc))
+        except ValidationError as exc:
+            errors.extend(
+                PolicyError(source, prefix + _field_path(e["loc"]), _describe(e))
+                for e in exc.errors()
+            )
+    if errors:
+        return [], errors
+    duplicates = _duplicate_keys(policies, source)
+    return ([], duplicates) if duplicates else (policies, [])
+
+
+def _duplicate_keys(policies: list[HTTPPolicy], source: str) -> list[PolicyError]:
+    seen: set[str] = set()
+    errors = []
+    for policy in policies:
+        if policy.key in seen:
+            errors.append(
+                PolicyError(
+                    source,
+                    "metadata.name",
+                    f"policy {policy.key} is defined twice; fix: rename one",
+                )
+            )
+        seen.add(policy.key)
+    return errors

@@ -1,0 +1,143 @@
+"""Pods as steer sees them, and their operator annotations parsed and validated."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from steer.constants import (
+    ANNOTATION_DATAPLANE,
+    ANNOTATION_EXCLUDE_INBOUND_PORTS,
+    ANNOTATION_EXCLUDE_OUTBOUND_CIDRS,
+    ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
+    ANNOTATION_INJECT,
+    LABEL_ALLOW_EXCLUSIONS,
+)
+
+
+class Dataplane(StrEnum):
+    AUTO = "auto"
+    EBPF = "ebpf"
+    IPTABLES = "iptables"
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str
+    ip: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    # Node-side interface the pod's traffic enters the node on (lab veth or CNI veth).
+    interface: str = ""
+    namespace_labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class AnnotationError:
+    annotation: str
+    value: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"annotation {self.annotation}={self.value!r}: {self.message}"
+
+
+@dataclass(frozen=True)
+class PodSteering:
+    """What the annotations ask for, after validation and the namespace's permission."""
+
+    inject: bool = True
+    dataplane: Dataplane = Dataplane.AUTO
+    exclude_outbound_ports: frozenset[int] = frozenset()
+    exclude_inbound_ports: frozenset[int] = frozenset()
+    exclude_outbound_cidrs: tuple[str, ...] = ()
+
+
+def _parse_ports(annotation: str, value: str) -> tuple[frozenset[int], list[AnnotationError]]:
+    ports: set[int] = set()
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            return frozenset(), [
+                AnnotationError(annotation, value, f"{item!r} is not a port; fix: e.g. '8080,9090'")
+            ]
+        ports.add(int(item))
+    return frozenset(ports), []
+
+
+def _parse_cidrs(annotation: str, value: str) -> tuple[tuple[str, ...], list[AnnotationError]]:
+    cidrs: list[str] = []
+    for item in filter(None, (c.strip() for c in value.split(","))):
+        try:
+            net = ipaddress.ip_network(item, strict=True)
+        except ValueError as exc:
+            return (), [
+                AnnotationError(
+                    annotation, value, f"{item!r} is not a CIDR ({exc}); fix: e.g. '10.0.0.0/8'"
+                )
+            ]
+        if net.version != 4:
+            return (), [AnnotationError(annotation, value, f"{item!r} is IPv6; fix: IPv4 only")]
+        cidrs.append(str(net))
+    return tuple(cidrs), []
+
+
+def _parse_choice(
+    annotation: str, value: str, choices: tuple[str, ...]
+) -> tuple[str | None, list[AnnotationError]]:
+    if value in choices:
+        return value, []
+    return None, [AnnotationError(annotation, value, f"fix: use one of {', '.join(choices)}")]
+
+
+def parse_steering(
+    annotations: Mapping[str, str], namespace_labels: Mapping[str, str]
+) -> tuple[PodSteering, list[AnnotationError]]:
+    """Valid annotations take effect; each invalid one is reported and left at its default.
+
+    Exclusions count only where the namespace carries LABEL_ALLOW_EXCLUSIONS=true,
+    because an exclusion lets traffic past L7 policy.
+    """
+    errors: list[AnnotationError] = []
+    inject = True
+    if (raw := annotations.get(ANNOTATION_INJECT)) is not None:
+        choice, errs = _parse_choice(ANNOTATION_INJECT, raw, ("enabled", "disabled"))
+        errors += errs
+        inject = choice != "disabled"
+    dataplane = Dataplane.AUTO
+    if (raw := annotations.get(ANNOTATION_DATAPLANE)) is not None:
+        choice, errs = _parse_choice(ANNOTATION_DATAPLANE, raw, tuple(d.value for d in Dataplane))
+        errors += errs
+        dataplane = Dataplane(choice) if choice else Dataplane.AUTO
+
+    out_ports, errs = _parse_ports(
+        ANNOTATION_EXCLUDE_OUTBOUND_PORTS, annotations.get(ANNOTATION_EXCLUDE_OUTBOUND_PORTS, "")
+    )
+    errors += errs
+    in_ports, errs = _parse_ports(
+        ANNOTATION_EXCLUDE_INBOUND_PORTS, annotations.get(ANNOTATION_EXCLUDE_INBOUND_PORTS, "")
+    )
+    errors += errs
+    cidrs, errs = _parse_cidrs(
+        ANNOTATION_EXCLUDE_OUTBOUND_CIDRS, annotations.get(ANNOTATION_EXCLUDE_OUTBOUND_CIDRS, "")
+    )
+    errors += errs
+
+    wants_exclusions = bool(out_ports or in_ports or cidrs)
+    if wants_exclusions and namespace_labels.get(LABEL_ALLOW_EXCLUSIONS) != "true":
+        errors.append(
+            AnnotationError(
+                "steer.dev/exclude-*",
+                "",
+                f"exclusions ignored: the namespace lacks label {LABEL_ALLOW_EXCLUSIONS}=true; "
+                "fix: ask the namespace owner to set it",
+            )
+        )
+        out_ports, in_ports, cidrs = frozenset(), frozenset(), ()
+    return PodSteering(inject, dataplane, out_ports, in_ports, cidrs), errors

@@ -1,0 +1,348 @@
+"""The HTTPPolicy schema, defined once.
+
+The same models validate local YAML files and (later) generate the CRD's OpenAPI schema,
+so the two can never drift. Every validator phrases its error as "what is wrong; fix:
+what to write instead", because the message is shown to the operator verbatim.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Methods Envoy's HTTP/1 parser accepts; anything else is answered 400 before any filter
+# runs, so a rule naming it could never match and is almost certainly a typo.
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+# Constructs Python's `re` accepts but Envoy's RE2 rejects; caught here so a policy that
+# loads locally is never NACKed by Envoy.
+_RE2_UNSUPPORTED = re.compile(r"\(\?[=!<]|\\[1-9]|\(\?P=|\(\?>")
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are errors: a misspelt key must not silently widen a policy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Action(StrEnum):
+    ALLOW = "Allow"
+    DENY = "Deny"
+
+
+class Direction(StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class SelectorRequirement(StrictModel):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> SelectorRequirement:
+        needs_values = self.operator in ("In", "NotIn")
+        if needs_values and not self.values:
+            raise ValueError(f"operator {self.operator} needs values; fix: list at least one")
+        if not needs_values and self.values:
+            raise ValueError(f"operator {self.operator} takes no values; fix: remove `values`")
+        return self
+
+
+class LabelSelector(StrictModel):
+    """Kubernetes label selector; the empty selector selects every pod."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: tuple[SelectorRequirement, ...] = Field(default=(), alias="matchExpressions")
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            if req.operator == "In" and labels.get(req.key) not in req.values:
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True
+
+
+class Peer(StrictModel):
+    """Exactly one of `cidr` or `podSelector` (pods in the policy's namespace)."""
+
+    cidr: str | None = None
+    pod_selector: LabelSelector | None = Field(default=None, alias="podSelector")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Peer:
+        if (self.cidr is None) == (self.pod_selector is None):
+            raise ValueError("a peer needs exactly one of `cidr` or `podSelector`")
+        return self
+
+    @field_validator("cidr")
+    @classmethod
+    def _valid_cidr(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            net = ipaddress.ip_network(value, strict=True)
+        except ValueError as exc:
+            raise ValueError(
+                f"{value!r} is not a valid IPv4 CIDR ({exc}); fix: write it like 10.0.0.0/8, "
+                "with no bits set past the prefix"
+            ) from None
+        if net.version != 4:
+            raise ValueError(f"{value!r} is IPv6; fix: steer enforces IPv4 only for now")
+        return str(net)
+
+
+class PortSpec(StrictModel):
+    port: int
+    end_port: int | None = Field(default=None, alias="endPort")
+    protocol: Literal["TCP"] = "TCP"
+
+    @field_validator("port", "end_port")
+    @classmethod
+    def _in_range(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 65535:
+            raise ValueError(f"port {value} is out of range; fix: use 1-65535")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PortSpec:
+        if self.end_port is not None and self.end_port < self.port:
+            raise ValueError(
+                f"endPort {self.end_port} is below port {self.port}; fix: endPort >= port"
+            )
+        return self
+
+    @property
+    def range(self) -> tuple[int, int]:
+        return (self.port, self.end_port if self.end_port is not None else self.port)
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"regex {value!r} does not compile ({exc}); fix the pattern") from None
+    if _RE2_UNSUPPORTED.search(value):
+        raise ValueError(
+            f"regex {value!r} uses lookaround or backreferences, which Envoy's RE2 does not "
+            "support; fix: rewrite it without them"
+        )
+    return value
+
+
+def _check_normal_path(value: str, what: str) -> str:
+    """Rules are written against the path Envoy matches: already normalised."""
+    if not value.startswith("/"):
+        raise ValueError(f"{what} {value!r} must start with '/'; fix: write '/{value}'")
+    if "?" in value or "#" in value:
+        raise ValueError(
+            f"{what} {value!r} contains a query or fragment; fix: match the path only "
+            "(query strings are never matched)"
+        )
+    segments = value.split("/")
+    if "//" in value or any(s in (".", "..") for s in segments[1:]):
+        raise ValueError(
+            f"{what} {value!r} is not normalised; fix: remove dot segments and repeated "
+            "slashes (requests are normalised before matching, so this could never match)"
+        )
+    if re.search(r"%(2[fF]|5[cC]|2[eE])", value):
+        raise ValueError(
+            f"{what} {value!r} contains an encoded '/', '\\' or '.'; fix: write the decoded "
+            "path (such requests are rejected before matching)"
+        )
+    return value
+
+
+class PathMatch(StrictModel):
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PathMatch:
+        given = [v for v in (self.exact, self.prefix, self.regex) if v is not None]
+        if len(given) != 1:
+            raise ValueError("a path match needs exactly one of `exact`, `prefix` or `regex`")
+        if self.exact is not None:
+            _check_normal_path(self.exact, "exact path")
+        if self.prefix is not None:
+            _check_normal_path(self.prefix, "path prefix")
+        if self.regex is not None:
+            _check_regex(self.regex)
+        return self
+
+
+class HeaderMatch(StrictModel):
+    name: str
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+    # Negation is rendered as an RBAC not_rule over the whole matcher, so a repeated or
+    # missing header cannot satisfy it by accident.
+    negate: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _lowercase_token(cls, value: str) -> str:
+        if value.startswith(":"):
+            raise ValueError(
+                f"header {value!r} is a pseudo-header; fix: use `methods`, `paths` or `hosts`"
+            )
+        if not _HEADER_NAME.match(value):
+            raise ValueError(
+                f"header name {value!r} is not a lowercase HTTP token; fix: write {value.lower()!r}"
+                if value.lower() != value
+                else f"header name {value!r} has characters HTTP forbids in names"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HeaderMatch:
+        given = [v for v in (self.exact, self.prefix, self.regex, self.present) if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a header match needs exactly one of `exact`, `prefix`, `regex` or `present`"
+            )
+        if self.present is False:
+            raise ValueError("`present: false` is ambiguous; fix: `present: true, negate: true`")
+        if self.regex is not None:
+            _check_regex(self.regex)
+        return self
+
+
+class HTTPMatch(StrictModel):
+    """All given fields must match (AND); within a list any entry may match (OR)."""
+
+    methods: tuple[str, ...] = ()
+    paths: tuple[PathMatch, ...] = ()
+    hosts: tuple[str, ...] = ()
+    headers: tuple[HeaderMatch, ...] = ()
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for method in value:
+            if method not in HTTP_METHODS:
+                hint = (
+                    f"write {method.upper()!r} (methods are case-sensitive)"
+                    if method.upper() in HTTP_METHODS
+                    else f"use one of {', '.join(sorted(HTTP_METHODS))}"
+                )
+                raise ValueError(f"unknown HTTP method {method!r}; fix: {hint}")
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _valid_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            if ":" in host:
+                raise ValueError(
+                    f"host {host!r} has a port; fix: write the name only (ports in the Host "
+                    "header are ignored when matching; use `ports` to match the port)"
+                )
+            if not _HOST.match(host.lower()):
+                raise ValueError(
+                    f"host {host!r} is not a DNS name or '*.'-wildcard; fix: e.g. "
+                    "'api.example.com' or '*.example.com'"
+                )
+        return tuple(h.lower() for h in value)
+
+
+class IngressRule(StrictModel):
+    name: str | None = None
+    action: Action = Action.ALLOW
+    peers: tuple[Peer, ...] | None = Field(default=None, alias="from")
+    ports: tuple[PortSpec, ...] | None = None
+    http: HTTPMatch | None = None
+
+
+class EgressRule(StrictModel):
+    name: str | None = None
+    action: Action = Action.ALLOW
+    peers: tuple[Peer, ...] | None = Field(default=None, alias="to")
+    ports: tuple[PortSpec, ...] | None = None
+    http: HTTPMatch | None = None
+
+
+Rule = IngressRule | EgressRule
+
+
+class IngressSection(StrictModel):
+    default_action: Action = Field(default=Action.DENY, alias="defaultAction")
+    rules: tuple[IngressRule, ...] = ()
+
+
+class EgressSection(StrictModel):
+    default_action: Action = Field(default=Action.DENY, alias="defaultAction")
+    rules: tuple[EgressRule, ...] = ()
+
+
+class HTTPPolicySpec(StrictModel):
+    pod_selector: LabelSelector = Field(alias="podSelector")
+    ingress: IngressSection | None = None
+    egress: EgressSection | None = None
+
+    @model_validator(mode="after")
+    def _has_a_section(self) -> HTTPPolicySpec:
+        if self.ingress is None and self.egress is None:
+            raise ValueError("a policy needs `ingress`, `egress` or both; fix: add one")
+        return self
+
+
+class ObjectMeta(BaseModel):
+    """Only what steer reads; the API server's own fields (uid, managedFields...) pass."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    name: str
+    namespace: str = "default"
+    generation: int = 1
+
+    @field_validator("name")
+    @classmethod
+    def _dns_subdomain(cls, value: str) -> str:
+        if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+            raise ValueError(
+                f"name {value!r} is not a DNS subdomain; fix: lowercase letters, digits, '-' "
+                "and '.', starting and ending with a letter or digit"
+            )
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if len(value) > 63 or not _DNS_LABEL.match(value):
+            raise ValueError(f"namespace {value!r} is not a DNS label; fix: e.g. 'default'")
+        return value
+
+
+class HTTPPolicy(StrictModel):
+    api_version: Literal["steer.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["HTTPPolicy"]
+    metadata: ObjectMeta
+    spec: HTTPPolicySpec
+    # Accepted so that `kubectl get -o yaml` output loads; never read.
+    status: dict[str, object] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"

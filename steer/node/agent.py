@@ -1,0 +1,147 @@
+"""The node agent: keeps the node's steering in line with policies and pods.
+
+Each sync resolves the current inputs, renders the ruleset, applies it only if it changed,
+and then revokes exactly the live flows whose verdict the change alters. A sync that
+fails leaves the previous rules in force (the restore is atomic per table) and is retried
+on the next change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from watchfiles import awatch
+
+from steer.constants import RUN_DIR
+from steer.model.enforce import Enforcement, decide_flow, resolve
+from steer.model.pod import Pod
+from steer.model.policy import HTTPPolicy
+from steer.node import conntrack, iptables
+from steer.render.iptables import Ruleset, render_ruleset
+from steer.source.local import PolicyDirectory, load_lab_pods
+
+log = logging.getLogger("steer.agent")
+STATUS_FILE = RUN_DIR / "agent-status.json"
+
+
+@dataclass
+class SyncReport:
+    applied: bool
+    rules: int
+    revoked: int
+    apply_ms: float
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IptablesDatapath:
+    """Owns steer's iptables state in the current network namespace."""
+
+    applied_digest: str | None = None
+    enforcement: Enforcement | None = None
+
+    def sync(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> SyncReport:
+        enforcement = resolve(policies, pods)
+        ruleset = render_ruleset(enforcement)
+        report = SyncReport(False, len(ruleset.rules), 0, 0.0, warnings=list(enforcement.warnings))
+        if ruleset.digest() == self.applied_digest:
+            return report
+        started = time.perf_counter()
+        try:
+            iptables.apply(ruleset)
+        except iptables.IptablesError as exc:
+            report.errors.append(str(exc))
+            log.error("rules not applied, previous rules stay in force: %s", exc)
+            return report
+        report.apply_ms = (time.perf_counter() - started) * 1000
+        report.applied = True
+        self.applied_digest = ruleset.digest()
+        self.enforcement = enforcement
+        revoked = conntrack.revoke(lambda f: decide_flow(enforcement, f.src, f.dst, f.dport))
+        report.revoked = len(revoked)
+        for flow in revoked:
+            log.info(
+                "revoked %s:%d -> %s:%d (was verdict %d)",
+                flow.src,
+                flow.sport,
+                flow.dst,
+                flow.dport,
+                flow.verdict,
+            )
+        return report
+
+    def plan(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> Ruleset:
+        return render_ruleset(resolve(policies, pods))
+
+    def unload(self) -> None:
+        iptables.unload()
+        self.applied_digest = None
+
+
+@dataclass
+class LocalAgent:
+    policy_dir: Path
+    lab_state: Path
+    status_file: Path = STATUS_FILE
+    datapath: IptablesDatapath = field(default_factory=IptablesDatapath)
+
+    def __post_init__(self) -> None:
+        self._policies = PolicyDirectory(self.policy_dir)
+
+    def sync(self) -> SyncReport:
+        reload = self._policies.reload()
+        pods = load_lab_pods(self.lab_state)
+        report = self.datapath.sync(reload.policies, pods)
+        report.errors = [str(e) for e in reload.errors] + report.errors
+        self._write_status(pods, report)
+        return report
+
+    def _write_status(self, pods: Sequence[Pod], report: SyncReport) -> None:
+        status = {
+            "pods": [
+                {
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "ip": p.ip,
+                    "dataplane": "iptables",
+                    "reason": "the eBPF datapath is not available in this build",
+                }
+                for p in pods
+            ],
+            "last_sync": asdict(report),
+            "ruleset_digest": self.datapath.applied_digest,
+        }
+        self.status_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status, indent=2))
+        tmp.replace(self.status_file)
+
+    async def run(self) -> None:
+        self._log(self.sync())
+        watched = [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
+        async for changes in awatch(*watched, debounce=10, step=5):
+            if any(self._is_input(Path(path)) for _, path in changes):
+                # Synchronous on purpose: the kernel calls must run on a thread inside the
+                # node's network namespace, and nothing else shares this loop.
+                self._log(self.sync())
+
+    def _is_input(self, path: Path) -> bool:
+        return path.parent == self.policy_dir or path == self.lab_state
+
+    @staticmethod
+    def _log(report: SyncReport) -> None:
+        if report.applied:
+            log.info(
+                "applied %d rules in %.1f ms, revoked %d flows",
+                report.rules,
+                report.apply_ms,
+                report.revoked,
+            )
+        for warning in report.warnings:
+            log.warning("%s", warning)

@@ -1,0 +1,127 @@
+"""The thin adapter between a rendered Ruleset and the kernel's (legacy) iptables.
+
+Writes go through `iptables-legacy-restore --noflush`, so each table changes in one
+atomic commit; reads go through python-iptables. Everything acts on the calling thread's
+network namespace: callers enter the node namespace first.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import iptc
+
+from steer.constants import CHAIN_PREFIX, COMMENT_PREFIX
+from steer.render.iptables import (
+    TABLES,
+    Jump,
+    KernelState,
+    Ruleset,
+    cleanup_text,
+    comment_token,
+    restore_text,
+)
+
+log = logging.getLogger("steer.iptables")
+RESTORE = "iptables-legacy-restore"
+
+
+class IptablesError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RuleCounters:
+    comment: str
+    packets: int
+    bytes: int
+
+
+def _table(name: str) -> iptc.Table:
+    table = iptc.Table(name)
+    # python-iptables caches one handle per table, opened in whichever namespace first
+    # asked; refresh so reads see the calling thread's namespace and current rules.
+    table.refresh()
+    return table
+
+
+def _comment_of(rule: iptc.Rule) -> str:
+    for match in rule.matches:
+        if match.name == "comment":
+            return str(match.comment).removeprefix(COMMENT_PREFIX)
+    return ""
+
+
+def read_state() -> KernelState:
+    chains: dict[str, frozenset[str]] = {}
+    jumps: set[Jump] = set()
+    for name in TABLES:
+        table = _table(name)
+        owned = frozenset(c.name for c in table.chains if c.name.startswith(CHAIN_PREFIX))
+        chains[name] = owned
+        for chain in table.chains:
+            if not table.builtin_chain(chain.name):
+                continue
+            for rule in chain.rules:
+                if rule.target is not None and rule.target.name in owned:
+                    jumps.add(Jump(name, chain.name, rule.target.name))
+    return KernelState(chains=chains, jumps=frozenset(jumps))
+
+
+def _restore(text: str) -> None:
+    if not text:
+        return
+    proc = subprocess.run(
+        [RESTORE, "--noflush", "--wait"], input=text, text=True, capture_output=True, check=False
+    )
+    if proc.returncode != 0:
+        raise IptablesError(f"{RESTORE} failed: {proc.stderr.strip()}")
+
+
+def apply(ruleset: Ruleset) -> KernelState:
+    """Replace steer's chains with `ruleset`; on any error the kernel keeps the old rules."""
+    before = read_state()
+    _restore(restore_text(ruleset, before))
+    verify(ruleset)
+    return read_state()
+
+
+def verify(ruleset: Ruleset) -> None:
+    """Read the rules back and check each steer chain holds exactly what was rendered."""
+    for table_name, chains in ruleset.chains.items():
+        table = _table(table_name)
+        for chain_name in chains:
+            if not table.is_chain(chain_name):
+                raise IptablesError(f"{table_name}/{chain_name} missing after apply")
+            got = [_comment_of(r) for r in iptc.Chain(table, chain_name).rules]
+            want = [comment_token(r.comment) for r in ruleset.rules_of(table_name, chain_name)]
+            if got != want:
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                    min(len(got), len(want)),
+                )
+                raise IptablesError(
+                    f"{table_name}/{chain_name} read back {len(got)} rules, expected "
+                    f"{len(want)}; first difference at rule {first}"
+                )
+    state = read_state()
+    missing = set(ruleset.jumps) - state.jumps
+    if missing:
+        raise IptablesError(f"entry jumps missing after apply: {sorted(j.target for j in missing)}")
+
+
+def unload() -> None:
+    """Remove steer's jumps and chains; other parties' rules stay exactly as they were."""
+    _restore(cleanup_text(read_state()))
+
+
+def counters(table_name: str, chain_name: str) -> Iterator[RuleCounters]:
+    table = _table(table_name)
+    if not table.is_chain(chain_name):
+        return
+    for rule in iptc.Chain(table, chain_name).rules:
+        packets, nbytes = rule.get_counters()
+        yield RuleCounters(_comment_of(rule), int(packets), int(nbytes))

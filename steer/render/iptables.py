@@ -1,0 +1,457 @@
+"""Enforcement -> iptables rules as plain data, and from them the restore and cleanup texts.
+
+Layout (all in the node's network namespace):
+
+    mangle PREROUTING -p tcp -> STEER-PRE
+        verdict already in the connmark?  RETURN   (every packet after the first)
+        not a NEW flow?                    RETURN   (replies to Envoy's own upstreams)
+        -> STEER-E-<pod>  egress side of the source pod, writes field E (bits 30-31)
+        -> STEER-I-<pod>  ingress side of the destination, writes field V (bits 28-29)
+        combine E and V (deny > L7 > allow) into V, save V + policy id into the connmark
+    nat PREROUTING -p tcp -> STEER-NAT   L7 flows: REDIRECT to Envoy (minus exclusions)
+    filter FORWARD/INPUT -p tcp -> STEER-FWD/STEER-IN   denied flows: TCP reset
+
+So the policy chains see one packet per flow; later packets match one connmark rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+from steer.constants import (
+    CHAIN_PREFIX,
+    COMMENT_PREFIX,
+    ENVOY_INBOUND_PORT,
+    ENVOY_OUTBOUND_PORT,
+    MARK_ID_MASK,
+    MARK_ID_SHIFT,
+    MARK_MASK,
+    MARK_VERDICT_MASK,
+    MARK_VERDICT_SHIFT,
+    VERDICT_ALLOW,
+    VERDICT_DENY,
+    VERDICT_L7,
+)
+from steer.model.enforce import Enforcement, ManagedPod, ResolvedRule, SideRules
+from steer.model.policy import Action, Direction
+
+TABLES = ("mangle", "nat", "filter")
+# Scratch field for the egress side's verdict, in the packet mark only: it is cleared
+# before the packet leaves STEER-PRE and never saved to the connmark.
+EGRESS_SHIFT = 30
+EGRESS_FIELD = 0x3 << EGRESS_SHIFT
+
+CHAIN_PRE = f"{CHAIN_PREFIX}-PRE"
+CHAIN_NAT = f"{CHAIN_PREFIX}-NAT"
+CHAIN_FORWARD = f"{CHAIN_PREFIX}-FWD"
+CHAIN_INPUT = f"{CHAIN_PREFIX}-IN"
+
+
+@dataclass(frozen=True)
+class Rule:
+    table: str
+    chain: str
+    args: tuple[str, ...]
+    comment: str
+
+    def spec(self) -> str:
+        """The rule as iptables arguments, comment included (no -A/-I and chain).
+
+        The comment goes before the target, where iptables-save prints it, so that a
+        rule written here and one read back compare equal as text.
+        """
+        cut = self.args.index("-j") if "-j" in self.args else len(self.args)
+        comment = ("-m", "comment", "--comment", _comment(self.comment))
+        return " ".join((*self.args[:cut], *comment, *self.args[cut:]))
+
+
+@dataclass(frozen=True)
+class Jump:
+    """An entry rule from a built-in chain into a steer chain."""
+
+    table: str
+    builtin: str
+    target: str
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("-p", "tcp", "-j", self.target)
+
+    def spec(self) -> str:
+        return Rule(self.table, self.builtin, self.args, f"enter-{self.target.lower()}").spec()
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    chains: Mapping[str, tuple[str, ...]]
+    rules: tuple[Rule, ...]
+    jumps: tuple[Jump, ...]
+
+    def rules_of(self, table: str, chain: str) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.table == table and r.chain == chain)
+
+    def digest(self) -> str:
+        text = "\n".join(f"{r.table} {r.chain} {r.spec()}" for r in self.rules)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """What steer already has in the kernel, read back before a change."""
+
+    chains: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    jumps: frozenset[Jump] = frozenset()
+
+
+def comment_token(text: str) -> str:
+    """The comment as stored in the kernel, minus the prefix.
+
+    Comments travel unquoted through restore text, so they are kept one shell-safe token.
+    """
+    return re.sub(r"[^A-Za-z0-9_.:/=\[\]-]", "_", text)[:200]
+
+
+def _comment(text: str) -> str:
+    return COMMENT_PREFIX + comment_token(text)
+
+
+def _hex(value: int) -> str:
+    return f"0x{value:x}"
+
+
+def side_chain(side: SideRules) -> str:
+    tag = "E" if side.direction is Direction.EGRESS else "I"
+    digest = hashlib.sha1(side.pod_key.encode()).hexdigest()[:10]
+    return f"{CHAIN_PREFIX}-{tag}-{digest}"
+
+
+def _port_args(ports: tuple[tuple[int, int], ...] | None) -> list[tuple[str, ...]]:
+    if ports is None:
+        return [()]
+    return [("-p", "tcp", "--dport", str(lo) if lo == hi else f"{lo}:{hi}") for lo, hi in ports]
+
+
+def _peer_args(peers: tuple[IPv4Network, ...] | None, flag: str) -> list[tuple[str, ...]]:
+    if peers is None:
+        return [()]
+    return [(flag, str(net)) for net in peers]
+
+
+def _side_rules(side: SideRules) -> list[Rule]:
+    chain = side_chain(side)
+    shift, field_mask = (
+        (EGRESS_SHIFT, EGRESS_FIELD)
+        if side.direction is Direction.EGRESS
+        else (MARK_VERDICT_SHIFT, MARK_VERDICT_MASK)
+    )
+    peer_flag = "-d" if side.direction is Direction.EGRESS else "-s"
+
+    def set_verdict(verdict: int, policy_id: int) -> tuple[str, ...]:
+        value = (verdict << shift) | (policy_id << MARK_ID_SHIFT)
+        return ("-j", "MARK", "--set-xmark", f"{_hex(value)}/{_hex(field_mask | MARK_ID_MASK)}")
+
+    out: list[Rule] = []
+    for kind, label in ((VERDICT_DENY, "deny"), (VERDICT_L7, "l7"), (VERDICT_ALLOW, "allow")):
+        rules: tuple[ResolvedRule, ...] = side.by_kind(kind)
+        emitted = [
+            Rule(
+                "mangle",
+                chain,
+                (*peer, *port, *set_verdict(kind, rule.policy_id)),
+                f"{rule.policy_key}/{rule.name}",
+            )
+            for rule in rules
+            for peer in _peer_args(rule.peers, peer_flag)
+            for port in _port_args(rule.ports)
+        ]
+        if emitted:
+            out += emitted
+            decided = ("-m", "mark", "--mark", f"{_hex(kind << shift)}/{_hex(field_mask)}")
+            out.append(Rule("mangle", chain, (*decided, "-j", "RETURN"), f"{label}-decided"))
+    default = VERDICT_ALLOW if side.default_action is Action.ALLOW else VERDICT_DENY
+    out.append(
+        Rule(
+            "mangle",
+            chain,
+            set_verdict(default, side.default_policy_id),
+            f"default-{side.default_action.value.lower()}",
+        )
+    )
+    return out
+
+
+def _pre_rules(enforcement: Enforcement) -> list[Rule]:
+    vmask = _hex(MARK_VERDICT_MASK)
+
+    def mark_is(value: int, mask: int) -> tuple[str, ...]:
+        return ("-m", "mark", "--mark", f"{_hex(value)}/{_hex(mask)}")
+
+    def set_v(verdict: int) -> tuple[str, ...]:
+        return ("-j", "MARK", "--set-xmark", f"{_hex(verdict << MARK_VERDICT_SHIFT)}/{vmask}")
+
+    deny_v = VERDICT_DENY << MARK_VERDICT_SHIFT
+    pods = {p.ip: p for p in enforcement.pods}
+    rules = [
+        Rule(
+            "mangle",
+            CHAIN_PRE,
+            ("-m", "connmark", "!", "--mark", f"0x0/{vmask}", "-j", "RETURN"),
+            "verdict-cached",
+        ),
+        Rule(
+            "mangle",
+            CHAIN_PRE,
+            ("-m", "conntrack", "!", "--ctstate", "NEW", "-j", "RETURN"),
+            "not-new",
+        ),
+        Rule(
+            "mangle",
+            CHAIN_PRE,
+            ("-j", "MARK", "--set-xmark", f"0x0/{_hex(EGRESS_FIELD | MARK_MASK)}"),
+            "policy-entry",
+        ),
+    ]
+    for ip, side in sorted(enforcement.egress.items()):
+        pod = pods[ip]
+        rules.append(
+            Rule(
+                "mangle",
+                CHAIN_PRE,
+                (*_from_pod(pod), "-j", side_chain(side)),
+                f"egress:{side.pod_key}",
+            )
+        )
+    for ip, side in sorted(enforcement.ingress.items()):
+        rules.append(
+            Rule(
+                "mangle",
+                CHAIN_PRE,
+                (
+                    "-d",
+                    f"{ip}/32",
+                    "-m",
+                    "mark",
+                    "!",
+                    "--mark",
+                    f"{_hex(VERDICT_DENY << EGRESS_SHIFT)}/{_hex(EGRESS_FIELD)}",
+                    "-j",
+                    side_chain(side),
+                ),
+                f"ingress:{side.pod_key}",
+            )
+        )
+    rules += [
+        Rule(
+            "mangle",
+            CHAIN_PRE,
+            (*mark_is(VERDICT_DENY << EGRESS_SHIFT, EGRESS_FIELD), *set_v(VERDICT_DENY)),
+            "combine-egress-deny",
+        ),
+        Rule(
+            "mangle",
+            CHAIN_PRE,
+            (
+                *mark_is(VERDICT_L7 << EGRESS_SHIFT, EGRESS_FIELD),
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                f"{_hex(deny_v)}/{vmask}",
+                *set_v(VERDICT_L7),
+            ),
+            "combine-egress-l7",
+        ),
+        Rule(
+            "mangle",
+            CHAIN_PRE,
+            (*mark_is(0, MARK_VERDICT_MASK), *set_v(VERDICT_ALLOW)),
+            "combine-allow",
+        ),
+        Rule(
+            "mangle",
+            CHAIN_PRE,
+            (
+                "-j",
+                "CONNMARK",
+                "--save-mark",
+                "--nfmask",
+                _hex(MARK_MASK),
+                "--ctmask",
+                _hex(MARK_MASK),
+            ),
+            "save-verdict",
+        ),
+        Rule(
+            "mangle",
+            CHAIN_PRE,
+            ("-j", "MARK", "--set-xmark", f"0x0/{_hex(EGRESS_FIELD)}"),
+            "clear-scratch",
+        ),
+    ]
+    return rules
+
+
+def _from_pod(pod: ManagedPod) -> tuple[str, ...]:
+    # The interface match stops a pod from spoofing another pod's source address.
+    iface = ("-i", pod.pod.interface) if pod.pod.interface else ()
+    return (*iface, "-s", f"{pod.ip}/32")
+
+
+def _multiport(ports: Iterable[int]) -> tuple[str, ...]:
+    return ("-p", "tcp", "-m", "multiport", "--dports", ",".join(str(p) for p in sorted(ports)))
+
+
+def _redirect(port: int) -> tuple[str, ...]:
+    return ("-p", "tcp", "-j", "REDIRECT", "--to-ports", str(port))
+
+
+def _nat_rules(enforcement: Enforcement) -> list[Rule]:
+    l7 = f"{_hex(VERDICT_L7 << MARK_VERDICT_SHIFT)}/{_hex(MARK_VERDICT_MASK)}"
+    rules = [
+        Rule("nat", CHAIN_NAT, ("-m", "connmark", "!", "--mark", l7, "-j", "RETURN"), "not-l7")
+    ]
+    for pod in enforcement.pods:
+        steering = pod.steering
+        if steering.exclude_outbound_ports:
+            rules.append(
+                Rule(
+                    "nat",
+                    CHAIN_NAT,
+                    (*_from_pod(pod), *_multiport(steering.exclude_outbound_ports), "-j", "RETURN"),
+                    f"exclude-outbound-ports:{pod.pod.key}",
+                )
+            )
+        rules.extend(
+            Rule(
+                "nat",
+                CHAIN_NAT,
+                (*_from_pod(pod), "-d", cidr, "-j", "RETURN"),
+                f"exclude-outbound-cidr:{pod.pod.key}",
+            )
+            for cidr in steering.exclude_outbound_cidrs
+        )
+        if steering.exclude_inbound_ports:
+            rules.append(
+                Rule(
+                    "nat",
+                    CHAIN_NAT,
+                    (
+                        "-d",
+                        f"{pod.ip}/32",
+                        *_multiport(steering.exclude_inbound_ports),
+                        "-j",
+                        "RETURN",
+                    ),
+                    f"exclude-inbound-ports:{pod.pod.key}",
+                )
+            )
+    rules.extend(
+        Rule(
+            "nat",
+            CHAIN_NAT,
+            (*_from_pod(pod), *_redirect(ENVOY_OUTBOUND_PORT)),
+            f"redirect-outbound:{pod.pod.key}",
+        )
+        for pod in enforcement.pods
+    )
+    rules.append(
+        Rule(
+            "nat",
+            CHAIN_NAT,
+            _redirect(ENVOY_INBOUND_PORT),
+            "redirect-inbound",
+        )
+    )
+    return rules
+
+
+def _filter_rules() -> list[Rule]:
+    deny = (
+        "-m",
+        "connmark",
+        "--mark",
+        f"{_hex(VERDICT_DENY << MARK_VERDICT_SHIFT)}/{_hex(MARK_VERDICT_MASK)}",
+    )
+    # A TCP reset, like REDIRECT, needs an explicit -p tcp in the same rule.
+    reset = ("-j", "REJECT", "--reject-with", "tcp-reset")
+    return [
+        Rule("filter", CHAIN_FORWARD, ("-p", "tcp", *deny, *reset), "deny"),
+        Rule("filter", CHAIN_INPUT, ("-p", "tcp", *deny, *reset), "deny"),
+        # A pod that dials Envoy's listener itself would make Envoy proxy to itself.
+        Rule(
+            "filter",
+            CHAIN_INPUT,
+            (
+                "!",
+                "-i",
+                "lo",
+                *_multiport((ENVOY_OUTBOUND_PORT, ENVOY_INBOUND_PORT)),
+                *("-m", "conntrack", "--ctstate", "NEW"),
+                *("-m", "conntrack", "!", "--ctstate", "DNAT"),
+                *reset,
+            ),
+            "no-direct-envoy",
+        ),
+    ]
+
+
+def render_ruleset(enforcement: Enforcement) -> Ruleset:
+    sides = [*enforcement.egress.values(), *enforcement.ingress.values()]
+    side_rules = [rule for side in sorted(sides, key=side_chain) for rule in _side_rules(side)]
+    rules = (*_pre_rules(enforcement), *side_rules, *_nat_rules(enforcement), *_filter_rules())
+    chains = {
+        "mangle": (CHAIN_PRE, *sorted(side_chain(s) for s in sides)),
+        "nat": (CHAIN_NAT,),
+        "filter": (CHAIN_FORWARD, CHAIN_INPUT),
+    }
+    jumps = (
+        Jump("mangle", "PREROUTING", CHAIN_PRE),
+        Jump("nat", "PREROUTING", CHAIN_NAT),
+        Jump("filter", "FORWARD", CHAIN_FORWARD),
+        Jump("filter", "INPUT", CHAIN_INPUT),
+    )
+    return Ruleset(chains=chains, rules=rules, jumps=jumps)
+
+
+def restore_text(ruleset: Ruleset, current: KernelState) -> str:
+    """Input for `iptables-restore --noflush`: each table commits atomically.
+
+    Declaring a chain flushes it, so the text replaces steer's chains wholesale; chains
+    steer owned before and no longer needs are flushed and deleted in the same commit.
+    Built-in chains are only ever touched by inserting the missing entry jumps.
+    """
+    lines: list[str] = []
+    for table in TABLES:
+        wanted = ruleset.chains.get(table, ())
+        stale = sorted(current.chains.get(table, frozenset()) - set(wanted))
+        lines.append(f"*{table}")
+        lines += [f":{chain} - [0:0]" for chain in (*wanted, *stale)]
+        lines += [
+            f"-I {jump.builtin} 1 {jump.spec()}"
+            for jump in ruleset.jumps
+            if jump.table == table and jump not in current.jumps
+        ]
+        lines += [f"-A {r.chain} {r.spec()}" for r in ruleset.rules if r.table == table]
+        lines += [f"-X {chain}" for chain in stale]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def cleanup_text(current: KernelState) -> str:
+    """Remove exactly what steer owns: its entry jumps, then its chains."""
+    lines: list[str] = []
+    for table in TABLES:
+        chains = sorted(current.chains.get(table, frozenset()))
+        jumps = [j for j in current.jumps if j.table == table]
+        if not chains and not jumps:
+            continue
+        lines.append(f"*{table}")
+        lines += [f":{chain} - [0:0]" for chain in chains]
+        lines += [f"-D {j.builtin} {j.spec()}" for j in sorted(jumps, key=lambda j: j.target)]
+        lines += [f"-X {chain}" for chain in chains]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""

@@ -1,0 +1,389 @@
+"""Enforcement -> Envoy resources (listeners, routes, clusters) for one node.
+
+Every HTTP decision lives in RDS as per-route RBAC, never in the listener: a listener change
+drains old connections on the old filter chain, so a tightened rule pushed through LDS would
+not reach keep-alive connections, while an RDS change does.
+
+Each destination gets its own filter chain and route configuration, so a request is only
+ever checked against the rules that can apply to its destination. A request passes when
+neither deny filter matches and both allow filters match (docs/policy-reference.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
+from envoy.type.v3 import range_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from steer.constants import (
+    ENVOY_INBOUND_PORT,
+    ENVOY_OUTBOUND_PORT,
+    INBOUND_LISTENER,
+    ORIGINAL_DST_CLUSTER,
+    OUTBOUND_LISTENER,
+    RBAC_FILTERS,
+    ROUTE_PREFIX,
+)
+from steer.model.enforce import Enforcement, ResolvedRule, SideRules
+from steer.model.policy import Action, HeaderMatch, HTTPMatch, PathMatch
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+EGRESS_DENY, INGRESS_DENY, EGRESS_ALLOW, INGRESS_ALLOW = RBAC_FILTERS
+DEFAULT_DESTINATION = IPv4Network("0.0.0.0/0")
+
+Resources = dict[str, dict[str, Message]]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One filter chain: the prefix it serves and the route configuration behind it."""
+
+    prefix: IPv4Network
+
+    @property
+    def route_name(self) -> str:
+        if self.prefix == DEFAULT_DESTINATION:
+            return f"{ROUTE_PREFIX}-default"
+        return f"{ROUTE_PREFIX}-{self.prefix.network_address}-{self.prefix.prefixlen}"
+
+
+def _pack(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+# --- matchers -----------------------------------------------------------------------------
+
+
+def _string_matcher(
+    exact: str | None = None, prefix: str | None = None, regex: str | None = None
+) -> string_pb2.StringMatcher:
+    if exact is not None:
+        return string_pb2.StringMatcher(exact=exact)
+    if prefix is not None:
+        return string_pb2.StringMatcher(prefix=prefix)
+    return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex))
+
+
+def host_regex(host: str) -> str:
+    """Host names match case-insensitively, with or without a port in the Host header."""
+    name = r"[^.:]+\." + re.escape(host[2:]) if host.startswith("*.") else re.escape(host)
+    return f"(?i){name}(:[0-9]+)?"
+
+
+def _any_of(permissions: Sequence[rbac_pb2.Permission]) -> rbac_pb2.Permission:
+    if len(permissions) == 1:
+        return permissions[0]
+    return rbac_pb2.Permission(or_rules=rbac_pb2.Permission.Set(rules=permissions))
+
+
+def _all_of(permissions: Sequence[rbac_pb2.Permission]) -> rbac_pb2.Permission:
+    if not permissions:
+        return rbac_pb2.Permission(any=True)
+    if len(permissions) == 1:
+        return permissions[0]
+    return rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=permissions))
+
+
+def _header_permission(name: str, matcher: string_pb2.StringMatcher) -> rbac_pb2.Permission:
+    return rbac_pb2.Permission(
+        header=route_components_pb2.HeaderMatcher(name=name, string_match=matcher)
+    )
+
+
+def _path_permission(path: PathMatch) -> rbac_pb2.Permission:
+    matcher = _string_matcher(path.exact, path.prefix, path.regex)
+    return rbac_pb2.Permission(url_path=path_pb2.PathMatcher(path=matcher))
+
+
+def _header_rule_permission(header: HeaderMatch) -> rbac_pb2.Permission:
+    if header.present:
+        permission = rbac_pb2.Permission(
+            header=route_components_pb2.HeaderMatcher(name=header.name, present_match=True)
+        )
+    else:
+        permission = _header_permission(
+            header.name, _string_matcher(header.exact, header.prefix, header.regex)
+        )
+    return rbac_pb2.Permission(not_rule=permission) if header.negate else permission
+
+
+def http_permissions(match: HTTPMatch) -> list[rbac_pb2.Permission]:
+    parts: list[rbac_pb2.Permission] = []
+    if match.methods:
+        parts.append(
+            _any_of([_header_permission(":method", _string_matcher(m)) for m in match.methods])
+        )
+    if match.paths:
+        parts.append(_any_of([_path_permission(p) for p in match.paths]))
+    if match.hosts:
+        parts.append(
+            _any_of(
+                [
+                    _header_permission(":authority", _string_matcher(regex=host_regex(h)))
+                    for h in match.hosts
+                ]
+            )
+        )
+    parts += [_header_rule_permission(h) for h in match.headers]
+    return parts
+
+
+def _port_permission(ports: tuple[tuple[int, int], ...]) -> rbac_pb2.Permission:
+    return _any_of(
+        [
+            rbac_pb2.Permission(destination_port=lo)
+            if lo == hi
+            else rbac_pb2.Permission(
+                destination_port_range=range_pb2.Int32Range(start=lo, end=hi + 1)
+            )
+            for lo, hi in ports
+        ]
+    )
+
+
+def _cidr(net: IPv4Network) -> address_pb2.CidrRange:
+    return address_pb2.CidrRange(
+        address_prefix=str(net.network_address),
+        prefix_len=wrappers_pb2.UInt32Value(value=net.prefixlen),
+    )
+
+
+def _ip_principal(nets: Iterable[IPv4Network]) -> rbac_pb2.Principal:
+    ids = [rbac_pb2.Principal(direct_remote_ip=_cidr(n)) for n in nets]
+    if len(ids) == 1:
+        return ids[0]
+    return rbac_pb2.Principal(or_ids=rbac_pb2.Principal.Set(ids=ids))
+
+
+def _host(ip: IPv4Address) -> IPv4Network:
+    return IPv4Network(f"{ip}/32")
+
+
+# --- RBAC per destination ------------------------------------------------------------------
+
+
+def _rule_policy(
+    rule: ResolvedRule, subject: IPv4Address, *, egress: bool
+) -> rbac_pb2.Policy | None:
+    """The rule as one RBAC policy; None if its peer list resolved to nothing."""
+    if rule.peers is not None and not rule.peers:
+        return None
+    permission_parts: list[rbac_pb2.Permission] = []
+    if rule.ports is not None:
+        permission_parts.append(_port_permission(rule.ports))
+    if rule.http is not None:
+        permission_parts += http_permissions(rule.http)
+    if egress:
+        # Egress: the subject is the client, the peers are destinations.
+        principal = _ip_principal([_host(subject)])
+        if rule.peers is not None:
+            permission_parts.insert(
+                0, _any_of([rbac_pb2.Permission(destination_ip=_cidr(n)) for n in rule.peers])
+            )
+    else:
+        principal = (
+            rbac_pb2.Principal(any=True) if rule.peers is None else _ip_principal(rule.peers)
+        )
+    return rbac_pb2.Policy(permissions=[_all_of(permission_parts)], principals=[principal])
+
+
+def _rbac(action: int, policies: Mapping[str, rbac_pb2.Policy] | None) -> any_pb2.Any:
+    """Per-route RBAC; None disables the filter on this route (no restriction applies)."""
+    if policies is None:
+        return _pack(rbac_filter_pb2.RBACPerRoute())
+    rules = rbac_pb2.RBAC(action=action, policies=dict(policies))
+    return _pack(rbac_filter_pb2.RBACPerRoute(rbac=rbac_filter_pb2.RBAC(rules=rules)))
+
+
+def _side_policies(
+    sides: Sequence[SideRules], destination: Destination, *, egress: bool
+) -> tuple[dict[str, rbac_pb2.Policy], dict[str, rbac_pb2.Policy]]:
+    deny: dict[str, rbac_pb2.Policy] = {}
+    allow: dict[str, rbac_pb2.Policy] = {}
+    for side in sides:
+        for rule in side.rules:
+            if (
+                egress
+                and rule.peers is not None
+                and not any(n.overlaps(destination.prefix) for n in rule.peers)
+            ):
+                continue
+            policy = _rule_policy(rule, side.pod_ip, egress=egress)
+            if policy is None:
+                continue
+            target = deny if rule.action is Action.DENY else allow
+            target[f"{side.pod_key}:{rule.policy_key}/{rule.name}"] = policy
+        if side.default_action is Action.ALLOW:
+            principal = (
+                _ip_principal([_host(side.pod_ip)]) if egress else rbac_pb2.Principal(any=True)
+            )
+            allow[f"{side.pod_key}:default-allow"] = rbac_pb2.Policy(
+                permissions=[rbac_pb2.Permission(any=True)], principals=[principal]
+            )
+    return deny, allow
+
+
+def _per_filter_config(
+    enforcement: Enforcement, destination: Destination
+) -> dict[str, any_pb2.Any]:
+    allow_action = rbac_pb2.RBAC.Action.ALLOW
+    deny_action = rbac_pb2.RBAC.Action.DENY
+
+    egress_sides = [enforcement.egress[ip] for ip in sorted(enforcement.egress)]
+    egress_deny, egress_allow = _side_policies(egress_sides, destination, egress=True)
+    if egress_sides:
+        # Clients with no egress policy are unrestricted on this side.
+        restricted = _ip_principal(_host(s.pod_ip) for s in egress_sides)
+        egress_allow["unrestricted-clients"] = rbac_pb2.Policy(
+            permissions=[rbac_pb2.Permission(any=True)],
+            principals=[rbac_pb2.Principal(not_id=restricted)],
+        )
+
+    ingress_sides = [
+        side
+        for ip, side in sorted(enforcement.ingress.items())
+        if destination.prefix != DEFAULT_DESTINATION and ip in destination.prefix
+    ]
+    ingress_deny, ingress_allow = _side_policies(ingress_sides, destination, egress=False)
+    return {
+        EGRESS_DENY: _rbac(deny_action, egress_deny if egress_sides else None),
+        INGRESS_DENY: _rbac(deny_action, ingress_deny if ingress_sides else None),
+        EGRESS_ALLOW: _rbac(allow_action, egress_allow if egress_sides else None),
+        INGRESS_ALLOW: _rbac(allow_action, ingress_allow if ingress_sides else None),
+    }
+
+
+# --- resources -----------------------------------------------------------------------------
+
+
+def destinations(enforcement: Enforcement) -> list[Destination]:
+    pods = sorted({p.ip for p in enforcement.pods})
+    return [*(Destination(_host(ip)) for ip in pods), Destination(DEFAULT_DESTINATION)]
+
+
+def route_configuration(
+    enforcement: Enforcement, destination: Destination
+) -> route_pb2.RouteConfiguration:
+    route = route_components_pb2.Route(
+        name="all",
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(
+            cluster=ORIGINAL_DST_CLUSTER,
+            # Long polls and streams must not be cut by a default 15 s route timeout.
+            timeout=duration_pb2.Duration(seconds=0),
+        ),
+        typed_per_filter_config=_per_filter_config(enforcement, destination),
+    )
+    return route_pb2.RouteConfiguration(
+        name=destination.route_name,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(name="any-host", domains=["*"], routes=[route])
+        ],
+    )
+
+
+def _http_connection_manager(stat_prefix: str, route_name: str) -> hcm_pb2.HttpConnectionManager:
+    ads = config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.ApiVersion.V3,
+    )
+    filters = [
+        hcm_pb2.HttpFilter(name=name, typed_config=_pack(rbac_filter_pb2.RBAC()))
+        for name in RBAC_FILTERS
+    ]
+    filters.append(
+        hcm_pb2.HttpFilter(
+            name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())
+        )
+    )
+    return hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm_pb2.HttpConnectionManager.CodecType.AUTO,
+        rds=hcm_pb2.Rds(route_config_name=route_name, config_source=ads),
+        http_filters=filters,
+        # The settings below decide whether a path rule can be bypassed; see
+        # docs/policy-reference.md "How requests are matched".
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
+        use_remote_address=wrappers_pb2.BoolValue(value=True),
+    )
+
+
+def _filter_chain(
+    stat_prefix: str, destination: Destination
+) -> listener_components_pb2.FilterChain:
+    hcm = _http_connection_manager(stat_prefix, destination.route_name)
+    match = (
+        None
+        if destination.prefix == DEFAULT_DESTINATION
+        else listener_components_pb2.FilterChainMatch(prefix_ranges=[_cidr(destination.prefix)])
+    )
+    return listener_components_pb2.FilterChain(
+        name=destination.route_name,
+        filter_chain_match=match,
+        filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=_pack(hcm))],
+    )
+
+
+def listener(name: str, port: int, enforcement: Enforcement) -> listener_pb2.Listener:
+    chains = [_filter_chain(name, d) for d in destinations(enforcement)]
+    default = chains.pop()
+    return listener_pb2.Listener(
+        name=name,
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address="0.0.0.0", port_value=port)
+        ),
+        listener_filters=[
+            listener_components_pb2.ListenerFilter(
+                name="envoy.filters.listener.original_dst",
+                typed_config=_pack(original_dst_pb2.OriginalDst()),
+            )
+        ],
+        filter_chains=chains,
+        default_filter_chain=default,
+    )
+
+
+def original_dst_cluster() -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=ORIGINAL_DST_CLUSTER,
+        type=cluster_pb2.Cluster.DiscoveryType.ORIGINAL_DST,
+        lb_policy=cluster_pb2.Cluster.LbPolicy.CLUSTER_PROVIDED,
+        connect_timeout=duration_pb2.Duration(seconds=2),
+    )
+
+
+def render_resources(enforcement: Enforcement) -> Resources:
+    listeners = [
+        listener(OUTBOUND_LISTENER, ENVOY_OUTBOUND_PORT, enforcement),
+        listener(INBOUND_LISTENER, ENVOY_INBOUND_PORT, enforcement),
+    ]
+    routes = [route_configuration(enforcement, d) for d in destinations(enforcement)]
+    return {
+        LISTENER_TYPE: {r.name: r for r in listeners},
+        ROUTE_TYPE: {r.name: r for r in routes},
+        CLUSTER_TYPE: {ORIGINAL_DST_CLUSTER: original_dst_cluster()},
+    }

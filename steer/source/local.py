@@ -1,0 +1,108 @@
+"""Local mode: policies from a directory of YAML files, pods from the lab's state file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchfiles import awatch
+
+from steer.model.load import PolicyError, parse_policies
+from steer.model.pod import Pod
+from steer.model.policy import HTTPPolicy
+
+log = logging.getLogger("steer.source")
+POLICY_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class PolicyReload:
+    policies: tuple[HTTPPolicy, ...]
+    errors: tuple[PolicyError, ...]
+    changed: bool
+
+
+@dataclass
+class PolicyDirectory:
+    """The policies in force, per file: a file that fails to load keeps its last good
+    content in force, so one bad edit never half-applies and never drops good policy."""
+
+    path: Path
+    _good: dict[str, tuple[HTTPPolicy, ...]] = field(default_factory=dict)
+    _texts: dict[str, str] = field(default_factory=dict)
+
+    def reload(self) -> PolicyReload:
+        errors: list[PolicyError] = []
+        present: dict[str, str] = {}
+        if not self.path.is_dir():
+            errors.append(PolicyError(str(self.path), "", "not a directory; fix: create it"))
+        else:
+            for file in sorted(self.path.iterdir()):
+                if file.suffix in POLICY_SUFFIXES and file.is_file():
+                    try:
+                        present[str(file)] = file.read_text()
+                    except (OSError, UnicodeDecodeError) as exc:
+                        errors.append(PolicyError(str(file), "", f"unreadable: {exc}"))
+                        present[str(file)] = self._texts.get(str(file), "")
+
+        changed = False
+        for name in set(self._good) - set(present):
+            del self._good[name]
+            self._texts.pop(name, None)
+            changed = True
+        owners = {p.key: n for n, ps in self._good.items() for p in ps if n in present}
+        for name, text in present.items():
+            if self._texts.get(name) == text and name in self._good:
+                continue
+            policies, file_errors = parse_policies(text, name)
+            file_errors += [
+                PolicyError(
+                    name,
+                    "metadata.name",
+                    f"policy {p.key} is already defined in {owners[p.key]}; fix: rename one",
+                )
+                for p in policies
+                if owners.get(p.key, name) != name
+            ]
+            if file_errors:
+                errors += file_errors
+                continue
+            self._good[name] = tuple(policies)
+            self._texts[name] = text
+            owners.update({p.key: name for p in policies})
+            changed = True
+        for error in errors:
+            log.error("policy not applied: %s", error)
+        policies_in_force = tuple(p for name in sorted(self._good) for p in self._good[name])
+        return PolicyReload(policies_in_force, tuple(errors), changed)
+
+    async def watch(self, debounce_ms: int = 10) -> AsyncIterator[PolicyReload]:
+        """The current set, then a new one after every change that alters it."""
+        yield self.reload()
+        async for _ in awatch(self.path, debounce=debounce_ms, step=5):
+            result = self.reload()
+            if result.changed or result.errors:
+                yield result
+
+
+def load_lab_pods(state_file: Path) -> list[Pod]:
+    """Pods of the local lab; none if the lab is not up."""
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        return []
+    return [
+        Pod(
+            name=p["name"],
+            namespace=p.get("namespace", "default"),
+            ip=p["ip"],
+            labels=p.get("labels", {}),
+            annotations=p.get("annotations", {}),
+            interface=p.get("veth", ""),
+            namespace_labels=p.get("namespace_labels", {}),
+        )
+        for p in state.get("pods", [])
+    ]

@@ -1,0 +1,82 @@
+"""Renderers against committed golden files. Regenerate: STEER_REGEN_GOLDEN=1 pytest tests/golden"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from google.protobuf.json_format import MessageToDict
+
+from steer.render.iptables import Jump, KernelState, cleanup_text, render_ruleset, restore_text
+from steer.render.xds import render_resources
+from tests.samples import CLIENT, WEB, sample_enforcement
+
+DATA = Path(__file__).parent / "data"
+
+
+def check_golden(name: str, text: str) -> None:
+    path = DATA / name
+    if os.environ.get("STEER_REGEN_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"{path} missing; run with STEER_REGEN_GOLDEN=1"
+    assert text == path.read_text(), f"{name} differs from golden; review, then regenerate"
+
+
+def test_iptables_fresh_node_inserts_jumps_and_declares_every_chain() -> None:
+    check_golden(
+        "iptables_demo.rules", restore_text(render_ruleset(sample_enforcement()), KernelState())
+    )
+
+
+def test_iptables_reapply_skips_present_jumps_and_deletes_stale_chains() -> None:
+    ruleset = render_ruleset(sample_enforcement())
+    current = KernelState(
+        chains={"mangle": frozenset({*ruleset.chains["mangle"], "STEER-I-0000000000"})},
+        jumps=frozenset(ruleset.jumps),
+    )
+    text = restore_text(ruleset, current)
+    assert "-I " not in text
+    assert ":STEER-I-0000000000 - [0:0]" in text
+    assert "-X STEER-I-0000000000" in text
+    check_golden("iptables_reapply.rules", text)
+
+
+def test_iptables_cleanup_touches_only_steer_chains_and_jumps() -> None:
+    ruleset = render_ruleset(sample_enforcement())
+    current = KernelState(
+        chains={t: frozenset(c) for t, c in ruleset.chains.items()}, jumps=frozenset(ruleset.jumps)
+    )
+    check_golden("iptables_cleanup.rules", cleanup_text(current))
+    assert cleanup_text(KernelState()) == ""
+
+
+def test_iptables_pods_without_policy_get_no_side_chain() -> None:
+    enforcement = sample_enforcement((CLIENT, WEB))
+    ruleset = render_ruleset(enforcement)
+    # client has egress policy, web has ingress policy; api is absent.
+    assert len(ruleset.chains["mangle"]) == 3
+
+
+def test_iptables_every_rule_carries_a_purpose_comment() -> None:
+    for rule in render_ruleset(sample_enforcement()).rules:
+        assert rule.comment
+        assert "--comment steer/" in rule.spec()
+
+
+@pytest.mark.parametrize("jump", render_ruleset(sample_enforcement()).jumps)
+def test_iptables_jumps_only_catch_tcp(jump: Jump) -> None:
+    assert jump.args[:2] == ("-p", "tcp")
+
+
+def test_xds_resources_demo() -> None:
+    resources = render_resources(sample_enforcement())
+    as_json = {
+        type_url.rsplit(".", 1)[-1]: {
+            name: MessageToDict(msg, preserving_proto_field_name=True)
+            for name, msg in sorted(by_name.items())
+        }
+        for type_url, by_name in sorted(resources.items())
+    }
+    check_golden("xds_demo.json", json.dumps(as_json, indent=1, sort_keys=True) + "\n")

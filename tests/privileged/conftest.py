@@ -1,0 +1,46 @@
+"""Privileged fixtures: a real lab node (namespaces, veths, cgroups), torn down even on failure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from steer.constants import NODE_NETNS
+from steer.node import iptables
+from steer.node.lab import LabState, default_lab_specs, lab_down, lab_up
+from steer.node.netns import run_in_netns
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root")
+        for item in items:
+            if "privileged" in item.nodeid:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
+    state_file = tmp_path_factory.mktemp("lab") / "lab.json"
+    try:
+        yield lab_up(default_lab_specs(), state_file=state_file)
+    finally:
+        lab_down(state_file=state_file)
+
+
+@pytest.fixture
+def lab_state_file(lab: LabState, tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def node_clean(lab: LabState) -> Iterator[None]:
+    """Each test starts and ends with no steer rules in the node namespace."""
+    run_in_netns(NODE_NETNS, iptables.unload)
+    try:
+        yield
+    finally:
+        run_in_netns(NODE_NETNS, iptables.unload)

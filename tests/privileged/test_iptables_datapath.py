@@ -1,0 +1,306 @@
+"""The iptables datapath on the real kernel: verdicts once per flow, redirect, revocation,
+atomic apply and a clean unload, in a lab node of its own."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from steer.constants import ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, NODE_NETNS
+from steer.model.enforce import resolve
+from steer.model.load import parse_policies
+from steer.model.pod import Pod
+from steer.model.policy import HTTPPolicy
+from steer.node import conntrack, iptables
+from steer.node.agent import IptablesDatapath, SyncReport
+from steer.node.lab import LabState
+from steer.node.netns import run_in_netns
+from steer.render.iptables import CHAIN_PRE, Rule, Ruleset, render_ruleset
+from steer.testing.servers import connect, original_dst, serve, time_connect
+from tests.samples import policy_yaml, sample_policies
+
+pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("node_clean")]
+
+
+def pods_of(lab: LabState, annotations: dict[str, dict[str, str]] | None = None) -> list[Pod]:
+    annotations = annotations or {}
+    return [
+        Pod(
+            p.name,
+            p.namespace,
+            p.ip,
+            dict(p.labels),
+            annotations.get(p.name, {}),
+            interface=p.veth,
+            namespace_labels={"steer.dev/allow-exclusions": "true"},
+        )
+        for p in lab.pods
+    ]
+
+
+def ip_of(lab: LabState, name: str) -> str:
+    return lab.pod("default", name).ip
+
+
+def netns_of(lab: LabState, name: str) -> str:
+    return lab.pod("default", name).netns
+
+
+def sync(policies: list[HTTPPolicy], pods: list[Pod], dp: IptablesDatapath) -> SyncReport:
+    report = run_in_netns(NODE_NETNS, lambda: dp.sync(policies, pods))
+    assert report.errors == []
+    return report
+
+
+def in_node(argv: list[str]) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", NODE_NETNS, *argv], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def pre_counters() -> dict[str, int]:
+    rows = run_in_netns(NODE_NETNS, lambda: list(iptables.counters("mangle", CHAIN_PRE)))
+    return {row.comment: row.packets for row in rows}
+
+
+@pytest.fixture
+def servers(lab: LabState) -> Iterator[None]:
+    with (
+        serve(netns_of(lab, "api"), ip_of(lab, "api"), 7000, http=False),
+        serve(netns_of(lab, "api"), ip_of(lab, "api"), 7001, http=False),
+        serve(netns_of(lab, "web"), ip_of(lab, "web"), 9090, http=False),
+    ):
+        yield
+
+
+def echo(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_allowed_flow_walks_the_policy_chain_once(lab: LabState, servers: None) -> None:
+    sync(sample_policies(), pods_of(lab), IptablesDatapath())
+    before = pre_counters()
+    with connect(netns_of(lab, "client"), ip_of(lab, "api"), 7000) as sock:
+        for i in range(300):
+            assert echo(sock, f"ping {i}".encode()) == f"ping {i}".encode()
+    after = pre_counters()
+    assert after["policy-entry"] - before["policy-entry"] == 1
+    assert after["verdict-cached"] - before["verdict-cached"] >= 300
+
+
+def test_l4_denied_port_is_refused_at_once(lab: LabState, servers: None) -> None:
+    sync(sample_policies(), pods_of(lab), IptablesDatapath())
+    outcome, seconds = time_connect(netns_of(lab, "client"), ip_of(lab, "web"), 9090)
+    assert outcome == "refused"
+    assert seconds < 1.0
+    # Default deny: api listens on 7001, but no rule allows it.
+    assert time_connect(netns_of(lab, "client"), ip_of(lab, "api"), 7001)[0] == "refused"
+
+
+def test_without_policy_the_same_ports_connect(lab: LabState, servers: None) -> None:
+    sync([], pods_of(lab), IptablesDatapath())
+    assert time_connect(netns_of(lab, "client"), ip_of(lab, "web"), 9090)[0] == "connected"
+
+
+def _fake_envoy(accepted: list[tuple[str, int]]) -> tuple[socket.socket, threading.Thread]:
+    def create() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", ENVOY_OUTBOUND_PORT))
+        sock.listen(8)
+        return sock
+
+    listener = run_in_netns(NODE_NETNS, create)
+
+    def accept_one() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            accepted.append(original_dst(conn))
+
+    thread = threading.Thread(target=accept_one, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_l7_flow_is_redirected_with_its_original_destination(lab: LabState) -> None:
+    sync(sample_policies(), pods_of(lab), IptablesDatapath())
+    accepted: list[tuple[str, int]] = []
+    listener, thread = _fake_envoy(accepted)
+    try:
+        connect(netns_of(lab, "client"), ip_of(lab, "web"), 8080).close()
+        thread.join(timeout=3)
+    finally:
+        listener.close()
+    assert accepted == [(ip_of(lab, "web"), 8080)]
+
+
+def test_excluded_port_skips_envoy(lab: LabState) -> None:
+    pods = pods_of(lab, {"client": {"steer.dev/exclude-outbound-ports": "8080"}})
+    sync(sample_policies(), pods, IptablesDatapath())
+    with (
+        serve(netns_of(lab, "web"), ip_of(lab, "web"), 8080, http=False),
+        connect(netns_of(lab, "client"), ip_of(lab, "web"), 8080) as sock,
+    ):
+        assert echo(sock, b"direct") == b"direct"
+
+
+def test_pod_dialling_envoy_directly_is_refused(lab: LabState) -> None:
+    sync(sample_policies(), pods_of(lab), IptablesDatapath())
+    accepted: list[tuple[str, int]] = []
+    listener, _ = _fake_envoy(accepted)
+    try:
+        outcome, _ = time_connect(netns_of(lab, "client"), LAB_GATEWAY_IP, ENVOY_OUTBOUND_PORT)
+    finally:
+        listener.close()
+    assert outcome == "refused"
+    assert accepted == []
+
+
+def _tightened_api_policy() -> list[HTTPPolicy]:
+    tightened, errors = parse_policies(
+        policy_yaml(
+            """spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+    defaultAction: Deny
+    rules:
+      - from: [{podSelector: {matchLabels: {app: client}}}]
+        ports: [{port: 7001}]
+""",
+            name="api",
+        ),
+        "api.yaml",
+    )
+    assert not errors
+    return [p for p in sample_policies() if p.metadata.name != "api"] + tightened
+
+
+def test_policy_change_revokes_exactly_the_affected_flows(lab: LabState, servers: None) -> None:
+    dp = IptablesDatapath()
+    loosened, _ = parse_policies(
+        policy_yaml(
+            """spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+    defaultAction: Deny
+    rules:
+      - from: [{podSelector: {matchLabels: {app: client}}}]
+        ports: [{port: 7000}, {port: 7001}]
+""",
+            name="api",
+        ),
+        "api.yaml",
+    )
+    others = [p for p in sample_policies() if p.metadata.name != "api"]
+    sync(others + loosened, pods_of(lab), dp)
+    client = netns_of(lab, "client")
+    doomed = connect(client, ip_of(lab, "api"), 7000, timeout=3)
+    kept = connect(client, ip_of(lab, "api"), 7001, timeout=3)
+    try:
+        assert echo(doomed, b"a") == b"a"
+        assert echo(kept, b"b") == b"b"
+
+        report = sync(_tightened_api_policy(), pods_of(lab), dp)
+        assert report.revoked == 1
+        started = time.perf_counter()
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            for _ in range(50):
+                if echo(doomed, b"again") != b"again":
+                    raise ConnectionResetError("closed")
+                time.sleep(0.01)
+        assert time.perf_counter() - started < 1.0
+        assert echo(kept, b"still") == b"still"
+    finally:
+        doomed.close()
+        kept.close()
+
+
+def test_flows_carry_verdict_and_policy_id_in_conntrack(lab: LabState, servers: None) -> None:
+    dp = IptablesDatapath()
+    sync(sample_policies(), pods_of(lab), dp)
+    with connect(netns_of(lab, "client"), ip_of(lab, "api"), 7000) as sock:
+        echo(sock, b"x")
+        flows = run_in_netns(NODE_NETNS, conntrack.flows)
+    assert dp.enforcement is not None
+    api_id = dp.enforcement.policy_ids["default/api"]
+    mine = [f for f in flows if str(f.dst) == ip_of(lab, "api") and f.dport == 7000]
+    assert [(f.verdict, f.policy_id) for f in mine] == [(1, api_id)]
+
+
+def test_failed_apply_keeps_previous_rules(lab: LabState) -> None:
+    good = render_ruleset(resolve(sample_policies(), pods_of(lab)))
+    run_in_netns(NODE_NETNS, lambda: iptables.apply(good))
+    broken = Ruleset(
+        chains=good.chains,
+        rules=(*good.rules, Rule("mangle", CHAIN_PRE, ("-j", "NO-SUCH-TARGET"), "broken")),
+        jumps=good.jumps,
+    )
+    with pytest.raises(iptables.IptablesError):
+        run_in_netns(NODE_NETNS, lambda: iptables.apply(broken))
+    run_in_netns(NODE_NETNS, lambda: iptables.verify(good))
+
+
+def test_unload_leaves_foreign_rules_untouched(lab: LabState) -> None:
+    in_node(["iptables-legacy", "-N", "FOREIGN"])
+    in_node(["iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", "5353", "-j", "FOREIGN"])
+    in_node(
+        [
+            "iptables-legacy",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "1",
+            "-j",
+            "RETURN",
+        ]
+    )
+    try:
+        foreign_before = _non_steer_rules()
+        sync(sample_policies(), pods_of(lab), IptablesDatapath())
+        assert "STEER-PRE" in in_node(["iptables-legacy-save"])
+        run_in_netns(NODE_NETNS, iptables.unload)
+        saved = in_node(["iptables-legacy-save"])
+        assert "STEER" not in saved
+        assert _non_steer_rules() == foreign_before
+    finally:
+        in_node(["iptables-legacy", "-D", "INPUT", "-p", "udp", "--dport", "5353", "-j", "FOREIGN"])
+        in_node(["iptables-legacy", "-X", "FOREIGN"])
+        in_node(
+            [
+                "iptables-legacy",
+                "-t",
+                "nat",
+                "-D",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "--dport",
+                "1",
+                "-j",
+                "RETURN",
+            ]
+        )
+
+
+def _non_steer_rules() -> list[str]:
+    return [
+        line
+        for line in in_node(["iptables-legacy-save"]).splitlines()
+        if line.startswith(("-A", ":")) and "STEER" not in line and "steer/" not in line
+    ]
