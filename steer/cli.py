@@ -84,7 +84,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             print(f"error: {message}", file=sys.stderr)
         return 1 if report.errors else 0
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(agent.run())
+        agent.run()
     return 0
 
 
@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    # watchfiles logs every batch of changes at INFO; steer logs what it did about them.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     code: int = args.func(args)
     return code
 

@@ -46,8 +46,7 @@ WILDCARD_TYPES: Final = frozenset({LISTENER_TYPE, CLUSTER_TYPE})
 VERSION_DIGITS: Final = 16
 
 _HCM_TYPE: Final = (
-    "type.googleapis.com/"
-    + http_connection_manager_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+    "type.googleapis.com/" + http_connection_manager_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 )
 
 

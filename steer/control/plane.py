@@ -8,7 +8,6 @@ last good snapshot.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from steer.control.xds import serve
 from steer.model.enforce import resolve
 from steer.render.xds import render_resources
-from steer.source.local import PolicyDirectory, load_lab_pods
+from steer.source.local import PolicyDirectory, load_lab_pods, write_json_atomic
 
 log = logging.getLogger("steer.control")
 STATUS_FILE = RUN_DIR / "control-status.json"
@@ -38,6 +37,7 @@ class LocalControlPlane:
     def __post_init__(self) -> None:
         self._policies = PolicyDirectory(self.policy_dir)
         self.errors: list[str] = []
+        self._last_status: dict[str, object] | None = None
 
     def refresh(self) -> bool:
         """Re-render from current inputs; True if the node's snapshot changed."""
@@ -64,6 +64,7 @@ class LocalControlPlane:
         return changed
 
     def write_status(self) -> None:
+        """Write the push state for `steer status`, only when it changed."""
         status = self.cache.status(self.node_id)
         document = {
             "node": self.node_id,
@@ -78,10 +79,10 @@ class LocalControlPlane:
             else {"type": status.last_nack.type_url, "detail": status.last_nack.detail},
             "errors": self.errors,
         }
-        self.status_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(document, indent=2))
-        tmp.replace(self.status_file)
+        if document == self._last_status:
+            return
+        self._last_status = document
+        write_json_atomic(self.status_file, document)
 
     async def run(self, xds_socket: Path = XDS_SOCKET) -> None:
         self.refresh()
@@ -93,7 +94,7 @@ class LocalControlPlane:
 
     async def _watch_inputs(self) -> None:
         watched = [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
-        async for changes in awatch(*watched, debounce=10, step=5):
+        async for changes in awatch(*watched, debounce=10, step=5, recursive=False):
             paths = [Path(p) for _, p in changes]
             if any(p.parent == self.policy_dir or p == self.lab_state for p in paths):
                 self.refresh()

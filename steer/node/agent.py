@@ -8,14 +8,13 @@ on the next change.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from watchfiles import awatch
+from watchfiles import watch
 
 from steer.constants import RUN_DIR
 from steer.model.enforce import Enforcement, decide_flow, resolve
@@ -23,7 +22,7 @@ from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
 from steer.node import conntrack, iptables
 from steer.render.iptables import Ruleset, render_ruleset
-from steer.source.local import PolicyDirectory, load_lab_pods
+from steer.source.local import PolicyDirectory, load_lab_pods, write_json_atomic
 
 log = logging.getLogger("steer.agent")
 STATUS_FILE = RUN_DIR / "agent-status.json"
@@ -117,18 +116,18 @@ class LocalAgent:
             "last_sync": asdict(report),
             "ruleset_digest": self.datapath.applied_digest,
         }
-        self.status_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status, indent=2))
-        tmp.replace(self.status_file)
+        write_json_atomic(self.status_file, status)
 
-    async def run(self) -> None:
+    def run(self) -> None:
+        """Sync now and after every change to the inputs, until interrupted.
+
+        Synchronous on purpose: every kernel call must run on a thread inside the node's
+        network namespace, and pyroute2's blocking API cannot run inside an event loop.
+        """
         self._log(self.sync())
         watched = [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
-        async for changes in awatch(*watched, debounce=10, step=5):
+        for changes in watch(*watched, debounce=10, step=5, recursive=False):
             if any(self._is_input(Path(path)) for _, path in changes):
-                # Synchronous on purpose: the kernel calls must run on a thread inside the
-                # node's network namespace, and nothing else shares this loop.
                 self._log(self.sync())
 
     def _is_input(self, path: Path) -> bool:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from watchfiles import awatch
 
 from steer.model.load import PolicyError, parse_policies
 from steer.model.pod import Pod
@@ -79,14 +76,6 @@ class PolicyDirectory:
         policies_in_force = tuple(p for name in sorted(self._good) for p in self._good[name])
         return PolicyReload(policies_in_force, tuple(errors), changed)
 
-    async def watch(self, debounce_ms: int = 10) -> AsyncIterator[PolicyReload]:
-        """The current set, then a new one after every change that alters it."""
-        yield self.reload()
-        async for _ in awatch(self.path, debounce=debounce_ms, step=5):
-            result = self.reload()
-            if result.changed or result.errors:
-                yield result
-
 
 def load_lab_pods(state_file: Path) -> list[Pod]:
     """Pods of the local lab; none if the lab is not up."""
@@ -106,3 +95,11 @@ def load_lab_pods(state_file: Path) -> list[Pod]:
         )
         for p in state.get("pods", [])
     ]
+
+
+def write_json_atomic(path: Path, document: object) -> None:
+    """Readers (steer status, the demo) never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2))
+    tmp.replace(path)

@@ -118,9 +118,9 @@ def test_version_ignores_insertion_order_but_not_names() -> None:
     forward = Snapshot({CLUSTER_TYPE: {"a": cluster("a"), "b": cluster("b")}})
     backward = Snapshot({CLUSTER_TYPE: {"b": cluster("b"), "a": cluster("a")}})
     assert forward.version(CLUSTER_TYPE) == backward.version(CLUSTER_TYPE)
-    assert Snapshot.of(cluster("c")).version(CLUSTER_TYPE) != Snapshot.of(
-        cluster("d")
-    ).version(CLUSTER_TYPE)
+    assert Snapshot.of(cluster("c")).version(CLUSTER_TYPE) != Snapshot.of(cluster("d")).version(
+        CLUSTER_TYPE
+    )
 
 
 def test_snapshot_does_not_follow_later_edits_of_the_callers_dicts() -> None:
