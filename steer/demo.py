@@ -8,14 +8,10 @@ what the product promises. Everything is torn down at the end unless --keep is g
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 from steer.constants import (
@@ -23,17 +19,14 @@ from steer.constants import (
     LAB_STATE_FILE,
     NODE_NETNS,
     POD_NETNS_PREFIX,
-    RUN_DIR,
 )
+from steer.localnode import LocalNode
 from steer.node import iptables
-from steer.node.envoy import wait_ready
-from steer.node.lab import LabState, cgroup2_root, default_lab_specs, lab_down, lab_up
+from steer.node.lab import cgroup2_root
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE
 from steer.testing.servers import connect, http_connection, serve, time_connect
 
-POLICY_DIR = RUN_DIR / "policies"
-AGENT_STATUS = RUN_DIR / "agent-status.json"
 LIVE_CHANGE_BUDGET_MS = 100.0
 TIGHTENED_WEB_RULE = """
       - name: hello-withdrawn
@@ -80,61 +73,13 @@ class DemoResult:
         return "\n".join(rows)
 
 
-def _steer(*args: str) -> list[str]:
-    return [sys.executable, "-m", "steer.cli", *args]
-
-
-@contextmanager
-def _process(argv: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def _agent_applied() -> bool:
-    try:
-        return json.loads(AGENT_STATUS.read_text()).get("ruleset_digest") is not None
-    except (OSError, ValueError):
-        return False
-
-
-def _install_policies() -> None:
-    shutil.rmtree(POLICY_DIR, ignore_errors=True)
-    POLICY_DIR.mkdir(parents=True)
-    for entry in resources.files("steer.samples").iterdir():
-        if entry.name.endswith(".yaml"):
-            (POLICY_DIR / entry.name).write_text(entry.read_text())
-
-
 class _Checks:
-    def __init__(self, lab: LabState, dataplane: str) -> None:
-        self.lab = lab
+    def __init__(self, node: LocalNode, dataplane: str) -> None:
+        self.node = node
+        self.ns = node.netns
+        self.ip = node.ip
         self.dataplane = dataplane
         self.results: list[Check] = []
-
-    def ns(self, pod: str) -> str:
-        return self.lab.pod("default", pod).netns
-
-    def ip(self, pod: str) -> str:
-        return self.lab.pod("default", pod).ip
 
     def run(self, name: str, fn: Callable[[], tuple[bool, str]]) -> None:
         try:
@@ -196,7 +141,7 @@ class _Checks:
 
     def live_change(self) -> tuple[bool, str]:
         client = http_connection(self.ns("client"), self.ip("web"), 8080)
-        web_policy = POLICY_DIR / "web.yaml"
+        web_policy = self.node.policy_dir / "web.yaml"
         original = web_policy.read_text()
         try:
             first, _, _ = client.request("GET", "/public/hello")
@@ -240,44 +185,32 @@ def leftovers() -> list[str]:
 
 
 def run_demo(keep: bool = False, dataplane: str = "iptables", ads: str = "delta") -> DemoResult:
-    lab_down()
-    lab = lab_up(default_lab_specs())
-    checks = _Checks(lab, dataplane)
-    logs = RUN_DIR / "logs"
+    checks: _Checks | None = None
     try:
-        _install_policies()
-        with ExitStack() as stack:
-            stack.enter_context(
-                _process(_steer("control", "--policies", str(POLICY_DIR)), logs / "control.log")
-            )
-            stack.enter_context(
-                _process(_steer("agent", "--policies", str(POLICY_DIR)), logs / "agent.log")
-            )
-            stack.enter_context(_process(_steer("envoy", "--ads", ads), logs / "envoy.log"))
-            web, api = lab.pod("default", "web"), lab.pod("default", "api")
-            stack.enter_context(serve(web.netns, web.ip, 8080, http=True, pod_name="web"))
-            stack.enter_context(serve(web.netns, web.ip, 9090, http=False))
-            stack.enter_context(serve(api.netns, api.ip, 7000, http=False))
-            _wait_for(_agent_applied, 20, "the agent to apply its rules")
-            run_in_netns(NODE_NETNS, wait_ready)
+        with LocalNode.start(ads=ads, keep=keep) as node, ExitStack() as servers:
+            web, api = node.lab.pod("default", "web"), node.lab.pod("default", "api")
+            servers.enter_context(serve(web.netns, web.ip, 8080, http=True, pod_name="web"))
+            servers.enter_context(serve(web.netns, web.ip, 9090, http=False))
+            servers.enter_context(serve(api.netns, api.ip, 7000, http=False))
+            checks = _Checks(node, dataplane)
             checks.run("allowed-path-200", checks.allowed_path)
             checks.run("denied-path-403", checks.denied_path)
             checks.run("l4-deny-refused", checks.l4_denied)
             checks.run("verdict-once-per-flow", checks.verdict_once)
             checks.run("live-policy-change", checks.live_change)
-            if keep:
-                stack.pop_all()
-                return DemoResult(checks.results)
-    finally:
-        if not keep:
-            lab_down()
-    left = leftovers()
-    checks.results.append(
-        Check(
-            "teardown-clean",
-            dataplane,
-            not left,
-            "nothing left" if not left else "left behind: " + ", ".join(left),
+    except Exception as exc:  # the node did not come up: report it as a failed check
+        results = [] if checks is None else checks.results
+        results.append(Check("node-up", dataplane, False, f"{type(exc).__name__}: {exc}"))
+        return DemoResult(results)
+    assert checks is not None
+    if not keep:
+        left = leftovers()
+        checks.results.append(
+            Check(
+                "teardown-clean",
+                dataplane,
+                not left,
+                "nothing left" if not left else "left behind: " + ", ".join(left),
+            )
         )
-    )
     return DemoResult(checks.results)

@@ -78,6 +78,7 @@ class LocalControlPlane:
             if status.last_nack is None
             else {"type": status.last_nack.type_url, "detail": status.last_nack.detail},
             "errors": self.errors,
+            "policy_digest": self._policies.digest(),
         }
         if document == self._last_status:
             return
@@ -102,4 +103,4 @@ class LocalControlPlane:
     async def _report_status(self) -> None:
         while True:
             self.write_status()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.1)

@@ -115,6 +115,7 @@ class LocalAgent:
             ],
             "last_sync": asdict(report),
             "ruleset_digest": self.datapath.applied_digest,
+            "policy_digest": self._policies.digest(),
         }
         write_json_atomic(self.status_file, status)
 

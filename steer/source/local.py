@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ class PolicyDirectory:
     path: Path
     _good: dict[str, tuple[HTTPPolicy, ...]] = field(default_factory=dict)
     _texts: dict[str, str] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """Digest of the files in force (a rejected edit does not count)."""
+        return texts_digest({n: t for n, t in self._texts.items() if n in self._good})
 
     def reload(self) -> PolicyReload:
         errors: list[PolicyError] = []
@@ -75,6 +80,23 @@ class PolicyDirectory:
             log.error("policy not applied: %s", error)
         policies_in_force = tuple(p for name in sorted(self._good) for p in self._good[name])
         return PolicyReload(policies_in_force, tuple(errors), changed)
+
+
+def texts_digest(texts: dict[str, str]) -> str:
+    """Identifies a set of policy files by content, so a caller can tell whether the
+    agent and control plane have caught up with the directory as it is now."""
+    h = hashlib.sha256()
+    for name in sorted(texts):
+        h.update(f"{Path(name).name}\0{texts[name]}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def directory_texts(path: Path) -> dict[str, str]:
+    return {
+        str(f): f.read_text()
+        for f in sorted(path.iterdir())
+        if f.suffix in POLICY_SUFFIXES and f.is_file()
+    }
 
 
 def load_lab_pods(state_file: Path) -> list[Pod]:

@@ -1,0 +1,149 @@
+"""The local node as one handle: lab, control plane, agent and Envoy as real processes.
+
+`steer demo` and the end-to-end tests both drive the node through this, exactly as an
+operator would run it: separate `steer control`, `steer agent` and `steer envoy` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from steer.constants import RUN_DIR
+from steer.node.envoy import wait_ready
+from steer.node.lab import LabPodSpec, LabState, default_lab_specs, lab_down, lab_up
+from steer.node.netns import run_in_netns
+from steer.source.local import directory_texts, texts_digest
+
+POLICY_DIR = RUN_DIR / "policies"
+LOG_DIR = RUN_DIR / "logs"
+AGENT_STATUS = RUN_DIR / "agent-status.json"
+CONTROL_STATUS = RUN_DIR / "control-status.json"
+
+
+def _steer(*args: str) -> list[str]:
+    return [sys.executable, "-m", "steer.cli", *args]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        document: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return document
+
+
+@contextmanager
+def _process(argv: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def sample_policy_texts() -> dict[str, str]:
+    return {
+        entry.name: entry.read_text()
+        for entry in resources.files("steer.samples").iterdir()
+        if entry.name.endswith(".yaml")
+    }
+
+
+class LocalNode:
+    """A running local node. Use `start()` as a context manager."""
+
+    def __init__(self, lab: LabState, policy_dir: Path) -> None:
+        self.lab = lab
+        self.policy_dir = policy_dir
+
+    def netns(self, pod: str, namespace: str = "default") -> str:
+        return self.lab.pod(namespace, pod).netns
+
+    def ip(self, pod: str, namespace: str = "default") -> str:
+        return self.lab.pod(namespace, pod).ip
+
+    def write_policies(self, texts: Mapping[str, str], *, replace: bool = True) -> None:
+        """Put policy files in place; with replace, every other policy file goes."""
+        if replace:
+            for existing in self.policy_dir.glob("*.y*ml"):
+                if existing.name not in texts:
+                    existing.unlink()
+        for name, text in texts.items():
+            (self.policy_dir / name).write_text(text)
+
+    def synced(self) -> bool:
+        """Agent and control plane run the directory's current policies, Envoy ACKed them."""
+        want = texts_digest(directory_texts(self.policy_dir))
+        agent, control = read_status(AGENT_STATUS), read_status(CONTROL_STATUS)
+        if agent is None or control is None:
+            return False
+        return (
+            agent.get("policy_digest") == want
+            and agent.get("ruleset_digest") is not None
+            and control.get("policy_digest") == want
+            and bool(control.get("sent"))
+            and control.get("sent") == control.get("acked")
+        )
+
+    def wait_synced(self, timeout: float = 15.0) -> None:
+        wait_for(self.synced, timeout, "agent, control plane and Envoy to catch up")
+
+    @classmethod
+    @contextmanager
+    def start(
+        cls,
+        specs: list[LabPodSpec] | None = None,
+        policies: Mapping[str, str] | None = None,
+        ads: str = "delta",
+        keep: bool = False,
+    ) -> Iterator[LocalNode]:
+        lab_down()
+        for stale in (AGENT_STATUS, CONTROL_STATUS):
+            stale.unlink(missing_ok=True)
+        lab = lab_up(specs if specs is not None else default_lab_specs())
+        try:
+            shutil.rmtree(POLICY_DIR, ignore_errors=True)
+            POLICY_DIR.mkdir(parents=True)
+            node = cls(lab, POLICY_DIR)
+            node.write_policies(policies if policies is not None else sample_policy_texts())
+            with ExitStack() as stack:
+                policy_arg = ("--policies", str(POLICY_DIR))
+                for name, argv in (
+                    ("control", _steer("control", *policy_arg)),
+                    ("agent", _steer("agent", *policy_arg)),
+                    ("envoy", _steer("envoy", "--ads", ads)),
+                ):
+                    stack.enter_context(_process(argv, LOG_DIR / f"{name}.log"))
+                run_in_netns(lab.node_netns, wait_ready)
+                node.wait_synced()
+                yield node
+                if keep:
+                    stack.pop_all()
+        finally:
+            if not keep:
+                lab_down()
