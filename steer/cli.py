@@ -20,13 +20,29 @@ def _print_json(document: object) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from steer.node.lab import LabPodSpec, default_lab_specs, lab_down, lab_status, lab_up
+    from steer.node.lab import (
+        LabError,
+        LabPodSpec,
+        default_lab_specs,
+        lab_down,
+        lab_specs_from_yaml,
+        lab_status,
+        lab_up,
+    )
 
     if args.action == "down":
         lab_down(args.lab_state)
         return 0
     if args.action == "up":
-        specs = default_lab_specs()
+        try:
+            specs = (
+                lab_specs_from_yaml(args.config.read_text(), str(args.config))
+                if args.config
+                else default_lab_specs()
+            )
+        except (OSError, LabError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         specs += [
             LabPodSpec(name=f"pod-{i}", labels={"app": "filler"})
             for i in range(max(0, args.pods - len(specs)))
@@ -177,6 +193,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from steer.bench import bench_render, render_table, rows_json
+
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    rows = bench_render(sizes, rounds=args.rounds)
+    if args.json:
+        _print_json({"scenario": "render", "rows": rows_json(rows)})
+    else:
+        print(render_table(rows))
+    return 0
+
+
 def _add_inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policies",
@@ -203,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("action", choices=["up", "down", "status"])
     lab.add_argument("--json", action="store_true")
     lab.add_argument("--pods", type=int, default=3, help="with up: total number of pods")
+    lab.add_argument("--config", type=Path, help="with up: lab file (pods, namespace labels)")
     lab.add_argument("--lab-state", type=Path, default=LAB_STATE_FILE)
     lab.set_defaults(func=cmd_lab)
 
@@ -235,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("what", choices=["iptables", "xds"])
     _add_inputs(render)
     render.set_defaults(func=cmd_render)
+
+    bench = sub.add_parser("bench", help="measure (figures, not pass/fail)")
+    bench.add_argument("scenario", choices=["render"])
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--sizes", default="100,1000,10000", help="rule counts, comma-separated")
+    bench.add_argument("--rounds", type=int, default=3)
+    bench.set_defaults(func=cmd_bench)
 
     status = sub.add_parser("status", help="per-pod datapath and control-plane push state")
     status.add_argument("--json", action="store_true")

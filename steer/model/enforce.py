@@ -15,6 +15,7 @@ flows a policy change affects. Semantics (docs/policy-reference.md):
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -108,10 +109,19 @@ class Enforcement:
         return next((p for p in self.pods if p.ip == ip), None)
 
 
+def policy_id(key: str) -> int:
+    """A policy's id in the conntrack mark: 1..4095, derived from its name alone.
+
+    Derived rather than allocated so that adding or removing one policy never renumbers
+    the others (which would rewrite every chain and disturb every flow's mark). Two
+    policies may share an id; the id narrows a search for a policy's flows, and the
+    agent always confirms a flow's verdict by recomputing it.
+    """
+    return zlib.crc32(key.encode()) % MARK_MAX_POLICY_ID + 1
+
+
 def policy_ids(policies: Iterable[HTTPPolicy]) -> dict[str, int]:
-    """Stable small ids for the conntrack mark; 0 means 'no policy' or 'out of ids'."""
-    keys = sorted({p.key for p in policies})
-    return {key: (i + 1 if i + 1 <= MARK_MAX_POLICY_ID else 0) for i, key in enumerate(keys)}
+    return {p.key: policy_id(p.key) for p in policies}
 
 
 def _resolve_peers(

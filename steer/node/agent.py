@@ -43,6 +43,7 @@ class IptablesDatapath:
     """Owns steer's iptables state in the current network namespace."""
 
     applied_digest: str | None = None
+    applied: Ruleset | None = None
     enforcement: Enforcement | None = None
 
     def sync(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> SyncReport:
@@ -53,7 +54,7 @@ class IptablesDatapath:
             return report
         started = time.perf_counter()
         try:
-            iptables.apply(ruleset)
+            iptables.apply(ruleset, self.applied)
         except iptables.IptablesError as exc:
             report.errors.append(str(exc))
             log.error("rules not applied, previous rules stay in force: %s", exc)
@@ -61,6 +62,7 @@ class IptablesDatapath:
         report.apply_ms = (time.perf_counter() - started) * 1000
         report.applied = True
         self.applied_digest = ruleset.digest()
+        self.applied = ruleset
         self.enforcement = enforcement
         revoked = conntrack.revoke(lambda f: decide_flow(enforcement, f.src, f.dst, f.dport))
         report.revoked = len(revoked)
@@ -81,6 +83,7 @@ class IptablesDatapath:
     def unload(self) -> None:
         iptables.unload()
         self.applied_digest = None
+        self.applied = None
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import iptc
@@ -20,6 +20,7 @@ from steer.render.iptables import (
     Jump,
     KernelState,
     Ruleset,
+    chains_to_write,
     cleanup_text,
     comment_token,
     restore_text,
@@ -81,19 +82,28 @@ def _restore(text: str) -> None:
         raise IptablesError(f"{RESTORE} failed: {proc.stderr.strip()}")
 
 
-def apply(ruleset: Ruleset) -> KernelState:
-    """Replace steer's chains with `ruleset`; on any error the kernel keeps the old rules."""
+def apply(ruleset: Ruleset, previous: Ruleset | None = None) -> None:
+    """Make steer's chains hold `ruleset`; on any error the kernel keeps the old rules.
+
+    With `previous` (what this process applied last), only changed chains are rewritten
+    and read back: python-iptables reads about 10k rules a second, so verifying every
+    chain on every change would dominate a small update at scale.
+    """
     before = read_state()
-    _restore(restore_text(ruleset, before))
-    verify(ruleset)
-    return read_state()
+    writes = chains_to_write(ruleset, before, previous)
+    _restore(restore_text(ruleset, before, previous))
+    verify(ruleset, writes)
 
 
-def verify(ruleset: Ruleset) -> None:
-    """Read the rules back and check each steer chain holds exactly what was rendered."""
-    for table_name, chains in ruleset.chains.items():
+def verify(ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Read rules back and check each given steer chain (default: all) holds exactly
+    what was rendered, and that every entry jump is in place."""
+    for table_name, chain_names in (chains if chains is not None else ruleset.chains).items():
+        chains_of_table = chain_names
+        if not chains_of_table:
+            continue
         table = _table(table_name)
-        for chain_name in chains:
+        for chain_name in chains_of_table:
             if not table.is_chain(chain_name):
                 raise IptablesError(f"{table_name}/{chain_name} missing after apply")
             got = [_comment_of(r) for r in iptc.Chain(table, chain_name).rules]

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypedDict
 
+import yaml
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -110,6 +111,8 @@ class LabPodSpec:
     namespace: str = "default"
     labels: Mapping[str, str] = _metadata()
     annotations: Mapping[str, str] = _metadata()
+    # The labels of the pod's namespace; the lab has no Namespace objects of its own.
+    namespace_labels: Mapping[str, str] = _metadata()
 
     def __post_init__(self) -> None:
         for what, value in (("name", self.name), ("namespace", self.namespace)):
@@ -117,6 +120,7 @@ class LabPodSpec:
                 raise ValueError(f"pod {what} {value!r} is not a valid Kubernetes name")
         object.__setattr__(self, "labels", _frozen(self.labels))
         object.__setattr__(self, "annotations", _frozen(self.annotations))
+        object.__setattr__(self, "namespace_labels", _frozen(self.namespace_labels))
 
 
 class LabNodeJSON(TypedDict):
@@ -136,6 +140,7 @@ class LabPodJSON(TypedDict):
     veth: str
     labels: dict[str, str]
     annotations: dict[str, str]
+    namespace_labels: dict[str, str]
 
 
 class LabStateJSON(TypedDict):
@@ -168,10 +173,12 @@ class LabPod:
     veth: str
     labels: Mapping[str, str] = _metadata()
     annotations: Mapping[str, str] = _metadata()
+    namespace_labels: Mapping[str, str] = _metadata()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen(self.labels))
         object.__setattr__(self, "annotations", _frozen(self.annotations))
+        object.__setattr__(self, "namespace_labels", _frozen(self.namespace_labels))
 
     def to_json(self) -> LabPodJSON:
         return {
@@ -183,6 +190,7 @@ class LabPod:
             "veth": self.veth,
             "labels": dict(self.labels),
             "annotations": dict(self.annotations),
+            "namespace_labels": dict(self.namespace_labels),
         }
 
     @classmethod
@@ -196,6 +204,7 @@ class LabPod:
             veth=_str(data, "veth"),
             labels=_str_map(data.get("labels", {}), "labels"),
             annotations=_str_map(data.get("annotations", {}), "annotations"),
+            namespace_labels=_str_map(data.get("namespace_labels", {}), "namespace_labels"),
         )
 
 
@@ -729,6 +738,7 @@ def lab_up(specs: Sequence[LabPodSpec], state_file: Path = LAB_STATE_FILE) -> La
                     veth=veth,
                     labels=spec.labels,
                     annotations=spec.annotations,
+                    namespace_labels=spec.namespace_labels,
                 )
             )
         if sysctls:
@@ -766,3 +776,45 @@ def lab_down(state_file: Path = LAB_STATE_FILE) -> None:
             _teardown(names, cgroups, node, set(), errors)
         state_file.unlink(missing_ok=True)
     _raise_if(errors)
+
+
+def lab_specs_from_yaml(text: str, source: str) -> list[LabPodSpec]:
+    """Pod specs from a lab file:
+
+    namespaces:             # optional: labels of each namespace
+      default: {steer.dev/allow-exclusions: "true"}
+    pods:
+      - {name: web, namespace: default, labels: {app: web}, annotations: {...}}
+    """
+    try:
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise LabError(f"{source}: malformed YAML: {exc}; fix the syntax") from None
+    if not isinstance(document, dict) or set(document) - {"namespaces", "pods"}:
+        raise LabError(f"{source}: expected a mapping with keys 'namespaces' and 'pods'")
+    namespaces = document.get("namespaces") or {}
+    pods = document.get("pods") or []
+    if not isinstance(namespaces, dict) or not isinstance(pods, list):
+        raise LabError(f"{source}: 'namespaces' must be a mapping and 'pods' a list")
+    specs = []
+    for index, pod in enumerate(pods):
+        where = f"{source}: pods[{index}]"
+        if not isinstance(pod, dict) or "name" not in pod:
+            raise LabError(f"{where}: each pod needs at least a 'name'")
+        unknown = set(pod) - {"name", "namespace", "labels", "annotations"}
+        if unknown:
+            raise LabError(f"{where}: unknown field(s) {sorted(unknown)}; fix: remove them")
+        namespace = str(pod.get("namespace", "default"))
+        try:
+            specs.append(
+                LabPodSpec(
+                    name=str(pod["name"]),
+                    namespace=namespace,
+                    labels=_str_map(pod.get("labels", {}), "labels"),
+                    annotations=_str_map(pod.get("annotations", {}), "annotations"),
+                    namespace_labels=_str_map(namespaces.get(namespace, {}), "namespace labels"),
+                )
+            )
+        except ValueError as exc:
+            raise LabError(f"{where}: {exc}") from None
+    return specs
