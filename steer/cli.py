@@ -65,8 +65,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 def cmd_control(args: argparse.Namespace) -> int:
     from steer.control.plane import LocalControlPlane
+    from steer.source.local import LocalInputs
 
-    plane = LocalControlPlane(args.policies, args.lab_state, node_id=args.node_id)
+    plane = LocalControlPlane(LocalInputs(args.policies, args.lab_state), node_id=args.node_id)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(plane.run(args.socket))
     return 0
@@ -75,25 +76,26 @@ def cmd_control(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     from steer.node.agent import IptablesDatapath, LocalAgent
     from steer.node.netns import enter_netns
-    from steer.source.local import PolicyDirectory, load_lab_pods
+    from steer.source.local import LocalInputs
 
     if args.netns:
         enter_netns(args.netns)
+    inputs = LocalInputs(args.policies, args.lab_state)
     if args.dry_run:
         from steer.node import iptables
         from steer.render.iptables import KernelState, restore_text
 
-        policies = PolicyDirectory(args.policies).reload()
+        policies, pods = inputs.load()
         for error in policies.errors:
             print(f"error: {error}", file=sys.stderr)
-        ruleset = IptablesDatapath().plan(policies.policies, load_lab_pods(args.lab_state))
+        ruleset = IptablesDatapath().plan(policies.policies, pods)
         try:
             current = iptables.read_state()
         except Exception:  # no iptables access: plan against an empty node
             current = KernelState()
         sys.stdout.write(restore_text(ruleset, current))
         return 1 if policies.errors else 0
-    agent = LocalAgent(args.policies, args.lab_state)
+    agent = LocalAgent(inputs)
     if args.once:
         report = agent.sync()
         for message in report.errors:
@@ -130,12 +132,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     from steer.model.enforce import resolve
     from steer.render.iptables import KernelState, render_ruleset, restore_text
     from steer.render.xds import render_resources
-    from steer.source.local import PolicyDirectory, load_lab_pods
+    from steer.source.local import LocalInputs
 
-    loaded = PolicyDirectory(args.policies).reload()
+    loaded, pods = LocalInputs(args.policies, args.lab_state).load()
     for error in loaded.errors:
         print(f"error: {error}", file=sys.stderr)
-    enforcement = resolve(loaded.policies, load_lab_pods(args.lab_state))
+    enforcement = resolve(loaded.policies, pods)
     if args.what == "iptables":
         sys.stdout.write(restore_text(render_ruleset(enforcement), KernelState()))
     else:

@@ -20,7 +20,7 @@ from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from steer.control.xds import serve
 from steer.model.enforce import resolve
 from steer.render.xds import render_resources
-from steer.source.local import PolicyDirectory, load_lab_pods, write_json_atomic
+from steer.source.local import LocalInputs, write_json_atomic
 
 log = logging.getLogger("steer.control")
 STATUS_FILE = RUN_DIR / "control-status.json"
@@ -28,23 +28,21 @@ STATUS_FILE = RUN_DIR / "control-status.json"
 
 @dataclass
 class LocalControlPlane:
-    policy_dir: Path
-    lab_state: Path
+    inputs: LocalInputs
     node_id: str = LAB_NODE_NAME
     cache: SnapshotCache = field(default_factory=SnapshotCache)
     status_file: Path = STATUS_FILE
 
     def __post_init__(self) -> None:
-        self._policies = PolicyDirectory(self.policy_dir)
         self.errors: list[str] = []
         self._last_status: dict[str, object] | None = None
 
     def refresh(self) -> bool:
         """Re-render from current inputs; True if the node's snapshot changed."""
         started = time.perf_counter()
-        reload = self._policies.reload()
+        reload, pods = self.inputs.load()
         self.errors = [str(e) for e in reload.errors]
-        enforcement = resolve(reload.policies, load_lab_pods(self.lab_state))
+        enforcement = resolve(reload.policies, pods)
         snapshot = Snapshot(render_resources(enforcement))
         try:
             changed = self.cache.set_snapshot(self.node_id, snapshot)
@@ -78,7 +76,7 @@ class LocalControlPlane:
             if status.last_nack is None
             else {"type": status.last_nack.type_url, "detail": status.last_nack.detail},
             "errors": self.errors,
-            "policy_digest": self._policies.digest(),
+            "policy_digest": self.inputs.policies.digest(),
         }
         if document == self._last_status:
             return
@@ -94,10 +92,9 @@ class LocalControlPlane:
             await server.stop(grace=1)
 
     async def _watch_inputs(self) -> None:
-        watched = [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
-        async for changes in awatch(*watched, debounce=10, step=5, recursive=False):
-            paths = [Path(p) for _, p in changes]
-            if any(p.parent == self.policy_dir or p == self.lab_state for p in paths):
+        paths = self.inputs.watch_paths()
+        async for changes in awatch(*paths, debounce=10, step=5, recursive=False):
+            if self.inputs.affected_by(path for _, path in changes):
                 self.refresh()
 
     async def _report_status(self) -> None:

@@ -125,8 +125,10 @@ def policy_ids(policies: Iterable[HTTPPolicy]) -> dict[str, int]:
 
 
 def _resolve_peers(
-    peers: Sequence[Peer] | None, namespace: str, pods: Sequence[ManagedPod]
+    peers: Sequence[Peer] | None, namespace: str, pods: Sequence[Pod]
 ) -> tuple[IPv4Network, ...] | None:
+    """Peers as address ranges. Pod selectors match every pod, steered or not: a pod
+    must not escape a Deny rule (or lose an Allow) by opting out of steering."""
     if peers is None:
         return None
     nets: list[IPv4Network] = []
@@ -137,7 +139,7 @@ def _resolve_peers(
             nets.extend(
                 IPv4Network(f"{p.ip}/32")
                 for p in pods
-                if p.pod.namespace == namespace and peer.pod_selector.matches(dict(p.pod.labels))
+                if p.namespace == namespace and peer.pod_selector.matches(dict(p.labels))
             )
     return tuple(dict.fromkeys(nets))
 
@@ -176,7 +178,7 @@ def resolve(policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> Enforcement:
                     ids[policy.key],
                     rule.name or f"{direction.value}[{index}]",
                     rule.action,
-                    _resolve_peers(rule.peers, ns, managed),
+                    _resolve_peers(rule.peers, ns, pods),
                     None if rule.ports is None else tuple(p.range for p in rule.ports),
                     rule.http,
                 )

@@ -20,6 +20,7 @@ _FIX_BY_ERROR_TYPE = {
     "literal_error": "use one of the allowed values",
     "enum": "use one of the allowed values",
     "int_parsing": "write a whole number",
+    "int_from_float": "write a whole number",
     "int_type": "write a whole number",
     "string_type": "write a string",
     "bool_type": "write true or false",
@@ -29,6 +30,25 @@ _FIX_BY_ERROR_TYPE = {
     "model_type": "write a mapping",
     "model_attributes_type": "write a mapping",
 }
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading that refuses a repeated key: plain YAML keeps the last one silently,
+    so a second `action:` could turn a Deny into an Allow unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping; fix: keep one",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass(frozen=True)
@@ -67,7 +87,7 @@ def parse_policies(text: str, source: str) -> tuple[list[HTTPPolicy], list[Polic
     half-edited file never half-applies.
     """
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = [d for d in yaml.load_all(text, Loader=_UniqueKeyLoader) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -79,7 +99,14 @@ def parse_policies(text: str, source: str) -> tuple[list[HTTPPolicy], list[Polic
     for index, doc in enumerate(documents):
         prefix = f"document {index}: " if len(documents) > 1 else ""
         if not isinstance(doc, dict):
-            errors.append(PolicyError(source, prefix.rstrip(": "), "expected a mapping"))
+            errors.append(
+                PolicyError(
+                    source,
+                    prefix.rstrip(": "),
+                    "expected a mapping; fix: start the document with `apiVersion: "
+                    "steer.dev/v1alpha1` and `kind: HTTPPolicy`",
+                )
+            )
             continue
         try:
             policies.append(HTTPPolicy.model_validate(doc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -15,6 +16,8 @@ from steer.constants import (
     ANNOTATION_INJECT,
     LABEL_ALLOW_EXCLUSIONS,
 )
+
+_ASCII_DIGITS = re.compile(r"[0-9]{1,5}")
 
 
 class Dataplane(StrEnum):
@@ -63,7 +66,8 @@ class PodSteering:
 def _parse_ports(annotation: str, value: str) -> tuple[frozenset[int], list[AnnotationError]]:
     ports: set[int] = set()
     for item in filter(None, (p.strip() for p in value.split(","))):
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
+        # ASCII digits only: str.isdigit() also accepts '²', which int() then rejects.
+        if not _ASCII_DIGITS.fullmatch(item) or not 1 <= int(item) <= 65535:
             return frozenset(), [
                 AnnotationError(annotation, value, f"{item!r} is not a port; fix: e.g. '8080,9090'")
             ]
@@ -105,11 +109,13 @@ def parse_steering(
     because an exclusion lets traffic past L7 policy.
     """
     errors: list[AnnotationError] = []
-    inject = True
+    # The namespace label sets the default; the pod's annotation overrides it.
+    inject = namespace_labels.get(ANNOTATION_INJECT) != "disabled"
     if (raw := annotations.get(ANNOTATION_INJECT)) is not None:
         choice, errs = _parse_choice(ANNOTATION_INJECT, raw, ("enabled", "disabled"))
         errors += errs
-        inject = choice != "disabled"
+        if choice is not None:
+            inject = choice == "enabled"
     dataplane = Dataplane.AUTO
     if (raw := annotations.get(ANNOTATION_DATAPLANE)) is not None:
         choice, errs = _parse_choice(ANNOTATION_DATAPLANE, raw, tuple(d.value for d in Dataplane))

@@ -12,7 +12,14 @@ import re
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 # Methods Envoy's HTTP/1 parser accepts; anything else is answered 400 before any filter
 # runs, so a rule naming it could never match and is almost certainly a typo.
@@ -90,7 +97,10 @@ class Peer(StrictModel):
     @model_validator(mode="after")
     def _exactly_one(self) -> Peer:
         if (self.cidr is None) == (self.pod_selector is None):
-            raise ValueError("a peer needs exactly one of `cidr` or `podSelector`")
+            raise ValueError(
+                "a peer needs exactly one of `cidr` or `podSelector`; fix: split it into two "
+                "peers, or add the missing one"
+            )
         return self
 
     @field_validator("cidr")
@@ -111,8 +121,9 @@ class Peer(StrictModel):
 
 
 class PortSpec(StrictModel):
-    port: int
-    end_port: int | None = Field(default=None, alias="endPort")
+    # Strict: YAML turns `on`/`yes` into true, which a lax int would read as port 1.
+    port: StrictInt
+    end_port: StrictInt | None = Field(default=None, alias="endPort")
     protocol: Literal["TCP"] = "TCP"
 
     @field_validator("port", "end_port")
@@ -150,6 +161,11 @@ def _check_regex(value: str) -> str:
 
 def _check_normal_path(value: str, what: str) -> str:
     """Rules are written against the path Envoy matches: already normalised."""
+    if "\\" in value:
+        raise ValueError(
+            f"{what} {value!r} is not normalised: requests have each backslash turned into "
+            "'/' before matching; fix: write '/' (this rule could never match)"
+        )
     if not value.startswith("/"):
         raise ValueError(f"{what} {value!r} must start with '/'; fix: write '/{value}'")
     if "?" in value or "#" in value:
@@ -180,7 +196,10 @@ class PathMatch(StrictModel):
     def _exactly_one(self) -> PathMatch:
         given = [v for v in (self.exact, self.prefix, self.regex) if v is not None]
         if len(given) != 1:
-            raise ValueError("a path match needs exactly one of `exact`, `prefix` or `regex`")
+            raise ValueError(
+                "a path match needs exactly one of `exact`, `prefix` or `regex`; fix: keep "
+                "one per list entry"
+            )
         if self.exact is not None:
             _check_normal_path(self.exact, "exact path")
         if self.prefix is not None:
@@ -211,7 +230,8 @@ class HeaderMatch(StrictModel):
             raise ValueError(
                 f"header name {value!r} is not a lowercase HTTP token; fix: write {value.lower()!r}"
                 if value.lower() != value
-                else f"header name {value!r} has characters HTTP forbids in names"
+                else f"header name {value!r} has characters HTTP forbids in names; fix: use "
+                "letters, digits and - only"
             )
         return value
 
@@ -220,7 +240,8 @@ class HeaderMatch(StrictModel):
         given = [v for v in (self.exact, self.prefix, self.regex, self.present) if v is not None]
         if len(given) != 1:
             raise ValueError(
-                "a header match needs exactly one of `exact`, `prefix`, `regex` or `present`"
+                "a header match needs exactly one of `exact`, `prefix`, `regex` or "
+                "`present`; fix: keep one, and list the header again for another condition"
             )
         if self.present is False:
             raise ValueError("`present: false` is ambiguous; fix: `present: true, negate: true`")
@@ -267,20 +288,46 @@ class HTTPMatch(StrictModel):
         return tuple(h.lower() for h in value)
 
 
-class IngressRule(StrictModel):
+def _not_empty(value: tuple[object, ...] | None) -> tuple[object, ...] | None:
+    if value is not None and not value:
+        raise ValueError(
+            "an empty list would match nothing; fix: omit the field to match any, or list "
+            "what to match"
+        )
+    return value
+
+
+class _RuleBase(StrictModel):
     name: str | None = None
     action: Action = Action.ALLOW
+    ports: tuple[PortSpec, ...] | None = None
+    http: HTTPMatch | None = None
+
+    @field_validator("ports")
+    @classmethod
+    def _ports_not_empty(cls, value: tuple[PortSpec, ...] | None) -> tuple[PortSpec, ...] | None:
+        _not_empty(value)
+        return value
+
+
+class IngressRule(_RuleBase):
     peers: tuple[Peer, ...] | None = Field(default=None, alias="from")
-    ports: tuple[PortSpec, ...] | None = None
-    http: HTTPMatch | None = None
+
+    @field_validator("peers")
+    @classmethod
+    def _peers_not_empty(cls, value: tuple[Peer, ...] | None) -> tuple[Peer, ...] | None:
+        _not_empty(value)
+        return value
 
 
-class EgressRule(StrictModel):
-    name: str | None = None
-    action: Action = Action.ALLOW
+class EgressRule(_RuleBase):
     peers: tuple[Peer, ...] | None = Field(default=None, alias="to")
-    ports: tuple[PortSpec, ...] | None = None
-    http: HTTPMatch | None = None
+
+    @field_validator("peers")
+    @classmethod
+    def _peers_not_empty(cls, value: tuple[Peer, ...] | None) -> tuple[Peer, ...] | None:
+        _not_empty(value)
+        return value
 
 
 Rule = IngressRule | EgressRule
@@ -308,14 +355,29 @@ class HTTPPolicySpec(StrictModel):
         return self
 
 
-class ObjectMeta(BaseModel):
-    """Only what steer reads; the API server's own fields (uid, managedFields...) pass."""
-
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+class ObjectMeta(StrictModel):
+    """Kubernetes object metadata. steer reads name, namespace and generation; the API
+    server's other fields are accepted so that objects read back from a cluster load, and
+    anything else is refused, so that a misspelt `namespce` cannot silently move a policy
+    to the default namespace."""
 
     name: str
     namespace: str = "default"
     generation: int = 1
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+    resource_version: str | None = Field(default=None, alias="resourceVersion")
+    creation_timestamp: object = Field(default=None, alias="creationTimestamp")
+    deletion_timestamp: object = Field(default=None, alias="deletionTimestamp")
+    deletion_grace_period_seconds: int | None = Field(
+        default=None, alias="deletionGracePeriodSeconds"
+    )
+    finalizers: list[str] = Field(default_factory=list)
+    owner_references: list[dict[str, object]] = Field(default_factory=list, alias="ownerReferences")
+    managed_fields: list[dict[str, object]] = Field(default_factory=list, alias="managedFields")
+    generate_name: str | None = Field(default=None, alias="generateName")
+    self_link: str | None = Field(default=None, alias="selfLink")
 
     @field_validator("name")
     @classmethod

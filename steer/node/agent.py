@@ -22,7 +22,7 @@ from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
 from steer.node import conntrack, iptables
 from steer.render.iptables import Ruleset, render_ruleset
-from steer.source.local import PolicyDirectory, load_lab_pods, write_json_atomic
+from steer.source.local import LocalInputs, write_json_atomic
 
 log = logging.getLogger("steer.agent")
 STATUS_FILE = RUN_DIR / "agent-status.json"
@@ -88,17 +88,12 @@ class IptablesDatapath:
 
 @dataclass
 class LocalAgent:
-    policy_dir: Path
-    lab_state: Path
+    inputs: LocalInputs
     status_file: Path = STATUS_FILE
     datapath: IptablesDatapath = field(default_factory=IptablesDatapath)
 
-    def __post_init__(self) -> None:
-        self._policies = PolicyDirectory(self.policy_dir)
-
     def sync(self) -> SyncReport:
-        reload = self._policies.reload()
-        pods = load_lab_pods(self.lab_state)
+        reload, pods = self.inputs.load()
         report = self.datapath.sync(reload.policies, pods)
         report.errors = [str(e) for e in reload.errors] + report.errors
         self._write_status(pods, report)
@@ -118,7 +113,7 @@ class LocalAgent:
             ],
             "last_sync": asdict(report),
             "ruleset_digest": self.datapath.applied_digest,
-            "policy_digest": self._policies.digest(),
+            "policy_digest": self.inputs.policies.digest(),
         }
         write_json_atomic(self.status_file, status)
 
@@ -129,13 +124,10 @@ class LocalAgent:
         network namespace, and pyroute2's blocking API cannot run inside an event loop.
         """
         self._log(self.sync())
-        watched = [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
-        for changes in watch(*watched, debounce=10, step=5, recursive=False):
-            if any(self._is_input(Path(path)) for _, path in changes):
+        paths = self.inputs.watch_paths()
+        for changes in watch(*paths, debounce=10, step=5, recursive=False):
+            if self.inputs.affected_by(path for _, path in changes):
                 self._log(self.sync())
-
-    def _is_input(self, path: Path) -> bool:
-        return path.parent == self.policy_dir or path == self.lab_state
 
     @staticmethod
     def _log(report: SyncReport) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,28 +39,29 @@ class PolicyDirectory:
 
     def reload(self) -> PolicyReload:
         errors: list[PolicyError] = []
-        present: dict[str, str] = {}
         if not self.path.is_dir():
-            errors.append(PolicyError(str(self.path), "", "not a directory; fix: create it"))
-        else:
-            for file in sorted(self.path.iterdir()):
-                if file.suffix in POLICY_SUFFIXES and file.is_file():
-                    try:
-                        present[str(file)] = file.read_text()
-                    except (OSError, UnicodeDecodeError) as exc:
-                        errors.append(PolicyError(str(file), "", f"unreadable: {exc}"))
-                        present[str(file)] = self._texts.get(str(file), "")
+            # A vanished directory is far more likely a mistake than an intent to drop
+            # every policy at once; keep what is in force and say so.
+            error = PolicyError(str(self.path), "", "not a directory; fix: create it")
+            log.error("policies unchanged: %s", error)
+            return PolicyReload(self._in_force(), (error,), False)
+        present: dict[str, str] = {}
+        for file in sorted(self.path.iterdir()):
+            if file.suffix in POLICY_SUFFIXES and file.is_file():
+                try:
+                    present[str(file)] = file.read_text()
+                except (OSError, UnicodeDecodeError) as exc:
+                    errors.append(PolicyError(str(file), "", f"unreadable: {exc}; fix: check it"))
 
-        changed = False
-        for name in set(self._good) - set(present):
-            del self._good[name]
-            self._texts.pop(name, None)
-            changed = True
-        owners = {p.key: n for n, ps in self._good.items() for p in ps if n in present}
-        for name, text in present.items():
-            if self._texts.get(name) == text and name in self._good:
-                continue
-            policies, file_errors = parse_policies(text, name)
+        unchanged = [n for n in present if n in self._good and self._texts[n] == present[n]]
+        edited = [n for n in present if n not in unchanged]
+        good: dict[str, tuple[HTTPPolicy, ...]] = {n: self._good[n] for n in unchanged}
+        texts = {n: self._texts[n] for n in unchanged}
+        # Unchanged files keep the names they own; edited files are checked against them
+        # and against each other in name order, so a rename frees its old name at once.
+        owners = {p.key: n for n in unchanged for p in good[n]}
+        for name in edited:
+            policies, file_errors = parse_policies(present[name], name)
             file_errors += [
                 PolicyError(
                     name,
@@ -67,19 +69,48 @@ class PolicyDirectory:
                     f"policy {p.key} is already defined in {owners[p.key]}; fix: rename one",
                 )
                 for p in policies
-                if owners.get(p.key, name) != name
+                if p.key in owners
             ]
-            if file_errors:
+            if not file_errors:
+                good[name], texts[name] = tuple(policies), present[name]
+            else:
                 errors += file_errors
-                continue
-            self._good[name] = tuple(policies)
-            self._texts[name] = text
-            owners.update({p.key: name for p in policies})
-            changed = True
+                last_good = self._good.get(name, ())
+                if name in self._good and not any(p.key in owners for p in last_good):
+                    good[name], texts[name] = last_good, self._texts[name]
+            owners.update({p.key: name for p in good.get(name, ())})
+
+        changed = good != self._good or texts != self._texts
+        self._good, self._texts = good, texts
         for error in errors:
             log.error("policy not applied: %s", error)
-        policies_in_force = tuple(p for name in sorted(self._good) for p in self._good[name])
-        return PolicyReload(policies_in_force, tuple(errors), changed)
+        return PolicyReload(self._in_force(), tuple(errors), changed)
+
+    def _in_force(self) -> tuple[HTTPPolicy, ...]:
+        return tuple(p for name in sorted(self._good) for p in self._good[name])
+
+
+@dataclass
+class LocalInputs:
+    """Everything local mode renders from: the policy directory and the lab's pods."""
+
+    policy_dir: Path
+    lab_state: Path
+
+    def __post_init__(self) -> None:
+        self.policies = PolicyDirectory(self.policy_dir)
+
+    def load(self) -> tuple[PolicyReload, list[Pod]]:
+        return self.policies.reload(), load_lab_pods(self.lab_state)
+
+    def watch_paths(self) -> list[Path]:
+        """Directories to watch, non-recursively (the lab state's holds logs too)."""
+        return [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
+
+    def affected_by(self, changed_paths: Iterable[str]) -> bool:
+        return any(
+            Path(p).parent == self.policy_dir or Path(p) == self.lab_state for p in changed_paths
+        )
 
 
 def texts_digest(texts: dict[str, str]) -> str:

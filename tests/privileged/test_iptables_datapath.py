@@ -168,43 +168,30 @@ def test_pod_dialling_envoy_directly_is_refused(lab: LabState) -> None:
     assert accepted == []
 
 
-def _tightened_api_policy() -> list[HTTPPolicy]:
-    tightened, errors = parse_policies(
+def _with_api_ports(*ports: int) -> list[HTTPPolicy]:
+    """The sample policies, with api admitting the client on exactly these ports."""
+    port_list = ", ".join(f"{{port: {p}}}" for p in ports)
+    api, errors = parse_policies(
         policy_yaml(
-            """spec:
-  podSelector: {matchLabels: {app: api}}
+            f"""spec:
+  podSelector: {{matchLabels: {{app: api}}}}
   ingress:
     defaultAction: Deny
     rules:
-      - from: [{podSelector: {matchLabels: {app: client}}}]
-        ports: [{port: 7001}]
+      - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]
+        ports: [{port_list}]
 """,
             name="api",
         ),
         "api.yaml",
     )
     assert not errors
-    return [p for p in sample_policies() if p.metadata.name != "api"] + tightened
+    return [p for p in sample_policies() if p.metadata.name != "api"] + api
 
 
 def test_policy_change_revokes_exactly_the_affected_flows(lab: LabState, servers: None) -> None:
     dp = IptablesDatapath()
-    loosened, _ = parse_policies(
-        policy_yaml(
-            """spec:
-  podSelector: {matchLabels: {app: api}}
-  ingress:
-    defaultAction: Deny
-    rules:
-      - from: [{podSelector: {matchLabels: {app: client}}}]
-        ports: [{port: 7000}, {port: 7001}]
-""",
-            name="api",
-        ),
-        "api.yaml",
-    )
-    others = [p for p in sample_policies() if p.metadata.name != "api"]
-    sync(others + loosened, pods_of(lab), dp)
+    sync(_with_api_ports(7000, 7001), pods_of(lab), dp)
     client = netns_of(lab, "client")
     doomed = connect(client, ip_of(lab, "api"), 7000, timeout=3)
     kept = connect(client, ip_of(lab, "api"), 7001, timeout=3)
@@ -212,7 +199,7 @@ def test_policy_change_revokes_exactly_the_affected_flows(lab: LabState, servers
         assert echo(doomed, b"a") == b"a"
         assert echo(kept, b"b") == b"b"
 
-        report = sync(_tightened_api_policy(), pods_of(lab), dp)
+        report = sync(_with_api_ports(7001), pods_of(lab), dp)
         assert report.revoked == 1
         started = time.perf_counter()
         with pytest.raises((ConnectionResetError, BrokenPipeError)):
