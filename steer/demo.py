@@ -141,14 +141,15 @@ class _Checks:
 
     def live_change(self) -> tuple[bool, str]:
         client = http_connection(self.ns("client"), self.ip("web"), 8080)
-        web_policy = self.node.policy_dir / "web.yaml"
-        original = web_policy.read_text()
+        original = (self.node.policy_dir / "web.yaml").read_text()
         try:
             first, _, _ = client.request("GET", "/public/hello")
             if first != 200:
                 return False, f"before the change: {first}"
             started = time.perf_counter()
-            web_policy.write_text(original.rstrip("\n") + TIGHTENED_WEB_RULE)
+            self.node.write_policies(
+                {"web.yaml": original.rstrip("\n") + TIGHTENED_WEB_RULE}, replace=False
+            )
             status, attempts = first, 0
             while status == 200 and time.perf_counter() - started < 5:
                 status, _, _ = client.request("GET", "/public/hello")
@@ -156,7 +157,7 @@ class _Checks:
             elapsed_ms = (time.perf_counter() - started) * 1000
         finally:
             client.close()
-            web_policy.write_text(original)
+            self.node.write_policies({"web.yaml": original}, replace=False)
         return (
             status == 403 and elapsed_ms <= LIVE_CHANGE_BUDGET_MS,
             f"same keep-alive connection: 200 -> {status} {elapsed_ms:.1f} ms after the "

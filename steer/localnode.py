@@ -80,6 +80,7 @@ class LocalNode:
     def __init__(self, lab: LabState, policy_dir: Path) -> None:
         self.lab = lab
         self.policy_dir = policy_dir
+        self._written_at = 0.0
 
     def netns(self, pod: str, namespace: str = "default") -> str:
         return self.lab.pod(namespace, pod).netns
@@ -88,13 +89,17 @@ class LocalNode:
         return self.lab.pod(namespace, pod).ip
 
     def write_policies(self, texts: Mapping[str, str], *, replace: bool = True) -> None:
-        """Put policy files in place; with replace, every other policy file goes."""
+        """Put policy files in place, each whole (by rename, as operators should); with
+        replace, every other policy file goes."""
+        self._written_at = time.time()
         if replace:
             for existing in self.policy_dir.glob("*.y*ml"):
                 if existing.name not in texts:
                     existing.unlink()
         for name, text in texts.items():
-            (self.policy_dir / name).write_text(text)
+            staged = self.policy_dir / f".{name}.staged"
+            staged.write_text(text)
+            staged.replace(self.policy_dir / name)
 
     def synced(self) -> bool:
         """Agent and control plane run the directory's current policies, Envoy ACKed them."""
@@ -102,8 +107,12 @@ class LocalNode:
         agent, control = read_status(AGENT_STATUS), read_status(CONTROL_STATUS)
         if agent is None or control is None:
             return False
+        # Both must also have loaded the directory since the last write: rewriting the
+        # content already in force leaves the digests as they were.
         return (
             agent.get("policy_digest") == want
+            and agent.get("loaded_at", 0) >= self._written_at
+            and control.get("loaded_at", 0) >= self._written_at
             and agent.get("ruleset_digest") is not None
             and control.get("policy_digest") == want
             and bool(control.get("sent"))

@@ -36,10 +36,12 @@ class LocalControlPlane:
     def __post_init__(self) -> None:
         self.errors: list[str] = []
         self._last_status: dict[str, object] | None = None
+        self._loaded_at = 0.0
 
     def refresh(self) -> bool:
         """Re-render from current inputs; True if the node's snapshot changed."""
         started = time.perf_counter()
+        self._loaded_at = time.time()
         reload, pods = self.inputs.load()
         self.errors = [str(e) for e in reload.errors]
         enforcement = resolve(reload.policies, pods)
@@ -77,6 +79,7 @@ class LocalControlPlane:
             else {"type": status.last_nack.type_url, "detail": status.last_nack.detail},
             "errors": self.errors,
             "policy_digest": self.inputs.policies.digest(),
+            "loaded_at": self._loaded_at,
         }
         if document == self._last_status:
             return

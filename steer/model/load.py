@@ -94,6 +94,17 @@ def parse_policies(text: str, source: str) -> tuple[list[HTTPPolicy], list[Polic
         problem = getattr(exc, "problem", None) or str(exc)
         return [], [PolicyError(source, where, f"malformed YAML: {problem}; fix the syntax")]
 
+    if not documents:
+        # An editor that rewrites a file in place truncates it first; taking that moment
+        # for "no policies" would open every pod the file protects.
+        return [], [
+            PolicyError(
+                source,
+                "",
+                "the file holds no policy; fix: delete the file to remove its policies "
+                "(an empty file is taken as an edit in progress)",
+            )
+        ]
     policies: list[HTTPPolicy] = []
     errors: list[PolicyError] = []
     for index, doc in enumerate(documents):

@@ -215,8 +215,7 @@ class HeaderMatch(StrictModel):
     prefix: str | None = None
     regex: str | None = None
     present: bool | None = None
-    # Negation is rendered as an RBAC not_rule over the whole matcher, so a repeated or
-    # missing header cannot satisfy it by accident.
+    # Only with `present`: rendered as an RBAC not_rule, it means "header absent".
     negate: bool = False
 
     @field_validator("name")
@@ -245,6 +244,15 @@ class HeaderMatch(StrictModel):
             )
         if self.present is False:
             raise ValueError("`present: false` is ambiguous; fix: `present: true, negate: true`")
+        if self.negate and self.present is None:
+            # Envoy matches a repeated header value by value, so "x-team is not blue"
+            # would be false for `x-team: blue` + `x-team: red` and the red value would pass.
+            raise ValueError(
+                "`negate` works with `present: true` only: a header sent twice is matched "
+                "value by value, so a negated value match can be escaped; fix: match the "
+                "allowed value in an Allow rule (with defaultAction: Deny), or deny the "
+                "unwanted value with a Deny rule"
+            )
         if self.regex is not None:
             _check_regex(self.regex)
         return self

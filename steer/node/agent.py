@@ -91,8 +91,10 @@ class LocalAgent:
     inputs: LocalInputs
     status_file: Path = STATUS_FILE
     datapath: IptablesDatapath = field(default_factory=IptablesDatapath)
+    _loaded_at: float = 0.0
 
     def sync(self) -> SyncReport:
+        self._loaded_at = time.time()
         reload, pods = self.inputs.load()
         report = self.datapath.sync(reload.policies, pods)
         report.errors = [str(e) for e in reload.errors] + report.errors
@@ -114,6 +116,7 @@ class LocalAgent:
             "last_sync": asdict(report),
             "ruleset_digest": self.datapath.applied_digest,
             "policy_digest": self.inputs.policies.digest(),
+            "loaded_at": self._loaded_at,
         }
         write_json_atomic(self.status_file, status)
 

@@ -42,7 +42,9 @@ def test_ads_mode_selects_the_api_type(ads: str, api_type: str) -> None:
     config = bootstrap("n", xds_address=("10.0.0.1", 15010), ads=ads)  # type: ignore[arg-type]
     assert config["dynamic_resources"]["ads_config"]["api_type"] == api_type
     address = config["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]
-    assert address["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] == 15010
+    assert (
+        address["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] == 15010
+    )
 
 
 def test_exactly_one_xds_endpoint_is_required() -> None:

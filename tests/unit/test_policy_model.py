@@ -154,8 +154,18 @@ def test_valid_rule_loads(rule: dict[str, Any]) -> None:
     load_one(dump(with_rule(rule)))
 
 
-def test_empty_file_loads_nothing_without_error() -> None:
-    assert parse_policies("# nothing yet\n", SOURCE) == ([], [])
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "---\n"])
+def test_empty_file_is_an_error_so_an_edit_in_progress_never_drops_policy(text: str) -> None:
+    assert_actionable(only_error(text), "", "delete the file")
+
+
+@pytest.mark.parametrize("matcher", [{"exact": "blue"}, {"prefix": "b"}, {"regex": "b.*"}])
+def test_negated_value_match_is_refused_because_repeats_escape_it(
+    matcher: dict[str, str],
+) -> None:
+    header = {"name": "x-team", "negate": True} | matcher
+    error = only_error(dump(with_http({"headers": [header]})))
+    assert_actionable(error, f"{HTTP}.headers[0]", "value by value")
 
 
 # --- malformed YAML and document shape -------------------------------------------------------

@@ -1,0 +1,488 @@
+"""HTTP policy on the local node with a real Envoy: the cases where a policy could be bypassed.
+
+Every test writes the node's whole policy set, waits until the agent, the control plane and
+Envoy run exactly that set, and then sends requests from a pod. Outcomes are exact: 200
+from the backend named in its JSON body, 403 from Envoy's RBAC filter, or 400 from Envoy
+before any filter runs (docs/policy-reference.md "How requests are matched").
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import pytest
+import yaml
+
+from steer.constants import API_GROUP_VERSION, LAB_GATEWAY_IP, POLICY_KIND
+from steer.localnode import AGENT_STATUS, CONTROL_STATUS, LocalNode, read_status, wait_for
+from steer.source.local import directory_texts, texts_digest
+from steer.testing.servers import HttpClient, connect, http_connection
+from tests.e2e.conftest import HTTP_PORT
+
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.envoy,
+    pytest.mark.usefixtures("http_servers"),
+]
+
+RBAC_DENIED = b"RBAC: access denied"
+Rule = dict[str, Any]
+Policies = dict[str, str]
+
+
+# --- policies ---------------------------------------------------------------------------------
+
+
+def policy(app: str, direction: str, rules: Sequence[Rule], default: str) -> Policies:
+    """One HTTPPolicy selecting app=<app>, as the file the operator would write."""
+    name = f"{app}-{direction}"
+    document = {
+        "apiVersion": API_GROUP_VERSION,
+        "kind": POLICY_KIND,
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": app}},
+            direction: {"defaultAction": default, "rules": list(rules)},
+        },
+    }
+    return {f"{name}.yaml": yaml.safe_dump(document, sort_keys=False)}
+
+
+def ingress(app: str, *rules: Rule, default: str = "Deny") -> Policies:
+    return policy(app, "ingress", rules, default)
+
+
+def egress(app: str, *rules: Rule, default: str = "Deny") -> Policies:
+    return policy(app, "egress", rules, default)
+
+
+def http_rule(action: str = "Allow", **match: Any) -> Rule:
+    return {"action": action, "http": match}
+
+
+def prefix(path: str) -> dict[str, str]:
+    return {"prefix": path}
+
+
+def exact(path: str) -> dict[str, str]:
+    return {"exact": path}
+
+
+def apply(node: LocalNode, *policies: Policies) -> None:
+    """Make these the node's only policies and wait until Envoy has ACKed them."""
+    node.write_policies({name: text for p in policies for name, text in p.items()})
+    node.wait_synced()
+
+
+def reported_errors() -> tuple[list[str], list[str]]:
+    """Policy errors as the control plane and the agent report them in their status files."""
+    control, agent = read_status(CONTROL_STATUS) or {}, read_status(AGENT_STATUS) or {}
+    return control.get("errors", []), agent.get("last_sync", {}).get("errors", [])
+
+
+def digests_in_force() -> tuple[str | None, str | None]:
+    control, agent = read_status(CONTROL_STATUS) or {}, read_status(AGENT_STATUS) or {}
+    return control.get("policy_digest"), agent.get("policy_digest")
+
+
+def both_report(name: str) -> bool:
+    return all(any(name in error for error in errors) for errors in reported_errors())
+
+
+PUBLIC_ONLY = ingress(
+    "web",
+    http_rule(paths=[prefix("/public/")]),
+    http_rule("Deny", paths=[exact("/public/secret")]),
+)
+
+
+# --- requests and outcomes ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    @property
+    def json(self) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(self.body)
+        return document
+
+    @property
+    def from_envoy(self) -> bool:
+        return self.headers.get("server") == "envoy"
+
+    @property
+    def proxied(self) -> bool:
+        """Envoy's router marks every response it forwarded from an upstream."""
+        return self.from_envoy and "x-envoy-upstream-service-time" in self.headers
+
+
+class Outcome(Enum):
+    ALLOWED = "200 from the backend"
+    DENIED = "403 from Envoy's RBAC filter"
+    REJECTED = "400 from Envoy before any filter runs"
+
+
+ALLOWED, DENIED, REJECTED = Outcome.ALLOWED, Outcome.DENIED, Outcome.REJECTED
+
+
+def expect(response: Response, outcome: Outcome, *, pod: str = "web", method: str = "GET") -> None:
+    shown = f"{response.status} {response.headers} {response.body[:200]!r}"
+    if outcome is ALLOWED:
+        assert response.status == 200, shown
+        if method == "HEAD":
+            assert response.headers.get("content-type") == "application/json", shown
+        else:
+            assert response.json["pod"] == pod, shown
+    elif outcome is DENIED:
+        assert response.status == 403, shown
+        assert response.from_envoy, shown
+        assert response.body == (b"" if method == "HEAD" else RBAC_DENIED), shown
+    else:
+        assert response.status == 400, shown
+        assert response.from_envoy, shown
+        assert not response.proxied, shown
+
+
+def request(
+    node: LocalNode,
+    path: str = "/",
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    src: str = "client",
+    dst: str = "web",
+) -> Response:
+    """One request on a fresh connection from pod `src` to `dst`:8080."""
+    client = http_connection(node.netns(src), node.ip(dst), HTTP_PORT)
+    try:
+        return Response(*client.request(method, path, headers))
+    finally:
+        client.close()
+
+
+def request_with_header_lines(node: LocalNode, path: str, lines: Sequence[str]) -> Response:
+    """http.client takes headers as a dict and cannot repeat one, so write the request out."""
+    head = [f"GET {path} HTTP/1.1", f"Host: {node.ip('web')}:{HTTP_PORT}", *lines]
+    head.append("Connection: close")
+    with connect(node.netns("client"), node.ip("web"), HTTP_PORT) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+    return Response(response.status, body, {k.lower(): v for k, v in response.getheaders()})
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "outcome"),
+    [
+        ("/public/x", ALLOWED),
+        ("/admin", DENIED),
+        # normalize_path resolves dot segments (also percent-encoded, also backslashes)
+        # before RBAC sees the path.
+        ("/public/../admin", DENIED),
+        ("/public/./x", ALLOWED),
+        ("/public/%2e%2e/admin", DENIED),
+        ("/public/%2E%2E/admin", DENIED),
+        ("/public\\..\\admin", DENIED),
+        # merge_slashes
+        ("//public/x", ALLOWED),
+        # path_with_escaped_slashes_action: REJECT_REQUEST, for %2F and %5C in any case.
+        ("/public/..%2fadmin", REJECTED),
+        ("/public/..%2Fadmin", REJECTED),
+        ("/public/..%5cadmin", REJECTED),
+        ("/public%2fx", REJECTED),
+        # Envoy refuses a fragment in the request target outright.
+        ("/public/x#admin", REJECTED),
+        # Paths are case-sensitive.
+        ("/PUBLIC/x", DENIED),
+        # The query string is never part of the matched path, in either direction.
+        ("/public/x?admin=1", ALLOWED),
+        ("/public/secret", DENIED),
+        ("/public/secret?x=1", DENIED),
+        # `exact` is exact: a trailing slash is another path (deny with a prefix to cover it).
+        ("/public/secret/", ALLOWED),
+    ],
+)
+def test_path_rules_match_the_normalised_path(node: LocalNode, path: str, outcome: Outcome) -> None:
+    apply(node, PUBLIC_ONLY)
+    expect(request(node, path), outcome)
+
+
+@pytest.mark.parametrize(
+    ("sent", "received"),
+    [
+        ("/public/./x", "/public/x"),
+        ("//public//x", "/public/x"),
+        ("/public/a/../x", "/public/x"),
+        ("/public/%2e/x", "/public/x"),
+        ("/public/x?admin=1", "/public/x?admin=1"),
+    ],
+)
+def test_backend_receives_the_path_that_was_matched(
+    node: LocalNode, sent: str, received: str
+) -> None:
+    apply(node, PUBLIC_ONLY)
+    response = request(node, sent)
+    expect(response, ALLOWED)
+    assert response.json["path"] == received
+
+
+# --- methods --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("methods", "method", "outcome"),
+    [
+        (["GET"], "GET", ALLOWED),
+        (["GET"], "POST", DENIED),
+        (["GET"], "HEAD", DENIED),
+        (["GET", "HEAD"], "HEAD", ALLOWED),
+        (["GET", "HEAD"], "DELETE", DENIED),
+        # Methods are case-sensitive tokens: Envoy's HTTP/1 parser answers 400 to `get`
+        # before RBAC runs, so no rule can be needed (or written) for it.
+        (["GET"], "get", REJECTED),
+        (["GET"], "FOO", REJECTED),
+    ],
+)
+def test_method_rules(node: LocalNode, methods: list[str], method: str, outcome: Outcome) -> None:
+    apply(node, ingress("web", http_rule(methods=methods)))
+    expect(request(node, "/public/x", method=method), outcome, method=method)
+
+
+# --- hosts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "host", "outcome"),
+    [
+        ("web.example", "web.example", ALLOWED),
+        ("web.example", "WEB.Example", ALLOWED),
+        # A port in Host is ignored when matching (use `ports` to match the port).
+        ("web.example", "web.example:8080", ALLOWED),
+        ("web.example", "web.example:1", ALLOWED),
+        ("web.example", "evil.example", DENIED),
+        ("web.example", "web.example.evil", DENIED),
+        ("web.example", "aweb.example", DENIED),
+        ("web.example", "web.example:8080.evil", DENIED),
+        # A trailing dot is not stripped: the absolute form does not match (fails closed).
+        ("web.example", "web.example.", DENIED),
+        ("*.example", "a.example", ALLOWED),
+        ("*.example", "A.EXAMPLE:8080", ALLOWED),
+        ("*.example", "example", DENIED),
+        ("*.example", "a.b.example", DENIED),
+        ("*.example", "a.example.evil", DENIED),
+    ],
+)
+def test_host_rules(node: LocalNode, pattern: str, host: str, outcome: Outcome) -> None:
+    apply(node, ingress("web", http_rule(hosts=[pattern])))
+    response = request(node, "/", headers={"Host": host})
+    expect(response, outcome)
+    if outcome is ALLOWED:
+        assert response.json["host"] == host
+
+
+# --- headers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "outcome"),
+    [
+        ({}, ALLOWED),
+        ({"x-internal": "1"}, DENIED),
+        ({"X-Internal": "yes"}, DENIED),
+        # Present with an empty value is still present.
+        ({"x-internal": ""}, DENIED),
+        ({"x-internal-not": "1"}, ALLOWED),
+    ],
+)
+def test_deny_on_header_presence(
+    node: LocalNode, headers: dict[str, str], outcome: Outcome
+) -> None:
+    no_internal = http_rule("Deny", headers=[{"name": "x-internal", "present": True}])
+    apply(node, ingress("web", no_internal, default="Allow"))
+    expect(request(node, "/", headers=headers), outcome)
+
+
+@pytest.mark.parametrize(
+    ("lines", "outcome"),
+    [
+        (["x-team: blue"], ALLOWED),
+        (["x-team: "], ALLOWED),
+        (["x-team: blue", "x-team: red"], ALLOWED),
+        ([], DENIED),
+        (["x-teams: blue"], DENIED),
+    ],
+)
+def test_negated_presence_denies_only_a_missing_header(
+    node: LocalNode, lines: list[str], outcome: Outcome
+) -> None:
+    """`present: true, negate: true` is rendered as not_rule(present): it denies exactly the
+    requests without the header, however often the header is sent. (`negate` on a value
+    match is refused at load time: Envoy matches repeated headers value by value, so
+    "x-team is not blue" would let `blue` + `red` through.)"""
+    team_required = http_rule("Deny", headers=[{"name": "x-team", "present": True, "negate": True}])
+    apply(node, ingress("web", team_required, default="Allow"))
+    expect(request_with_header_lines(node, "/", lines), outcome)
+
+
+# --- egress and ingress together ------------------------------------------------------------
+
+WEB_INGRESS_ALLOWS_ALL = {
+    "web-l4-allow-all": ingress("web", default="Allow"),
+    "web-l7-allow-all": ingress("web", http_rule()),
+}
+CLIENT_EGRESS_NO_SECRET = egress(
+    "client",
+    {
+        "action": "Deny",
+        "to": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+        "ports": [{"port": HTTP_PORT}],
+        "http": {"paths": [prefix("/secret")]},
+    },
+    default="Allow",
+)
+
+
+@pytest.mark.parametrize("web_ingress", sorted(WEB_INGRESS_ALLOWS_ALL))
+@pytest.mark.parametrize(
+    ("src", "path", "outcome"),
+    [
+        ("client", "/secret", DENIED),
+        ("client", "/secret/../secret", DENIED),
+        ("client", "/public/x", ALLOWED),
+        # api has no egress policy: the client's egress deny must not reach it.
+        ("api", "/secret", ALLOWED),
+    ],
+)
+def test_egress_deny_applies_only_to_its_client(
+    node: LocalNode, web_ingress: str, src: str, path: str, outcome: Outcome
+) -> None:
+    apply(node, CLIENT_EGRESS_NO_SECRET, WEB_INGRESS_ALLOWS_ALL[web_ingress])
+    expect(request(node, path, src=src), outcome)
+
+
+# --- live policy change on a keep-alive connection ------------------------------------------
+
+
+# Still an HTTP rule for client -> web:8080, so the flow stays behind Envoy: a policy with
+# no HTTP rule would make it an L4 deny, and the agent would revoke the connection instead.
+NOTHING_PUBLIC = ingress("web", http_rule(paths=[exact("/healthz")]))
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "outcomes"),
+    [
+        pytest.param(PUBLIC_ONLY, NOTHING_PUBLIC, (ALLOWED, DENIED), id="tightened"),
+        pytest.param(NOTHING_PUBLIC, PUBLIC_ONLY, (DENIED, ALLOWED), id="loosened"),
+    ],
+)
+def test_keep_alive_connection_sees_new_verdict_without_reconnecting(
+    node: LocalNode, before: Policies, after: Policies, outcomes: tuple[Outcome, Outcome]
+) -> None:
+    """Rules live in RDS, so a change reaches requests on connections that already exist."""
+    apply(node, before)
+    client: HttpClient = http_connection(node.netns("client"), node.ip("web"), HTTP_PORT)
+    try:
+        local = client.sock.getsockname()
+        first = Response(*client.request("GET", "/public/x"))
+        expect(first, outcomes[0])
+        apply(node, after)
+        second = Response(*client.request("GET", "/public/x"))
+        expect(second, outcomes[1])
+        # http.client reconnects only after closing the socket it was given.
+        assert client.sock.fileno() != -1, "the client had to reconnect"
+        assert client.sock.getsockname() == local
+        assert "close" not in (
+            first.headers.get("connection", ""),
+            second.headers.get("connection", ""),
+        )
+    finally:
+        client.close()
+
+
+# --- L4-only destinations are not proxied ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dst", "path", "proxied"),
+    [("api", "/anything", False), ("web", "/public/x", True)],
+)
+def test_only_flows_with_http_rules_go_through_envoy(
+    node: LocalNode, dst: str, path: str, proxied: bool
+) -> None:
+    l4_only_api = ingress(
+        "api",
+        {
+            "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+            "ports": [{"port": HTTP_PORT}],
+        },
+    )
+    apply(node, l4_only_api, PUBLIC_ONLY)
+    response = request(node, path, dst=dst)
+    expect(response, ALLOWED, pod=dst)
+    assert response.proxied is proxied, response.headers
+    assert response.from_envoy is proxied, response.headers
+    # Envoy connects upstream from the node, so the backend sees the gateway, not the pod.
+    assert response.json["peer"] == (LAB_GATEWAY_IP if proxied else node.ip("client"))
+
+
+# --- a bad policy file never changes what is enforced ---------------------------------------
+
+OPEN_WEB_WITH_TYPO = ingress("web", http_rule(pathz=[prefix("/")]), default="Allow")[
+    "web-ingress.yaml"
+]
+
+
+@pytest.mark.parametrize(
+    "bad_file",
+    ["web-ingress.yaml", "zz-open-web.yaml"],
+    ids=["bad-edit-of-a-good-file", "new-bad-file"],
+)
+def test_bad_policy_file_keeps_previous_verdicts_and_is_reported(
+    node: LocalNode, bad_file: str
+) -> None:
+    apply(node, PUBLIC_ONLY)
+    expect(request(node, "/admin"), DENIED)
+    in_force = texts_digest(directory_texts(node.policy_dir))
+
+    node.write_policies({bad_file: OPEN_WEB_WITH_TYPO}, replace=False)
+
+    # Wait for errors naming this file: after an `apply` that only restored content already
+    # in force, the status files may briefly still describe the round before.
+    wait_for(lambda: both_report(bad_file), 10, "the bad file to be reported")
+    for errors in reported_errors():
+        assert len(errors) == 1, errors
+        assert f"{node.policy_dir / bad_file}: spec.ingress.rules[0].http.pathz: " in errors[0]
+        assert "Extra inputs are not permitted" in errors[0], errors
+    assert digests_in_force() == (in_force, in_force)
+    expect(request(node, "/admin"), DENIED)
+    expect(request(node, "/public/x"), ALLOWED)
+
+
+def test_emptied_policy_file_keeps_its_policies(node: LocalNode) -> None:
+    """An in-place edit starts by truncating the file; that moment must not open the pod."""
+    apply(node, PUBLIC_ONLY)
+    expect(request(node, "/admin"), DENIED)
+    (name,) = PUBLIC_ONLY
+    node.write_policies({name: ""}, replace=False)
+
+    def taken() -> bool:
+        want = texts_digest(directory_texts(node.policy_dir))
+        return digests_in_force() == (want, want)
+
+    wait_for(lambda: taken() or both_report(name), 10, "the emptied file to be processed")
+    if taken():
+        node.wait_synced()
+    expect(request(node, "/admin"), DENIED)
