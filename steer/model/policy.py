@@ -296,46 +296,30 @@ class HTTPMatch(StrictModel):
         return tuple(h.lower() for h in value)
 
 
-def _not_empty(value: tuple[object, ...] | None) -> tuple[object, ...] | None:
-    if value is not None and not value:
-        raise ValueError(
-            "an empty list would match nothing; fix: omit the field to match any, or list "
-            "what to match"
-        )
-    return value
-
-
 class _RuleBase(StrictModel):
     name: str | None = None
     action: Action = Action.ALLOW
     ports: tuple[PortSpec, ...] | None = None
     http: HTTPMatch | None = None
 
-    @field_validator("ports")
+    # `peers` is declared by each subclass, under its own alias (`from` or `to`).
+    @field_validator("ports", "peers", check_fields=False)
     @classmethod
-    def _ports_not_empty(cls, value: tuple[PortSpec, ...] | None) -> tuple[PortSpec, ...] | None:
-        _not_empty(value)
+    def _lists_not_empty(cls, value: tuple[object, ...] | None) -> tuple[object, ...] | None:
+        if value is not None and not value:
+            raise ValueError(
+                "an empty list would match nothing; fix: omit the field to match any, or "
+                "list what to match"
+            )
         return value
 
 
 class IngressRule(_RuleBase):
     peers: tuple[Peer, ...] | None = Field(default=None, alias="from")
 
-    @field_validator("peers")
-    @classmethod
-    def _peers_not_empty(cls, value: tuple[Peer, ...] | None) -> tuple[Peer, ...] | None:
-        _not_empty(value)
-        return value
-
 
 class EgressRule(_RuleBase):
     peers: tuple[Peer, ...] | None = Field(default=None, alias="to")
-
-    @field_validator("peers")
-    @classmethod
-    def _peers_not_empty(cls, value: tuple[Peer, ...] | None) -> tuple[Peer, ...] | None:
-        _not_empty(value)
-        return value
 
 
 Rule = IngressRule | EgressRule

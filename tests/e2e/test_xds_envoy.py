@@ -29,8 +29,7 @@ import grpc
 import grpc.aio
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -39,10 +38,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.type.matcher.v3 import regex_pb2
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
-from steer.constants import ENVOY_ADMIN_ADDRESS, ENVOY_CLUSTER_ID, XDS_CLUSTER_NAME
+from steer.constants import ENVOY_CLUSTER_ID
 from steer.control.cache import (
     CLUSTER_TYPE,
     LISTENER_TYPE,
@@ -52,6 +51,8 @@ from steer.control.cache import (
     SnapshotCache,
 )
 from steer.control.xds import serve
+from steer.render.bootstrap import AdsMode, bootstrap
+from tests.xds_builders import loopback, static_cluster
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 NODE = "test-node"
@@ -64,32 +65,6 @@ def _any(msg: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(msg)
     return packed
-
-
-def _addr(port: int) -> address_pb2.Address:
-    return address_pb2.Address(
-        socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=port)
-    )
-
-
-def static_cluster(name: str, port: int) -> cluster_pb2.Cluster:
-    return cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=duration_pb2.Duration(seconds=1),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(address=_addr(port))
-                        )
-                    ]
-                )
-            ],
-        ),
-    )
 
 
 def to_cluster(prefix: str, cluster: str) -> route_components_pb2.Route:
@@ -142,7 +117,7 @@ def http_listener(name: str, port: int, route_name: str) -> listener_pb2.Listene
     )
     return listener_pb2.Listener(
         name=name,
-        address=_addr(port),
+        address=loopback(port),
         filter_chains=[
             listener_components_pb2.FilterChain(
                 filters=[
@@ -456,51 +431,6 @@ async def test_delta_sends_only_changes_and_removals(xds: Xds) -> None:
 # --- real Envoy -----------------------------------------------------------------------------
 
 
-def bootstrap(sock: Path, api_type: str) -> dict[str, Any]:
-    return {
-        "node": {"id": NODE, "cluster": ENVOY_CLUSTER_ID},
-        "admin": {
-            # Port 0 plus --admin-address-path: no race for a free port between Envoys.
-            "address": {"socket_address": {"address": ENVOY_ADMIN_ADDRESS, "port_value": 0}}
-        },
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": api_type,
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER_NAME}}],
-            },
-            "lds_config": {"ads": {}, "resource_api_version": "V3"},
-            "cds_config": {"ads": {}, "resource_api_version": "V3"},
-        },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": XDS_CLUSTER_NAME,
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": XDS_CLUSTER_NAME,
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {"endpoint": {"address": {"pipe": {"path": str(sock)}}}}
-                                ]
-                            }
-                        ],
-                    },
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                }
-            ]
-        },
-    }
-
-
 @dataclass
 class Envoy:
     proc: subprocess.Popen[bytes]
@@ -522,9 +452,10 @@ def _admin_get(url: str) -> tuple[int, str]:
 
 
 @contextlib.asynccontextmanager
-async def run_envoy(tmp_path: Path, sock: Path, api_type: str) -> AsyncIterator[Envoy]:
+async def run_envoy(tmp_path: Path, sock: Path, ads: AdsMode) -> AsyncIterator[Envoy]:
     config = tmp_path / "envoy.json"
-    config.write_text(json.dumps(bootstrap(sock, api_type), indent=2))
+    # Port 0 plus --admin-address-path: no race for a free port between Envoys.
+    config.write_text(json.dumps(bootstrap(NODE, xds_socket=sock, ads=ads, admin_port=0)))
     admin_file = tmp_path / "admin.address"
     log = tmp_path / "envoy.log"
     with log.open("wb") as log_fd:
@@ -625,15 +556,15 @@ async def first_response(port: int, timeout: float = 10) -> None:
 
 @pytest.mark.envoy
 @pytest.mark.skipif(not os.access(ENVOY, os.X_OK), reason="no envoy binary")
-@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"], ids=["sotw", "delta"])
+@pytest.mark.parametrize("ads", ["sotw", "delta"])
 async def test_envoy_follows_snapshots_and_survives_a_nack(
-    xds: Xds, backend_port: int, tmp_path: Path, api_type: str
+    xds: Xds, backend_port: int, tmp_path: Path, ads: AdsMode
 ) -> None:
     listen = free_port()
     good = snapshot(listen, backend_port)
     xds.cache.set_snapshot(NODE, good)
 
-    async with run_envoy(tmp_path, xds.socket, api_type) as envoy:
+    async with run_envoy(tmp_path, xds.socket, ads) as envoy:
         await wait_ready(envoy)
         async with asyncio.timeout(10):
             status = await xds.cache.wait_for_ack(NODE)

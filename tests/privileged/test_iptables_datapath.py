@@ -239,50 +239,30 @@ def test_failed_apply_keeps_previous_rules(lab: LabState) -> None:
     run_in_netns(NODE_NETNS, lambda: iptables.verify(good))
 
 
+FOREIGN_RULES = (
+    ("filter", "INPUT", "-p", "udp", "--dport", "5353", "-j", "FOREIGN"),
+    ("nat", "PREROUTING", "-p", "tcp", "--dport", "1", "-j", "RETURN"),
+)
+
+
+def _foreign(action: str) -> None:
+    for table, chain, *args in FOREIGN_RULES:
+        in_node(["iptables-legacy", "-t", table, action, chain, *args])
+
+
 def test_unload_leaves_foreign_rules_untouched(lab: LabState) -> None:
     in_node(["iptables-legacy", "-N", "FOREIGN"])
-    in_node(["iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", "5353", "-j", "FOREIGN"])
-    in_node(
-        [
-            "iptables-legacy",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "--dport",
-            "1",
-            "-j",
-            "RETURN",
-        ]
-    )
+    _foreign("-A")
     try:
         foreign_before = _non_steer_rules()
         sync(sample_policies(), pods_of(lab), IptablesDatapath())
         assert "STEER-PRE" in in_node(["iptables-legacy-save"])
         run_in_netns(NODE_NETNS, iptables.unload)
-        saved = in_node(["iptables-legacy-save"])
-        assert "STEER" not in saved
+        assert "STEER" not in in_node(["iptables-legacy-save"])
         assert _non_steer_rules() == foreign_before
     finally:
-        in_node(["iptables-legacy", "-D", "INPUT", "-p", "udp", "--dport", "5353", "-j", "FOREIGN"])
+        _foreign("-D")
         in_node(["iptables-legacy", "-X", "FOREIGN"])
-        in_node(
-            [
-                "iptables-legacy",
-                "-t",
-                "nat",
-                "-D",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "--dport",
-                "1",
-                "-j",
-                "RETURN",
-            ]
-        )
 
 
 def _non_steer_rules() -> list[str]:
