@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pyroute2.netlink.exceptions import NetlinkError
 from watchfiles import watch
 
 from steer.constants import RUN_DIR
@@ -64,7 +65,12 @@ class IptablesDatapath:
         self.applied_digest = ruleset.digest()
         self.applied = ruleset
         self.enforcement = enforcement
-        revoked = conntrack.revoke(lambda f: decide_flow(enforcement, f.src, f.dst, f.dport))
+        try:
+            revoked = conntrack.revoke(lambda f: decide_flow(enforcement, f.src, f.dst, f.dport))
+        except (OSError, NetlinkError) as exc:  # the rules are in; flows age out instead
+            report.errors.append(f"revoking flows failed: {exc}")
+            log.error("rules applied, but revoking affected flows failed: %s", exc)
+            return report
         report.revoked = len(revoked)
         for flow in revoked:
             log.info(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from pyroute2 import Conntrack
+from pyroute2.netlink.exceptions import NetlinkError
 
 from steer.constants import (
     MARK_ID_MASK,
@@ -84,7 +85,7 @@ def revoke(decide: Callable[[Flow], FlowVerdict]) -> list[Flow]:
                 continue
             try:
                 ct.delete(entry)
-            except OSError as exc:  # raced with the flow's own end
+            except (OSError, NetlinkError) as exc:  # raced with the flow's own end
                 log.debug("conntrack delete %s: %s", flow, exc)
                 continue
             revoked.append(flow)

@@ -6,7 +6,8 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from steer.model.load import PolicyError, parse_policies
@@ -99,9 +100,19 @@ class LocalInputs:
 
     def __post_init__(self) -> None:
         self.policies = PolicyDirectory(self.policy_dir)
+        self._pods: list[Pod] = []
 
     def load(self) -> tuple[PolicyReload, list[Pod]]:
-        return self.policies.reload(), load_lab_pods(self.lab_state)
+        """Current policies and pods. Errors are in the reload's errors; an unreadable lab
+        state keeps the last good pods, so a bad write never unsteers the node."""
+        reload = self.policies.reload()
+        try:
+            self._pods = load_lab_pods(self.lab_state)
+        except LabStateError as exc:
+            error = PolicyError(str(self.lab_state), "", f"{exc}; fix: steer lab up")
+            log.error("pods unchanged: %s", error)
+            reload = replace(reload, errors=(*reload.errors, error))
+        return reload, self._pods
 
     def watch_paths(self) -> list[Path]:
         """Directories to watch, non-recursively (the lab state's holds logs too)."""
@@ -130,24 +141,35 @@ def directory_texts(path: Path) -> dict[str, str]:
     }
 
 
+class LabStateError(ValueError):
+    pass
+
+
 def load_lab_pods(state_file: Path) -> list[Pod]:
-    """Pods of the local lab; none if the lab is not up."""
+    """Pods of the local lab; none if the lab is not up. Raises LabStateError if the file
+    is not what `steer lab up` writes."""
     try:
         state = json.loads(state_file.read_text())
     except FileNotFoundError:
         return []
-    return [
-        Pod(
-            name=p["name"],
-            namespace=p.get("namespace", "default"),
-            ip=p["ip"],
-            labels=p.get("labels", {}),
-            annotations=p.get("annotations", {}),
-            interface=p.get("veth", ""),
-            namespace_labels=p.get("namespace_labels", {}),
-        )
-        for p in state.get("pods", [])
-    ]
+    except (OSError, ValueError) as exc:
+        raise LabStateError(f"lab state unreadable: {exc}") from None
+    try:
+        pods = [
+            Pod(
+                name=str(p["name"]),
+                namespace=str(p.get("namespace", "default")),
+                ip=str(IPv4Address(p["ip"])),
+                labels=dict(p.get("labels", {})),
+                annotations=dict(p.get("annotations", {})),
+                interface=str(p.get("veth", "")),
+                namespace_labels=dict(p.get("namespace_labels", {})),
+            )
+            for p in state["pods"]
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LabStateError(f"lab state malformed ({type(exc).__name__}: {exc})") from None
+    return pods
 
 
 def write_json_atomic(path: Path, document: object) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from steer.source.local import PolicyDirectory, PolicyReload
+from steer.source.local import LocalInputs, PolicyDirectory, PolicyReload
 from tests.samples import policy_yaml
 
 BAD = "spec:\n  podSelector: {}\n"  # neither ingress nor egress
@@ -244,3 +244,21 @@ def test_directory_that_vanishes_keeps_the_policies_in_force(tmp_path: Path) -> 
     assert not result.changed
     [error] = result.errors
     assert "not a directory" in error.message
+
+
+@pytest.mark.parametrize(
+    "state",
+    ["{not json", '{"pods": [{"name": "a"}]}', '{"pods": [{"name": "a", "ip": "10.0.0.300"}]}'],
+    ids=["malformed-json", "missing-ip", "bad-ip"],
+)
+def test_unreadable_lab_state_keeps_the_last_good_pods(tmp_path: Path, state: str) -> None:
+    lab_state = tmp_path / "lab.json"
+    lab_state.write_text('{"pods": [{"name": "web", "ip": "10.244.0.3", "veth": "sp1"}]}')
+    inputs = LocalInputs(tmp_path, lab_state)
+    _, pods = inputs.load()
+    lab_state.write_text(state)
+    reload, still = inputs.load()
+    assert [p.ip for p in still] == [p.ip for p in pods] == ["10.244.0.3"]
+    [error] = reload.errors
+    assert error.source == str(lab_state)
+    assert "fix" in error.message
