@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -280,8 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Everything but rendering and reading status creates namespaces or touches the kernel.
+NEEDS_ROOT = frozenset({"demo", "lab", "control", "agent", "dataplane", "envoy", "bench"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in NEEDS_ROOT and os.geteuid() != 0:
+        print(
+            f"steer {args.command} needs root (namespaces, iptables, /run/steer); "
+            "fix: run it as root",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
