@@ -75,7 +75,8 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from steer.node.agent import IptablesDatapath, LocalAgent
+    from steer.node.agent import LocalAgent
+    from steer.node.datapath import IptablesDatapath
     from steer.node.netns import enter_netns
     from steer.source.local import LocalInputs
 
@@ -108,19 +109,32 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    from steer.node import iptables
-    from steer.node.netns import enter_netns
+    """eBPF by default: every program, pin and map, and no iptables rule. With --iptables,
+    steer's chains and entry jumps in the node, and no BPF object."""
+    if args.iptables:
+        from steer.node import iptables
+        from steer.node.netns import enter_netns
 
-    if args.netns:
-        enter_netns(args.netns)
-    iptables.unload()
+        if args.netns:
+            enter_netns(args.netns)
+        iptables.unload()
+    else:
+        from steer.node.bpf import BpfDatapath
+
+        BpfDatapath.unload_all()
     return 0
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
     from steer.node.envoy import supervise
     from steer.node.netns import enter_netns
+    from steer.source.local import load_lab_node_cgroup
 
+    # Envoy's cgroup is where the eBPF datapath answers SO_ORIGINAL_DST and sees Envoy's
+    # sockets; join it before Envoy starts, so Envoy inherits it.
+    cgroup = args.cgroup if args.cgroup is not None else load_lab_node_cgroup(args.lab_state)
+    if cgroup:
+        (Path(cgroup) / "cgroup.procs").write_text(str(os.getpid()))
     if args.netns:
         enter_netns(args.netns)
     supervise(args.node_id, args.socket, args.ads)
@@ -253,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dataplane = sub.add_parser("dataplane", help="datapath maintenance")
     dataplane.add_argument("action", choices=["unload"])
+    dataplane.add_argument(
+        "--iptables", action="store_true", help="unload the iptables rules instead of eBPF"
+    )
     dataplane.add_argument("--netns", default=NODE_NETNS)
     dataplane.set_defaults(func=cmd_unload)
 
@@ -261,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--socket", type=Path, default=XDS_SOCKET)
     envoy.add_argument("--node-id", default=LAB_NODE_NAME)
     envoy.add_argument("--ads", choices=["delta", "sotw"], default="delta")
+    envoy.add_argument("--cgroup", help="cgroup v2 path to run in (default: the lab node's)")
+    envoy.add_argument("--lab-state", type=Path, default=LAB_STATE_FILE)
     envoy.set_defaults(func=cmd_envoy)
 
     render = sub.add_parser("render", help="print what would be programmed")

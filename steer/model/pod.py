@@ -36,6 +36,10 @@ class Pod:
     # Node-side interface the pod's traffic enters the node on (lab veth or CNI veth).
     interface: str = ""
     namespace_labels: Mapping[str, str] = field(default_factory=dict)
+    # Node-local handles on the pod's sandbox, for the eBPF datapath: the cgroup v2 path
+    # its processes run in, and the named network namespace (for revoking sockets).
+    cgroup: str = ""
+    netns: str = ""
 
     @property
     def key(self) -> str:

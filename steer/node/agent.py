@@ -1,9 +1,9 @@
 """The node agent: keeps the node's steering in line with policies and pods.
 
-Each sync resolves the current inputs, renders the ruleset, applies it only if it changed,
-and then revokes exactly the live flows whose verdict the change alters. A sync that
-fails leaves the previous rules in force (the restore is atomic per table) and is retried
-on the next change.
+Each sync resolves the current inputs, picks each pod's datapath, updates the eBPF maps
+and the iptables rules where they changed, and then revokes exactly the live flows whose
+verdict the change alters. A sync that fails leaves the previous state in force (the
+restore is atomic per table) and is retried on the next change.
 """
 
 from __future__ import annotations
@@ -14,15 +14,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pyroute2.netlink.exceptions import NetlinkError
 from watchfiles import watch
 
 from steer.constants import RUN_DIR
-from steer.model.enforce import Enforcement, decide_flow, resolve
 from steer.model.pod import Pod
-from steer.model.policy import HTTPPolicy
-from steer.node import conntrack, iptables
-from steer.render.iptables import Ruleset, render_ruleset
+from steer.node.datapath import NodeDatapath, SyncReport
 from steer.source.local import LocalInputs, write_json_atomic
 
 log = logging.getLogger("steer.agent")
@@ -30,97 +26,36 @@ STATUS_FILE = RUN_DIR / "agent-status.json"
 
 
 @dataclass
-class SyncReport:
-    applied: bool
-    rules: int
-    revoked: int
-    apply_ms: float
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-@dataclass
-class IptablesDatapath:
-    """Owns steer's iptables state in the current network namespace."""
-
-    applied_digest: str | None = None
-    applied: Ruleset | None = None
-    enforcement: Enforcement | None = None
-
-    def sync(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> SyncReport:
-        enforcement = resolve(policies, pods)
-        ruleset = render_ruleset(enforcement)
-        report = SyncReport(False, len(ruleset.rules), 0, 0.0, warnings=list(enforcement.warnings))
-        if ruleset.digest() == self.applied_digest:
-            return report
-        started = time.perf_counter()
-        try:
-            iptables.apply(ruleset, self.applied)
-        except iptables.IptablesError as exc:
-            report.errors.append(str(exc))
-            log.error("rules not applied, previous rules stay in force: %s", exc)
-            return report
-        report.apply_ms = (time.perf_counter() - started) * 1000
-        report.applied = True
-        self.applied_digest = ruleset.digest()
-        self.applied = ruleset
-        self.enforcement = enforcement
-        try:
-            revoked = conntrack.revoke(lambda f: decide_flow(enforcement, f.src, f.dst, f.dport))
-        except (OSError, NetlinkError) as exc:  # the rules are in; flows age out instead
-            report.errors.append(f"revoking flows failed: {exc}")
-            log.error("rules applied, but revoking affected flows failed: %s", exc)
-            return report
-        report.revoked = len(revoked)
-        for flow in revoked:
-            log.info(
-                "revoked %s:%d -> %s:%d (was verdict %d)",
-                flow.src,
-                flow.sport,
-                flow.dst,
-                flow.dport,
-                flow.verdict,
-            )
-        return report
-
-    def plan(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> Ruleset:
-        return render_ruleset(resolve(policies, pods))
-
-    def unload(self) -> None:
-        iptables.unload()
-        self.applied_digest = None
-        self.applied = None
-
-
-@dataclass
 class LocalAgent:
     inputs: LocalInputs
     status_file: Path = STATUS_FILE
-    datapath: IptablesDatapath = field(default_factory=IptablesDatapath)
+    datapath: NodeDatapath = field(default_factory=NodeDatapath)
     _loaded_at: float = 0.0
 
     def sync(self) -> SyncReport:
         self._loaded_at = time.time()
         reload, pods = self.inputs.load()
-        report = self.datapath.sync(reload.policies, pods)
+        report = self.datapath.sync(reload.policies, pods, self.inputs.node_cgroup())
         report.errors = [str(e) for e in reload.errors] + report.errors
         self._write_status(pods, report)
         return report
 
     def _write_status(self, pods: Sequence[Pod], report: SyncReport) -> None:
+        unsteered = ("none", "steer.dev/inject is disabled for this pod or its namespace")
         status = {
             "pods": [
                 {
                     "name": p.name,
                     "namespace": p.namespace,
                     "ip": p.ip,
-                    "dataplane": "iptables",
-                    "reason": "the eBPF datapath is not available in this build",
+                    "dataplane": report.dataplanes.get(p.key, unsteered)[0],
+                    "reason": report.dataplanes.get(p.key, unsteered)[1],
                 }
                 for p in pods
             ],
+            "features": asdict(self.datapath.features),
             "last_sync": asdict(report),
-            "ruleset_digest": self.datapath.applied_digest,
+            "ruleset_digest": self.datapath.iptables.applied_digest,
             "policy_digest": self.inputs.policies.digest(),
             "loaded_at": self._loaded_at,
         }

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Any
 
 from pyroute2 import Conntrack
 from pyroute2.netlink.exceptions import NetlinkError
@@ -40,6 +41,10 @@ class Flow:
     policy_id: int
 
 
+def _finished(entry: Any) -> bool:
+    return entry.protoinfo is not None and entry.protoinfo.state_name() in _FINISHED_TCP_STATES
+
+
 def _steer_entries(ct: Conntrack) -> Iterator[tuple[Flow, object]]:
     """Live TCP flows that carry a steer verdict."""
     # One kernel-filtered dump per verdict: mark=0 would mean "no filter" to pyroute2.
@@ -50,9 +55,7 @@ def _steer_entries(ct: Conntrack) -> Iterator[tuple[Flow, object]]:
             orig = entry.tuple_orig
             if orig.proto != socket.IPPROTO_TCP:
                 continue
-            if entry.protoinfo is not None and (
-                entry.protoinfo.state_name() in _FINISHED_TCP_STATES
-            ):
+            if _finished(entry):
                 continue
             mark = int(entry.mark or 0)
             flow = Flow(
@@ -90,3 +93,29 @@ def revoke(decide: Callable[[Flow], FlowVerdict]) -> list[Flow]:
                 continue
             revoked.append(flow)
     return revoked
+
+
+def unmarked_flows(sources: Iterable[IPv4Address]) -> list[Flow]:
+    """Live TCP flows from these addresses without a steer verdict: eBPF pods' direct
+    flows, which connect4 decided and iptables let through unmarked."""
+    wanted = set(sources)
+    found = []
+    with Conntrack() as ct:
+        # mark=None: pyroute2 reads mark=0 as "no filter" anyway; filter here instead.
+        for entry in ct.dump_entries():
+            orig = entry.tuple_orig
+            if orig.proto != socket.IPPROTO_TCP or int(entry.mark or 0) & MARK_VERDICT_MASK:
+                continue
+            if IPv4Address(orig.saddr) not in wanted or _finished(entry):
+                continue
+            found.append(
+                Flow(
+                    IPv4Address(orig.saddr),
+                    IPv4Address(orig.daddr),
+                    int(orig.sport),
+                    int(orig.dport),
+                    0,
+                    0,
+                )
+            )
+    return found

@@ -50,6 +50,7 @@ CHAIN_PRE = f"{CHAIN_PREFIX}-PRE"
 CHAIN_NAT = f"{CHAIN_PREFIX}-NAT"
 CHAIN_FORWARD = f"{CHAIN_PREFIX}-FWD"
 CHAIN_INPUT = f"{CHAIN_PREFIX}-IN"
+CHAIN_ENVOY = f"{CHAIN_PREFIX}-ENVOY"
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def _side_rules(side: SideRules) -> list[Rule]:
     return out
 
 
-def _pre_rules(enforcement: Enforcement) -> list[Rule]:
+def _pre_rules(enforcement: Enforcement, ebpf_pods: list[ManagedPod]) -> list[Rule]:
     vmask = _hex(MARK_VERDICT_MASK)
 
     def mark_is(value: int, mask: int) -> tuple[str, ...]:
@@ -218,6 +219,10 @@ def _pre_rules(enforcement: Enforcement) -> list[Rule]:
             CHAIN_PRE,
             ("-m", "conntrack", "!", "--ctstate", "NEW", "-j", "RETURN"),
             "not-new",
+        ),
+        *(
+            Rule("mangle", CHAIN_PRE, (*_from_pod(pod), "-j", "RETURN"), f"ebpf:{pod.pod.key}")
+            for pod in ebpf_pods
         ),
         Rule(
             "mangle",
@@ -320,7 +325,7 @@ def _redirect(port: int) -> tuple[str, ...]:
     return ("-p", "tcp", "-j", "REDIRECT", "--to-ports", str(port))
 
 
-def _nat_rules(enforcement: Enforcement) -> list[Rule]:
+def _nat_rules(enforcement: Enforcement, ebpf: frozenset[str]) -> list[Rule]:
     l7 = f"{_hex(VERDICT_L7 << MARK_VERDICT_SHIFT)}/{_hex(MARK_VERDICT_MASK)}"
     rules = [
         Rule("nat", CHAIN_NAT, ("-m", "connmark", "!", "--mark", l7, "-j", "RETURN"), "not-l7")
@@ -368,6 +373,7 @@ def _nat_rules(enforcement: Enforcement) -> list[Rule]:
             f"redirect-outbound:{pod.pod.key}",
         )
         for pod in enforcement.pods
+        if pod.pod.key not in ebpf
     )
     rules.append(
         Rule(
@@ -380,7 +386,7 @@ def _nat_rules(enforcement: Enforcement) -> list[Rule]:
     return rules
 
 
-def _filter_rules() -> list[Rule]:
+def _filter_rules(ebpf_pods: list[ManagedPod]) -> list[Rule]:
     deny = (
         "-m",
         "connmark",
@@ -392,7 +398,9 @@ def _filter_rules() -> list[Rule]:
     return [
         Rule("filter", CHAIN_FORWARD, ("-p", "tcp", *deny, *reset), "deny"),
         Rule("filter", CHAIN_INPUT, ("-p", "tcp", *deny, *reset), "deny"),
-        # A pod that dials Envoy's listener itself would make Envoy proxy to itself.
+        # A new connection to Envoy's listeners that no REDIRECT produced: a pod dialling
+        # Envoy itself (which would make Envoy proxy to itself), unless connect4 of an
+        # eBPF-steered pod rewrote it; only first packets walk the exemptions.
         Rule(
             "filter",
             CHAIN_INPUT,
@@ -403,21 +411,35 @@ def _filter_rules() -> list[Rule]:
                 *_multiport((ENVOY_OUTBOUND_PORT, ENVOY_INBOUND_PORT)),
                 *("-m", "conntrack", "--ctstate", "NEW"),
                 *("-m", "conntrack", "!", "--ctstate", "DNAT"),
-                *reset,
+                "-j",
+                CHAIN_ENVOY,
             ),
-            "no-direct-envoy",
+            "direct-to-envoy",
         ),
+        *(
+            Rule("filter", CHAIN_ENVOY, (*_from_pod(pod), "-j", "RETURN"), f"ebpf:{pod.pod.key}")
+            for pod in ebpf_pods
+        ),
+        Rule("filter", CHAIN_ENVOY, ("-p", "tcp", *reset), "no-direct-envoy"),
     ]
 
 
-def render_ruleset(enforcement: Enforcement) -> Ruleset:
+def render_ruleset(enforcement: Enforcement, ebpf: frozenset[str] = frozenset()) -> Ruleset:
+    """`ebpf`: keys of the pods the eBPF datapath steers. connect4 decided their flows
+    already, so these rules let their new flows through untouched."""
     sides = [*enforcement.egress.values(), *enforcement.ingress.values()]
     side_rules = [rule for side in sorted(sides, key=side_chain) for rule in _side_rules(side)]
-    rules = (*_pre_rules(enforcement), *side_rules, *_nat_rules(enforcement), *_filter_rules())
+    ebpf_pods = [p for p in enforcement.pods if p.pod.key in ebpf]
+    rules = (
+        *_pre_rules(enforcement, ebpf_pods),
+        *side_rules,
+        *_nat_rules(enforcement, ebpf),
+        *_filter_rules(ebpf_pods),
+    )
     chains = {
         "mangle": (CHAIN_PRE, *sorted(side_chain(s) for s in sides)),
         "nat": (CHAIN_NAT,),
-        "filter": (CHAIN_FORWARD, CHAIN_INPUT),
+        "filter": (CHAIN_FORWARD, CHAIN_INPUT, CHAIN_ENVOY),
     }
     jumps = (
         Jump("mangle", "PREROUTING", CHAIN_PRE),

@@ -114,6 +114,10 @@ class LocalInputs:
             reload = replace(reload, errors=(*reload.errors, error))
         return reload, self._pods
 
+    def node_cgroup(self) -> str:
+        """The cgroup of the node's Envoy, where the eBPF datapath attaches its hooks."""
+        return load_lab_node_cgroup(self.lab_state)
+
     def watch_paths(self) -> list[Path]:
         """Directories to watch, non-recursively (the lab state's holds logs too)."""
         return [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
@@ -164,12 +168,22 @@ def load_lab_pods(state_file: Path) -> list[Pod]:
                 annotations=dict(p.get("annotations", {})),
                 interface=str(p.get("veth", "")),
                 namespace_labels=dict(p.get("namespace_labels", {})),
+                cgroup=str(p.get("cgroup", "")),
+                netns=str(p.get("netns", "")),
             )
             for p in state["pods"]
         ]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise LabStateError(f"lab state malformed ({type(exc).__name__}: {exc})") from None
     return pods
+
+
+def load_lab_node_cgroup(state_file: Path) -> str:
+    """The cgroup the lab's node processes (Envoy) run in; empty if unknown."""
+    try:
+        return str(json.loads(state_file.read_text())["node"].get("cgroup", ""))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 def write_json_atomic(path: Path, document: object) -> None:

@@ -17,7 +17,7 @@ from steer.model.load import parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
 from steer.node import conntrack, iptables
-from steer.node.agent import IptablesDatapath, SyncReport
+from steer.node.datapath import IptablesDatapath, SyncReport
 from steer.node.lab import LabState
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE, Rule, Ruleset, render_ruleset

@@ -1,0 +1,85 @@
+/* cgroup/connect4, attached to each eBPF-steered pod's cgroup.
+ *
+ * Decides the flow's L4 verdict once, at connect time:
+ *   deny  -> the connect fails with ECONNREFUSED, as a TCP reset would make it;
+ *   allow -> the connect goes ahead untouched: no Envoy on the path;
+ *   L7    -> the destination is rewritten to Envoy's outbound listener and the original
+ *            destination is remembered under the socket's cookie.
+ */
+#include "steer/common.h"
+
+#define STEER_ECONNREFUSED 111
+
+/* Walks every segment slot: unused slots hold lo > hi and never match. A loop bounded by
+ * nsegments instead gets reshaped by clang into one the verifier cannot bound. */
+static __always_inline __u8 steer_port_verdict(struct steer_policy_val *val, __u16 port)
+{
+	for (int i = 0; i < STEER_MAX_SEGMENTS; i++) {
+		if (port >= val->seg[i].lo && port <= val->seg[i].hi)
+			return val->seg[i].verdict;
+	}
+	return val->default_verdict;
+}
+
+int steer_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_family != AF_INET || ctx->type != SOCK_STREAM)
+		return 1;
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	struct steer_pod *pod = steer_pods.lookup(&cgroup);
+	if (!pod)
+		return 1; /* not a steered pod: Envoy, the host, a pod on iptables */
+	struct steer_cfg *cfg = steer_config();
+	if (!cfg)
+		return 1;
+
+	__u32 dst = ctx->user_ip4;
+	__u16 port_be = (__u16)ctx->user_port;
+	__u16 port = bpf_ntohs(port_be);
+	struct steer_counters *count = steer_count(pod->slot);
+	if ((bpf_ntohl(dst) >> 24) == 127)
+		return 1;
+	if (dst == cfg->envoy_ip && (port == STEER_OUTBOUND_PORT || port == STEER_INBOUND_PORT)) {
+		/* Dialling Envoy's listener directly would make Envoy proxy to itself. */
+		if (count)
+			count->denied++;
+		bpf_set_retval(-STEER_ECONNREFUSED);
+		return 0;
+	}
+
+	struct steer_policy_key key = {
+		.prefixlen = 64,
+		.slot = bpf_htonl(pod->slot),
+		.addr = dst,
+	};
+	struct steer_policy_val *policy = steer_policy.lookup(&key);
+	__u8 verdict = policy ? steer_port_verdict(policy, port) : STEER_VERDICT_ALLOW;
+
+	if (verdict == STEER_VERDICT_DENY) {
+		if (count)
+			count->denied++;
+		bpf_set_retval(-STEER_ECONNREFUSED);
+		return 0;
+	}
+	if (verdict != STEER_VERDICT_L7) {
+		if (count)
+			count->direct++;
+		return 1;
+	}
+
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct steer_origdst orig = {.ip = dst, .port_be = port_be, .slot = (__u16)pod->slot};
+	int err = steer_cookie.update(&cookie, &orig);
+	if (err) {
+		/* Without the original destination Envoy could not route: let the flow go
+		 * direct, count it, and let the agent report it. */
+		if (count)
+			count->map_full++;
+		return 1;
+	}
+	ctx->user_ip4 = cfg->envoy_ip;
+	ctx->user_port = bpf_htons(STEER_OUTBOUND_PORT);
+	if (count)
+		count->redirects++;
+	return 1;
+}

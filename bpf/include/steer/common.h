@@ -1,0 +1,37 @@
+/* Helpers shared by the hooks. Port byte orders differ per context (measured on 6.x):
+ *   bpf_sock_addr.user_port      big-endian, low 16 bits
+ *   bpf_sock_ops.remote_port     big-endian, in the high 16 bits; local_port host order
+ *   sk_msg_md.remote_port        big-endian, in the high 16 bits; local_port host order
+ *   bpf_sock.dst_port            big-endian, low 16 bits; src_port host order
+ */
+#ifndef STEER_COMMON_H
+#define STEER_COMMON_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <linux/socket.h>
+#include <linux/net.h>
+
+#include "steer/maps.h"
+
+#define STEER_REMOTE_PORT(field) bpf_ntohs((__u16)((field) >> 16))
+
+static __always_inline struct steer_counters *steer_count(__u32 slot)
+{
+	__u32 index = slot < STEER_MAX_PODS ? slot : 0;
+	return steer_counters.lookup(&index);
+}
+
+static __always_inline struct steer_cfg *steer_config(void)
+{
+	__u32 zero = 0;
+	return steer_cfg.lookup(&zero);
+}
+
+static __always_inline __u32 steer_slot_of_ip(__u32 ip)
+{
+	__u32 *slot = steer_podips.lookup(&ip);
+	return slot ? *slot : 0;
+}
+
+#endif

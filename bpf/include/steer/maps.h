@@ -1,0 +1,111 @@
+/* Every map of steer's datapath, declared once. Names share the prefix "steer_" and stay
+ * under 15 characters (the kernel cuts object names at 15).
+ *
+ * The Python side mirrors each key and value struct with ctypes (steer/node/bpfmaps.py);
+ * the loader checks the sizes agree with what bcc compiled, so the two cannot drift.
+ * IPv4 addresses are in network byte order; ports in host byte order unless named _be.
+ */
+#ifndef STEER_MAPS_H
+#define STEER_MAPS_H
+
+#include "steer/config.h"
+
+/* Verdicts, as in the iptables datapath's conntrack mark. */
+#define STEER_VERDICT_ALLOW 1 /* connect directly, no Envoy */
+#define STEER_VERDICT_DENY 2  /* refuse the connect */
+#define STEER_VERDICT_L7 3    /* rewrite to Envoy's outbound listener */
+
+/* steer_cfg[0]: node-wide settings, written by the agent. */
+struct steer_cfg {
+	__u32 envoy_ip;          /* the address pods reach Envoy on */
+	__u32 flags;             /* STEER_CFG_* */
+	__u64 node_netns_cookie; /* netns of Envoy's sockets: part of every orig-dst key */
+};
+#define STEER_CFG_SKMSG 0x1      /* sockops adds steered sockets to steer_sockhash */
+BPF_ARRAY(steer_cfg, struct steer_cfg, 1);
+
+/* steer_pods: cgroup id -> the pod whose cgroup it is. Only pods on the eBPF datapath
+ * are here; connect4 ignores every other cgroup (Envoy's, the host's). */
+struct steer_pod {
+	__u32 slot;  /* index into steer_counters and the key space of steer_policy */
+	__u32 ip;
+};
+BPF_HASH(steer_pods, __u64, struct steer_pod, STEER_MAX_PODS);
+
+/* steer_podips: pod IP -> slot, for sockets that only know addresses (sk_msg,
+ * getsockopt on Envoy's side, sockops of upstream legs). */
+BPF_HASH(steer_podips, __u32, __u32, STEER_MAX_PODS);
+
+/* steer_policy: (source pod, destination prefix) -> the verdict per destination port.
+ * The agent computes it from the same decision the iptables datapath encodes; every pod
+ * has a 0.0.0.0/0 entry, so a lookup for a steered pod always finds one. */
+struct steer_policy_key {
+	__u32 prefixlen; /* 32 (slot) + destination prefix length */
+	__u32 slot;      /* network byte order, so the trie compares it bit by bit */
+	__u32 addr;
+};
+struct steer_segment {
+	__u16 lo;
+	__u16 hi;
+	__u8 verdict;
+	__u8 pad[3];
+};
+struct steer_policy_val {
+	__u8 default_verdict; /* for ports in no segment */
+	__u8 nsegments;       /* for readers; unused seg[] slots have lo > hi */
+	__u8 pad[2];
+	struct steer_segment seg[STEER_MAX_SEGMENTS];
+};
+BPF_LPM_TRIE(steer_policy, struct steer_policy_key, struct steer_policy_val,
+	     STEER_MAX_PREFIXES);
+
+/* Where a steered connection was going. */
+struct steer_origdst {
+	__u32 ip;
+	__u16 port_be;
+	__u16 slot;
+};
+
+/* steer_cookie: socket cookie -> original destination, from connect4 until the handshake
+ * completes and sockops moves it to steer_origdst. LRU: a connect that never completes
+ * must not leak an entry. */
+BPF_TABLE("lru_hash", __u64, struct steer_origdst, steer_cookie, STEER_MAX_PENDING);
+
+/* steer_origdst: the connection as Envoy's accepted socket sees it -> original
+ * destination. The 4-tuple alone collides across network namespaces, so the key carries
+ * the netns cookie of Envoy's side. */
+struct steer_flow_key {
+	__u64 netns_cookie;
+	__u32 client_ip;
+	__u32 envoy_ip;
+	__u16 client_port;
+	__u16 envoy_port;
+	__u32 pad;
+};
+BPF_TABLE("lru_hash", struct steer_flow_key, struct steer_origdst, steer_origdst,
+	  STEER_MAX_FLOWS);
+
+/* steer_sockhash: both local sockets of steered connections, keyed by the socket's own
+ * view (local, remote); sk_msg finds the peer by swapping the two. */
+struct steer_sock_key {
+	__u32 local_ip;
+	__u32 remote_ip;
+	__u32 local_port;
+	__u32 remote_port;
+};
+BPF_SOCKHASH(steer_sockhash, struct steer_sock_key, STEER_MAX_FLOWS);
+
+/* steer_counters[slot]: per-pod counters; slot 0 counts what belongs to no pod. */
+struct steer_counters {
+	__u64 redirects;    /* connects rewritten to Envoy */
+	__u64 direct;       /* connects allowed without Envoy (L4 only) */
+	__u64 denied;       /* connects refused */
+	__u64 msgs;         /* sk_msg messages handed straight to the peer socket */
+	__u64 bytes;        /* ... and their bytes */
+	__u64 sockopt_hits; /* SO_ORIGINAL_DST answered from steer_origdst */
+	__u64 sockopt_miss; /* SO_ORIGINAL_DST on a connection not steered by eBPF */
+	__u64 map_full;     /* a map update failed: steering degraded, see the agent log */
+};
+BPF_PERCPU_ARRAY(steer_counters, struct steer_counters, STEER_MAX_PODS);
+
+#endif

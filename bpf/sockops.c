@@ -1,0 +1,113 @@
+/* sockops, attached to steered pods' cgroups and to Envoy's cgroup.
+ *
+ * On an established steered connection it (1) moves the original destination from the
+ * socket cookie to the key Envoy's side can compute, and (2) puts both local sockets of
+ * each leg (pod <-> Envoy, Envoy <-> pod) into steer_sockhash, so sk_msg can hand data
+ * straight to the peer socket.
+ */
+#include "steer/common.h"
+
+static __always_inline void steer_sock_key(struct bpf_sock_ops *skops, struct steer_sock_key *key)
+{
+	key->local_ip = skops->local_ip4;
+	key->remote_ip = skops->remote_ip4;
+	key->local_port = skops->local_port;
+	key->remote_port = STEER_REMOTE_PORT(skops->remote_port);
+}
+
+static __always_inline void steer_add_sock(struct bpf_sock_ops *skops, struct steer_cfg *cfg,
+					   __u32 slot)
+{
+	if (!(cfg->flags & STEER_CFG_SKMSG))
+		return;
+	struct steer_sock_key key = {};
+	steer_sock_key(skops, &key);
+	int err = steer_sockhash.sock_hash_update(skops, &key, BPF_ANY);
+	if (err) {
+		struct steer_counters *count = steer_count(slot);
+		if (count)
+			count->map_full++;
+	}
+}
+
+/* The client's leg, seen from the pod: remember where it was going, for Envoy. */
+static __always_inline void steer_client_established(struct bpf_sock_ops *skops,
+						     struct steer_cfg *cfg)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct steer_origdst *orig = steer_cookie.lookup(&cookie);
+	if (!orig)
+		return; /* a connection connect4 did not rewrite */
+	struct steer_flow_key key = {
+		.netns_cookie = cfg->node_netns_cookie,
+		.client_ip = skops->local_ip4,
+		.envoy_ip = skops->remote_ip4,
+		.client_port = (__u16)skops->local_port,
+		.envoy_port = STEER_REMOTE_PORT(skops->remote_port),
+	};
+	struct steer_origdst value = *orig;
+	steer_cookie.delete(&cookie);
+	int err = steer_origdst.update(&key, &value);
+	if (err) {
+		struct steer_counters *count = steer_count(value.slot);
+		if (count)
+			count->map_full++;
+		return;
+	}
+	/* Drop the entry when the connection closes, rather than waiting for LRU. */
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	steer_add_sock(skops, cfg, value.slot);
+}
+
+static __always_inline void steer_closed(struct bpf_sock_ops *skops, struct steer_cfg *cfg)
+{
+	struct steer_flow_key key = {
+		.netns_cookie = cfg->node_netns_cookie,
+		.client_ip = skops->local_ip4,
+		.envoy_ip = skops->remote_ip4,
+		.client_port = (__u16)skops->local_port,
+		.envoy_port = STEER_REMOTE_PORT(skops->remote_port),
+	};
+	steer_origdst.delete(&key);
+}
+
+int steer_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->family != AF_INET)
+		return 1;
+	struct steer_cfg *cfg = steer_config();
+	if (!cfg)
+		return 1;
+	__u32 remote_port = STEER_REMOTE_PORT(skops->remote_port);
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (skops->remote_ip4 == cfg->envoy_ip && remote_port == STEER_OUTBOUND_PORT) {
+			steer_client_established(skops, cfg);
+		} else if (skops->local_ip4 == cfg->envoy_ip) {
+			/* Envoy's upstream leg to a pod on this node. */
+			__u32 slot = steer_slot_of_ip(skops->remote_ip4);
+			if (slot)
+				steer_add_sock(skops, cfg, slot);
+		}
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		if (skops->local_ip4 == cfg->envoy_ip && skops->local_port == STEER_OUTBOUND_PORT) {
+			/* Envoy's accepted side of a client leg from a steered pod. */
+			__u32 slot = steer_slot_of_ip(skops->remote_ip4);
+			if (slot)
+				steer_add_sock(skops, cfg, slot);
+		} else if (skops->remote_ip4 == cfg->envoy_ip) {
+			/* A pod's accepted side of Envoy's upstream leg. */
+			__u32 slot = steer_slot_of_ip(skops->local_ip4);
+			if (slot)
+				steer_add_sock(skops, cfg, slot);
+		}
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			steer_closed(skops, cfg);
+		break;
+	}
+	return 1;
+}

@@ -1,0 +1,232 @@
+"""One node's datapaths: iptables for every pod, plus eBPF for the pods it can steer.
+
+Per pod, the choice is the annotation `steer.dev/dataplane` against what the node can do
+(steer.node.features). The iptables rules always run: they enforce ingress for flows from
+pods on iptables and from off the node, and they let eBPF pods' flows through untouched,
+since connect4 decided those already. A pod changing datapath keeps its established
+connections: conntrack keeps iptables flows' NAT and marks, and sockets already in the
+sockhash keep their sk_msg program.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from steer.constants import ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, VERDICT_ALLOW, VERDICT_L7
+from steer.model.enforce import Enforcement, decide_flow, resolve
+from steer.model.pod import Dataplane, Pod
+from steer.model.policy import HTTPPolicy
+from steer.node import conntrack, iptables
+from steer.node.bpf import BpfDatapath, BpfError, node_netns_cookie
+from steer.node.features import Features, choose, probe
+from steer.render.bpf import PodPolicy, TooComplexForBpf, flow_verdict, render_pod_policy
+from steer.render.iptables import Ruleset, render_ruleset
+
+log = logging.getLogger("steer.datapath")
+
+
+@dataclass
+class SyncReport:
+    applied: bool
+    rules: int
+    revoked: int
+    apply_ms: float
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    # pod key -> (datapath, why)
+    dataplanes: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _guarded(report: SyncReport, what: str, action: Callable[[], int]) -> int:
+    """Run one revocation pass; netlink trouble is reported, never fatal: the new rules
+    are in force either way, and unrevoked flows end on their own."""
+    try:
+        return action()
+    except (OSError, NetlinkError, subprocess.SubprocessError) as exc:
+        report.errors.append(f"{what} failed: {exc}")
+        log.error("rules applied, but %s failed: %s", what, exc)
+        return 0
+
+
+@dataclass
+class IptablesDatapath:
+    """Owns steer's iptables state in the current network namespace."""
+
+    applied_digest: str | None = None
+    applied: Ruleset | None = None
+    enforcement: Enforcement | None = None
+
+    def sync(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> SyncReport:
+        """Everything on iptables: for tests and nodes without eBPF."""
+        enforcement = resolve(policies, pods)
+        report = SyncReport(False, 0, 0, 0.0, warnings=list(enforcement.warnings))
+        self.apply(enforcement, frozenset(), report)
+        return report
+
+    def apply(self, enforcement: Enforcement, ebpf: frozenset[str], report: SyncReport) -> None:
+        ruleset = render_ruleset(enforcement, ebpf)
+        report.rules = len(ruleset.rules)
+        if ruleset.digest() == self.applied_digest:
+            return
+        started = time.perf_counter()
+        try:
+            iptables.apply(ruleset, self.applied)
+        except iptables.IptablesError as exc:
+            report.errors.append(str(exc))
+            log.error("rules not applied, previous rules stay in force: %s", exc)
+            return
+        report.apply_ms = (time.perf_counter() - started) * 1000
+        report.applied = True
+        self.applied_digest = ruleset.digest()
+        self.applied = ruleset
+        self.enforcement = enforcement
+        report.revoked += _guarded(
+            report,
+            "revoking iptables flows",
+            lambda: len(
+                conntrack.revoke(lambda f: decide_flow(enforcement, f.src, f.dst, f.dport))
+            ),
+        )
+
+    def plan(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> Ruleset:
+        return render_ruleset(resolve(policies, pods))
+
+    def unload(self) -> None:
+        iptables.unload()
+        self.applied_digest = None
+        self.applied = None
+
+
+def destroy_socket(netns: str, local: tuple[str, int], remote: tuple[str, int]) -> None:
+    """Abort one TCP socket inside a pod (SOCK_DESTROY): its owner sees ECONNABORTED."""
+    subprocess.run(
+        [
+            *("ip", "netns", "exec", netns, "ss", "-K", "-t", "-n"),
+            *("src", f"{local[0]}:{local[1]}", "dst", f"{remote[0]}:{remote[1]}"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=5,
+    )
+
+
+@dataclass
+class EbpfPods:
+    """The eBPF side: which pods it steers, with which slot and policy."""
+
+    bpf: BpfDatapath
+    envoy_ip: str
+    installed: dict[str, tuple[str, int, PodPolicy]] = field(default_factory=dict)
+
+    def sync(
+        self, enforcement: Enforcement, wanted: dict[str, PodPolicy], envoy_cgroup: str
+    ) -> None:
+        bpf = self.bpf
+        if envoy_cgroup:
+            bpf.attach_envoy(envoy_cgroup)
+        pods = {p.pod.key: p for p in enforcement.pods}
+        for key in [k for k in self.installed if k not in wanted]:
+            cgroup, slot, policy = self.installed.pop(key)
+            bpf.remove_pod(cgroup, slot, str(policy.ip))
+            bpf.release_slot(key)
+        for key, policy in wanted.items():
+            cgroup = pods[key].pod.cgroup
+            if self.installed.get(key, ("", 0, None))[0::2] == (cgroup, policy):
+                continue
+            slot = bpf.slot_for(key)
+            bpf.set_pod(cgroup, slot, policy)
+            self.installed[key] = (cgroup, slot, policy)
+
+    def revoke(self, enforcement: Enforcement) -> int:
+        """Abort the eBPF pods' connections whose verdict the new policy changes."""
+        bpf = self.bpf
+        by_ip = {p.ip: p for p in enforcement.pods if p.pod.key in self.installed}
+        revoked = 0
+        for client_ip, client_port, orig_ip, orig_port in bpf.steered_flows():
+            pod = by_ip.get(client_ip)
+            if pod is not None and flow_verdict(enforcement, pod, orig_ip, orig_port) != VERDICT_L7:
+                destroy_socket(
+                    pod.pod.netns,
+                    (str(client_ip), client_port),
+                    (self.envoy_ip, ENVOY_OUTBOUND_PORT),
+                )
+                revoked += 1
+        for flow in conntrack.unmarked_flows(by_ip.keys()):
+            pod = by_ip[flow.src]
+            if flow_verdict(enforcement, pod, flow.dst, flow.dport) != VERDICT_ALLOW:
+                destroy_socket(
+                    pod.pod.netns, (str(flow.src), flow.sport), (str(flow.dst), flow.dport)
+                )
+                revoked += 1
+        return revoked
+
+
+@dataclass
+class NodeDatapath:
+    envoy_ip: str = LAB_GATEWAY_IP
+    features: Features = field(default_factory=probe)
+    iptables: IptablesDatapath = field(default_factory=IptablesDatapath)
+    ebpf: EbpfPods | None = None
+
+    def _ebpf(self) -> EbpfPods | None:
+        """Load (or adopt) the BPF objects on first need; a failure turns eBPF off."""
+        if self.ebpf is None and self.features.ebpf:
+            try:
+                bpf = BpfDatapath.load()
+                bpf.configure(self.envoy_ip, node_netns_cookie(), self.features.skmsg)
+            except (BpfError, OSError, subprocess.SubprocessError) as exc:
+                log.error("eBPF datapath unavailable, every pod stays on iptables: %s", exc)
+                self.features = self.features.without_ebpf(
+                    f"loading the BPF programs failed: {exc}"
+                )
+                return None
+            self.ebpf = EbpfPods(bpf, self.envoy_ip)
+        return self.ebpf
+
+    def _choose(self, enforcement: Enforcement, report: SyncReport) -> dict[str, PodPolicy]:
+        wanted: dict[str, PodPolicy] = {}
+        for pod in enforcement.pods:
+            dataplane, why = choose(pod.steering.dataplane, self.features, bool(pod.pod.cgroup))
+            if dataplane is Dataplane.EBPF:
+                try:
+                    wanted[pod.pod.key] = render_pod_policy(enforcement, pod)
+                except TooComplexForBpf as exc:
+                    dataplane, why = Dataplane.IPTABLES, f"policy too complex for eBPF: {exc}"
+            report.dataplanes[pod.pod.key] = (dataplane.value, why)
+        return wanted
+
+    def sync(
+        self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod], envoy_cgroup: str = ""
+    ) -> SyncReport:
+        enforcement = resolve(policies, pods)
+        report = SyncReport(False, 0, 0, 0.0, warnings=list(enforcement.warnings))
+        wanted = self._choose(enforcement, report)
+        ebpf = self._ebpf() if wanted else self.ebpf
+        if wanted and ebpf is None:
+            # Loading failed just now and turned eBPF off: every pod goes to iptables,
+            # with the load error as the reason.
+            report.dataplanes.clear()
+            wanted = self._choose(enforcement, report)
+        if ebpf is not None:
+            # eBPF first: a pod's verdicts are in its maps before iptables lets its new
+            # flows through unexamined.
+            try:
+                ebpf.sync(enforcement, wanted, envoy_cgroup)
+            except (OSError, RuntimeError) as exc:
+                report.errors.append(f"eBPF update failed: {exc}")
+                log.error("eBPF update failed; those pods keep their previous state: %s", exc)
+        self.iptables.apply(enforcement, frozenset(wanted), report)
+        if ebpf is not None and report.applied:
+            report.revoked += _guarded(
+                report, "revoking eBPF flows", lambda: ebpf.revoke(enforcement)
+            )
+        return report
+
+    def unload(self) -> None:
+        self.iptables.unload()
