@@ -260,7 +260,10 @@ class BpfDatapath:
     def _compile_and_pin(self) -> None:
         bcc = _bcc()
         try:
-            module = bcc.BPF(text=source_text(), cflags=[f"-I{BPF_SOURCE_DIR / 'include'}"])
+            # bcc wants bytes for text and names (str only earns a DeprecationWarning).
+            module = bcc.BPF(
+                text=source_text().encode(), cflags=[f"-I{BPF_SOURCE_DIR / 'include'}"]
+            )
         except Exception as exc:
             raise BpfError(f"compiling bpf/: {exc}") from exc
         self._check_layouts(module)
@@ -272,7 +275,9 @@ class BpfDatapath:
             with _stderr_captured() as verifier_log:
                 try:
                     fn = module.load_func(
-                        program.name, getattr(bcc.BPFProgType, program.prog_type), **kwargs
+                        program.name.encode(),
+                        getattr(bcc.BPFProgType, program.prog_type),
+                        **kwargs,
                     )
                 except Exception as exc:
                     raise BpfError(
@@ -282,7 +287,7 @@ class BpfDatapath:
             self._pin(fn.fd, program.name)
             self.prog_fds[program.name] = os.dup(fn.fd)
         for name in MAPS:
-            fd = module[name].map_fd if name != "steer_sockhash" else _sockhash_fd(module)
+            fd = module[name.encode()].map_fd if name != "steer_sockhash" else _sockhash_fd(module)
             self._pin(fd, name)
             self.map_fds[name] = os.dup(fd)
         # sk_msg runs on the sockhash: attaching it to the map is a one-time step.
@@ -295,7 +300,7 @@ class BpfDatapath:
         for name, (key_type, value_type) in MAPS.items():
             if key_type is None:
                 continue
-            table = module[name]
+            table = module[name.encode()]
             # Per-CPU tables expose the per-CPU array as Leaf and one CPU's value as sLeaf.
             got = (ct.sizeof(table.Key), ct.sizeof(getattr(table, "sLeaf", table.Leaf)))
             want = (ct.sizeof(key_type), ct.sizeof(value_type))

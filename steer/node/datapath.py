@@ -230,3 +230,9 @@ class NodeDatapath:
 
     def unload(self) -> None:
         self.iptables.unload()
+
+    def close(self) -> None:
+        """Let go of the BPF objects: the kernel frees them once unpinned and unheld."""
+        if self.ebpf is not None:
+            self.ebpf.bpf.close()
+            self.ebpf = None

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from steer.node.netns import enter_netns, netns_path
-from steer.testing.servers import serve
+from steer.testing.servers import original_dst, serve
 
 # Socket timeout for the operations that take none (echo, raw TCP), so that a silent
 # peer turns into an error instead of a worker that never answers again.
@@ -217,6 +217,16 @@ class PodProcess:
     def serve_echo(self, ip: str, port: int) -> None:
         """Serve TCP echo on ip:port until the worker exits; returns once listening."""
         self._call("serve_echo", 0.0, ip=ip, port=port)
+
+    def listen(self, ip: str, port: int) -> int:
+        """A bare listening socket (no server behind it), for accept_original_dst."""
+        return _as_int(self._call("listen", 0.0, ip=ip, port=port))
+
+    def accept_original_dst(self, listener: int, timeout: float = 3.0) -> tuple[str, int]:
+        """Accept one connection and report its SO_ORIGINAL_DST, as Envoy's original_dst
+        listener filter reads it (from conntrack, or from steer's getsockopt program)."""
+        result = self._call("accept_original_dst", timeout, listener=listener, timeout=timeout)
+        return str(result[0]), _as_int(result[1])
 
     def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
         """Run ``argv`` as a child of the worker, so it inherits the pod's netns and cgroup.
@@ -468,6 +478,22 @@ class _Worker:
         if conn not in self._tcp:
             raise LookupError(f"no tcp connection {conn}")
         return self._tcp[conn]
+
+    def op_listen(self, ip: str, port: int) -> int:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        sock.listen(16)
+        conn_id = self._conn_id()
+        self._tcp[conn_id] = sock
+        return conn_id
+
+    def op_accept_original_dst(self, listener: int, timeout: float) -> tuple[str, int]:
+        sock = self._tcp_conn(listener)
+        sock.settimeout(timeout)
+        conn, _ = sock.accept()
+        with conn:
+            return original_dst(conn)
 
     def op_serve_http(self, ip: str, port: int, name: str) -> None:
         # servers.serve joins the netns on a helper thread; here that is the namespace

@@ -1,0 +1,239 @@
+"""The eBPF datapath on the real kernel: connect4 verdicts, SO_ORIGINAL_DST through the
+getsockopt hook, adoption of pinned objects, fallback and a clean unload.
+
+Workloads run as processes inside the pods' cgroups (cgroup hooks act on the cgroup of
+the process that makes the socket); a stand-in for Envoy runs in the node's cgroup.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from steer.constants import BPF_PIN_DIR, ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, NODE_NETNS
+from steer.model.pod import Pod
+from steer.node import bpf as bpf_module
+from steer.node.bpf import BpfDatapath, BpfError
+from steer.node.datapath import NodeDatapath, SyncReport
+from steer.node.features import FORCE_ENV
+from steer.node.lab import LabPod, LabState
+from steer.node.netns import run_in_netns
+from steer.testing.podproc import PodProcess
+from tests.samples import sample_policies
+
+pytestmark = pytest.mark.privileged
+
+
+def pods_of(lab: LabState) -> list[Pod]:
+    return [
+        Pod(
+            p.name,
+            p.namespace,
+            p.ip,
+            dict(p.labels),
+            {"steer.dev/dataplane": "ebpf"} if p.name == "client" else {},
+            interface=p.veth,
+            cgroup=p.cgroup,
+            netns=p.netns,
+        )
+        for p in lab.pods
+    ]
+
+
+def unload_everything() -> None:
+    BpfDatapath.unload_all()
+    run_in_netns(NODE_NETNS, lambda: NodeDatapath().unload())
+
+
+@pytest.fixture
+def node(lab: LabState, tmp_path: Path) -> Iterator[NodeDatapath]:
+    unload_everything()
+    datapath = NodeDatapath()
+    try:
+        yield datapath
+    finally:
+        datapath.close()
+        unload_everything()
+
+
+def sync(datapath: NodeDatapath, lab: LabState) -> SyncReport:
+    report = run_in_netns(
+        NODE_NETNS, lambda: datapath.sync(sample_policies(), pods_of(lab), lab.node_cgroup)
+    )
+    assert report.errors == []
+    return report
+
+
+def pod(lab: LabState, name: str) -> LabPod:
+    return lab.pod("default", name)
+
+
+@pytest.fixture
+def client(lab: LabState) -> Iterator[PodProcess]:
+    with PodProcess.start(pod(lab, "client").netns, pod(lab, "client").cgroup) as worker:
+        yield worker
+
+
+def counters(name: str) -> dict[str, int]:
+    bpf = BpfDatapath.load()
+    try:
+        return bpf.counters(bpf.slots[f"default/{name}"])
+    finally:
+        bpf.close()
+
+
+def test_client_pod_gets_ebpf_with_a_reason(node: NodeDatapath, lab: LabState) -> None:
+    report = sync(node, lab)
+    dataplane, why = report.dataplanes["default/client"]
+    assert dataplane == "ebpf"
+    assert "annotation asks for ebpf" in why
+    assert report.dataplanes["default/web"][0] == "ebpf"  # auto, on a capable kernel
+
+
+def test_l7_connect_reaches_envoy_with_its_original_destination(
+    node: NodeDatapath, lab: LabState, client: PodProcess
+) -> None:
+    sync(node, lab)
+    with PodProcess.start(NODE_NETNS, lab.node_cgroup) as envoy:
+        listener = envoy.listen("0.0.0.0", ENVOY_OUTBOUND_PORT)
+        seen: list[tuple[str, int]] = []
+        accept = threading.Thread(target=lambda: seen.append(envoy.accept_original_dst(listener)))
+        accept.start()
+        conn = client.open_tcp(pod(lab, "web").ip, 8080)
+        accept.join(timeout=5)
+        client.tcp_close(conn)
+    assert seen == [(pod(lab, "web").ip, 8080)]
+    count = counters("client")
+    assert count["redirects"] == 1
+    assert count["sockopt_hits"] == 1
+
+
+def test_connect_time_deny_is_refused_at_once(
+    node: NodeDatapath, lab: LabState, client: PodProcess
+) -> None:
+    sync(node, lab)
+    outcome, seconds = client.connect_outcome(pod(lab, "web").ip, 9090)
+    assert (outcome, seconds < 0.1) == ("refused", True)
+    # Dialling Envoy's own listener is refused too, rather than looping through Envoy.
+    assert client.connect_outcome(LAB_GATEWAY_IP, ENVOY_OUTBOUND_PORT)[0] == "refused"
+    assert counters("client")["denied"] == 2
+
+
+def test_l4_only_destination_is_reached_directly(
+    node: NodeDatapath, lab: LabState, client: PodProcess
+) -> None:
+    sync(node, lab)
+    api = pod(lab, "api")
+    with PodProcess.start(api.netns, api.cgroup) as server:
+        server.serve_http(api.ip, 7000, "api")
+        reply = client.request(api.ip, 7000, "GET", "/anything")
+    assert reply.status == 200
+    assert b'"peer": "%s"' % pod(lab, "client").ip.encode() in reply.body
+    assert "server" not in reply.headers or reply.headers["server"] != "envoy"
+    assert counters("client")["direct"] == 1
+
+
+def test_restart_adopts_the_pins_without_recompiling(
+    node: NodeDatapath, lab: LabState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync(node, lab)
+    first = BpfDatapath.load()
+    slots, attachments = dict(first.slots), list(first.attachments)
+    first.close()
+
+    def no_compile(self: BpfDatapath) -> None:
+        raise AssertionError("a restart must adopt the pinned objects, not recompile")
+
+    monkeypatch.setattr(BpfDatapath, "_compile_and_pin", no_compile)
+    again = BpfDatapath.load()
+    try:
+        assert again.adopted
+        assert (again.slots, again.attachments) == (slots, attachments)
+    finally:
+        again.close()
+
+
+def _bpftool(*args: str) -> str:
+    return subprocess.run(["bpftool", *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_unload_removes_every_bpf_object_and_no_iptables_rule(
+    node: NodeDatapath, lab: LabState
+) -> None:
+    sync(node, lab)
+    assert "steer_connect4" in _bpftool("prog", "show")
+    rules_before = subprocess.run(
+        ["ip", "netns", "exec", NODE_NETNS, "iptables-legacy-save"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    node.close()  # as an agent that has stopped: unload frees what nobody holds
+    subprocess.run(
+        [".venv/bin/steer", "dataplane", "unload"], check=True, cwd=Path(__file__).parents[2]
+    )
+    assert "steer_" not in _bpftool("prog", "show")
+    assert "steer_" not in _bpftool("map", "show")
+    assert "steer_" not in _bpftool("cgroup", "tree", str(Path(lab.node_cgroup).parent))
+    assert not BPF_PIN_DIR.exists()
+    rules_after = subprocess.run(
+        ["ip", "netns", "exec", NODE_NETNS, "iptables-legacy-save"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("#")]  # noqa: E731
+    assert strip(rules_after) == strip(rules_before)
+
+
+def test_forced_probe_result_falls_back_to_iptables(
+    lab: LabState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unload_everything()
+    monkeypatch.setenv(FORCE_ENV, '{"ebpf": false}')
+    datapath = NodeDatapath()
+    try:
+        report = sync(datapath, lab)
+        dataplane, why = report.dataplanes["default/client"]
+        assert dataplane == "iptables"
+        assert FORCE_ENV in why
+        assert not BPF_PIN_DIR.exists()
+    finally:
+        datapath.close()
+        unload_everything()
+
+
+def test_a_program_the_verifier_rejects_falls_back_with_its_name_and_log(
+    lab: LabState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connect4 that reads past its map value: the verifier must refuse it, the error
+    must name the program and carry the verifier log, and the node must stay up."""
+    broken = tmp_path / "bpf"
+    shutil.copytree(bpf_module.BPF_SOURCE_DIR, broken)
+    connect4 = broken / "connect4.c"
+    connect4.write_text(
+        connect4.read_text().replace("i < STEER_MAX_SEGMENTS; i++", "i <= STEER_MAX_SEGMENTS; i++")
+    )
+    monkeypatch.setattr(bpf_module, "BPF_SOURCE_DIR", broken)
+    unload_everything()
+    with pytest.raises(BpfError) as info:
+        BpfDatapath.load(pin_dir=tmp_path / "pins", state_file=tmp_path / "state.json")
+    assert "steer_connect4" in str(info.value)
+    assert "verifier log" in str(info.value)
+    assert "invalid access to map value" in str(info.value)
+
+    datapath = NodeDatapath()
+    try:
+        report = sync(datapath, lab)
+        dataplane, why = report.dataplanes["default/client"]
+        assert dataplane == "iptables"
+        assert "steer_connect4" in why
+    finally:
+        datapath.close()
+        unload_everything()
+        BpfDatapath.unload_all(tmp_path / "pins", tmp_path / "state.json")
