@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the local node end to end and check it")
     demo.add_argument("--json", action="store_true")
     demo.add_argument("--keep", action="store_true", help="leave the lab running")
-    demo.add_argument("--dataplane", choices=["iptables"], default="iptables")
+    demo.add_argument("--dataplane", choices=["iptables", "ebpf", "both"], default="both")
     demo.add_argument("--ads", choices=["delta", "sotw"], default="delta")
     demo.set_defaults(func=cmd_demo)
 

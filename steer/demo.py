@@ -2,19 +2,23 @@
 
 It brings up a lab (client, web, api), the control plane, the agent and Envoy as separate
 processes exactly as an operator would run them, loads the sample policies, and checks
-what the product promises. Everything is torn down at the end unless --keep is given.
+what the product promises, on the iptables datapath, the eBPF one, or both (the client pod
+switching datapath half way). Everything is torn down at the end unless --keep is given.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from steer.constants import (
+    ANNOTATION_DATAPLANE,
+    BPF_PIN_DIR,
     CGROUP_SUBTREE,
     LAB_STATE_FILE,
     NODE_NETNS,
@@ -22,10 +26,11 @@ from steer.constants import (
 )
 from steer.localnode import LocalNode
 from steer.node import iptables
-from steer.node.lab import cgroup2_root
+from steer.node.bpf import BpfDatapath
+from steer.node.lab import cgroup2_root, default_lab_specs
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE
-from steer.testing.servers import connect, http_connection, serve, time_connect
+from steer.testing.podproc import PodProcess
 
 LIVE_CHANGE_BUDGET_MS = 100.0
 TIGHTENED_WEB_RULE = """
@@ -74,11 +79,14 @@ class DemoResult:
 
 
 class _Checks:
-    def __init__(self, node: LocalNode, dataplane: str) -> None:
+    """The demo's checks, run from a worker process inside the client pod (in its netns
+    and its cgroup, where the eBPF datapath's hooks act)."""
+
+    def __init__(self, node: LocalNode, client: PodProcess) -> None:
         self.node = node
-        self.ns = node.netns
+        self.client = client
         self.ip = node.ip
-        self.dataplane = dataplane
+        self.dataplane = "iptables"
         self.results: list[Check] = []
 
     def run(self, name: str, fn: Callable[[], tuple[bool, str]]) -> None:
@@ -88,62 +96,82 @@ class _Checks:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         self.results.append(Check(name, self.dataplane, ok, detail))
 
+    def run_common(self) -> None:
+        self.run("allowed-path-200", self.allowed_path)
+        self.run("denied-path-403", self.denied_path)
+        self.run("l4-deny-refused", self.l4_denied)
+        self.run("verdict-once-per-flow", self.verdict_once)
+        self.run("l4-only-without-envoy", self.l4_only_direct)
+        self.run("live-policy-change", self.live_change)
+
+    def run_ebpf_only(self) -> None:
+        self.run("skmsg-counters-grew", self.skmsg_counters)
+        self.run("veth-carries-no-payload", self.veth_quiet)
+
     def allowed_path(self) -> tuple[bool, str]:
-        client = http_connection(self.ns("client"), self.ip("web"), 8080)
-        try:
-            status, body, _ = client.request("GET", "/public/hello")
-        finally:
-            client.close()
-        served_by = json.loads(body).get("pod") if status == 200 else None
-        return status == 200 and served_by == "web", f"GET /public/hello -> {status}"
+        reply = self.client.request(self.ip("web"), 8080, "GET", "/public/hello")
+        served_by = json.loads(reply.body).get("pod") if reply.status == 200 else None
+        return reply.status == 200 and served_by == "web", f"GET /public/hello -> {reply.status}"
 
     def denied_path(self) -> tuple[bool, str]:
-        client = http_connection(self.ns("client"), self.ip("web"), 8080)
+        conn = self.client.http_open(self.ip("web"), 8080)
         outcomes = []
         try:
             for path in ("/admin", "/public/../admin", "//admin", "/public/..%2fadmin"):
-                status, _, headers = client.request("GET", path)
-                outcomes.append((path, status, headers.get("server", "")))
+                reply = self.client.http_request(conn, "GET", path)
+                outcomes.append((path, reply.status, reply.headers.get("server", "")))
         finally:
-            client.close()
+            self.client.http_close(conn)
         ok = all(status in (400, 403) and server == "envoy" for _, status, server in outcomes)
         ok = ok and outcomes[0][1] == 403
         return ok, ", ".join(f"{p} -> {s}" for p, s, _ in outcomes)
 
     def l4_denied(self) -> tuple[bool, str]:
-        outcome, seconds = time_connect(self.ns("client"), self.ip("web"), 9090)
+        outcome, seconds = self.client.connect_outcome(self.ip("web"), 9090)
         return (
             outcome == "refused" and seconds < 1.0,
-            f"connect web:9090 {outcome} after {seconds * 1000:.1f} ms",
+            f"connect web:9090 {outcome} after {seconds * 1000:.2f} ms",
         )
 
     def verdict_once(self) -> tuple[bool, str]:
-        def counts() -> dict[str, int]:
-            return {c.comment: c.packets for c in iptables.counters("mangle", CHAIN_PRE)}
-
-        before = run_in_netns(NODE_NETNS, counts)
-        messages = 200
-        with connect(self.ns("client"), self.ip("api"), 7000) as sock:
-            for i in range(messages):
-                payload = f"{i:08d}".encode()
-                sock.sendall(payload)
-                received = b""
-                while len(received) < len(payload):
-                    received += sock.recv(64)
-        after = run_in_netns(NODE_NETNS, counts)
-        walked = after["policy-entry"] - before["policy-entry"]
-        cached = after["verdict-cached"] - before["verdict-cached"]
+        requests = 200
+        before_ipt, before_bpf = _iptables_counts(), self._bpf_counts()
+        conn = self.client.http_open(self.ip("api"), 7000)
+        try:
+            statuses = {self.client.http_request(conn, "GET", "/").status for _ in range(requests)}
+        finally:
+            self.client.http_close(conn)
+        after_ipt, after_bpf = _iptables_counts(), self._bpf_counts()
+        walked = after_ipt["policy-entry"] - before_ipt["policy-entry"]
+        if self.dataplane == "ebpf":
+            decided = after_bpf["direct"] - before_bpf["direct"]
+            return (
+                statuses == {200} and decided == 1 and walked == 0,
+                f"{requests} requests on one flow: connect4 decided {decided}x, "
+                f"the iptables policy chain saw it {walked}x",
+            )
+        cached = after_ipt["verdict-cached"] - before_ipt["verdict-cached"]
         return (
-            walked == 1 and cached >= messages,
-            f"{messages} round trips: policy chain walked {walked}x, "
+            statuses == {200} and walked == 1 and cached >= requests,
+            f"{requests} requests on one flow: policy chain walked {walked}x, "
             f"connmark short-cut {cached} packets",
         )
 
+    def l4_only_direct(self) -> tuple[bool, str]:
+        reply = self.client.request(self.ip("api"), 7000, "GET", "/")
+        peer = json.loads(reply.body).get("peer") if reply.status == 200 else None
+        via_envoy = reply.headers.get("server") == "envoy"
+        return (
+            reply.status == 200 and not via_envoy and peer == self.ip("client"),
+            f"api:7000 (L4 rules only) answered {reply.status}, "
+            f"{'through Envoy' if via_envoy else 'without Envoy'}, seeing peer {peer}",
+        )
+
     def live_change(self) -> tuple[bool, str]:
-        client = http_connection(self.ns("client"), self.ip("web"), 8080)
+        conn = self.client.http_open(self.ip("web"), 8080)
         original = (self.node.policy_dir / "web.yaml").read_text()
         try:
-            first, _, _ = client.request("GET", "/public/hello")
+            first = self.client.http_request(conn, "GET", "/public/hello").status
             if first != 200:
                 return False, f"before the change: {first}"
             started = time.perf_counter()
@@ -152,17 +180,79 @@ class _Checks:
             )
             status, attempts = first, 0
             while status == 200 and time.perf_counter() - started < 5:
-                status, _, _ = client.request("GET", "/public/hello")
+                status = self.client.http_request(conn, "GET", "/public/hello").status
                 attempts += 1
             elapsed_ms = (time.perf_counter() - started) * 1000
         finally:
-            client.close()
+            self.client.http_close(conn)
             self.node.write_policies({"web.yaml": original}, replace=False)
+            self.node.wait_synced()
         return (
             status == 403 and elapsed_ms <= LIVE_CHANGE_BUDGET_MS,
             f"same keep-alive connection: 200 -> {status} {elapsed_ms:.1f} ms after the "
             f"policy file changed ({attempts} requests)",
         )
+
+    def skmsg_counters(self) -> tuple[bool, str]:
+        requests = 50
+        before = self._bpf_counts()
+        conn = self.client.http_open(self.ip("web"), 8080)
+        try:
+            for _ in range(requests):
+                self.client.http_request(conn, "GET", "/public/hello")
+        finally:
+            self.client.http_close(conn)
+        after = self._bpf_counts()
+        msgs, nbytes = after["msgs"] - before["msgs"], after["bytes"] - before["bytes"]
+        return (
+            msgs >= requests,
+            f"{requests} requests: sk_msg handed {msgs} messages ({nbytes} bytes) straight "
+            "to the peer socket",
+        )
+
+    def veth_quiet(self) -> tuple[bool, str]:
+        requests = 50
+        veth = self.node.lab.pod("default", "client").veth
+        before = _veth_packets(veth)
+        conn = self.client.http_open(self.ip("web"), 8080)
+        try:
+            for _ in range(requests):
+                self.client.http_request(conn, "GET", "/public/hello")
+        finally:
+            self.client.http_close(conn)
+        packets = _veth_packets(veth) - before
+        # Through the stack, every request and response would cross the veth at least
+        # once each way; with sk_msg only the handshake and teardown do.
+        return (
+            packets < requests // 2,
+            f"{requests} steered requests: the client's veth carried {packets} packets "
+            "(handshake and teardown only)",
+        )
+
+    def _bpf_counts(self) -> dict[str, int]:
+        if self.dataplane != "ebpf":
+            return {}
+        bpf = BpfDatapath.load()
+        try:
+            return bpf.counters(bpf.slots["default/client"])
+        finally:
+            bpf.close()
+
+
+def _iptables_counts() -> dict[str, int]:
+    rows = run_in_netns(NODE_NETNS, lambda: list(iptables.counters("mangle", CHAIN_PRE)))
+    return {row.comment: row.packets for row in rows}
+
+
+def _veth_packets(veth: str) -> int:
+    out = subprocess.run(
+        ["ip", "-n", NODE_NETNS, "-s", "-j", "link", "show", "dev", veth],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    stats = json.loads(out)[0]["stats64"]
+    return int(stats["rx"]["packets"]) + int(stats["tx"]["packets"])
 
 
 def leftovers() -> list[str]:
@@ -182,23 +272,66 @@ def leftovers() -> list[str]:
         pass
     if LAB_STATE_FILE.exists():
         found.append(f"state {LAB_STATE_FILE}")
+    if BPF_PIN_DIR.exists():
+        found.append(f"BPF pins {BPF_PIN_DIR}")
     return found
 
 
+def _switch(checks: _Checks, dataplane: str) -> None:
+    """Move the client pod to `dataplane` through its annotation, keeping a keep-alive
+    connection open across the switch, and check the connection survived it."""
+    node, client = checks.node, checks.client
+    conn = client.http_open(node.ip("web"), 8080)
+    try:
+        before = client.http_request(conn, "GET", "/public/hello")
+        node.set_annotations("client", {ANNOTATION_DATAPLANE: dataplane})
+        now = node.dataplane_of("client")
+        after = client.http_request(conn, "GET", "/public/hello")
+    finally:
+        client.http_close(conn)
+    checks.dataplane = now
+    checks.results.append(
+        Check(
+            "switch-keeps-connections",
+            now,
+            now == dataplane
+            and (before.status, after.status) == (200, 200)
+            and before.local_port == after.local_port,
+            f"client moved to {now}; the same connection answered {before.status} then "
+            f"{after.status}",
+        )
+    )
+
+
 def run_demo(keep: bool = False, dataplane: str = "iptables", ads: str = "delta") -> DemoResult:
+    """`dataplane`: iptables, ebpf, or both (iptables first, then the client switches)."""
+    first = "ebpf" if dataplane == "ebpf" else "iptables"
+    specs = [
+        replace(s, annotations={ANNOTATION_DATAPLANE: first}) if s.name == "client" else s
+        for s in default_lab_specs()
+    ]
     checks: _Checks | None = None
     try:
-        with LocalNode.start(ads=ads, keep=keep) as node, ExitStack() as servers:
-            web, api = node.lab.pod("default", "web"), node.lab.pod("default", "api")
-            servers.enter_context(serve(web.netns, web.ip, 8080, http=True, pod_name="web"))
-            servers.enter_context(serve(web.netns, web.ip, 9090, http=False))
-            servers.enter_context(serve(api.netns, api.ip, 7000, http=False))
-            checks = _Checks(node, dataplane)
-            checks.run("allowed-path-200", checks.allowed_path)
-            checks.run("denied-path-403", checks.denied_path)
-            checks.run("l4-deny-refused", checks.l4_denied)
-            checks.run("verdict-once-per-flow", checks.verdict_once)
-            checks.run("live-policy-change", checks.live_change)
+        with LocalNode.start(specs=specs, ads=ads, keep=keep) as node, ExitStack() as pods:
+            web, api, client = (node.lab.pod("default", n) for n in ("web", "api", "client"))
+            web_worker = pods.enter_context(PodProcess.start(web.netns, web.cgroup))
+            web_worker.serve_http(web.ip, 8080, "web")
+            web_worker.serve_echo(web.ip, 9090)
+            pods.enter_context(PodProcess.start(api.netns, api.cgroup)).serve_http(
+                api.ip, 7000, "api"
+            )
+            checks = _Checks(
+                node, pods.enter_context(PodProcess.start(client.netns, client.cgroup))
+            )
+            checks.dataplane = node.dataplane_of("client")
+            checks.run_common()
+            if dataplane == "both":
+                _switch(checks, "ebpf")
+                checks.run_common()
+            if checks.dataplane == "ebpf":
+                checks.run_ebpf_only()
+            if keep:
+                pods.pop_all()
     except Exception as exc:  # the node did not come up: report it as a failed check
         results = [] if checks is None else checks.results
         results.append(Check("node-up", dataplane, False, f"{type(exc).__name__}: {exc}"))

@@ -13,11 +13,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from steer.constants import RUN_DIR
+from steer.node.bpf import BpfDatapath
 from steer.node.envoy import wait_ready
 from steer.node.lab import LabPodSpec, LabState, default_lab_specs, lab_down, lab_up
 from steer.node.netns import run_in_netns
@@ -77,10 +79,37 @@ def sample_policy_texts() -> dict[str, str]:
 class LocalNode:
     """A running local node. Use `start()` as a context manager."""
 
-    def __init__(self, lab: LabState, policy_dir: Path) -> None:
+    def __init__(self, lab: LabState, policy_dir: Path, specs: list[LabPodSpec]) -> None:
         self.lab = lab
         self.policy_dir = policy_dir
+        self.specs = specs
         self._written_at = 0.0
+
+    def set_annotations(self, pod: str, annotations: Mapping[str, str]) -> None:
+        """Change a pod's annotations, as an operator would, and wait until the agent has
+        acted on them."""
+        self.specs = [
+            replace(s, annotations={**s.annotations, **annotations}) if s.name == pod else s
+            for s in self.specs
+        ]
+        started = time.time()
+        self.lab = lab_up(self.specs)
+        wait_for(
+            lambda: (read_status(AGENT_STATUS) or {}).get("loaded_at", 0) >= started,
+            15,
+            f"the agent to act on {pod}'s new annotations",
+        )
+
+    def dataplane_of(self, pod: str, namespace: str = "default") -> str:
+        status = read_status(AGENT_STATUS) or {}
+        return next(
+            (
+                str(p["dataplane"])
+                for p in status.get("pods", [])
+                if (p["namespace"], p["name"]) == (namespace, pod)
+            ),
+            "unknown",
+        )
 
     def netns(self, pod: str, namespace: str = "default") -> str:
         return self.lab.pod(namespace, pod).netns
@@ -134,11 +163,12 @@ class LocalNode:
         lab_down()
         for stale in (AGENT_STATUS, CONTROL_STATUS):
             stale.unlink(missing_ok=True)
-        lab = lab_up(specs if specs is not None else default_lab_specs())
+        specs = specs if specs is not None else default_lab_specs()
+        lab = lab_up(specs)
         try:
             shutil.rmtree(POLICY_DIR, ignore_errors=True)
             POLICY_DIR.mkdir(parents=True)
-            node = cls(lab, POLICY_DIR)
+            node = cls(lab, POLICY_DIR, specs)
             node.write_policies(policies if policies is not None else sample_policy_texts())
             with ExitStack() as stack:
                 policy_arg = ("--policies", str(POLICY_DIR))
@@ -155,4 +185,6 @@ class LocalNode:
                     stack.pop_all()
         finally:
             if not keep:
+                # The agent has stopped: nothing holds the BPF objects any more.
+                BpfDatapath.unload_all()
                 lab_down()

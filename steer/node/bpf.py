@@ -248,7 +248,7 @@ class BpfDatapath:
             datapath.attachments = [Attachment(**a) for a in state.get("attachments", [])]
             datapath.slots = {str(k): int(v) for k, v in state.get("slots", {}).items()}
             datapath.adopted = True
-            log.info("adopted pinned BPF objects (build %s)", state["build"])
+            log.debug("adopted pinned BPF objects (build %s)", state["build"])
             return datapath
         if pin_dir.exists():
             log.info("pinned BPF objects are stale or incomplete; reloading")

@@ -186,6 +186,11 @@ class NodeDatapath:
                     f"loading the BPF programs failed: {exc}"
                 )
                 return None
+            log.info(
+                "eBPF datapath ready (%s pinned objects, sk_msg %s)",
+                "adopted" if bpf.adopted else "compiled",
+                "on" if self.features.skmsg else f"off: {self.features.skmsg_reason}",
+            )
             self.ebpf = EbpfPods(bpf, self.envoy_ip)
         return self.ebpf
 

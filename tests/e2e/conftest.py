@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from steer.constants import ANNOTATION_DATAPLANE
 from steer.demo import leftovers
 from steer.localnode import LocalNode
-from steer.testing.servers import serve
+from steer.node.lab import default_lab_specs
+from steer.testing.podproc import PodProcess
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 HTTP_PORT = 8080
@@ -34,20 +37,40 @@ def require_local_node() -> None:
         pytest.fail(f"another local node is up or was left behind: {', '.join(left)}")
 
 
-@pytest.fixture(scope="module")
-def node() -> Iterator[LocalNode]:
-    """The default lab (client, web, api in `default`, labelled app=<name>), fully synced."""
+class PodsNode(LocalNode):
+    """A running local node plus a worker process inside each pod (its netns and its
+    cgroup), so traffic is steered exactly as a pod's own would be on either datapath."""
+
+    workers: dict[str, PodProcess]
+    dataplane: str
+
+
+@pytest.fixture(scope="module", params=["iptables", "ebpf"])
+def node(request: pytest.FixtureRequest) -> Iterator[PodsNode]:
+    """The default lab (client, web, api in `default`, labelled app=<name>), every pod on
+    the datapath of the parameter, fully synced."""
     require_local_node()
-    with LocalNode.start() as running:
+    dataplane = str(request.param)
+    specs = [
+        replace(spec, annotations={ANNOTATION_DATAPLANE: dataplane}) for spec in default_lab_specs()
+    ]
+    with LocalNode.start(specs=specs) as running, ExitStack() as workers:
+        running.__class__ = PodsNode
+        assert isinstance(running, PodsNode)
+        running.dataplane = dataplane
+        running.workers = {
+            name: workers.enter_context(
+                PodProcess.start(running.netns(name), running.lab.pod("default", name).cgroup)
+            )
+            for name in ("client", *HTTP_PODS)
+        }
+        assert running.dataplane_of("client") == dataplane
         yield running
     assert not leftovers(), f"the local node left state behind: {leftovers()}"
 
 
 @pytest.fixture(scope="module")
-def http_servers(node: LocalNode) -> Iterator[None]:
+def http_servers(node: PodsNode) -> None:
     """An HTTP server on web:8080 and api:8080 that answers with who it is and who called."""
-    with ExitStack() as servers:
-        for name in HTTP_PODS:
-            pod = node.lab.pod("default", name)
-            servers.enter_context(serve(pod.netns, pod.ip, HTTP_PORT, http=True, pod_name=name))
-        yield
+    for name in HTTP_PODS:
+        node.workers[name].serve_http(node.ip(name), HTTP_PORT, name)

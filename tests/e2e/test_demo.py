@@ -18,26 +18,34 @@ from tests.e2e.conftest import require_local_node
 
 pytestmark = [pytest.mark.privileged, pytest.mark.envoy]
 
-EXPECTED_CHECKS = (
+COMMON_CHECKS = (
     "allowed-path-200",
     "denied-path-403",
     "l4-deny-refused",
     "verdict-once-per-flow",
+    "l4-only-without-envoy",
     "live-policy-change",
-    "teardown-clean",
 )
+EBPF_CHECKS = ("skmsg-counters-grew", "veth-carries-no-payload")
 CHECK_FIELDS = {"name": str, "dataplane": str, "ok": bool, "detail": str}
 
 
-@pytest.mark.parametrize("ads", ["delta", "sotw"])
-def test_demo_passes_every_check(ads: str) -> None:
+@pytest.mark.parametrize(
+    ("dataplane", "ads", "expected"),
+    [
+        ("iptables", "sotw", {("iptables", c) for c in COMMON_CHECKS}),
+        ("ebpf", "delta", {("ebpf", c) for c in (*COMMON_CHECKS, *EBPF_CHECKS)}),
+    ],
+)
+def test_demo_passes_every_check_on_each_datapath(
+    dataplane: str, ads: str, expected: set[tuple[str, str]]
+) -> None:
     require_local_node()
-    result = run_demo(ads=ads)
-    by_name = {check.name: check for check in result.checks}
+    result = run_demo(dataplane=dataplane, ads=ads)
     assert result.ok, result.table()
-    for name in EXPECTED_CHECKS:
-        assert name in by_name, f"check {name} missing:\n{result.table()}"
-        assert by_name[name].ok, by_name[name]
+    ran = {(check.dataplane, check.name) for check in result.checks}
+    assert expected <= ran, f"missing {expected - ran}:\n{result.table()}"
+    assert "teardown-clean" in {c.name for c in result.checks}, result.table()
 
 
 def test_demo_cli_prints_checks_as_json() -> None:
@@ -56,5 +64,9 @@ def test_demo_cli_prints_checks_as_json() -> None:
     assert isinstance(document["checks"], list)
     for check in document["checks"]:
         assert {key: type(value) for key, value in check.items()} == CHECK_FIELDS, check
-    assert {c["name"] for c in document["checks"]} >= set(EXPECTED_CHECKS)
+    # The default runs both datapaths, the client switching from iptables to eBPF.
+    ran = {(c["dataplane"], c["name"]) for c in document["checks"]}
+    assert {("iptables", c) for c in COMMON_CHECKS} <= ran
+    assert {("ebpf", c) for c in (*COMMON_CHECKS, *EBPF_CHECKS)} <= ran
+    assert ("ebpf", "switch-keeps-connections") in ran
     assert all(c["ok"] for c in document["checks"]), document

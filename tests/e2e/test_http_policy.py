@@ -8,7 +8,6 @@ before any filter runs (docs/policy-reference.md "How requests are matched").
 
 from __future__ import annotations
 
-import http.client
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,10 +18,9 @@ import pytest
 import yaml
 
 from steer.constants import API_GROUP_VERSION, LAB_GATEWAY_IP, POLICY_KIND
-from steer.localnode import AGENT_STATUS, CONTROL_STATUS, LocalNode, read_status, wait_for
+from steer.localnode import AGENT_STATUS, CONTROL_STATUS, read_status, wait_for
 from steer.source.local import directory_texts, texts_digest
-from steer.testing.servers import HttpClient, connect, http_connection
-from tests.e2e.conftest import HTTP_PORT
+from tests.e2e.conftest import HTTP_PORT, PodsNode
 
 pytestmark = [
     pytest.mark.privileged,
@@ -73,7 +71,7 @@ def exact(path: str) -> dict[str, str]:
     return {"exact": path}
 
 
-def apply(node: LocalNode, *policies: Policies) -> None:
+def apply(node: PodsNode, *policies: Policies) -> None:
     """Make these the node's only policies and wait until Envoy has ACKed them."""
     node.write_policies({name: text for p in policies for name, text in p.items()})
     node.wait_synced()
@@ -153,7 +151,7 @@ def expect(response: Response, outcome: Outcome, *, pod: str = "web", method: st
 
 
 def request(
-    node: LocalNode,
+    node: PodsNode,
     path: str = "/",
     *,
     method: str = "GET",
@@ -162,23 +160,17 @@ def request(
     dst: str = "web",
 ) -> Response:
     """One request on a fresh connection from pod `src` to `dst`:8080."""
-    client = http_connection(node.netns(src), node.ip(dst), HTTP_PORT)
-    try:
-        return Response(*client.request(method, path, headers))
-    finally:
-        client.close()
+    reply = node.workers[src].request(
+        node.ip(dst), HTTP_PORT, method, path, list((headers or {}).items())
+    )
+    return Response(reply.status, reply.body, reply.headers)
 
 
-def request_with_header_lines(node: LocalNode, path: str, lines: Sequence[str]) -> Response:
-    """http.client takes headers as a dict and cannot repeat one, so write the request out."""
-    head = [f"GET {path} HTTP/1.1", f"Host: {node.ip('web')}:{HTTP_PORT}", *lines]
-    head.append("Connection: close")
-    with connect(node.netns("client"), node.ip("web"), HTTP_PORT) as sock:
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        body = response.read()
-    return Response(response.status, body, {k.lower(): v for k, v in response.getheaders()})
+def request_with_header_lines(node: PodsNode, path: str, lines: Sequence[str]) -> Response:
+    """A request whose header lines are sent exactly as given, repeats included."""
+    headers = [(name, value.lstrip()) for name, _, value in (line.partition(":") for line in lines)]
+    reply = node.workers["client"].request(node.ip("web"), HTTP_PORT, "GET", path, headers)
+    return Response(reply.status, reply.body, reply.headers)
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -215,7 +207,7 @@ def request_with_header_lines(node: LocalNode, path: str, lines: Sequence[str]) 
         ("/public/secret/", ALLOWED),
     ],
 )
-def test_path_rules_match_the_normalised_path(node: LocalNode, path: str, outcome: Outcome) -> None:
+def test_path_rules_match_the_normalised_path(node: PodsNode, path: str, outcome: Outcome) -> None:
     apply(node, PUBLIC_ONLY)
     expect(request(node, path), outcome)
 
@@ -231,7 +223,7 @@ def test_path_rules_match_the_normalised_path(node: LocalNode, path: str, outcom
     ],
 )
 def test_backend_receives_the_path_that_was_matched(
-    node: LocalNode, sent: str, received: str
+    node: PodsNode, sent: str, received: str
 ) -> None:
     apply(node, PUBLIC_ONLY)
     response = request(node, sent)
@@ -256,7 +248,7 @@ def test_backend_receives_the_path_that_was_matched(
         (["GET"], "FOO", REJECTED),
     ],
 )
-def test_method_rules(node: LocalNode, methods: list[str], method: str, outcome: Outcome) -> None:
+def test_method_rules(node: PodsNode, methods: list[str], method: str, outcome: Outcome) -> None:
     apply(node, ingress("web", http_rule(methods=methods)))
     expect(request(node, "/public/x", method=method), outcome, method=method)
 
@@ -285,7 +277,7 @@ def test_method_rules(node: LocalNode, methods: list[str], method: str, outcome:
         ("*.example", "a.example.evil", DENIED),
     ],
 )
-def test_host_rules(node: LocalNode, pattern: str, host: str, outcome: Outcome) -> None:
+def test_host_rules(node: PodsNode, pattern: str, host: str, outcome: Outcome) -> None:
     apply(node, ingress("web", http_rule(hosts=[pattern])))
     response = request(node, "/", headers={"Host": host})
     expect(response, outcome)
@@ -307,9 +299,7 @@ def test_host_rules(node: LocalNode, pattern: str, host: str, outcome: Outcome) 
         ({"x-internal-not": "1"}, ALLOWED),
     ],
 )
-def test_deny_on_header_presence(
-    node: LocalNode, headers: dict[str, str], outcome: Outcome
-) -> None:
+def test_deny_on_header_presence(node: PodsNode, headers: dict[str, str], outcome: Outcome) -> None:
     no_internal = http_rule("Deny", headers=[{"name": "x-internal", "present": True}])
     apply(node, ingress("web", no_internal, default="Allow"))
     expect(request(node, "/", headers=headers), outcome)
@@ -326,7 +316,7 @@ def test_deny_on_header_presence(
     ],
 )
 def test_negated_presence_denies_only_a_missing_header(
-    node: LocalNode, lines: list[str], outcome: Outcome
+    node: PodsNode, lines: list[str], outcome: Outcome
 ) -> None:
     """`present: true, negate: true` is rendered as not_rule(present): it denies exactly the
     requests without the header, however often the header is sent. (`negate` on a value
@@ -367,7 +357,7 @@ CLIENT_EGRESS_NO_SECRET = egress(
     ],
 )
 def test_egress_deny_applies_only_to_its_client(
-    node: LocalNode, web_ingress: str, src: str, path: str, outcome: Outcome
+    node: PodsNode, web_ingress: str, src: str, path: str, outcome: Outcome
 ) -> None:
     apply(node, CLIENT_EGRESS_NO_SECRET, WEB_INGRESS_ALLOWS_ALL[web_ingress])
     expect(request(node, path, src=src), outcome)
@@ -389,27 +379,26 @@ NOTHING_PUBLIC = ingress("web", http_rule(paths=[exact("/healthz")]))
     ],
 )
 def test_keep_alive_connection_sees_new_verdict_without_reconnecting(
-    node: LocalNode, before: Policies, after: Policies, outcomes: tuple[Outcome, Outcome]
+    node: PodsNode, before: Policies, after: Policies, outcomes: tuple[Outcome, Outcome]
 ) -> None:
     """Rules live in RDS, so a change reaches requests on connections that already exist."""
     apply(node, before)
-    client: HttpClient = http_connection(node.netns("client"), node.ip("web"), HTTP_PORT)
+    client = node.workers["client"]
+    conn = client.http_open(node.ip("web"), HTTP_PORT)
     try:
-        local = client.sock.getsockname()
-        first = Response(*client.request("GET", "/public/x"))
-        expect(first, outcomes[0])
+        first = client.http_request(conn, "GET", "/public/x")
+        expect(Response(first.status, first.body, first.headers), outcomes[0])
         apply(node, after)
-        second = Response(*client.request("GET", "/public/x"))
-        expect(second, outcomes[1])
-        # http.client reconnects only after closing the socket it was given.
-        assert client.sock.fileno() != -1, "the client had to reconnect"
-        assert client.sock.getsockname() == local
+        # The worker never reconnects silently: a closed connection would raise here.
+        second = client.http_request(conn, "GET", "/public/x")
+        expect(Response(second.status, second.body, second.headers), outcomes[1])
+        assert second.local_port == first.local_port
         assert "close" not in (
             first.headers.get("connection", ""),
             second.headers.get("connection", ""),
         )
     finally:
-        client.close()
+        client.http_close(conn)
 
 
 # --- L4-only destinations are not proxied ---------------------------------------------------
@@ -420,7 +409,7 @@ def test_keep_alive_connection_sees_new_verdict_without_reconnecting(
     [("api", "/anything", False), ("web", "/public/x", True)],
 )
 def test_only_flows_with_http_rules_go_through_envoy(
-    node: LocalNode, dst: str, path: str, proxied: bool
+    node: PodsNode, dst: str, path: str, proxied: bool
 ) -> None:
     l4_only_api = ingress(
         "api",
@@ -451,7 +440,7 @@ OPEN_WEB_WITH_TYPO = ingress("web", http_rule(pathz=[prefix("/")]), default="All
     ids=["bad-edit-of-a-good-file", "new-bad-file"],
 )
 def test_bad_policy_file_keeps_previous_verdicts_and_is_reported(
-    node: LocalNode, bad_file: str
+    node: PodsNode, bad_file: str
 ) -> None:
     apply(node, PUBLIC_ONLY)
     expect(request(node, "/admin"), DENIED)
@@ -471,7 +460,7 @@ def test_bad_policy_file_keeps_previous_verdicts_and_is_reported(
     expect(request(node, "/public/x"), ALLOWED)
 
 
-def test_emptied_policy_file_keeps_its_policies(node: LocalNode) -> None:
+def test_emptied_policy_file_keeps_its_policies(node: PodsNode) -> None:
     """An in-place edit starts by truncating the file; that moment must not open the pod."""
     apply(node, PUBLIC_ONLY)
     expect(request(node, "/admin"), DENIED)
