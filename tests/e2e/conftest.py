@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,12 +45,11 @@ class PodsNode(LocalNode):
     dataplane: str
 
 
-@pytest.fixture(scope="module", params=["iptables", "ebpf"])
-def node(request: pytest.FixtureRequest) -> Iterator[PodsNode]:
+@contextmanager
+def pods_node(dataplane: str) -> Iterator[PodsNode]:
     """The default lab (client, web, api in `default`, labelled app=<name>), every pod on
-    the datapath of the parameter, fully synced."""
+    `dataplane`, fully synced, with a worker in each pod."""
     require_local_node()
-    dataplane = str(request.param)
     specs = [
         replace(spec, annotations={ANNOTATION_DATAPLANE: dataplane}) for spec in default_lab_specs()
     ]
@@ -67,6 +66,12 @@ def node(request: pytest.FixtureRequest) -> Iterator[PodsNode]:
         assert running.dataplane_of("client") == dataplane
         yield running
     assert not leftovers(), f"the local node left state behind: {leftovers()}"
+
+
+@pytest.fixture(scope="module", params=["iptables", "ebpf"])
+def node(request: pytest.FixtureRequest) -> Iterator[PodsNode]:
+    with pods_node(str(request.param)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

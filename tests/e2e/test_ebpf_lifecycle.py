@@ -1,0 +1,138 @@
+"""The eBPF datapath over a node's life: policy changes revoke exactly the affected
+sockets, pods switch datapath without dropping connections, and established flows
+survive kill -9 of the agent, which then re-adopts the pinned objects."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from steer.constants import ANNOTATION_DATAPLANE
+from steer.localnode import AGENT_STATUS, LOG_DIR, POLICY_DIR, read_status, wait_for
+from steer.testing.podproc import PodProcessError
+from tests.e2e.conftest import HTTP_PORT, PodsNode, pods_node
+from tests.samples import policy_yaml
+
+pytestmark = [pytest.mark.privileged, pytest.mark.envoy]
+L4_PORT = 7000
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[PodsNode]:
+    with pods_node("ebpf") as running:
+        running.workers["web"].serve_http(running.ip("web"), HTTP_PORT, "web")
+        running.workers["api"].serve_http(running.ip("api"), L4_PORT, "api")
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def sample_policies(node: PodsNode) -> Iterator[None]:
+    """Each test starts from the sample policies, and leaves them in force."""
+    original = {p.name: p.read_text() for p in POLICY_DIR.glob("*.yaml")}
+    yield
+    if {p.name: p.read_text() for p in POLICY_DIR.glob("*.yaml")} != original:
+        node.write_policies(original)
+        node.wait_synced()
+
+
+def get(node: PodsNode, conn: int, path: str = "/public/x") -> int:
+    return node.workers["client"].http_request(conn, "GET", path).status
+
+
+def test_policy_change_revokes_exactly_the_flows_it_affects(node: PodsNode) -> None:
+    client = node.workers["client"]
+    direct = client.http_open(node.ip("api"), L4_PORT)  # L4 allow: connect4 let it go direct
+    steered = client.http_open(node.ip("web"), HTTP_PORT)  # L7: through Envoy
+    assert (get(node, direct, "/"), get(node, steered)) == (200, 200)
+
+    closed_api = policy_yaml(
+        "spec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: {defaultAction: Deny}\n",
+        name="api",
+    )
+    node.write_policies({"api.yaml": closed_api}, replace=False)
+    node.wait_synced()
+    with pytest.raises(PodProcessError):
+        get(node, direct, "/")
+    assert get(node, steered) == 200, "a flow whose verdict stands must not be touched"
+    client.http_close(steered)
+
+
+def test_l7_flow_that_becomes_an_l4_deny_is_revoked(node: PodsNode) -> None:
+    client = node.workers["client"]
+    steered = client.http_open(node.ip("web"), HTTP_PORT)
+    assert get(node, steered) == 200
+    no_http = policy_yaml(
+        "spec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: {defaultAction: Deny}\n",
+        name="web",
+    )
+    node.write_policies({"web.yaml": no_http}, replace=False)
+    node.wait_synced()
+    with pytest.raises(PodProcessError):
+        get(node, steered)
+    assert client.connect_outcome(node.ip("web"), HTTP_PORT)[0] == "refused"
+
+
+def test_switching_datapath_keeps_established_connections(node: PodsNode) -> None:
+    client = node.workers["client"]
+    conn = client.http_open(node.ip("web"), HTTP_PORT)
+    try:
+        first = client.http_request(conn, "GET", "/public/x")
+        for dataplane in ("iptables", "ebpf"):
+            node.set_annotations("client", {ANNOTATION_DATAPLANE: dataplane})
+            assert node.dataplane_of("client") == dataplane
+            again = client.http_request(conn, "GET", "/public/x")
+            assert (again.status, again.local_port) == (200, first.local_port)
+            # New connections take the new datapath and keep the same verdicts.
+            assert client.request(node.ip("web"), HTTP_PORT, "GET", "/admin").status == 403
+    finally:
+        client.http_close(conn)
+
+
+def _agent_pid() -> int:
+    found = subprocess.run(
+        ["pgrep", "-f", "steer.cli agent"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert len(found) == 1, f"expected one agent, found {found}"
+    return int(found[0])
+
+
+def test_flows_survive_kill_9_of_the_agent_and_a_restart_adopts_the_pins(node: PodsNode) -> None:
+    client = node.workers["client"]
+    steered = client.http_open(node.ip("web"), HTTP_PORT)
+    direct = client.http_open(node.ip("api"), L4_PORT)
+    assert (get(node, steered), get(node, direct, "/")) == (200, 200)
+
+    os.kill(_agent_pid(), signal.SIGKILL)
+    # Attachments are legacy cgroup attachments and the maps are pinned: nothing depended
+    # on the agent process being alive.
+    assert (get(node, steered), get(node, direct, "/")) == (200, 200)
+    assert client.request(node.ip("web"), HTTP_PORT, "GET", "/admin").status == 403
+    assert client.connect_outcome(node.ip("web"), 9090)[0] == "refused"
+
+    restarted_at = (read_status(AGENT_STATUS) or {}).get("loaded_at", 0)
+    log = LOG_DIR / "agent-restarted.log"
+    with log.open("wb") as out:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "steer.cli", "agent", "--policies", str(POLICY_DIR)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: (read_status(AGENT_STATUS) or {}).get("loaded_at", 0) > restarted_at,
+            20,
+            "the restarted agent to sync",
+        )
+        assert "adopted pinned objects" in log.read_text()
+        assert node.dataplane_of("client") == "ebpf"
+        assert (get(node, steered), get(node, direct, "/")) == (200, 200)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        client.http_close(steered)
+        client.http_close(direct)
