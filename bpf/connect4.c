@@ -37,7 +37,9 @@ int steer_connect4(struct bpf_sock_addr *ctx)
 	__u16 port_be = (__u16)ctx->user_port;
 	__u16 port = bpf_ntohs(port_be);
 	struct steer_counters *count = steer_count(pod->slot);
-	if ((bpf_ntohl(dst) >> 24) == 127)
+	/* Loopback and the pod's own address never leave the pod: no policy applies, as on
+	 * the iptables datapath, which never sees such traffic. */
+	if ((bpf_ntohl(dst) >> 24) == 127 || dst == pod->ip)
 		return 1;
 	if (dst == cfg->envoy_ip && (port == STEER_OUTBOUND_PORT || port == STEER_INBOUND_PORT)) {
 		/* Dialling Envoy's listener directly would make Envoy proxy to itself. */

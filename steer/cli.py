@@ -211,7 +211,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from steer.bench import bench_render, render_table, rows_json
+    if args.scenario == "datapath":
+        from steer.bench.datapath import bench_datapath, table
+
+        def progress(step: str) -> None:
+            print(f"\r{step:<40}", end="", file=sys.stderr, flush=True)
+
+        result = bench_datapath(rounds=args.rounds, seconds=args.seconds, progress=progress)
+        print(file=sys.stderr)
+        if args.json:
+            _print_json(result)
+        else:
+            print(table(result))
+        return 0
+
+    from steer.bench.render import bench_render, render_table, rows_json
 
     sizes = tuple(int(s) for s in args.sizes.split(","))
     rows = bench_render(sizes, rounds=args.rounds)
@@ -288,10 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(func=cmd_render)
 
     bench = sub.add_parser("bench", help="measure (figures, not pass/fail)")
-    bench.add_argument("scenario", choices=["render"])
+    bench.add_argument("scenario", choices=["datapath", "render"])
     bench.add_argument("--json", action="store_true")
-    bench.add_argument("--sizes", default="100,1000,10000", help="rule counts, comma-separated")
-    bench.add_argument("--rounds", type=int, default=3)
+    bench.add_argument("--sizes", default="100,1000,10000", help="render: rule counts")
+    bench.add_argument("--rounds", type=int, default=4, help="interleaved rounds per config")
+    bench.add_argument("--seconds", type=float, default=2.0, help="datapath: seconds per wrk run")
     bench.set_defaults(func=cmd_bench)
 
     status = sub.add_parser("status", help="per-pod datapath and control-plane push state")

@@ -402,6 +402,20 @@ class BpfDatapath:
         cfg = Cfg(_ip_be(envoy_ip), CFG_SKMSG if skmsg else 0, netns_cookie)
         self._update("steer_cfg", ct.c_uint32(0), cfg)
 
+    def set_skmsg(self, enabled: bool) -> None:
+        """Turn sk_msg on or off for connections established from now on (sockets already
+        in the sockhash keep their redirect until they close)."""
+        cfg = Cfg()
+        if (
+            _bcc().lib.bpf_lookup_elem(
+                self.map_fds["steer_cfg"], ct.byref(ct.c_uint32(0)), ct.byref(cfg)
+            )
+            != 0
+        ):
+            raise BpfError(_errno_message("reading steer_cfg"))
+        cfg.flags = (cfg.flags | CFG_SKMSG) if enabled else (cfg.flags & ~CFG_SKMSG)
+        self._update("steer_cfg", ct.c_uint32(0), cfg)
+
     def attach_envoy(self, cgroup: str) -> None:
         for program in ENVOY_PROGRAMS:
             self._attach(cgroup, program)

@@ -88,6 +88,8 @@ def _port_boundaries(rules: Iterable[ResolvedRule], excluded: Iterable[int]) -> 
 
 def flow_verdict(enforcement: Enforcement, src: ManagedPod, dst: IPv4Address, port: int) -> int:
     """The verdict connect4 reaches for src -> dst:port: `decide_flow`, with exclusions."""
+    if dst == src.ip:
+        return VERDICT_ALLOW  # a pod talking to itself never leaves its namespace
     dst_pod = enforcement.pod_by_ip(dst)
     verdict = decide_flow(enforcement, src.ip, dst, port).verdict
     # Excluded traffic skips Envoy, exactly as the iptables datapath's nat exclusions do:

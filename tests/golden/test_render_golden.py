@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.json_format import MessageToDict
 
+from steer.render.bpf import render_pod_policy
 from steer.render.iptables import Jump, KernelState, cleanup_text, render_ruleset, restore_text
 from steer.render.xds import render_resources
 from tests.samples import CLIENT, WEB, sample_enforcement
@@ -80,3 +81,27 @@ def test_xds_resources_demo() -> None:
         for type_url, by_name in sorted(resources.items())
     }
     check_golden("xds_demo.json", json.dumps(as_json, indent=1, sort_keys=True) + "\n")
+
+
+def test_iptables_ebpf_client_is_let_through_where_connect4_decided() -> None:
+    ruleset = render_ruleset(sample_enforcement(), frozenset({"default/client"}))
+    text = restore_text(ruleset, KernelState())
+    assert "steer/ebpf:default/client" in text
+    assert "steer/redirect-outbound:default/client" not in text
+    check_golden("iptables_ebpf_client.rules", text)
+
+
+def test_bpf_policy_map_for_each_pod() -> None:
+    enforcement = sample_enforcement()
+    document = {
+        pod.pod.key: [
+            {
+                "prefix": str(entry.prefix),
+                "default": entry.default,
+                "segments": [[s.lo, s.hi, s.verdict] for s in entry.segments],
+            }
+            for entry in render_pod_policy(enforcement, pod).prefixes
+        ]
+        for pod in enforcement.pods
+    }
+    check_golden("bpf_policy_demo.json", json.dumps(document, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,1 @@
+"""`steer bench`: measured figures, never asserted in tests."""
