@@ -21,7 +21,10 @@ ALLOWED_NS = {"steer.dev/allow-exclusions": "true"}
 
 
 def lookup(policy: PodPolicy, dst: IPv4Address, port: int) -> int:
-    """What connect4 does: longest prefix, then the first matching segment."""
+    """What connect4 does: its own address passes; else longest prefix, then the first
+    matching segment."""
+    if dst == policy.ip:
+        return 1
     entry = max((e for e in policy.prefixes if dst in e.prefix), key=lambda e: e.prefix.prefixlen)
     return next((s.verdict for s in entry.segments if s.lo <= port <= s.hi), entry.default)
 
