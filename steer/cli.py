@@ -183,6 +183,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("pods:")
         for pod in agent["pods"]:
             print(f"  {pod['namespace']}/{pod['name']:<12} {pod['dataplane']:<9} {pod['reason']}")
+            if counts := pod.get("ebpf_counters"):
+                print("      " + " ".join(f"{name}={value}" for name, value in counts.items()))
         for error in agent["last_sync"]["errors"]:
             print(f"  error: {error}")
     if control is None:
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--sizes", default="100,1000,10000", help="render: rule counts")
     bench.add_argument("--rounds", type=int, default=4, help="interleaved rounds per config")
-    bench.add_argument("--seconds", type=float, default=2.0, help="datapath: seconds per wrk run")
+    bench.add_argument("--seconds", type=int, default=2, help="datapath: seconds per wrk run")
     bench.set_defaults(func=cmd_bench)
 
     status = sub.add_parser("status", help="per-pod datapath and control-plane push state")

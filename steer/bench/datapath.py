@@ -197,7 +197,7 @@ class Samples:
 
 
 class DatapathBench:
-    def __init__(self, node: LocalNode, clients: dict[str, PodProcess], seconds: float) -> None:
+    def __init__(self, node: LocalNode, clients: dict[str, PodProcess], seconds: int) -> None:
         self.node = node
         self.clients = clients
         self.seconds = seconds
@@ -281,7 +281,7 @@ TARGETS = {
 
 
 def bench_datapath(
-    rounds: int = 4, seconds: float = 2.0, progress: Callable[[str], None] | None = None
+    rounds: int = 4, seconds: int = 2, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     samples = {config: Samples() for config in CONFIGS}
     with LocalNode.start(specs=specs(), policies=policies()) as node, ExitStack() as stack:

@@ -42,6 +42,7 @@ class LocalAgent:
 
     def _write_status(self, pods: Sequence[Pod], report: SyncReport) -> None:
         unsteered = ("none", "steer.dev/inject is disabled for this pod or its namespace")
+        counters = self.datapath.ebpf_counters()
         status = {
             "pods": [
                 {
@@ -50,6 +51,7 @@ class LocalAgent:
                     "ip": p.ip,
                     "dataplane": report.dataplanes.get(p.key, unsteered)[0],
                     "reason": report.dataplanes.get(p.key, unsteered)[1],
+                    "ebpf_counters": counters.get(p.key),
                 }
                 for p in pods
             ],

@@ -123,6 +123,23 @@ class EbpfPods:
     bpf: BpfDatapath
     envoy_ip: str
     installed: dict[str, tuple[str, int, PodPolicy]] = field(default_factory=dict)
+    map_full_seen: dict[str, int] = field(default_factory=dict)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per-pod counters; a map that filled up since the last look is logged, since
+        steering then silently degrades for new connections."""
+        out = {key: self.bpf.counters(slot) for key, (_, slot, _) in self.installed.items()}
+        for key, count in out.items():
+            if count["map_full"] > self.map_full_seen.get(key, 0):
+                log.warning(
+                    "pod %s: %d BPF map updates failed (map full): new connections may go "
+                    "unsteered or unaccelerated; raise the STEER_MAX_* sizes in "
+                    "bpf/include/steer/config.h",
+                    key,
+                    count["map_full"] - self.map_full_seen.get(key, 0),
+                )
+                self.map_full_seen[key] = count["map_full"]
+        return out
 
     def sync(
         self, enforcement: Enforcement, wanted: dict[str, PodPolicy], envoy_cgroup: str
@@ -235,6 +252,15 @@ class NodeDatapath:
 
     def unload(self) -> None:
         self.iptables.unload()
+
+    def ebpf_counters(self) -> dict[str, dict[str, int]]:
+        if self.ebpf is None:
+            return {}
+        try:
+            return self.ebpf.counters()
+        except BpfError as exc:  # status is best effort; steering goes on regardless
+            log.warning("reading eBPF counters failed: %s", exc)
+            return {}
 
     def close(self) -> None:
         """Let go of the BPF objects: the kernel frees them once unpinned and unheld."""
