@@ -30,6 +30,17 @@ static __always_inline void steer_add_sock(struct bpf_sock_ops *skops, struct st
 	}
 }
 
+/* The client's socket as Envoy's accepted socket will see it. */
+static __always_inline void steer_flow_key_of(struct bpf_sock_ops *skops, struct steer_cfg *cfg,
+					      struct steer_flow_key *key)
+{
+	key->netns_cookie = cfg->node_netns_cookie;
+	key->client_ip = skops->local_ip4;
+	key->envoy_ip = skops->remote_ip4;
+	key->client_port = (__u16)skops->local_port;
+	key->envoy_port = STEER_REMOTE_PORT(skops->remote_port);
+}
+
 /* The client's leg, seen from the pod: remember where it was going, for Envoy. */
 static __always_inline void steer_client_established(struct bpf_sock_ops *skops,
 						     struct steer_cfg *cfg)
@@ -38,13 +49,8 @@ static __always_inline void steer_client_established(struct bpf_sock_ops *skops,
 	struct steer_origdst *orig = steer_cookie.lookup(&cookie);
 	if (!orig)
 		return; /* a connection connect4 did not rewrite */
-	struct steer_flow_key key = {
-		.netns_cookie = cfg->node_netns_cookie,
-		.client_ip = skops->local_ip4,
-		.envoy_ip = skops->remote_ip4,
-		.client_port = (__u16)skops->local_port,
-		.envoy_port = STEER_REMOTE_PORT(skops->remote_port),
-	};
+	struct steer_flow_key key = {};
+	steer_flow_key_of(skops, cfg, &key);
 	struct steer_origdst value = *orig;
 	steer_cookie.delete(&cookie);
 	int err = steer_origdst.update(&key, &value);
@@ -61,13 +67,8 @@ static __always_inline void steer_client_established(struct bpf_sock_ops *skops,
 
 static __always_inline void steer_closed(struct bpf_sock_ops *skops, struct steer_cfg *cfg)
 {
-	struct steer_flow_key key = {
-		.netns_cookie = cfg->node_netns_cookie,
-		.client_ip = skops->local_ip4,
-		.envoy_ip = skops->remote_ip4,
-		.client_port = (__u16)skops->local_port,
-		.envoy_port = STEER_REMOTE_PORT(skops->remote_port),
-	};
+	struct steer_flow_key key = {};
+	steer_flow_key_of(skops, cfg, &key);
 	steer_origdst.delete(&key);
 }
 

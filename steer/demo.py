@@ -193,15 +193,18 @@ class _Checks:
             f"policy file changed ({attempts} requests)",
         )
 
-    def skmsg_counters(self) -> tuple[bool, str]:
-        requests = 50
-        before = self._bpf_counts()
+    def _steered_requests(self, requests: int) -> None:
         conn = self.client.http_open(self.ip("web"), 8080)
         try:
             for _ in range(requests):
                 self.client.http_request(conn, "GET", "/public/hello")
         finally:
             self.client.http_close(conn)
+
+    def skmsg_counters(self) -> tuple[bool, str]:
+        requests = 50
+        before = self._bpf_counts()
+        self._steered_requests(requests)
         after = self._bpf_counts()
         msgs, nbytes = after["msgs"] - before["msgs"], after["bytes"] - before["bytes"]
         return (
@@ -214,12 +217,7 @@ class _Checks:
         requests = 50
         veth = self.node.lab.pod("default", "client").veth
         before = _veth_packets(veth)
-        conn = self.client.http_open(self.ip("web"), 8080)
-        try:
-            for _ in range(requests):
-                self.client.http_request(conn, "GET", "/public/hello")
-        finally:
-            self.client.http_close(conn)
+        self._steered_requests(requests)
         packets = _veth_packets(veth) - before
         # Through the stack, every request and response would cross the veth at least
         # once each way; with sk_msg only the handshake and teardown do.

@@ -40,6 +40,16 @@ def sample_policies(node: PodsNode) -> Iterator[None]:
         node.wait_synced()
 
 
+def closed(app: str) -> dict[str, str]:
+    """`app`'s sample policy replaced by one admitting nothing."""
+    text = policy_yaml(
+        f"spec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n"
+        "  ingress: {defaultAction: Deny}\n",
+        name=app,
+    )
+    return {f"{app}.yaml": text}
+
+
 def get(node: PodsNode, conn: int, path: str = "/public/x") -> int:
     return node.workers["client"].http_request(conn, "GET", path).status
 
@@ -50,11 +60,7 @@ def test_policy_change_revokes_exactly_the_flows_it_affects(node: PodsNode) -> N
     steered = client.http_open(node.ip("web"), HTTP_PORT)  # L7: through Envoy
     assert (get(node, direct, "/"), get(node, steered)) == (200, 200)
 
-    closed_api = policy_yaml(
-        "spec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: {defaultAction: Deny}\n",
-        name="api",
-    )
-    node.write_policies({"api.yaml": closed_api}, replace=False)
+    node.write_policies(closed("api"), replace=False)
     node.wait_synced()
     with pytest.raises(PodProcessError):
         get(node, direct, "/")
@@ -66,11 +72,7 @@ def test_l7_flow_that_becomes_an_l4_deny_is_revoked(node: PodsNode) -> None:
     client = node.workers["client"]
     steered = client.http_open(node.ip("web"), HTTP_PORT)
     assert get(node, steered) == 200
-    no_http = policy_yaml(
-        "spec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: {defaultAction: Deny}\n",
-        name="web",
-    )
-    node.write_policies({"web.yaml": no_http}, replace=False)
+    node.write_policies(closed("web"), replace=False)
     node.wait_synced()
     with pytest.raises(PodProcessError):
         get(node, steered)

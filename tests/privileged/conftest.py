@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from steer.constants import NODE_NETNS
+from steer.model.pod import Pod
 from steer.node import iptables
 from steer.node.lab import LabState, default_lab_specs, lab_down, lab_up
 from steer.node.netns import run_in_netns
@@ -44,3 +45,26 @@ def node_clean(lab: LabState) -> Iterator[None]:
         yield
     finally:
         run_in_netns(NODE_NETNS, iptables.unload)
+
+
+def lab_pods(
+    lab: LabState,
+    annotations: dict[str, dict[str, str]] | None = None,
+    namespace_labels: dict[str, str] | None = None,
+) -> list[Pod]:
+    """The lab's pods as the agent sees them, with per-pod annotations."""
+    annotations = annotations or {}
+    return [
+        Pod(
+            p.name,
+            p.namespace,
+            p.ip,
+            dict(p.labels),
+            annotations.get(p.name, {}),
+            interface=p.veth,
+            namespace_labels=namespace_labels or {},
+            cgroup=p.cgroup,
+            netns=p.netns,
+        )
+        for p in lab.pods
+    ]

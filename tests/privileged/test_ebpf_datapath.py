@@ -24,25 +24,14 @@ from steer.node.features import FORCE_ENV
 from steer.node.lab import LabPod, LabState
 from steer.node.netns import run_in_netns
 from steer.testing.podproc import PodProcess
+from tests.privileged.conftest import lab_pods
 from tests.samples import sample_policies
 
 pytestmark = pytest.mark.privileged
 
 
 def pods_of(lab: LabState) -> list[Pod]:
-    return [
-        Pod(
-            p.name,
-            p.namespace,
-            p.ip,
-            dict(p.labels),
-            {"steer.dev/dataplane": "ebpf"} if p.name == "client" else {},
-            interface=p.veth,
-            cgroup=p.cgroup,
-            netns=p.netns,
-        )
-        for p in lab.pods
-    ]
+    return lab_pods(lab, {"client": {"steer.dev/dataplane": "ebpf"}})
 
 
 def unload_everything() -> None:
@@ -158,6 +147,16 @@ def test_restart_adopts_the_pins_without_recompiling(
         again.close()
 
 
+def _node_rules() -> list[str]:
+    saved = subprocess.run(
+        ["ip", "netns", "exec", NODE_NETNS, "iptables-legacy-save"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line for line in saved.splitlines() if not line.startswith("#")]
+
+
 def _bpftool(*args: str) -> str:
     return subprocess.run(["bpftool", *args], capture_output=True, text=True, check=True).stdout
 
@@ -167,12 +166,7 @@ def test_unload_removes_every_bpf_object_and_no_iptables_rule(
 ) -> None:
     sync(node, lab)
     assert "steer_connect4" in _bpftool("prog", "show")
-    rules_before = subprocess.run(
-        ["ip", "netns", "exec", NODE_NETNS, "iptables-legacy-save"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    rules_before = _node_rules()
     node.close()  # as an agent that has stopped: unload frees what nobody holds
     subprocess.run(
         [".venv/bin/steer", "dataplane", "unload"], check=True, cwd=Path(__file__).parents[2]
@@ -181,14 +175,7 @@ def test_unload_removes_every_bpf_object_and_no_iptables_rule(
     assert "steer_" not in _bpftool("map", "show")
     assert "steer_" not in _bpftool("cgroup", "tree", str(Path(lab.node_cgroup).parent))
     assert not BPF_PIN_DIR.exists()
-    rules_after = subprocess.run(
-        ["ip", "netns", "exec", NODE_NETNS, "iptables-legacy-save"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    strip = lambda text: [line for line in text.splitlines() if not line.startswith("#")]  # noqa: E731
-    assert strip(rules_after) == strip(rules_before)
+    assert _node_rules() == rules_before
 
 
 def test_forced_probe_result_falls_back_to_iptables(

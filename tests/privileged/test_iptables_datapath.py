@@ -22,25 +22,14 @@ from steer.node.lab import LabState
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE, Rule, Ruleset, render_ruleset
 from steer.testing.servers import connect, original_dst, serve, time_connect
+from tests.privileged.conftest import lab_pods
 from tests.samples import policy_yaml, sample_policies
 
 pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("node_clean")]
 
 
 def pods_of(lab: LabState, annotations: dict[str, dict[str, str]] | None = None) -> list[Pod]:
-    annotations = annotations or {}
-    return [
-        Pod(
-            p.name,
-            p.namespace,
-            p.ip,
-            dict(p.labels),
-            annotations.get(p.name, {}),
-            interface=p.veth,
-            namespace_labels={"steer.dev/allow-exclusions": "true"},
-        )
-        for p in lab.pods
-    ]
+    return lab_pods(lab, annotations, {"steer.dev/allow-exclusions": "true"})
 
 
 def ip_of(lab: LabState, name: str) -> str:

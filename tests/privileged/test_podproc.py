@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import subprocess
+import time
 import sys
 import threading
 from collections.abc import Iterator
@@ -242,7 +243,9 @@ def test_tcp_echo_reports_a_reset_peer(lab: LabState, client: PodProcess) -> Non
     web_pod = lab.pod("default", "web")
     with raw_listener(web_pod, None) as (port, _):
         conn = client.open_tcp(web_pod.ip, port)
-    # The listener has reset the connection by the time the block has ended.
+    # The listener has sent its reset by the time the block has ended; give the reset the
+    # moment it needs to cross the veth and be processed by the client's stack.
+    time.sleep(0.2)
     assert client.tcp_echo(conn, b"after the reset") is None
     client.tcp_close(conn)
 
