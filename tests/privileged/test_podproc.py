@@ -11,9 +11,9 @@ import os
 import socket
 import struct
 import subprocess
-import time
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
