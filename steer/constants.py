@@ -82,3 +82,16 @@ RUN_DIR: Final = Path("/run/steer")
 LAB_STATE_FILE: Final = RUN_DIR / "lab.json"
 XDS_SOCKET: Final = RUN_DIR / "xds.sock"
 BPF_PIN_DIR: Final = Path("/sys/fs/bpf/steer")
+
+# --- Kubernetes deployment --------------------------------------------------------------
+SYSTEM_NAMESPACE: Final = "steer-system"
+CONTROL_SERVICE: Final = "steer-control"
+POLICY_PLURAL: Final = "httppolicies"
+POLICY_SINGULAR: Final = "httppolicy"
+POLICY_SHORT_NAMES: Final = ("hp",)
+READINESS_GATE: Final = "steer.dev/steered"
+WEBHOOK_MUTATE_PODS_PATH: Final = "/mutate-pods"
+WEBHOOK_VALIDATE_POLICIES_PATH: Final = "/validate-httppolicies"
+MUTATING_WEBHOOK_NAME: Final = "pods.steer.dev"
+VALIDATING_WEBHOOK_NAME: Final = "httppolicies.steer.dev"
+FIELD_MANAGER: Final = "steer"
