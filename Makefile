@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin
 
-.PHONY: install demo test test-unit lint format golden
+.PHONY: install demo test test-unit lint format golden manifests
 
 install:
 	./scripts/install.sh
@@ -28,3 +28,7 @@ format:
 
 golden:
 	STEER_REGEN_GOLDEN=1 $(PY)/pytest -q tests/golden
+
+# The CRD is generated from the policy model; tests/golden/test_crd.py fails when stale.
+manifests:
+	$(PY)/steer render crd > manifests/crd/httppolicies.steer.dev.yaml

@@ -142,6 +142,11 @@ def cmd_envoy(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    if args.what == "crd":
+        from steer.render.crd import crd_yaml
+
+        sys.stdout.write(crd_yaml())
+        return 0
     from google.protobuf.json_format import MessageToDict
 
     from steer.model.enforce import resolve
@@ -299,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.set_defaults(func=cmd_envoy)
 
     render = sub.add_parser("render", help="print what would be programmed")
-    render.add_argument("what", choices=["iptables", "xds"])
+    render.add_argument("what", choices=["iptables", "xds", "crd"])
     _add_inputs(render)
     render.set_defaults(func=cmd_render)
 
