@@ -16,7 +16,7 @@ flows a policy change affects. Semantics (docs/policy-reference.md):
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -144,10 +144,18 @@ def _resolve_peers(
     return tuple(dict.fromkeys(nets))
 
 
-def resolve(policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> Enforcement:
+def resolve(
+    policies: Sequence[HTTPPolicy],
+    pods: Sequence[Pod],
+    local: Callable[[Pod], bool] | None = None,
+) -> Enforcement:
+    """`local`: the pods this node steers (default: all). Peers are resolved over every pod
+    given, so a selector matches pods on other nodes too."""
     warnings: list[str] = []
     managed: list[ManagedPod] = []
     for pod in sorted(pods, key=lambda p: p.key):
+        if local is not None and not local(pod):
+            continue
         steering, errors = parse_steering(pod.annotations, pod.namespace_labels)
         warnings += [f"pod {pod.key}: {e}" for e in errors]
         if steering.inject:

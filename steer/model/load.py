@@ -80,6 +80,26 @@ def _describe(err: Any) -> str:
     return f"{message}; fix: {fix}" if fix else message
 
 
+def validate_policy(document: Any, source: str, prefix: str = "") -> HTTPPolicy | list[PolicyError]:
+    """One HTTPPolicy document (from YAML, or as the API server returns it), or its errors,
+    each naming the field path and the fix."""
+    if not isinstance(document, dict):
+        return [
+            PolicyError(
+                source,
+                prefix.rstrip(": "),
+                "expected a mapping; fix: start the document with `apiVersion: "
+                "steer.dev/v1alpha1` and `kind: HTTPPolicy`",
+            )
+        ]
+    try:
+        return HTTPPolicy.model_validate(document)
+    except ValidationError as exc:
+        return [
+            PolicyError(source, prefix + _field_path(e["loc"]), _describe(e)) for e in exc.errors()
+        ]
+
+
 def parse_policies(text: str, source: str) -> tuple[list[HTTPPolicy], list[PolicyError]]:
     """Every document in `text`, or the errors that stop it loading.
 
@@ -109,23 +129,11 @@ def parse_policies(text: str, source: str) -> tuple[list[HTTPPolicy], list[Polic
     errors: list[PolicyError] = []
     for index, doc in enumerate(documents):
         prefix = f"document {index}: " if len(documents) > 1 else ""
-        if not isinstance(doc, dict):
-            errors.append(
-                PolicyError(
-                    source,
-                    prefix.rstrip(": "),
-                    "expected a mapping; fix: start the document with `apiVersion: "
-                    "steer.dev/v1alpha1` and `kind: HTTPPolicy`",
-                )
-            )
-            continue
-        try:
-            policies.append(HTTPPolicy.model_validate(doc))
-        except ValidationError as exc:
-            errors.extend(
-                PolicyError(source, prefix + _field_path(e["loc"]), _describe(e))
-                for e in exc.errors()
-            )
+        result = validate_policy(doc, source, prefix)
+        if isinstance(result, HTTPPolicy):
+            policies.append(result)
+        else:
+            errors.extend(result)
     if errors:
         return [], errors
     duplicates = _duplicate_keys(policies, source)

@@ -40,6 +40,7 @@ class Pod:
     # its processes run in, and the named network namespace (for revoking sockets).
     cgroup: str = ""
     netns: str = ""
+    node: str = ""
 
     @property
     def key(self) -> str:

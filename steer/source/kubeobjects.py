@@ -1,0 +1,154 @@
+"""API objects (raw JSON, as the API server sends them) to steer's model. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from steer.constants import READINESS_GATE
+from steer.model.load import PolicyError, validate_policy
+from steer.model.pod import Pod
+from steer.model.policy import HTTPPolicy
+
+Object = Mapping[str, Any]
+FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+def namespace_labels(namespaces: Iterable[Object]) -> dict[str, dict[str, str]]:
+    return {
+        str(ns["metadata"]["name"]): dict(ns["metadata"].get("labels") or {}) for ns in namespaces
+    }
+
+
+def pod_from_object(
+    obj: Object, labels_of_namespace: Mapping[str, Mapping[str, str]]
+) -> Pod | None:
+    """The pod as steer sees it, or None where there is nothing to steer: no IPv4 address
+    yet, finished, being deleted, or on the host's network."""
+    meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status", {})
+    if spec.get("hostNetwork") or status.get("phase") in FINISHED_PHASES:
+        return None
+    if meta.get("deletionTimestamp"):
+        return None
+    try:
+        ip = str(IPv4Address(status.get("podIP", "")))
+    except ValueError:
+        return None
+    namespace = str(meta.get("namespace", "default"))
+    return Pod(
+        name=str(meta["name"]),
+        namespace=namespace,
+        ip=ip,
+        labels=dict(meta.get("labels") or {}),
+        annotations=dict(meta.get("annotations") or {}),
+        namespace_labels=dict(labels_of_namespace.get(namespace, {})),
+        node=str(spec.get("nodeName", "")),
+    )
+
+
+def pods_from_objects(objects: Iterable[Object], namespaces: Iterable[Object]) -> list[Pod]:
+    labels = namespace_labels(namespaces)
+    return [p for p in (pod_from_object(o, labels) for o in objects) if p is not None]
+
+
+def has_readiness_gate(obj: Object) -> bool:
+    gates = obj.get("spec", {}).get("readinessGates") or []
+    return any(g.get("conditionType") == READINESS_GATE for g in gates)
+
+
+def gate_is_true(obj: Object) -> bool:
+    conditions = obj.get("status", {}).get("conditions") or []
+    return any(c.get("type") == READINESS_GATE and c.get("status") == "True" for c in conditions)
+
+
+@dataclass(frozen=True)
+class PolicyObject:
+    key: str
+    generation: int
+    policy: HTTPPolicy | None
+    errors: tuple[PolicyError, ...]
+
+
+def policy_from_object(obj: Object) -> PolicyObject:
+    meta = obj.get("metadata", {})
+    key = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+    result = validate_policy(dict(obj), f"HTTPPolicy {key}")
+    if isinstance(result, HTTPPolicy):
+        return PolicyObject(key, int(meta.get("generation", 1)), result, ())
+    return PolicyObject(key, int(meta.get("generation", 1)), None, tuple(result))
+
+
+def _condition(
+    kind: str,
+    ok: bool,
+    *,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: Iterable[Object],
+    now: str,
+) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    # lastTransitionTime changes only when the status does, as API conventions ask.
+    before = next((c for c in previous if c.get("type") == kind), None)
+    since = before["lastTransitionTime"] if before and before.get("status") == status else now
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": since,
+    }
+
+
+def policy_status(
+    item: PolicyObject,
+    previous: Object | None,
+    acked_nodes: Mapping[str, str],
+    connected_nodes: int,
+    now: str,
+) -> dict[str, Any]:
+    """The status subresource steer writes: Accepted (the spec is valid) and Programmed
+    (every node whose Envoy is connected has acknowledged the config with this spec)."""
+    old = list((previous or {}).get("conditions") or [])
+    accepted = item.policy is not None
+    message = "valid" if accepted else "; ".join(f"{e.path}: {e.message}" for e in item.errors)
+    programmed = accepted and connected_nodes > 0 and len(acked_nodes) == connected_nodes
+    if not accepted:
+        programmed_reason, programmed_message = "Invalid", "not programmed: the spec is invalid"
+    elif programmed:
+        programmed_reason = "Acknowledged"
+        programmed_message = f"acknowledged by all {connected_nodes} connected nodes"
+    else:
+        programmed_reason = "Pending"
+        programmed_message = f"{len(acked_nodes)} of {connected_nodes} connected nodes acknowledged"
+    return {
+        "observedGeneration": item.generation,
+        "conditions": [
+            _condition(
+                "Accepted",
+                accepted,
+                "Valid" if accepted else "Invalid",
+                message,
+                item.generation,
+                old,
+                now,
+            ),
+            _condition(
+                "Programmed",
+                programmed,
+                programmed_reason,
+                programmed_message,
+                item.generation,
+                old,
+                now,
+            ),
+        ],
+        "nodes": {
+            node: {"ackedVersion": v, "acked": True} for node, v in sorted(acked_nodes.items())
+        },
+        "ackedNodes": len(acked_nodes),
+    }
