@@ -104,10 +104,17 @@ class IptablesDatapath:
 
 
 def destroy_socket(netns: str, local: tuple[str, int], remote: tuple[str, int]) -> None:
-    """Abort one TCP socket inside a pod (SOCK_DESTROY): its owner sees ECONNABORTED."""
+    """Abort one TCP socket inside a pod (SOCK_DESTROY): its owner sees ECONNABORTED.
+
+    `netns` is a named namespace (the lab) or a path such as /proc/<pid>/ns/net (a
+    Kubernetes pod, found through one of its processes)."""
+    enter = (
+        ("nsenter", f"--net={netns}") if netns.startswith("/") else ("ip", "netns", "exec", netns)
+    )
     subprocess.run(
         [
-            *("ip", "netns", "exec", netns, "ss", "-K", "-t", "-n"),
+            *enter,
+            *("ss", "-K", "-t", "-n"),
             *("src", f"{local[0]}:{local[1]}", "dst", f"{remote[0]}:{remote[1]}"),
         ],
         check=True,
@@ -224,9 +231,14 @@ class NodeDatapath:
         return wanted
 
     def sync(
-        self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod], envoy_cgroup: str = ""
+        self,
+        policies: Sequence[HTTPPolicy],
+        pods: Sequence[Pod],
+        envoy_cgroup: str = "",
+        local: Callable[[Pod], bool] | None = None,
     ) -> SyncReport:
-        enforcement = resolve(policies, pods)
+        """`local`: the pods on this node (default: all); the others are only peers."""
+        enforcement = resolve(policies, pods, local)
         report = SyncReport(False, 0, 0, 0.0, warnings=list(enforcement.warnings))
         wanted = self._choose(enforcement, report)
         ebpf = self._ebpf() if wanted else self.ebpf

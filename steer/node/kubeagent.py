@@ -1,0 +1,231 @@
+"""The node agent against a Kubernetes API server.
+
+It watches the pods of its own node (field selector spec.nodeName), and, to resolve pod
+selectors that name pods elsewhere, every pod's address and labels, as NetworkPolicy
+implementations do. Each local pod's cgroup and network namespace are found from its UID
+and container IDs (steer.node.resolve). Once a pod's steering is installed and the node's
+Envoy holds the route configuration for it, the agent sets the pod's readiness gate
+condition `steer.dev/steered`, so the pod takes no traffic before its policy is in force.
+Failures become Events on the pod.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from steer.constants import (
+    API_GROUP,
+    API_VERSION,
+    ENVOY_ADMIN_ADDRESS,
+    ENVOY_ADMIN_PORT,
+    FIELD_MANAGER,
+    POLICY_PLURAL,
+    READINESS_GATE,
+    ROUTE_PREFIX,
+)
+from steer.model.pod import Pod
+from steer.node.datapath import NodeDatapath, SyncReport
+from steer.node.resolve import pod_cgroup, pod_netns
+from steer.source.kube import Reflector, api_list, api_watch
+from steer.source.kubeobjects import (
+    gate_is_true,
+    has_readiness_gate,
+    pod_from_object,
+    pods_from_objects,
+    policy_from_object,
+)
+
+log = logging.getLogger("steer.agent")
+
+
+def envoy_route_names(admin: str = f"{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}") -> set[str]:
+    """The route configurations the node's Envoy has accepted and serves."""
+    url = f"http://{admin}/config_dump?resource=dynamic_route_configs"
+    with urllib.request.urlopen(url, timeout=2) as response:
+        dump = json.load(response)
+    names = set()
+    for config in dump.get("configs", []):
+        route = config.get("route_config", {})
+        if route.get("name"):
+            names.add(str(route["name"]))
+    return names
+
+
+def route_for(ip: str) -> str:
+    return f"{ROUTE_PREFIX}-{ip}-32"
+
+
+@dataclass
+class KubeAgent:
+    api_client: Any
+    node_name: str
+    cgroup_root: Path
+    datapath: NodeDatapath
+    envoy_cgroup: str = ""
+    envoy_admin: str = f"{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}"
+    reflectors: dict[str, Reflector] = field(default_factory=dict)
+    _events_sent: set[tuple[str, str]] = field(default_factory=set)
+    _gates_pending: bool = False
+
+    def __post_init__(self) -> None:
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.api_client)
+        custom = client.CustomObjectsApi(self.api_client)
+        self._core = core
+        on_node = {"field_selector": f"spec.nodeName={self.node_name}"}
+        policies = {"group": API_GROUP, "version": API_VERSION, "plural": POLICY_PLURAL}
+        sources: dict[str, tuple[Any, dict[str, Any]]] = {
+            "local-pods": (core.list_pod_for_all_namespaces, on_node),
+            "pods": (core.list_pod_for_all_namespaces, {}),
+            "namespaces": (core.list_namespace, {}),
+            "httppolicies": (custom.list_cluster_custom_object, policies),
+        }
+        self.reflectors = {
+            kind: Reflector(kind, api_list(call, **kwargs), api_watch(call, **kwargs))
+            for kind, (call, kwargs) in sources.items()
+        }
+
+    # --- one pass ----------------------------------------------------------------------
+
+    def _local_pod(self, obj: Mapping[str, Any], pod: Pod) -> Pod:
+        cgroup = pod_cgroup(obj, self.cgroup_root)
+        netns = pod_netns(obj, self.cgroup_root)
+        return replace(pod, cgroup=str(cgroup or ""), netns=netns or "")
+
+    def sync(self) -> SyncReport:
+        objects = {kind: r.snapshot() for kind, r in self.reflectors.items()}
+        local_objects = {
+            f"{o['metadata']['namespace']}/{o['metadata']['name']}": o
+            for o in objects["local-pods"]
+        }
+        pods = [
+            self._local_pod(local_objects[p.key], p) if p.key in local_objects else p
+            for p in pods_from_objects(objects["pods"], objects["namespaces"])
+        ]
+        policy_objects = [policy_from_object(o) for o in objects["httppolicies"]]
+        policies = [p.policy for p in policy_objects if p.policy is not None]
+        report = self.datapath.sync(
+            policies, pods, self.envoy_cgroup, local=lambda p: p.node == self.node_name
+        )
+        for error in report.errors:
+            log.error("%s", error)
+        self._report_pod_problems(local_objects, report)
+        self._open_readiness_gates(local_objects, report)
+        return report
+
+    def _report_pod_problems(
+        self, local_objects: Mapping[str, Mapping[str, Any]], report: SyncReport
+    ) -> None:
+        for warning in report.warnings:
+            key = warning.removeprefix("pod ").split(":", 1)[0]
+            if key in local_objects:
+                self._event(local_objects[key], "SteeringAnnotationIgnored", warning)
+
+    def _open_readiness_gates(
+        self, local_objects: Mapping[str, Mapping[str, Any]], report: SyncReport
+    ) -> None:
+        waiting = {
+            key: obj
+            for key, obj in local_objects.items()
+            if has_readiness_gate(obj) and not gate_is_true(obj) and key in report.dataplanes
+        }
+        self._gates_pending = bool(waiting)
+        if not waiting:
+            return
+        try:
+            served = envoy_route_names(self.envoy_admin)
+        except OSError as exc:
+            log.info("Envoy admin not reachable yet (%s); readiness gates wait", exc)
+            return
+        for key, obj in waiting.items():
+            pod = pod_from_object(obj, {})
+            if pod is None or route_for(pod.ip) not in served:
+                continue
+            self._set_gate(obj, report.dataplanes[key])
+
+    def _set_gate(self, obj: Mapping[str, Any], dataplane: tuple[str, str]) -> None:
+        meta = obj["metadata"]
+        condition = {
+            "type": READINESS_GATE,
+            "status": "True",
+            "reason": "Steered",
+            "message": f"steered by {dataplane[0]} ({dataplane[1]}); Envoy has the pod's routes",
+            "lastTransitionTime": _now(),
+        }
+        try:
+            self._core.patch_namespaced_pod_status(
+                meta["name"],
+                meta["namespace"],
+                {"status": {"conditions": [condition]}},
+                field_manager=FIELD_MANAGER,
+            )
+            log.info(
+                "pod %s/%s: readiness gate %s set", meta["namespace"], meta["name"], READINESS_GATE
+            )
+        except Exception as exc:  # the pod went away meanwhile, or the API is away
+            log.warning("readiness gate of %s/%s not set: %s", meta["namespace"], meta["name"], exc)
+
+    def _event(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+        meta = obj["metadata"]
+        seen = (str(meta.get("uid")), message)
+        if seen in self._events_sent:
+            return
+        self._events_sent.add(seen)
+        from kubernetes import client
+
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(
+                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+            ),
+            involved_object=client.V1ObjectReference(
+                api_version="v1",
+                kind="Pod",
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+            ),
+            reason=reason,
+            message=message,
+            type="Warning",
+            source=client.V1EventSource(component="steer-agent", host=self.node_name),
+            first_timestamp=datetime.now(UTC),
+            last_timestamp=datetime.now(UTC),
+            count=1,
+        )
+        try:
+            self._core.create_namespaced_event(meta["namespace"], event)
+        except Exception as exc:  # events are best effort
+            log.warning("event on %s/%s not recorded: %s", meta["namespace"], meta["name"], exc)
+
+    # --- loop --------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        changed = threading.Event()
+        for reflector in self.reflectors.values():
+            reflector.on_change = changed.set
+            reflector.start(stop)
+        while not stop.is_set():
+            # Readiness gates also wait on Envoy, which sends no API events: while any
+            # pod waits, look again every second even without a change.
+            woken = changed.wait(timeout=1.0)
+            if not (woken or self._gates_pending):
+                continue
+            time.sleep(0.02)  # one sync for a burst of events
+            changed.clear()
+            if all(r.synced.is_set() for r in self.reflectors.values()):
+                self.sync()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
