@@ -10,8 +10,19 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from steer.constants import LAB_NODE_NAME, LAB_STATE_FILE, NODE_NETNS, RUN_DIR, XDS_SOCKET
+from steer.constants import (
+    ENVOY_ADMIN_ADDRESS,
+    ENVOY_ADMIN_PORT,
+    LAB_GATEWAY_IP,
+    LAB_NODE_NAME,
+    LAB_STATE_FILE,
+    NODE_NETNS,
+    RUN_DIR,
+    XDS_PORT,
+    XDS_SOCKET,
+)
 
 DEFAULT_POLICY_DIR = RUN_DIR / "policies"
 
@@ -82,6 +93,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     if args.netns:
         enter_netns(args.netns)
+    if args.kube:
+        return _run_kube_agent(args)
     inputs = LocalInputs(args.policies, args.lab_state)
     if args.dry_run:
         from steer.node import iptables
@@ -106,6 +119,50 @@ def cmd_agent(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         agent.run()
     return 0
+
+
+def _kube_client(kubeconfig: str | None) -> object:
+    """In-cluster credentials unless a kubeconfig is given."""
+    from kubernetes import client, config
+
+    kube_config: Any = config  # the kubernetes client is untyped
+    if kubeconfig:
+        return kube_config.new_client_from_config(config_file=kubeconfig)
+    kube_config.load_incluster_config()
+    return client.ApiClient()
+
+
+def _run_kube_agent(args: argparse.Namespace) -> int:
+    from steer.node.datapath import NodeDatapath
+    from steer.node.kubeagent import KubeAgent
+    from steer.node.lab import cgroup2_root
+
+    if not args.node_name:
+        print("--kube needs --node-name (the downward API's spec.nodeName)", file=sys.stderr)
+        return 2
+    agent = KubeAgent(
+        _kube_client(args.kubeconfig),
+        args.node_name,
+        Path(args.cgroup_root) if args.cgroup_root else cgroup2_root(),
+        NodeDatapath(envoy_ip=args.envoy_ip),
+        envoy_cgroup=args.envoy_cgroup or _own_pod_cgroup(),
+        envoy_admin=args.envoy_admin,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        agent.run()
+    return 0
+
+
+def _own_pod_cgroup() -> str:
+    """The agent shares its pod with Envoy: the pod-level cgroup holds both containers."""
+    from steer.node.lab import cgroup2_root
+
+    line = next(
+        (ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::")),
+        "",
+    )
+    own = line.removeprefix("0::")
+    return str(cgroup2_root() / own.strip("/")).rsplit("/", 1)[0] if own else ""
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
@@ -137,7 +194,17 @@ def cmd_envoy(args: argparse.Namespace) -> int:
         (Path(cgroup) / "cgroup.procs").write_text(str(os.getpid()))
     if args.netns:
         enter_netns(args.netns)
-    supervise(args.node_id, args.socket, args.ads)
+    xds: Path | tuple[str, int] = args.socket
+    if args.xds_address:
+        host, _, port = args.xds_address.rpartition(":")
+        if not host or not port.isdigit():
+            print(
+                "--xds-address wants host:port, e.g. steer-control.steer-system.svc:15010",
+                file=sys.stderr,
+            )
+            return 2
+        xds = (host, int(port))
+    supervise(args.node_id, xds, args.ads)
     return 0
 
 
@@ -284,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--netns", default=NODE_NETNS, help="node namespace ('' for current)")
     agent.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
+    agent.add_argument("--kube", action="store_true", help="watch a Kubernetes API server")
+    agent.add_argument("--kubeconfig", help="with --kube: a kubeconfig (default: in-cluster)")
+    agent.add_argument("--node-name", help="with --kube: this node's name")
+    agent.add_argument(
+        "--envoy-ip", default=LAB_GATEWAY_IP, help="the address pods reach the node's Envoy on"
+    )
+    agent.add_argument("--envoy-admin", default=f"{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}")
+    agent.add_argument("--envoy-cgroup", help="Envoy's cgroup (default: the agent's own pod)")
+    agent.add_argument("--cgroup-root", help="the cgroup v2 mount (default: detected)")
     agent.set_defaults(func=cmd_agent)
 
     dataplane = sub.add_parser("dataplane", help="datapath maintenance")
@@ -300,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--node-id", default=LAB_NODE_NAME)
     envoy.add_argument("--ads", choices=["delta", "sotw"], default="delta")
     envoy.add_argument("--cgroup", help="cgroup v2 path to run in (default: the lab node's)")
+    envoy.add_argument("--xds-address", help="host:port of the control plane (a cluster)")
     envoy.add_argument("--lab-state", type=Path, default=LAB_STATE_FILE)
     envoy.set_defaults(func=cmd_envoy)
 

@@ -34,9 +34,20 @@ def envoy_binary() -> str:
     return found
 
 
-def write_bootstrap(node_id: str, xds_socket: Path, ads: AdsMode, path: Path) -> Path:
+def write_bootstrap(
+    node_id: str,
+    xds: Path | tuple[str, int],
+    ads: AdsMode,
+    path: Path,
+) -> Path:
+    """`xds`: the control plane's Unix socket (local mode) or (host, port) (a cluster)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(bootstrap(node_id, xds_socket=xds_socket, ads=ads), indent=2))
+    document = (
+        bootstrap(node_id, xds_socket=xds, ads=ads)
+        if isinstance(xds, Path)
+        else bootstrap(node_id, xds_address=xds, ads=ads)
+    )
+    path.write_text(json.dumps(document, indent=2))
     return path
 
 
@@ -74,10 +85,10 @@ def wait_ready(timeout: float = 15.0, admin_port: int = ENVOY_ADMIN_PORT) -> Non
 
 
 def supervise(
-    node_id: str, xds_socket: Path, ads: AdsMode = "delta", run_dir: Path = RUN_DIR
+    node_id: str, xds: Path | tuple[str, int], ads: AdsMode = "delta", run_dir: Path = RUN_DIR
 ) -> None:
     """Run Envoy until interrupted, restarting it with backoff if it exits."""
-    config = write_bootstrap(node_id, xds_socket, ads, run_dir / "envoy-bootstrap.json")
+    config = write_bootstrap(node_id, xds, ads, run_dir / "envoy-bootstrap.json")
     backoff = 0.5
     while True:
         started = time.monotonic()
