@@ -34,7 +34,7 @@ from steer.constants import (
 )
 from steer.model.pod import Pod
 from steer.node.datapath import NodeDatapath, SyncReport
-from steer.node.resolve import pod_cgroup, pod_netns
+from steer.node.resolve import ResolveError, pod_cgroup, pod_netns
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
     gate_is_true,
@@ -98,8 +98,14 @@ class KubeAgent:
     # --- one pass ----------------------------------------------------------------------
 
     def _local_pod(self, obj: Mapping[str, Any], pod: Pod) -> Pod:
-        cgroup = pod_cgroup(obj, self.cgroup_root)
-        netns = pod_netns(obj, self.cgroup_root)
+        """The pod with its cgroup and netns; without them it stays on iptables, and a
+        pod object the resolver cannot read is reported on the pod, not fatal."""
+        try:
+            cgroup = pod_cgroup(obj, self.cgroup_root)
+            netns = pod_netns(obj, self.cgroup_root)
+        except ResolveError as exc:
+            self._event(obj, "SteeringCgroupUnknown", str(exc))
+            return pod
         return replace(pod, cgroup=str(cgroup or ""), netns=netns or "")
 
     def sync(self) -> SyncReport:

@@ -248,7 +248,7 @@ def _mapping(value: object) -> Mapping[str, Any]:
 
 def _is_cgroup2_dir(path: Path) -> bool:
     # Every cgroup v2 directory, the root included, has cgroup.controllers; v1 never does.
-    return path.is_dir()
+    return (path / "cgroup.controllers").is_file()
 
 
 def _subdirs(path: Path) -> list[os.DirEntry[str]]:
