@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from steer.constants import (
+    CONTROL_SERVICE,
     ENVOY_ADMIN_ADDRESS,
     ENVOY_ADMIN_PORT,
     LAB_GATEWAY_IP,
@@ -20,6 +21,8 @@ from steer.constants import (
     LAB_STATE_FILE,
     NODE_NETNS,
     RUN_DIR,
+    SYSTEM_NAMESPACE,
+    WEBHOOK_PORT,
     XDS_PORT,
     XDS_SOCKET,
 )
@@ -76,6 +79,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
+    if args.kube:
+        return _run_kube_control(args)
     from steer.control.plane import LocalControlPlane
     from steer.source.local import LocalInputs
 
@@ -91,10 +96,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from steer.node.netns import enter_netns
     from steer.source.local import LocalInputs
 
+    if args.kube:
+        # API calls must leave from the agent's own namespace; only the datapath's kernel
+        # calls go into --netns (see KubeAgent.datapath_netns).
+        return _run_kube_agent(args)
     if args.netns:
         enter_netns(args.netns)
-    if args.kube:
-        return _run_kube_agent(args)
     inputs = LocalInputs(args.policies, args.lab_state)
     if args.dry_run:
         from steer.node import iptables
@@ -147,9 +154,50 @@ def _run_kube_agent(args: argparse.Namespace) -> int:
         NodeDatapath(envoy_ip=args.envoy_ip),
         envoy_cgroup=args.envoy_cgroup or _own_pod_cgroup(),
         envoy_admin=args.envoy_admin,
+        datapath_netns=args.netns,
     )
     with contextlib.suppress(KeyboardInterrupt):
         agent.run()
+    return 0
+
+
+def _run_kube_control(args: argparse.Namespace) -> int:
+    from steer.control.kubeplane import KubeControlPlane
+    from steer.control.webhook import build_app, kube_namespace_labels, serve_webhook
+
+    api = _kube_client(args.kubeconfig)
+    plane = KubeControlPlane(api)
+    webhook = None
+    if args.webhook_cert and args.webhook_key:
+
+        async def webhook() -> None:
+            app = build_app(kube_namespace_labels(api))
+            await serve_webhook(
+                app, "0.0.0.0", args.webhook_port, Path(args.webhook_cert), Path(args.webhook_key)
+            )
+    elif args.webhook_cert or args.webhook_key:
+        print("--webhook-cert and --webhook-key go together", file=sys.stderr)
+        return 2
+    socket = args.socket if args.socket != XDS_SOCKET else None
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(plane.run(args.xds_port, socket, webhook))
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from steer.control.certs import ca_bundle_b64, generate
+
+    try:
+        paths = generate(args.service, args.namespace, args.out, args.days, force=args.force)
+    except FileExistsError as exc:
+        print(f"{exc}; fix: pass --force to replace them", file=sys.stderr)
+        return 1
+    print(f"wrote {paths.ca}, {paths.cert}, {paths.key}")
+    print(
+        f"create the Secret: kubectl -n {args.namespace} create secret tls "
+        f"steer-webhook-tls --cert={paths.cert} --key={paths.key}"
+    )
+    print(f"caBundle for the webhook configurations: {ca_bundle_b64(paths.ca)}")
     return 0
 
 
@@ -344,6 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(control)
     control.add_argument("--socket", type=Path, default=XDS_SOCKET)
     control.add_argument("--node-id", default=LAB_NODE_NAME)
+    control.add_argument("--kube", action="store_true", help="watch a Kubernetes API server")
+    control.add_argument("--kubeconfig", help="with --kube: a kubeconfig (default: in-cluster)")
+    control.add_argument("--xds-port", type=int, default=XDS_PORT, help="with --kube: ADS port")
+    control.add_argument("--webhook-port", type=int, default=WEBHOOK_PORT)
+    control.add_argument("--webhook-cert", help="TLS certificate of the admission webhooks")
+    control.add_argument("--webhook-key", help="its key")
+
+    certs = sub.add_parser("certs", help="a CA and a serving certificate for the webhooks")
+    certs.add_argument("--service", default=CONTROL_SERVICE)
+    certs.add_argument("--namespace", default=SYSTEM_NAMESPACE)
+    certs.add_argument("--out", type=Path, required=True, help="directory to write into")
+    certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(func=cmd_certs)
     control.set_defaults(func=cmd_control)
 
     agent = sub.add_parser("agent", help="the node agent: iptables datapath")

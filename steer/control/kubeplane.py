@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from steer.constants import API_GROUP, API_VERSION, POLICY_PLURAL
@@ -129,7 +130,14 @@ class KubeControlPlane:
             except Exception as exc:  # deleted meanwhile, or the API server is away
                 log.warning("status of %s not written: %s", item.key, exc)
 
-    async def run(self, xds_port: int, webhook: Callable[[], Any] | None = None) -> None:
+    async def run(
+        self,
+        xds_port: int | None,
+        xds_socket: Path | None = None,
+        webhook: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        """Serve ADS on TCP (and/or a Unix socket) until cancelled; `webhook` starts the
+        admission server on this loop."""
         loop = asyncio.get_running_loop()
         dirty = asyncio.Event()
         stop = threading.Event()
@@ -140,10 +148,9 @@ class KubeControlPlane:
         for reflector in self.reflectors.values():
             reflector.on_change = changed
             reflector.start(stop)
-        server = await serve(self.cache, tcp_port=xds_port)
-        extra = webhook() if webhook else None
-        if asyncio.iscoroutine(extra):
-            await extra
+        server = await serve(self.cache, uds_path=xds_socket, tcp_port=xds_port)
+        if webhook is not None:
+            await webhook()
         try:
             while True:
                 try:

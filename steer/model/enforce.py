@@ -156,7 +156,7 @@ def resolve(
     for pod in sorted(pods, key=lambda p: p.key):
         if local is not None and not local(pod):
             continue
-        steering, errors = parse_steering(pod.annotations, pod.namespace_labels)
+        steering, errors = parse_steering(pod.annotations, pod.namespace_labels, pod.inject_default)
         warnings += [f"pod {pod.key}: {e}" for e in errors]
         if steering.inject:
             managed.append(ManagedPod(pod, IPv4Address(pod.ip), steering))

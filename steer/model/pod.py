@@ -41,6 +41,8 @@ class Pod:
     cgroup: str = ""
     netns: str = ""
     node: str = ""
+    # Whether a pod steered by neither its annotation nor its namespace is steered.
+    inject_default: bool = True
 
     @property
     def key(self) -> str:
@@ -105,8 +107,23 @@ def _parse_choice(
     return None, [AnnotationError(annotation, value, f"fix: use one of {', '.join(choices)}")]
 
 
+def inject_enabled(
+    annotations: Mapping[str, str], namespace_labels: Mapping[str, str], default: bool
+) -> bool:
+    """The pod's annotation decides, else its namespace's label, else `default`: opt-out
+    in the local lab (every lab pod is steered), opt-in in a cluster (steering a namespace
+    nobody labelled would gate pods nobody asked to steer)."""
+    for source in (annotations, namespace_labels):
+        value = source.get(ANNOTATION_INJECT)
+        if value in ("enabled", "disabled"):
+            return value == "enabled"
+    return default
+
+
 def parse_steering(
-    annotations: Mapping[str, str], namespace_labels: Mapping[str, str]
+    annotations: Mapping[str, str],
+    namespace_labels: Mapping[str, str],
+    default_inject: bool = True,
 ) -> tuple[PodSteering, list[AnnotationError]]:
     """Valid annotations take effect; each invalid one is reported and left at its default.
 
@@ -114,13 +131,9 @@ def parse_steering(
     because an exclusion lets traffic past L7 policy.
     """
     errors: list[AnnotationError] = []
-    # The namespace label sets the default; the pod's annotation overrides it.
-    inject = namespace_labels.get(ANNOTATION_INJECT) != "disabled"
+    inject = inject_enabled(annotations, namespace_labels, default_inject)
     if (raw := annotations.get(ANNOTATION_INJECT)) is not None:
-        choice, errs = _parse_choice(ANNOTATION_INJECT, raw, ("enabled", "disabled"))
-        errors += errs
-        if choice is not None:
-            inject = choice == "enabled"
+        errors += _parse_choice(ANNOTATION_INJECT, raw, ("enabled", "disabled"))[1]
     dataplane = Dataplane.AUTO
     if (raw := annotations.get(ANNOTATION_DATAPLANE)) is not None:
         choice, errs = _parse_choice(ANNOTATION_DATAPLANE, raw, tuple(d.value for d in Dataplane))

@@ -16,11 +16,11 @@ import logging
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from steer.constants import (
     API_GROUP,
@@ -34,6 +34,7 @@ from steer.constants import (
 )
 from steer.model.pod import Pod
 from steer.node.datapath import NodeDatapath, SyncReport
+from steer.node.netns import run_in_netns
 from steer.node.resolve import ResolveError, pod_cgroup, pod_netns
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
@@ -45,6 +46,7 @@ from steer.source.kubeobjects import (
 )
 
 log = logging.getLogger("steer.agent")
+T = TypeVar("T")
 
 
 def envoy_route_names(admin: str = f"{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}") -> set[str]:
@@ -72,6 +74,9 @@ class KubeAgent:
     datapath: NodeDatapath
     envoy_cgroup: str = ""
     envoy_admin: str = f"{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}"
+    # Where the datapath and Envoy live when that is not the agent's own namespace (the
+    # lab's node): kernel calls and Envoy's admin go there, API calls stay here.
+    datapath_netns: str = ""
     reflectors: dict[str, Reflector] = field(default_factory=dict)
     _events_sent: set[tuple[str, str]] = field(default_factory=set)
     _gates_pending: bool = False
@@ -120,8 +125,10 @@ class KubeAgent:
         ]
         policy_objects = [policy_from_object(o) for o in objects["httppolicies"]]
         policies = [p.policy for p in policy_objects if p.policy is not None]
-        report = self.datapath.sync(
-            policies, pods, self.envoy_cgroup, local=lambda p: p.node == self.node_name
+        report = self._in_datapath_netns(
+            lambda: self.datapath.sync(
+                policies, pods, self.envoy_cgroup, local=lambda p: p.node == self.node_name
+            )
         )
         for error in report.errors:
             log.error("%s", error)
@@ -149,7 +156,7 @@ class KubeAgent:
         if not waiting:
             return
         try:
-            served = envoy_route_names(self.envoy_admin)
+            served = self._in_datapath_netns(lambda: envoy_route_names(self.envoy_admin))
         except OSError as exc:
             log.info("Envoy admin not reachable yet (%s); readiness gates wait", exc)
             return
@@ -212,6 +219,9 @@ class KubeAgent:
             self._core.create_namespaced_event(meta["namespace"], event)
         except Exception as exc:  # events are best effort
             log.warning("event on %s/%s not recorded: %s", meta["namespace"], meta["name"], exc)
+
+    def _in_datapath_netns(self, action: Callable[[], T]) -> T:
+        return run_in_netns(self.datapath_netns, action) if self.datapath_netns else action()
 
     # --- loop --------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ def pod_from_object(
         annotations=dict(meta.get("annotations") or {}),
         namespace_labels=dict(labels_of_namespace.get(namespace, {})),
         node=str(spec.get("nodeName", "")),
+        inject_default=False,  # opt-in, as the admission webhook decides it
     )
 
 

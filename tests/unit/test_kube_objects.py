@@ -78,6 +78,13 @@ def test_pods_with_nothing_to_steer_are_skipped(obj: dict[str, Any]) -> None:
     assert pod_from_object(obj, NAMESPACES) is None
 
 
+def test_in_a_cluster_steering_is_opt_in() -> None:
+    unlabelled = pod_from_object(api_pod("web", "10.1.0.5"), {})
+    assert unlabelled is not None and unlabelled.inject_default is False
+    snapshots = render_node_snapshots([], [unlabelled], {"node-a"})
+    assert "steer-dst-10.1.0.5-32" not in set(snapshots["node-a"].get(ROUTE_TYPE))
+
+
 def test_readiness_gate_presence_and_state() -> None:
     obj = api_pod("web", "10.1.0.5")
     assert has_readiness_gate(obj) and not gate_is_true(obj)
@@ -128,8 +135,8 @@ def test_invalid_policy_is_refused_with_the_field_path() -> None:
 
 def test_each_node_gets_only_its_own_pods_as_destinations() -> None:
     pods = [
-        pod_from_object(api_pod("client", "10.1.0.2", node="node-a"), {}),
-        pod_from_object(api_pod("web", "10.1.0.3", node="node-b"), {}),
+        pod_from_object(api_pod("client", "10.1.0.2", node="node-a"), NAMESPACES),
+        pod_from_object(api_pod("web", "10.1.0.3", node="node-b"), NAMESPACES),
     ]
     snapshots = render_node_snapshots(
         sample_policies(), [p for p in pods if p], {"node-a", "node-b"}
