@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin
 
-.PHONY: install demo test test-unit lint format golden manifests
+.PHONY: install demo test test-unit lint format golden kube-apiserver manifests
 
 install:
 	./scripts/install.sh
@@ -32,3 +32,8 @@ golden:
 # The CRD is generated from the policy model; tests/golden/test_crd.py fails when stale.
 manifests:
 	$(PY)/steer render crd > manifests/crd/httppolicies.steer.dev.yaml
+
+# A real kube-apiserver (v1.20.2) for tests/k8s, built from Debian's packages into
+# /var/cache/steer/kube (STEER_KUBE_CACHE); about 12 minutes once, instant after that.
+kube-apiserver:
+	./scripts/kube-apiserver.sh build

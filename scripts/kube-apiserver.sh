@@ -148,8 +148,9 @@ unpack_source() {
   # dpkg-source checks the files' checksums against the .dsc (whose own hash apt checked
   # against the signed Sources index); it only warns that it lacks the uploader's key.
   dpkg-source -x "$dsc" "$WORK/src"
-  [ -d "$WORK/src/vendor" ] && [ -d "$WORK/src/cmd/kube-apiserver" ] \
-    || die "$WORK/src is not a full kubernetes tree (no vendor/ or cmd/kube-apiserver)"
+  if [ ! -d "$WORK/src/vendor" ] || [ ! -d "$WORK/src/cmd/kube-apiserver" ]; then
+    die "$WORK/src is not a full kubernetes tree (no vendor/ or cmd/kube-apiserver)"
+  fi
 }
 
 compile() {

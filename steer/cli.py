@@ -92,7 +92,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from steer.node.agent import LocalAgent
-    from steer.node.datapath import IptablesDatapath
+    from steer.node.datapath import IptablesDatapath, NodeDatapath
     from steer.node.netns import enter_netns
     from steer.source.local import LocalInputs
 
@@ -117,7 +117,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             current = KernelState()
         sys.stdout.write(restore_text(ruleset, current))
         return 1 if policies.errors else 0
-    agent = LocalAgent(inputs)
+    agent = LocalAgent(inputs, datapath=NodeDatapath(envoy_ip=args.envoy_ip or LAB_GATEWAY_IP))
     if args.once:
         report = agent.sync()
         for message in report.errors:
@@ -144,15 +144,21 @@ def _run_kube_agent(args: argparse.Namespace) -> int:
     from steer.node.kubeagent import KubeAgent
     from steer.node.lab import cgroup2_root
 
-    if not args.node_name:
-        print("--kube needs --node-name (the downward API's spec.nodeName)", file=sys.stderr)
+    if not args.node_name or not args.envoy_ip:
+        print(
+            "--kube needs --node-name and --envoy-ip (the downward API's spec.nodeName and "
+            "status.hostIP: pods reach the node's Envoy on the node's address)",
+            file=sys.stderr,
+        )
         return 2
+    api = _kube_client(args.kubeconfig)
+    root = Path(args.cgroup_root) if args.cgroup_root else cgroup2_root()
     agent = KubeAgent(
-        _kube_client(args.kubeconfig),
+        api,
         args.node_name,
-        Path(args.cgroup_root) if args.cgroup_root else cgroup2_root(),
+        root,
         NodeDatapath(envoy_ip=args.envoy_ip),
-        envoy_cgroup=args.envoy_cgroup or _own_pod_cgroup(),
+        envoy_cgroup=args.envoy_cgroup or _own_pod_cgroup(api, root),
         envoy_admin=args.envoy_admin,
         datapath_netns=args.netns,
     )
@@ -201,16 +207,28 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _own_pod_cgroup() -> str:
-    """The agent shares its pod with Envoy: the pod-level cgroup holds both containers."""
-    from steer.node.lab import cgroup2_root
+def _own_pod_cgroup(api: Any, root: Path) -> str:
+    """The agent shares its pod with Envoy: the pod-level cgroup holds both containers.
+    Found by the pod's UID like any pod's (the agent may run in a private cgroup namespace,
+    where /proc/self/cgroup says only "/")."""
+    from kubernetes import client
 
-    line = next(
-        (ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::")),
-        "",
-    )
-    own = line.removeprefix("0::")
-    return str(cgroup2_root() / own.strip("/")).rsplit("/", 1)[0] if own else ""
+    from steer.node.resolve import ResolveError, pod_cgroup
+
+    name, namespace = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
+    if not name or not namespace:
+        return ""
+    try:
+        core: Any = client.CoreV1Api(api)
+        own = core.read_namespaced_pod(name, namespace, _preload_content=False)
+        found = pod_cgroup(json.loads(own.data), root)
+    except (ResolveError, OSError, ValueError) as exc:
+        print(
+            f"warning: Envoy's cgroup not found ({exc}); eBPF pods stay on iptables",
+            file=sys.stderr,
+        )
+        return ""
+    return str(found or "")
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
@@ -467,7 +485,9 @@ NEEDS_ROOT = frozenset({"demo", "lab", "control", "agent", "dataplane", "envoy",
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in NEEDS_ROOT and os.geteuid() != 0:
+    # In a cluster the control plane only talks to the API server and Envoys: no root.
+    cluster_control = args.command == "control" and args.kube
+    if args.command in NEEDS_ROOT and not cluster_control and os.geteuid() != 0:
         print(
             f"steer {args.command} needs root (namespaces, iptables, /run/steer); "
             "fix: run it as root",

@@ -288,11 +288,12 @@ def review_pod(
     if not all(isinstance(v, str) for v in annotations.values()):
         raise MalformedReview("request.object.metadata.annotations has a non-string value")
 
-    steering, errors = parse_steering(annotations, namespace_labels)
+    labels: dict[str, str] = _field(metadata, "labels", "request.object.metadata", dict) or {}
+    steering, errors = parse_steering(annotations, namespace_labels, pod_labels=labels)
     # A value of steer.dev/inject that is neither enabled nor disabled could mean either;
     # the pod is validated as if steered, so the typo is refused rather than guessed at.
     inject_invalid = any(e.annotation == ANNOTATION_INJECT for e in errors)
-    if not inject_invalid and not _opted_in(annotations, namespace_labels):
+    if not inject_invalid and not _opted_in(annotations, labels, namespace_labels):
         return _allow(uid, warnings=_ignored_annotations(annotations))
 
     problems = [
@@ -313,14 +314,11 @@ def review_pod(
     return _allow(uid, patch=_annotation_ops(metadata, annotations, steering) + _gate_ops(spec))
 
 
-def _opted_in(annotations: Mapping[str, str], namespace_labels: Mapping[str, str]) -> bool:
-    """Admission steers by opt-in: the pod's annotation, else its namespace's label.
-
-    (parse_steering's default, enabled unless the namespace says disabled, suits the local
-    lab; in a cluster, steering every namespace that says nothing would gate pods that
-    nobody asked to steer.)
-    """
-    return inject_enabled(annotations, namespace_labels, default=False)
+def _opted_in(
+    annotations: Mapping[str, str], labels: Mapping[str, str], namespace_labels: Mapping[str, str]
+) -> bool:
+    """Admission steers by opt-in: the pod's annotation or label, else its namespace's."""
+    return inject_enabled(annotations, namespace_labels, default=False, pod_labels=labels)
 
 
 def _unknown_annotation(key: str) -> str:

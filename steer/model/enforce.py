@@ -156,7 +156,9 @@ def resolve(
     for pod in sorted(pods, key=lambda p: p.key):
         if local is not None and not local(pod):
             continue
-        steering, errors = parse_steering(pod.annotations, pod.namespace_labels, pod.inject_default)
+        steering, errors = parse_steering(
+            pod.annotations, pod.namespace_labels, pod.inject_default, pod.labels
+        )
         warnings += [f"pod {pod.key}: {e}" for e in errors]
         if steering.inject:
             managed.append(ManagedPod(pod, IPv4Address(pod.ip), steering))

@@ -108,12 +108,16 @@ def _parse_choice(
 
 
 def inject_enabled(
-    annotations: Mapping[str, str], namespace_labels: Mapping[str, str], default: bool
+    annotations: Mapping[str, str],
+    namespace_labels: Mapping[str, str],
+    default: bool,
+    pod_labels: Mapping[str, str] | None = None,
 ) -> bool:
-    """The pod's annotation decides, else its namespace's label, else `default`: opt-out
-    in the local lab (every lab pod is steered), opt-in in a cluster (steering a namespace
-    nobody labelled would gate pods nobody asked to steer)."""
-    for source in (annotations, namespace_labels):
+    """The pod's annotation decides, else its label (a label lets a webhook select single
+    pods), else its namespace's label, else `default`: opt-out in the local lab (every lab
+    pod is steered), opt-in in a cluster (steering a namespace nobody labelled would gate
+    pods nobody asked to steer)."""
+    for source in (annotations, pod_labels or {}, namespace_labels):
         value = source.get(ANNOTATION_INJECT)
         if value in ("enabled", "disabled"):
             return value == "enabled"
@@ -124,6 +128,7 @@ def parse_steering(
     annotations: Mapping[str, str],
     namespace_labels: Mapping[str, str],
     default_inject: bool = True,
+    pod_labels: Mapping[str, str] | None = None,
 ) -> tuple[PodSteering, list[AnnotationError]]:
     """Valid annotations take effect; each invalid one is reported and left at its default.
 
@@ -131,7 +136,7 @@ def parse_steering(
     because an exclusion lets traffic past L7 policy.
     """
     errors: list[AnnotationError] = []
-    inject = inject_enabled(annotations, namespace_labels, default_inject)
+    inject = inject_enabled(annotations, namespace_labels, default_inject, pod_labels)
     if (raw := annotations.get(ANNOTATION_INJECT)) is not None:
         errors += _parse_choice(ANNOTATION_INJECT, raw, ("enabled", "disabled"))[1]
     dataplane = Dataplane.AUTO

@@ -535,13 +535,15 @@ class BpfDatapath:
 
 
 def lab_cgroup_roots() -> list[Path]:
+    """Where steer attaches: the lab's subtree, and the kubelet's pod trees."""
     from steer.node.lab import cgroup2_root
 
     try:
-        root = cgroup2_root() / CGROUP_SUBTREE
+        root = cgroup2_root()
     except Exception:  # no cgroup2 mount: nothing can be attached
         return []
-    return [root] if root.exists() else []
+    candidates = (root / CGROUP_SUBTREE, root / "kubepods.slice", root / "kubepods")
+    return [c for c in candidates if c.exists()]
 
 
 def _stat_ino_or_zero(path: str) -> int:

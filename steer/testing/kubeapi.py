@@ -195,7 +195,11 @@ def running_apiserver(
     """Start etcd and kube-apiserver on free loopback ports, yield once /readyz answers.
 
     Both processes are stopped on exit, also when the body raised; etcd's data dir is
-    removed, the logs (etcd.log, kube-apiserver.log) stay in workdir.
+    removed, the logs (etcd.log, kube-apiserver.log) stay in workdir. If the calling process
+    is killed outright, the kernel stops them too; as that signal follows the thread that
+    started them, enter this on a thread that outlives the servers (e.g. the main thread).
+    The kubeconfig verifies the apiserver's self-signed cert; only if that fails does it
+    skip verification (and urllib3 then warns on every request).
     """
     binary = binary or cached_apiserver()
     if binary is None:
@@ -238,8 +242,8 @@ def running_apiserver(
         str(binary),
         f"--etcd-servers={etcd_url}",
         "--bind-address=127.0.0.1",
-        # Also the host of the self-signed serving cert, so a client of 127.0.0.1 can verify
-        # it (by default 1.20 would pick the host's first interface address).
+        # Nothing here is reachable off loopback, so advertise loopback too; it is also the
+        # host the self-signed serving cert is made for.
         "--advertise-address=127.0.0.1",
         f"--secure-port={secure_port}",
         # 1.20 still opens an unauthenticated port 8080 unless told not to.
@@ -247,8 +251,9 @@ def running_apiserver(
         f"--cert-dir={cert_dir}",
         f"--token-auth-file={tokens}",
         "--authorization-mode=RBAC",
-        # No controller-manager: nothing creates service-account tokens, and the default
-        # reconciler would keep writing the `kubernetes` endpoints with our loopback address.
+        # No controller-manager and no nodes: nobody reaches the in-cluster `kubernetes`
+        # service, so its endpoints are not maintained; and no namespace ever gets its
+        # `default` service account, which the ServiceAccount plugin demands of every pod.
         "--endpoint-reconciler-type=none",
         "--disable-admission-plugins=ServiceAccount",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",

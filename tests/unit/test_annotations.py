@@ -212,3 +212,24 @@ def test_namespace_label_sets_the_inject_default_and_the_pod_overrides_it(
     labels = {} if namespace_label is None else {ANNOTATION_INJECT: namespace_label}
     annotations = {} if annotation is None else {ANNOTATION_INJECT: annotation}
     assert steering(annotations, labels).inject is inject
+
+
+@pytest.mark.parametrize(
+    "annotations, pod_labels, namespace_labels, steered",
+    [
+        ({}, {ANNOTATION_INJECT: "enabled"}, {}, True),
+        ({ANNOTATION_INJECT: "disabled"}, {ANNOTATION_INJECT: "enabled"}, {}, False),
+        ({}, {ANNOTATION_INJECT: "disabled"}, {ANNOTATION_INJECT: "enabled"}, False),
+        ({}, {}, {ANNOTATION_INJECT: "enabled"}, True),
+        ({}, {}, {}, False),
+    ],
+    ids=["pod-label", "annotation-beats-label", "label-beats-namespace", "namespace", "nothing"],
+)
+def test_cluster_opt_in_precedence(
+    annotations: dict[str, str],
+    pod_labels: dict[str, str],
+    namespace_labels: dict[str, str],
+    steered: bool,
+) -> None:
+    result, _ = parse_steering(annotations, namespace_labels, False, pod_labels)
+    assert result.inject is steered
