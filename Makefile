@@ -34,6 +34,6 @@ manifests:
 	$(PY)/steer render crd > manifests/crd/httppolicies.steer.dev.yaml
 
 # A real kube-apiserver (v1.20.2) for tests/k8s, built from Debian's packages into
-# /var/cache/steer/kube (STEER_KUBE_CACHE); about 12 minutes once, instant after that.
+# /var/cache/steer/kube (STEER_KUBE_CACHE); 5 to 12 minutes once, instant after that.
 kube-apiserver:
 	./scripts/kube-apiserver.sh build

@@ -57,6 +57,7 @@ class KubeControlPlane:
     cache: SnapshotCache = field(default_factory=SnapshotCache)
     reflectors: dict[str, Reflector] = field(default_factory=dict)
     policy_objects: list[PolicyObject] = field(default_factory=list)
+    _rendered_nodes: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -85,6 +86,7 @@ class KubeControlPlane:
                 log.warning("policy not applied: %s", error)
         policies = [p.policy for p in self.policy_objects if p.policy is not None]
         nodes = {p.node for p in pods if p.node} | set(self.cache.nodes())
+        self._rendered_nodes = nodes
         changed = False
         for node, snapshot in render_node_snapshots(policies, pods, nodes).items():
             try:
@@ -160,7 +162,9 @@ class KubeControlPlane:
                     if all(r.synced.is_set() for r in self.reflectors.values()):
                         self.refresh()
                 except TimeoutError:
-                    pass
+                    # A newly connected Envoy needs a snapshot even if no object changed.
+                    if set(self.cache.nodes()) - self._rendered_nodes:
+                        self.refresh()
                 # ACKs arrive on the xDS streams, not as API events: re-check statuses.
                 await asyncio.to_thread(self.write_statuses)
         finally:

@@ -239,8 +239,13 @@ class KubeAgent:
                 continue
             time.sleep(0.02)  # one sync for a burst of events
             changed.clear()
-            if all(r.synced.is_set() for r in self.reflectors.values()):
+            if not all(r.synced.is_set() for r in self.reflectors.values()):
+                continue
+            try:
                 self.sync()
+            except Exception:  # never die on one bad pass: the next change retries
+                log.exception("sync failed; retrying on the next change")
+                self._gates_pending = True
 
 
 def _now() -> str:
