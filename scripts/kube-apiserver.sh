@@ -19,7 +19,10 @@
 #   deleted after a successful build; after a failed one it stays under .../v1.20.2/work for
 #   inspection, with the downloads, which the next run reuses.
 #   Takes 5 to 12 minutes on 2 cores (5 measured here). Logs go to stderr.
-set -euo pipefail
+set -Eeuo pipefail
+# Expected failures say what went wrong through die(); this names any other failing step,
+# which set -e alone would end on silently. (-E: also inside functions.)
+trap 'log "error: exit $? at line $LINENO: $BASH_COMMAND (see above)"' ERR
 
 readonly KUBE_VERSION=v1.20.2
 # Debian's upstream version for the 1.20.2 tree (the 1.20.5 upload was reverted to 1.20.2).
