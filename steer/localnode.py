@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +23,7 @@ from steer.node.envoy import wait_ready
 from steer.node.lab import LabPodSpec, LabState, default_lab_specs, lab_down, lab_up
 from steer.node.netns import run_in_netns
 from steer.source.local import directory_texts, texts_digest
+from steer.testing.process import supervised
 
 POLICY_DIR = RUN_DIR / "policies"
 LOG_DIR = RUN_DIR / "logs"
@@ -50,22 +50,6 @@ def read_status(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return document
-
-
-@contextmanager
-def _process(argv: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def sample_policy_texts() -> dict[str, str]:
@@ -177,7 +161,7 @@ class LocalNode:
                     ("agent", _steer("agent", *policy_arg)),
                     ("envoy", _steer("envoy", "--ads", ads)),
                 ):
-                    stack.enter_context(_process(argv, LOG_DIR / f"{name}.log"))
+                    stack.enter_context(supervised(argv, LOG_DIR / f"{name}.log"))
                 run_in_netns(lab.node_netns, wait_ready)
                 node.wait_synced()
                 yield node

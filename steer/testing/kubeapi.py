@@ -30,6 +30,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from steer.testing.process import supervised
+
 KUBE_VERSION = "v1.20.2"
 DEFAULT_CACHE = Path("/var/cache/steer/kube")
 BUILD_HINT = "run `make kube-apiserver` to build one (about 12 minutes)"
@@ -77,31 +79,6 @@ def _tail(path: Path, lines: int = 25) -> str:
     except OSError:
         return f"(no {path.name})"
     return f"--- last lines of {path} ---\n" + "\n".join(text.splitlines()[-lines:])
-
-
-@contextmanager
-def _process(args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process logging to log_path, terminated (then killed) on exit."""
-    with log_path.open("ab") as log:
-        # setpriv (util-linux, always there) asks the kernel to SIGTERM the child if the test
-        # process dies outright (kill -9: no finally runs), so no etcd is left orphaned.
-        # It is done by setpriv, not preexec_fn, which is unsafe with threads.
-        proc = subprocess.Popen(
-            ["setpriv", "--pdeathsig", "TERM", "--", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
 
 
 def _get(url: str, context: ssl.SSLContext | None, token: str | None = None) -> bytes:
@@ -269,10 +246,12 @@ def running_apiserver(
     insecure.verify_mode = ssl.CERT_NONE
     try:
         with ExitStack() as stack:
-            etcd_proc = stack.enter_context(_process(etcd_args, etcd_log))
+            etcd_proc = stack.enter_context(supervised(etcd_args, etcd_log, stop_timeout=15))
             procs = [("etcd", etcd_proc, etcd_log)]
             _wait_until("etcd", f"{etcd_url}/health", procs, timeout=timeout)
-            apiserver_proc = stack.enter_context(_process(apiserver_args, apiserver_log))
+            apiserver_proc = stack.enter_context(
+                supervised(apiserver_args, apiserver_log, stop_timeout=15)
+            )
             procs.append(("kube-apiserver", apiserver_proc, apiserver_log))
             _wait_until(
                 "kube-apiserver",

@@ -36,7 +36,7 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield server.kubeconfig
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def kube_api(kubeconfig: Path) -> Iterator[client.ApiClient]:
     # persist_config=False: never write back into a user's kubeconfig.
     api = config.new_client_from_config(config_file=str(kubeconfig), persist_config=False)

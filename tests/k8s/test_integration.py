@@ -33,8 +33,6 @@ from steer.constants import (
     NODE_NETNS,
     POLICY_PLURAL,
     READINESS_GATE,
-    WEBHOOK_MUTATE_PODS_PATH,
-    WEBHOOK_VALIDATE_POLICIES_PATH,
 )
 from steer.control.certs import ca_bundle_b64, generate
 from steer.control.kubeplane import KubeControlPlane
@@ -85,8 +83,8 @@ def background_loop(coroutine: Callable[[], Any]) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def crd(kube_api_module: client.ApiClient) -> Iterator[None]:
-    ext = client.ApiextensionsV1Api(kube_api_module)
+def crd(kube_api: client.ApiClient) -> Iterator[None]:
+    ext = client.ApiextensionsV1Api(kube_api)
     body = yaml.safe_load(CRD.read_text())
     with contextlib.suppress(ApiException):
         ext.create_custom_resource_definition(body)
@@ -102,23 +100,12 @@ def crd(kube_api_module: client.ApiClient) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def kube_api_module(kubeconfig: Path) -> Iterator[client.ApiClient]:
-    from kubernetes import config
-
-    api = config.new_client_from_config(config_file=str(kubeconfig), persist_config=False)
-    try:
-        yield api
-    finally:
-        api.close()
-
-
-@pytest.fixture(scope="module")
 def steer_up(
-    kube_api_module: client.ApiClient, crd: None, tmp_path_factory: pytest.TempPathFactory
+    kube_api: client.ApiClient, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """Control plane + webhooks + Envoy + agent, wired to the API server. Yields the test
     namespace (opted in)."""
-    api = kube_api_module
+    api = kube_api
     work = tmp_path_factory.mktemp("steer-k8s")
     namespace = f"steer-it-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(api)
@@ -207,68 +194,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+WEBHOOKS = Path(__file__).parents[2] / "manifests" / "webhooks.yaml"
+
+
 def _webhook_configurations(port: int, ca: str, namespace: str) -> list[tuple[str, Any]]:
-    """The manifests' webhooks, pointed at this test's server by URL (the local API server
-    has no Services to route through), selecting only this test's namespace."""
-    common = {
-        "admissionReviewVersions": ["v1"],
-        "sideEffects": "None",
-        "failurePolicy": "Fail",
-        "timeoutSeconds": 5,
-        # Only this test's namespace: on a real cluster, nothing else is touched.
-        "namespaceSelector": {"matchLabels": {"steer-it": namespace}},
-    }
-    mutating = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": f"steer-pods-{namespace}"},
-        "webhooks": [
-            {
-                "name": "pods.steer.dev",
-                "clientConfig": {
-                    "url": f"https://127.0.0.1:{port}{WEBHOOK_MUTATE_PODS_PATH}",
-                    "caBundle": ca,
-                },
-                "rules": [
-                    {
-                        "apiGroups": [""],
-                        "apiVersions": ["v1"],
-                        "operations": ["CREATE"],
-                        "resources": ["pods"],
-                    }
-                ],
-                "reinvocationPolicy": "Never",
-                **common,
-            }
-        ],
-    }
-    validating = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": f"steer-httppolicies-{namespace}"},
-        "webhooks": [
-            {
-                "name": "httppolicies.steer.dev",
-                "clientConfig": {
-                    "url": f"https://127.0.0.1:{port}{WEBHOOK_VALIDATE_POLICIES_PATH}",
-                    "caBundle": ca,
-                },
-                "rules": [
-                    {
-                        "apiGroups": [API_GROUP],
-                        "apiVersions": [API_VERSION],
-                        "operations": ["CREATE", "UPDATE"],
-                        "resources": [POLICY_PLURAL],
-                    }
-                ],
-                **common,
-            }
-        ],
-    }
-    return [
-        ("mutating_webhook_configuration", mutating),
-        ("validating_webhook_configuration", validating),
-    ]
+    """The manifests' own webhook configurations, pointed at this test's server by URL
+    (the local API server has no Services to route through) and narrowed to this test's
+    namespace, so on a real cluster nothing else is touched."""
+    out = []
+    for document in yaml.safe_load_all(WEBHOOKS.read_text()):
+        document["metadata"] = {"name": f"{document['metadata']['name']}-{namespace}"}
+        for webhook in document["webhooks"]:
+            path = webhook["clientConfig"]["service"]["path"]
+            webhook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca}
+            webhook["namespaceSelector"] = {"matchLabels": {"steer-it": namespace}}
+        kind = "mutating" if document["kind"].startswith("Mutating") else "validating"
+        out.append((f"{kind}_webhook_configuration", document))
+    return out
 
 
 def policy(namespace: str, name: str, http: dict[str, Any]) -> dict[str, Any]:
@@ -296,10 +238,8 @@ def web_pod(name: str, annotations: dict[str, str] | None = None) -> client.V1Po
     )
 
 
-def test_policy_is_accepted_and_programmed(
-    kube_api_module: client.ApiClient, steer_up: str
-) -> None:
-    custom = client.CustomObjectsApi(kube_api_module)
+def test_policy_is_accepted_and_programmed(kube_api: client.ApiClient, steer_up: str) -> None:
+    custom = client.CustomObjectsApi(kube_api)
     custom.create_namespaced_custom_object(
         API_GROUP,
         API_VERSION,
@@ -322,9 +262,9 @@ def test_policy_is_accepted_and_programmed(
 
 
 def test_invalid_policy_is_refused_by_the_validating_webhook(
-    kube_api_module: client.ApiClient, steer_up: str
+    kube_api: client.ApiClient, steer_up: str
 ) -> None:
-    custom = client.CustomObjectsApi(kube_api_module)
+    custom = client.CustomObjectsApi(kube_api)
     bad = policy(steer_up, "bad", {"paths": [{"regex": "(unclosed"}]})
     with pytest.raises(ApiException) as refused:
         custom.create_namespaced_custom_object(API_GROUP, API_VERSION, steer_up, POLICY_PLURAL, bad)
@@ -332,10 +272,8 @@ def test_invalid_policy_is_refused_by_the_validating_webhook(
     assert "does not compile" in str(refused.value.body)
 
 
-def test_bad_annotation_is_refused_with_the_fix(
-    kube_api_module: client.ApiClient, steer_up: str
-) -> None:
-    core = client.CoreV1Api(kube_api_module)
+def test_bad_annotation_is_refused_with_the_fix(kube_api: client.ApiClient, steer_up: str) -> None:
+    core = client.CoreV1Api(kube_api)
     with pytest.raises(ApiException) as refused:
         core.create_namespaced_pod(steer_up, web_pod("bad", {"steer.dev/dataplane": "fast"}))
     body = str(refused.value.body)
@@ -343,9 +281,9 @@ def test_bad_annotation_is_refused_with_the_fix(
 
 
 def test_pod_is_mutated_and_its_readiness_gate_opens_once_steered(
-    kube_api_module: client.ApiClient, steer_up: str
+    kube_api: client.ApiClient, steer_up: str
 ) -> None:
-    core = client.CoreV1Api(kube_api_module)
+    core = client.CoreV1Api(kube_api)
     created = core.create_namespaced_pod(steer_up, web_pod("web"))
     assert [g.condition_type for g in created.spec.readiness_gates or []] == [READINESS_GATE]
     assert created.metadata.annotations["steer.dev/dataplane"] == "auto"
