@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import time
 import uuid
+from ipaddress import IPv4Address
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from steer.render.iptables import render_ruleset
 from steer.render.xds import render_resources
 
 RULES_PER_POLICY = 50
+FIRST_POD_IP = IPv4Address("10.100.0.1")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def synthetic_node(rules: int, pods: int = 100) -> tuple[list[HTTPPolicy], list[
         Pod(
             f"p{i}",
             "bench",
-            f"10.{100 + i // 65536}.{i // 256 % 256}.{i % 256 + 1}",
+            str(FIRST_POD_IP + i),
             {"app": f"a{i}"},
             interface=f"spb{i:07d}",
         )

@@ -8,6 +8,7 @@ network namespace: callers enter the node namespace first.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from steer.render.iptables import (
 
 log = logging.getLogger("steer.iptables")
 RESTORE = "iptables-legacy-restore"
+SAVE = "iptables-legacy-save"
+# iptables-save quotes every comment.
+_COMMENT = re.compile(r'--comment "?([^" ]+)"?')
 
 
 class IptablesError(RuntimeError):
@@ -95,18 +99,45 @@ def apply(ruleset: Ruleset, previous: Ruleset | None = None) -> None:
     verify(ruleset, writes)
 
 
+def _saved_comments(table: str, chains: tuple[str, ...]) -> dict[str, list[str]]:
+    """Each chain's rules as their comment tokens, from the kernel's own dump."""
+    proc = subprocess.run([SAVE, "-t", table], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise IptablesError(f"{SAVE} -t {table} failed: {proc.stderr.strip()}")
+    wanted = set(chains)
+    found: dict[str, list[str]] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            if name in wanted:
+                found[name] = []
+        elif line.startswith("-A "):
+            chain = line.split(" ", 2)[1]
+            if chain in wanted:
+                match = _COMMENT.search(line)
+                found.setdefault(chain, []).append(
+                    match.group(1).removeprefix(COMMENT_PREFIX) if match else ""
+                )
+    return found
+
+
 def verify(ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]] | None = None) -> None:
-    """Read rules back and check each given steer chain (default: all) holds exactly
-    what was rendered, and that every entry jump is in place."""
+    """Read the rules back from the kernel and check each given steer chain (default: all)
+    holds exactly what was rendered, and, through python-iptables, that every entry jump
+    is in place.
+
+    Rule by rule the read-back uses iptables-legacy-save: python-iptables builds a Python
+    object per rule at about 110 us each, which made verifying 10k rules take 1.5 s, while
+    the save dump of the same table parses in tens of milliseconds.
+    """
     for table_name, chain_names in (chains if chains is not None else ruleset.chains).items():
-        chains_of_table = chain_names
-        if not chains_of_table:
+        if not chain_names:
             continue
-        table = _table(table_name)
-        for chain_name in chains_of_table:
-            if not table.is_chain(chain_name):
+        saved = _saved_comments(table_name, chain_names)
+        for chain_name in chain_names:
+            if chain_name not in saved:
                 raise IptablesError(f"{table_name}/{chain_name} missing after apply")
-            got = [_comment_of(r) for r in iptc.Chain(table, chain_name).rules]
+            got = saved[chain_name]
             want = [comment_token(r.comment) for r in ruleset.rules_of(table_name, chain_name)]
             if got != want:
                 first = next(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -184,10 +185,15 @@ def _host(ip: IPv4Address) -> IPv4Network:
 # --- RBAC per destination ------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1 << 17)
 def _rule_policy(
     rule: ResolvedRule, subject: IPv4Address, *, egress: bool
 ) -> rbac_pb2.Policy | None:
-    """The rule as one RBAC policy; None if its peer list resolved to nothing."""
+    """The rule as one RBAC policy; None if its peer list resolved to nothing.
+
+    Cached: a policy change re-renders every destination, but almost every rule is the
+    same as last time. Safe to share: RBAC maps copy the messages put into them.
+    """
     if rule.peers is not None and not rule.peers:
         return None
     permission_parts: list[rbac_pb2.Permission] = []
@@ -209,10 +215,14 @@ def _rule_policy(
     return rbac_pb2.Policy(permissions=[_all_of(permission_parts)], principals=[principal])
 
 
+# Most routes leave most filters off; the map a route puts it in copies it.
+_RBAC_DISABLED = _pack(rbac_filter_pb2.RBACPerRoute())
+
+
 def _rbac(action: int, policies: Mapping[str, rbac_pb2.Policy] | None) -> any_pb2.Any:
     """Per-route RBAC; None disables the filter on this route (no restriction applies)."""
     if policies is None:
-        return _pack(rbac_filter_pb2.RBACPerRoute())
+        return _RBAC_DISABLED
     rules = rbac_pb2.RBAC(action=action, policies=dict(policies))
     return _pack(rbac_filter_pb2.RBACPerRoute(rbac=rbac_filter_pb2.RBAC(rules=rules)))
 
@@ -245,32 +255,54 @@ def _side_policies(
     return deny, allow
 
 
-def _per_filter_config(
-    enforcement: Enforcement, destination: Destination
-) -> dict[str, any_pb2.Any]:
+@dataclass(frozen=True)
+class _Sides:
+    """What every route configuration of one render needs, computed once per render:
+    at 1k pods, recomputing it per destination made rendering quadratic."""
+
+    egress: tuple[SideRules, ...]
+    ingress: Mapping[IPv4Address, SideRules]
+    unrestricted_clients: rbac_pb2.Policy | None
+
+    @classmethod
+    def of(cls, enforcement: Enforcement) -> _Sides:
+        egress = tuple(enforcement.egress[ip] for ip in sorted(enforcement.egress))
+        # Clients with no egress policy are unrestricted on the egress side.
+        unrestricted = (
+            rbac_pb2.Policy(
+                permissions=[rbac_pb2.Permission(any=True)],
+                principals=[
+                    rbac_pb2.Principal(not_id=_ip_principal(_host(s.pod_ip) for s in egress))
+                ],
+            )
+            if egress
+            else None
+        )
+        return cls(egress, enforcement.ingress, unrestricted)
+
+    def ingress_of(self, destination: Destination) -> list[SideRules]:
+        prefix = destination.prefix
+        if prefix == DEFAULT_DESTINATION:
+            return []
+        if prefix.prefixlen == 32:
+            side = self.ingress.get(prefix.network_address)
+            return [side] if side is not None else []
+        return [side for ip, side in sorted(self.ingress.items()) if ip in prefix]
+
+
+def _per_filter_config(sides: _Sides, destination: Destination) -> dict[str, any_pb2.Any]:
     allow_action = rbac_pb2.RBAC.Action.ALLOW
     deny_action = rbac_pb2.RBAC.Action.DENY
 
-    egress_sides = [enforcement.egress[ip] for ip in sorted(enforcement.egress)]
-    egress_deny, egress_allow = _side_policies(egress_sides, destination, egress=True)
-    if egress_sides:
-        # Clients with no egress policy are unrestricted on this side.
-        restricted = _ip_principal(_host(s.pod_ip) for s in egress_sides)
-        egress_allow["unrestricted-clients"] = rbac_pb2.Policy(
-            permissions=[rbac_pb2.Permission(any=True)],
-            principals=[rbac_pb2.Principal(not_id=restricted)],
-        )
-
-    ingress_sides = [
-        side
-        for ip, side in sorted(enforcement.ingress.items())
-        if destination.prefix != DEFAULT_DESTINATION and ip in destination.prefix
-    ]
+    egress_deny, egress_allow = _side_policies(sides.egress, destination, egress=True)
+    if sides.unrestricted_clients is not None:
+        egress_allow["unrestricted-clients"] = sides.unrestricted_clients
+    ingress_sides = sides.ingress_of(destination)
     ingress_deny, ingress_allow = _side_policies(ingress_sides, destination, egress=False)
     return {
-        EGRESS_DENY: _rbac(deny_action, egress_deny if egress_sides else None),
+        EGRESS_DENY: _rbac(deny_action, egress_deny if sides.egress else None),
         INGRESS_DENY: _rbac(deny_action, ingress_deny if ingress_sides else None),
-        EGRESS_ALLOW: _rbac(allow_action, egress_allow if egress_sides else None),
+        EGRESS_ALLOW: _rbac(allow_action, egress_allow if sides.egress else None),
         INGRESS_ALLOW: _rbac(allow_action, ingress_allow if ingress_sides else None),
     }
 
@@ -283,9 +315,7 @@ def destinations(enforcement: Enforcement) -> list[Destination]:
     return [*(Destination(_host(ip)) for ip in pods), Destination(DEFAULT_DESTINATION)]
 
 
-def route_configuration(
-    enforcement: Enforcement, destination: Destination
-) -> route_pb2.RouteConfiguration:
+def route_configuration(sides: _Sides, destination: Destination) -> route_pb2.RouteConfiguration:
     route = route_components_pb2.Route(
         name="all",
         match=route_components_pb2.RouteMatch(prefix="/"),
@@ -294,7 +324,7 @@ def route_configuration(
             # Long polls and streams must not be cut by a default 15 s route timeout.
             timeout=duration_pb2.Duration(seconds=0),
         ),
-        typed_per_filter_config=_per_filter_config(enforcement, destination),
+        typed_per_filter_config=_per_filter_config(sides, destination),
     )
     return route_pb2.RouteConfiguration(
         name=destination.route_name,
@@ -304,7 +334,24 @@ def route_configuration(
     )
 
 
+@lru_cache(maxsize=1)
+def _hcm_template() -> hcm_pb2.HttpConnectionManager:
+    """Every filter chain's HCM differs only in its name and route: build the rest once
+    (2k HCMs at 1k pods), and copy it, which protobuf does in C."""
+    return _build_http_connection_manager("", "")
+
+
 def _http_connection_manager(stat_prefix: str, route_name: str) -> hcm_pb2.HttpConnectionManager:
+    hcm = hcm_pb2.HttpConnectionManager()
+    hcm.CopyFrom(_hcm_template())
+    hcm.stat_prefix = stat_prefix
+    hcm.rds.route_config_name = route_name
+    return hcm
+
+
+def _build_http_connection_manager(
+    stat_prefix: str, route_name: str
+) -> hcm_pb2.HttpConnectionManager:
     ads = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(),
         resource_api_version=config_source_pb2.ApiVersion.V3,
@@ -381,7 +428,8 @@ def render_resources(enforcement: Enforcement) -> Resources:
         listener(OUTBOUND_LISTENER, ENVOY_OUTBOUND_PORT, enforcement),
         listener(INBOUND_LISTENER, ENVOY_INBOUND_PORT, enforcement),
     ]
-    routes = [route_configuration(enforcement, d) for d in destinations(enforcement)]
+    sides = _Sides.of(enforcement)
+    routes = [route_configuration(sides, d) for d in destinations(enforcement)]
     return {
         LISTENER_TYPE: {r.name: r for r in listeners},
         ROUTE_TYPE: {r.name: r for r in routes},
