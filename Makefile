@@ -37,3 +37,7 @@ manifests:
 # /var/cache/steer/kube (STEER_KUBE_CACHE); 5 to 12 minutes once, instant after that.
 kube-apiserver:
 	./scripts/kube-apiserver.sh build
+
+# Every scenario, then docs/benchmarks.md from the results (docs/bench/). Takes a while.
+benchmarks: install
+	$(PY)/steer bench all

@@ -351,28 +351,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.scenario == "datapath":
-        from steer.bench.datapath import bench_datapath, table
+    from steer.bench import SCENARIOS, BenchOptions, scenario
+    from steer.bench.report import BENCH_DIR, write_report
 
-        def progress(step: str) -> None:
-            print(f"\r{step:<40}", end="", file=sys.stderr, flush=True)
+    if args.scenario == "report":
+        print(f"wrote {write_report()}")
+        return 0
 
-        result = bench_datapath(rounds=args.rounds, seconds=args.seconds, progress=progress)
+    def progress(step: str) -> None:
+        print(f"\r{args.scenario}: {step:<50}", end="", file=sys.stderr, flush=True)
+
+    options = BenchOptions(rounds=args.rounds, quick=args.quick, progress=progress)
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    out = BENCH_DIR if args.scenario == "all" else args.out
+    for name in names:
+        module = scenario(name)
+        result = module.run(options)
         print(file=sys.stderr)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            module.plot(result, out / f"{name}.png")
         if args.json:
             _print_json(result)
         else:
-            print(table(result))
-        return 0
-
-    from steer.bench.render import bench_render, render_table, rows_json
-
-    sizes = tuple(int(s) for s in args.sizes.split(","))
-    rows = bench_render(sizes, rounds=args.rounds)
-    if args.json:
-        _print_json({"scenario": "render", "rows": rows_json(rows)})
-    else:
-        print(render_table(rows))
+            print(module.table(result))
+    if args.scenario == "all":
+        print(f"wrote {write_report()}")
     return 0
 
 
@@ -466,11 +471,24 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(func=cmd_render)
 
     bench = sub.add_parser("bench", help="measure (figures, not pass/fail)")
-    bench.add_argument("scenario", choices=["datapath", "render"])
+    bench.add_argument(
+        "scenario",
+        choices=[
+            "datapath",
+            "l4-rules",
+            "propagation",
+            "render",
+            "memory",
+            "l7-rules",
+            "all",
+            "report",
+        ],
+        help="one scenario; all (and docs/benchmarks.md); report (the doc from saved results)",
+    )
     bench.add_argument("--json", action="store_true")
-    bench.add_argument("--sizes", default="100,1000,10000", help="render: rule counts")
-    bench.add_argument("--rounds", type=int, default=4, help="interleaved rounds per config")
-    bench.add_argument("--seconds", type=int, default=2, help="datapath: seconds per wrk run")
+    bench.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    bench.add_argument("--out", type=Path, help="write SCENARIO.json and SCENARIO.png here")
     bench.set_defaults(func=cmd_bench)
 
     status = sub.add_parser("status", help="per-pod datapath and control-plane push state")

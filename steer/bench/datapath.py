@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steer.bench import BenchOptions
+from steer.bench.plots import new_figure, save
+from steer.bench.stats import abba
 from steer.constants import ANNOTATION_DATAPLANE, ANNOTATION_INJECT, LAB_GATEWAY_IP, NODE_NETNS
 from steer.localnode import LocalNode
 from steer.node.bpf import BpfDatapath
@@ -247,12 +250,6 @@ class DatapathBench:
             into.values[name].append(value)
 
 
-def abba(configs: tuple[str, ...], rounds: int) -> Iterator[str]:
-    """Interleaved order: A B C, C B A, A B C, ... so drift hits every config alike."""
-    for index in range(rounds):
-        yield from (configs if index % 2 == 0 else tuple(reversed(configs)))
-
-
 def ratios(result: dict[str, dict[str, Any]], base: str) -> dict[str, dict[str, float]]:
     return {
         config: {
@@ -278,6 +275,22 @@ TARGETS = {
     "rps_c16 ebpf_skmsg/iptables >= 1.2": ("vs_iptables", "ebpf_skmsg", "rps_c16", 1.2, "ge"),
     "rps_c16 l4_direct/direct >= 0.95": ("vs_direct", "l4_direct", "rps_c16", 0.95, "ge"),
 }
+
+
+def run(options: BenchOptions) -> dict[str, Any]:
+    return bench_datapath(options.rounds, 1 if options.quick else 2, options.progress)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    figure, (left, right) = new_figure(2)
+    names = list(result["configs"])
+    left.bar(names, [result["configs"][n]["p50_ms_c1"] for n in names])
+    left.set(ylabel="ms", title="p50 latency, 1 connection")
+    right.bar(names, [result["configs"][n]["rps_c16"] for n in names])
+    right.set(ylabel="requests/s", title="throughput, 16 connections")
+    for axes in (left, right):
+        axes.tick_params(axis="x", rotation=25)
+    save(figure, path)
 
 
 def bench_datapath(

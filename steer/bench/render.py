@@ -11,11 +11,15 @@ import statistics
 import subprocess
 import time
 import uuid
-from ipaddress import IPv4Address
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
 
+from steer.bench import BenchOptions
+from steer.bench.plots import new_figure, save
+from steer.bench.stats import abba
 from steer.model.enforce import resolve
 from steer.model.load import parse_policies
 from steer.model.pod import Pod
@@ -27,17 +31,6 @@ from steer.render.xds import render_resources
 
 RULES_PER_POLICY = 50
 FIRST_POD_IP = IPv4Address("10.100.0.1")
-
-
-@dataclass(frozen=True)
-class RenderRow:
-    rules: int
-    iptables_rules: int
-    render_iptables_ms: float
-    render_xds_ms: float
-    apply_ms: float
-    reapply_one_change_ms: float
-    rounds: int
 
 
 def synthetic_node(rules: int, pods: int = 100) -> tuple[list[HTTPPolicy], list[Pod]]:
@@ -90,57 +83,86 @@ def _timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def _clear_render_caches() -> None:
+    from steer.model import enforce
+    from steer.render import xds
+
+    enforce._network.cache_clear()
+    xds._rule_policy.cache_clear()
+
+
 def _render_round(policies: list[HTTPPolicy], pods: list[Pod]) -> dict[str, float]:
+    """One round at one size: a cold render (empty caches, as after a start), a render
+    after one policy changed (what a live change pays), and applies in a fresh netns."""
+    _clear_render_caches()
+    started = time.perf_counter()
     enforcement = resolve(policies, pods)
     ruleset = render_ruleset(enforcement)
-    # One policy fewer: the kind of small change a re-apply must handle cheaply.
-    smaller = render_ruleset(resolve(policies[:-1], pods))
-    figures = {
-        "ipt": _timed(lambda: render_ruleset(enforcement)),
-        "xds": _timed(lambda: render_resources(enforcement)),
-        "size": float(len(ruleset.rules)),
-    }
+    render_resources(enforcement)
+    cold = (time.perf_counter() - started) * 1000
+    # One policy fewer: the kind of small change a live update must handle cheaply.
+    started = time.perf_counter()
+    changed = resolve(policies[:-1], pods)
+    smaller = render_ruleset(changed)
+    render_resources(changed)
+    warm = (time.perf_counter() - started) * 1000
+    figures = {"cold_ms": cold, "render_ms": warm, "iptables_rules": float(len(ruleset.rules))}
     with scratch_netns() as netns:
-        figures["apply"] = run_in_netns(netns, lambda: _timed(lambda: iptables.apply(ruleset)))
-        figures["reapply"] = run_in_netns(
+        figures["apply_s"] = run_in_netns(netns, lambda: _timed(lambda: iptables.apply(ruleset)))
+        figures["reapply_s"] = run_in_netns(
             netns, lambda: _timed(lambda: iptables.apply(smaller, ruleset))
         )
+    figures["apply_s"] /= 1000
+    figures["reapply_s"] /= 1000
     return figures
 
 
-def bench_render(sizes: tuple[int, ...] = (100, 1000, 10000), rounds: int = 3) -> list[RenderRow]:
-    rows = []
-    for size in sizes:
-        policies, pods = synthetic_node(size)
-        runs = [_render_round(policies, pods) for _ in range(rounds)]
-
-        def median(key: str, runs: list[dict[str, float]] = runs) -> float:
-            return statistics.median(r[key] for r in runs)
-
-        rows.append(
-            RenderRow(
-                rules=size,
-                iptables_rules=int(runs[0]["size"]),
-                render_iptables_ms=median("ipt"),
-                render_xds_ms=median("xds"),
-                apply_ms=median("apply"),
-                reapply_one_change_ms=median("reapply"),
-                rounds=rounds,
-            )
-        )
-    return rows
+FIGURES = ("render_ms", "cold_ms", "apply_s", "reapply_s")
 
 
-def render_table(rows: list[RenderRow]) -> str:
-    header = "rules  iptables-rules  render-iptables  render-xds  apply  re-apply(1 change)"
-    lines = [header]
-    lines += [
-        f"{r.rules:>5}  {r.iptables_rules:>14}  {r.render_iptables_ms:>12.1f} ms"
-        f"  {r.render_xds_ms:>7.1f} ms  {r.apply_ms:>6.1f} ms  {r.reapply_one_change_ms:>8.1f} ms"
-        for r in rows
+def run(options: BenchOptions) -> dict[str, Any]:
+    """Render (resolve + iptables + xDS) and apply times at 100, 1k and 10k rules over 1k
+    pods (quick: 10 and 100 rules over 50 pods)."""
+    sizes, pods_count = ((10, 100), 50) if options.quick else ((100, 1000, 10000), 1000)
+    runs: dict[int, list[dict[str, float]]] = {size: [] for size in sizes}
+    nodes = {size: synthetic_node(size, pods=pods_count) for size in sizes}
+    # Sizes interleave round by round, so drift on a busy machine hits every size alike.
+    for index, size in enumerate(abba(sizes, options.rounds), 1):
+        options.progress(f"[{index}/{len(sizes) * options.rounds}] {size} rules")
+        runs[size].append(_render_round(*nodes[size]))
+    result: dict[str, Any] = {"scenario": "render", "pods": pods_count, "rounds": options.rounds}
+    for figure in FIGURES:
+        result[figure] = {str(n): statistics.median(r[figure] for r in runs[n]) for n in sizes}
+        result[f"{figure}_min"] = {str(n): min(r[figure] for r in runs[n]) for n in sizes}
+        result[f"{figure}_max"] = {str(n): max(r[figure] for r in runs[n]) for n in sizes}
+    result["iptables_rules"] = {str(n): int(runs[n][0]["iptables_rules"]) for n in sizes}
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{'rules':>6} {'iptables rules':>15} {'render after a change':>22} {'cold render':>12}"
+        f" {'apply':>9} {'re-apply':>9}"
     ]
+    for size in result["render_ms"]:
+        lines.append(
+            f"{size:>6} {result['iptables_rules'][size]:>15} "
+            f"{result['render_ms'][size]:>19.1f} ms {result['cold_ms'][size]:>9.1f} ms "
+            f"{result['apply_s'][size]:>7.3f} s {result['reapply_s'][size]:>7.3f} s"
+        )
+    lines.append(f"({result['pods']} pods, {result['rounds']} rounds, medians)")
     return "\n".join(lines)
 
 
-def rows_json(rows: list[RenderRow]) -> list[dict[str, object]]:
-    return [asdict(r) for r in rows]
+def plot(result: dict[str, Any], path: Path) -> None:
+    sizes = [int(s) for s in result["render_ms"]]
+    figure, (left, right) = new_figure(2)
+    for key, label in (("render_ms", "after one change"), ("cold_ms", "cold")):
+        left.plot(sizes, [result[key][str(s)] for s in sizes], marker="o", label=label)
+    left.set(xscale="log", xlabel="rules", ylabel="ms", title="render (resolve + iptables + xDS)")
+    left.legend()
+    for key, label in (("apply_s", "apply"), ("reapply_s", "re-apply, one change")):
+        right.plot(sizes, [result[key][str(s)] for s in sizes], marker="o", label=label)
+    right.set(xscale="log", xlabel="rules", ylabel="s", title="iptables apply")
+    right.legend()
+    save(figure, path)
