@@ -1,0 +1,257 @@
+"""`steer bench memory`: resident memory of the agent and the control plane at 1k pods.
+
+The node is the lab's real pods, with the client forced onto eBPF so that the agent has
+loaded bcc and compiled its programs with LLVM, plus modelled pods: entries added to the
+lab state file with an address in the lab CIDR but no netns, veth or cgroup. Without a
+cgroup they stay on iptables; in every other way agent and control plane treat them as
+pods (selectors, rules, routes). One policy per 10 pods gives each a few L4 and HTTP rules.
+
+Once agent, control plane and Envoy are in sync, `rounds` samples a few seconds apart read
+each process's VmRSS and VmHWM (/proc/<pid>/status) and PSS (/proc/<pid>/smaps_rollup,
+which shares pages such as libLLVM's out among the processes mapping them). Figures are
+MiB: medians and maxima of RSS and PSS, and the peak RSS, reached while syncing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from steer.bench import BenchOptions
+from steer.bench.plots import new_figure, save
+from steer.constants import ANNOTATION_DATAPLANE, LAB_POD_CIDR, LAB_STATE_FILE
+from steer.localnode import AGENT_STATUS, LocalNode, read_status
+from steer.node.lab import LabPodJSON, default_lab_specs
+from steer.source.local import write_json_atomic
+
+PODS = 1000
+QUICK_PODS = 50
+PODS_PER_POLICY = 10
+# One modelled pod in this many is a "frontend", the peer of every policy's HTTP rule.
+FRONTEND_EVERY = 100
+SAMPLE_INTERVAL_S = 3.0
+QUICK_SAMPLE_INTERVAL_S = 0.5
+NAMESPACE = "bench"
+# Modelled pods number from here up, well above the few addresses the real pods get.
+FIRST_MODELLED_HOST = 257
+PROCESSES = ("agent", "control")
+TARGETS_MB = {"agent": 200.0, "control": 150.0}
+SYNC_TIMEOUT_S = 180.0
+
+
+def modelled_pods(count: int) -> list[LabPodJSON]:
+    network = ipaddress.ip_network(LAB_POD_CIDR)
+    return [
+        {
+            "name": f"m{i}",
+            "namespace": NAMESPACE,
+            "ip": str(network[FIRST_MODELLED_HOST + i]),
+            # Empty: no namespace, veth or cgroup exists for a modelled pod.
+            "netns": "",
+            "cgroup": "",
+            "veth": "",
+            "labels": {
+                "app": f"m{i}",
+                "group": f"g{i // PODS_PER_POLICY}",
+                **({"role": "frontend"} if i % FRONTEND_EVERY == 0 else {}),
+            },
+            "annotations": {},
+            "namespace_labels": {},
+        }
+        for i in range(count)
+    ]
+
+
+def policies(modelled: int) -> str:
+    """One policy per group of pods: L4 from its own group, a service CIDR, a denied
+    range; HTTP from the frontends and a health check from anywhere."""
+    documents = [
+        "apiVersion: steer.dev/v1alpha1\nkind: HTTPPolicy\n"
+        f"metadata: {{name: g{group}, namespace: {NAMESPACE}}}\n"
+        f"spec:\n  podSelector: {{matchLabels: {{group: g{group}}}}}\n"
+        "  ingress:\n    defaultAction: Deny\n    rules:\n"
+        f"      - {{from: [{{podSelector: {{matchLabels: {{group: g{group}}}}}}}], "
+        "ports: [{port: 5432}]}\n"
+        "      - {from: [{cidr: 10.96.0.0/12}], ports: [{port: 9090}]}\n"
+        f"      - {{action: Deny, from: [{{cidr: 172.16.{group % 256}.0/24}}]}}\n"
+        "      - from: [{podSelector: {matchLabels: {role: frontend}}}]\n"
+        "        ports: [{port: 8080}]\n"
+        "        http: {methods: [GET, HEAD], paths: [{prefix: /api/}]}\n"
+        "      - ports: [{port: 8080}]\n"
+        "        http: {paths: [{exact: /healthz}]}\n"
+        for group in range(-(-modelled // PODS_PER_POLICY))
+    ]
+    return "---\n".join(documents)
+
+
+def add_modelled_pods(node: LocalNode, count: int) -> None:
+    """Append modelled pods to the lab state the running agent and control plane read."""
+    state = node.lab.to_json()
+    state["pods"] += modelled_pods(count)
+    write_json_atomic(LAB_STATE_FILE, state)
+
+
+def pid_of(role: str) -> int:
+    """This process's own `steer <role>` child: other labs' processes may run too."""
+    found = subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "-f", f"steer.cli {role}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    if len(found) != 1:
+        raise RuntimeError(f"expected one `steer {role}` child, found {found or 'none'}")
+    return int(found[0])
+
+
+def _kb_field(path: Path, name: str) -> float | None:
+    for line in path.read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return float(line.split()[1])
+    return None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One process's memory at one moment, in MiB."""
+
+    rss: float
+    pss: float | None  # None where the kernel has no smaps_rollup (before 4.14)
+    peak: float  # the highest RSS so far (VmHWM)
+
+
+def sample(pid: int) -> Usage:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        pss = _kb_field(Path(f"/proc/{pid}/smaps_rollup"), "Pss")
+    except FileNotFoundError:
+        pss = None
+    rss, hwm = _kb_field(status, "VmRSS"), _kb_field(status, "VmHWM")
+    if rss is None or hwm is None:
+        raise RuntimeError(f"no VmRSS/VmHWM in {status}")
+    return Usage(rss / 1024, None if pss is None else pss / 1024, hwm / 1024)
+
+
+def maps_bcc(pid: int) -> bool:
+    """Whether the process has bcc's libraries (and with them LLVM) mapped."""
+    return "libbcc" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def run(options: BenchOptions) -> dict[str, Any]:
+    total = QUICK_PODS if options.quick else PODS
+    interval = QUICK_SAMPLE_INTERVAL_S if options.quick else SAMPLE_INTERVAL_S
+    specs = [
+        replace(s, annotations={ANNOTATION_DATAPLANE: "ebpf"}) if s.name == "client" else s
+        for s in default_lab_specs()
+    ]
+    modelled = total - len(specs)
+    samples: dict[str, list[Usage]] = {p: [] for p in PROCESSES}
+    with LocalNode.start(specs=specs, policies={}) as node:
+        options.progress(f"adding {modelled} modelled pods and their policies")
+        add_modelled_pods(node, modelled)
+        # Written after the pods: synced then means both processes loaded the new pods too.
+        node.write_policies({"bench-memory.yaml": policies(modelled)})
+        node.wait_synced(timeout=SYNC_TIMEOUT_S)
+        agent = read_status(AGENT_STATUS) or {}
+        if len(agent.get("pods", [])) != total:
+            raise RuntimeError(f"the agent sees {len(agent.get('pods', []))} pods, not {total}")
+        if (dataplane := node.dataplane_of("client")) != "ebpf":
+            raise RuntimeError(f"the client is on {dataplane}: bcc would not be loaded")
+        pids = {p: pid_of(p) for p in PROCESSES}
+        for index in range(options.rounds):
+            if index:
+                time.sleep(interval)
+            options.progress(f"sample {index + 1}/{options.rounds}")
+            for process, pid in pids.items():
+                samples[process].append(sample(pid))
+        bcc_loaded = maps_bcc(pids["agent"])
+        rules = int(agent.get("last_sync", {}).get("rules", 0))
+    return summarize(
+        samples,
+        pods=total,
+        modelled=modelled,
+        rules=rules,
+        bcc_loaded=bcc_loaded,
+        rounds=options.rounds,
+    )
+
+
+def summarize(
+    samples: dict[str, list[Usage]],
+    *,
+    pods: int,
+    modelled: int,
+    rules: int,
+    bcc_loaded: bool,
+    rounds: int,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "scenario": "memory",
+        "pods": pods,
+        "modelled_pods": modelled,
+        "policies": -(-modelled // PODS_PER_POLICY),
+        "iptables_rules": rules,
+        "agent_bcc_loaded": bcc_loaded,
+        "rounds": rounds,
+        "max": {},
+    }
+    for process in PROCESSES:
+        usage = samples[process]
+        rss = [u.rss for u in usage]
+        pss = [u.pss for u in usage if u.pss is not None]
+        result[f"{process}_rss_mb"] = statistics.median(rss)
+        result[f"{process}_pss_mb"] = statistics.median(pss) if pss else None
+        result[f"{process}_peak_rss_mb"] = max(u.peak for u in usage)
+        result["max"][f"{process}_rss_mb"] = max(rss)
+        result["max"][f"{process}_pss_mb"] = max(pss) if pss else None
+    result["targets"] = {
+        f"{process}_rss_mb <= {bound:.0f}": result[f"{process}_rss_mb"] <= bound
+        for process, bound in TARGETS_MB.items()
+    }
+    return result
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['pods']} pods ({result['modelled_pods']} modelled), {result['policies']} "
+        f"policies, {result['iptables_rules']} iptables rules; bcc loaded in the agent: "
+        f"{'yes' if result['agent_bcc_loaded'] else 'NO'}",
+        f"{'process':<8} {'RSS MiB':>8} {'max':>7} {'PSS MiB':>8} {'max':>7} {'peak RSS':>9}",
+    ]
+    for process in PROCESSES:
+        rss, pss = f"{process}_rss_mb", f"{process}_pss_mb"
+        lines.append(
+            f"{process:<8} {_mb(result[rss]):>8} {_mb(result['max'][rss]):>7} "
+            f"{_mb(result[pss]):>8} {_mb(result['max'][pss]):>7} "
+            f"{_mb(result[f'{process}_peak_rss_mb']):>9}"
+        )
+    lines += [
+        f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in result["targets"].items()
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    figure, axes = new_figure(1)
+    width = 0.27
+    for offset, (measure, label) in enumerate(
+        (("rss", "RSS"), ("pss", "PSS"), ("peak_rss", "peak RSS")), start=-1
+    ):
+        values = [result[f"{p}_{measure}_mb"] or 0.0 for p in PROCESSES]
+        axes.bar([i + offset * width for i in range(len(PROCESSES))], values, width, label=label)
+    for index, process in enumerate(PROCESSES):
+        axes.hlines(TARGETS_MB[process], index - 1.5 * width, index + 1.5 * width, colors="black")
+    axes.set_xticks(range(len(PROCESSES)), list(PROCESSES))
+    axes.set(ylabel="MiB", title=f"{result['pods']} pods: memory (line: target)")
+    axes.legend()
+    save(figure, path)
