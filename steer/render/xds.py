@@ -69,9 +69,13 @@ class Destination:
 
 
 def _pack(message: Message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
+    """Any.Pack does not order map entries (RBAC policies are a map), so the same route
+    could serialize, and version, differently in two processes; a restarted control plane
+    would then resend everything over delta. Serialize deterministically instead."""
+    return any_pb2.Any(
+        type_url=f"type.googleapis.com/{message.DESCRIPTOR.full_name}",
+        value=message.SerializeToString(deterministic=True),
+    )
 
 
 # --- matchers -----------------------------------------------------------------------------
