@@ -18,7 +18,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from ipaddress import IPv4Address, IPv4Network
 from typing import Generic, TypeVar
 
@@ -76,7 +76,15 @@ class SideRules:
     rules: tuple[ResolvedRule, ...]
 
     def by_kind(self, kind: int) -> tuple[ResolvedRule, ...]:
-        return tuple(r for r in self.rules if r.kind == kind)
+        return self._kinds.get(kind, ())
+
+    @cached_property
+    def _kinds(self) -> dict[int, tuple[ResolvedRule, ...]]:
+        # Asked for on every verdict; the eBPF map render asks thousands of times per pod.
+        grouped: dict[int, list[ResolvedRule]] = {}
+        for rule in self.rules:
+            grouped.setdefault(rule.kind, []).append(rule)
+        return {kind: tuple(rules) for kind, rules in grouped.items()}
 
     def verdict(self, peer: IPv4Address, port: int) -> tuple[int, int]:
         for kind in (VERDICT_DENY, VERDICT_L7, VERDICT_ALLOW):
@@ -109,7 +117,11 @@ class Enforcement:
     warnings: tuple[str, ...]
 
     def pod_by_ip(self, ip: IPv4Address) -> ManagedPod | None:
-        return next((p for p in self.pods if p.ip == ip), None)
+        return self._by_ip.get(ip)
+
+    @cached_property
+    def _by_ip(self) -> dict[IPv4Address, ManagedPod]:
+        return {p.ip: p for p in self.pods}
 
 
 def policy_id(key: str) -> int:
