@@ -24,7 +24,7 @@ from steer.control.xds import serve
 from steer.model.enforce import resolve
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
-from steer.render.xds import render_resources
+from steer.render.xds import RouteCache, render_resources
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
     PolicyObject,
@@ -38,15 +38,24 @@ DEBOUNCE_S = 0.02
 
 
 def render_node_snapshots(
-    policies: list[HTTPPolicy], pods: list[Pod], nodes: set[str]
+    policies: list[HTTPPolicy],
+    pods: list[Pod],
+    nodes: set[str],
+    caches: dict[str, RouteCache] | None = None,
 ) -> dict[str, Snapshot]:
-    """One snapshot per node: its own pods are destinations, every pod can be a peer."""
+    """One snapshot per node: its own pods are destinations, every pod can be a peer.
+    `caches` (per node) lets a re-render reuse the routes that did not change."""
+    caches = caches if caches is not None else {}
 
     def on(node: str) -> Callable[[Pod], bool]:
         return lambda pod: pod.node == node
 
     return {
-        node: Snapshot(render_resources(resolve(policies, pods, local=on(node))))
+        node: Snapshot(
+            render_resources(
+                resolve(policies, pods, local=on(node)), caches.setdefault(node, RouteCache())
+            )
+        )
         for node in sorted(nodes)
     }
 
@@ -58,6 +67,7 @@ class KubeControlPlane:
     reflectors: dict[str, Reflector] = field(default_factory=dict)
     policy_objects: list[PolicyObject] = field(default_factory=list)
     _rendered_nodes: set[str] = field(default_factory=set)
+    _route_caches: dict[str, RouteCache] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -88,7 +98,10 @@ class KubeControlPlane:
         nodes = {p.node for p in pods if p.node} | set(self.cache.nodes())
         self._rendered_nodes = nodes
         changed = False
-        for node, snapshot in render_node_snapshots(policies, pods, nodes).items():
+        for gone in set(self._route_caches) - nodes:
+            del self._route_caches[gone]
+        rendered = render_node_snapshots(policies, pods, nodes, self._route_caches)
+        for node, snapshot in rendered.items():
             try:
                 changed |= self.cache.set_snapshot(node, snapshot)
             except InconsistentSnapshot as exc:

@@ -19,7 +19,7 @@ from steer.constants import LAB_NODE_NAME, RUN_DIR, XDS_SOCKET
 from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from steer.control.xds import serve
 from steer.model.enforce import resolve
-from steer.render.xds import render_resources
+from steer.render.xds import RouteCache, render_resources
 from steer.source.local import LocalInputs, write_json_atomic
 
 log = logging.getLogger("steer.control")
@@ -36,6 +36,7 @@ class LocalControlPlane:
     def __post_init__(self) -> None:
         self.errors: list[str] = []
         self._last_status: dict[str, object] | None = None
+        self._routes = RouteCache()
         self._loaded_at = 0.0
 
     def refresh(self) -> bool:
@@ -45,7 +46,7 @@ class LocalControlPlane:
         reload, pods = self.inputs.load()
         self.errors = [str(e) for e in reload.errors]
         enforcement = resolve(reload.policies, pods)
-        snapshot = Snapshot(render_resources(enforcement))
+        snapshot = Snapshot(render_resources(enforcement, self._routes))
         try:
             changed = self.cache.set_snapshot(self.node_id, snapshot)
         except InconsistentSnapshot as exc:

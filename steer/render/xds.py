@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
@@ -427,13 +427,50 @@ def original_dst_cluster() -> cluster_pb2.Cluster:
     )
 
 
-def render_resources(enforcement: Enforcement) -> Resources:
+@dataclass
+class RouteCache:
+    """Route configurations of the previous render, for a caller that renders again and
+    again (the control plane). A destination's route depends only on every pod's egress
+    side and its own ingress side: while those compare equal, the previous message is
+    reused, so a change to one pod's policy rebuilds one route, not a thousand."""
+
+    egress: tuple[SideRules, ...] | None = None
+    # destination -> (the ingress sides it was rendered from, the route)
+    routes: dict[Destination, tuple[list[SideRules], route_pb2.RouteConfiguration]] = field(
+        default_factory=dict
+    )
+
+    def route(self, sides: _Sides, destination: Destination) -> route_pb2.RouteConfiguration:
+        ingress = sides.ingress_of(destination)
+        cached = self.routes.get(destination)
+        if cached is not None and cached[0] == ingress:
+            return cached[1]
+        route = route_configuration(sides, destination)
+        self.routes[destination] = (ingress, route)
+        return route
+
+    def start(self, sides: _Sides) -> None:
+        if self.egress != sides.egress:
+            self.egress = sides.egress
+            self.routes.clear()
+
+
+def render_resources(enforcement: Enforcement, cache: RouteCache | None = None) -> Resources:
+    """Pure in effect: with a cache the result is equal to a render without one."""
     listeners = [
         listener(OUTBOUND_LISTENER, ENVOY_OUTBOUND_PORT, enforcement),
         listener(INBOUND_LISTENER, ENVOY_INBOUND_PORT, enforcement),
     ]
     sides = _Sides.of(enforcement)
-    routes = [route_configuration(sides, d) for d in destinations(enforcement)]
+    if cache is None:
+        routes = [route_configuration(sides, d) for d in destinations(enforcement)]
+    else:
+        cache.start(sides)
+        wanted = destinations(enforcement)
+        routes = [cache.route(sides, d) for d in wanted]
+        # Forget destinations that are gone, so the cache does not grow with churn.
+        for gone in set(cache.routes) - set(wanted):
+            del cache.routes[gone]
     return {
         LISTENER_TYPE: {r.name: r for r in listeners},
         ROUTE_TYPE: {r.name: r for r in routes},

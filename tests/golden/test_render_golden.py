@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from google.protobuf.json_format import MessageToDict
 
+from steer.model.enforce import resolve
 from steer.render.bpf import render_pod_policy
 from steer.render.iptables import Jump, KernelState, cleanup_text, render_ruleset, restore_text
-from steer.render.xds import render_resources
-from tests.samples import CLIENT, WEB, sample_enforcement
+from steer.render.xds import ROUTE_TYPE, RouteCache, render_resources
+from tests.samples import API, CLIENT, PODS, WEB, sample_enforcement, sample_policies
 
 DATA = Path(__file__).parent / "data"
 
@@ -105,3 +106,19 @@ def test_bpf_policy_map_for_each_pod() -> None:
         for pod in enforcement.pods
     }
     check_golden("bpf_policy_demo.json", json.dumps(document, indent=1, sort_keys=True) + "\n")
+
+
+def test_a_route_cache_changes_nothing_but_the_work_done() -> None:
+    """Rendering through the control plane's cache equals rendering afresh, and a change to
+    one pod's policy rebuilds that pod's route only."""
+    cache = RouteCache()
+    before = render_resources(sample_enforcement(), cache)
+    assert before == render_resources(sample_enforcement())
+    api_only = [p for p in sample_policies() if p.metadata.name != "api"]
+    after = render_resources(resolve(api_only, PODS), cache)
+    assert after == render_resources(resolve(api_only, PODS))
+    routes_before, routes_after = before[ROUTE_TYPE], after[ROUTE_TYPE]
+    api_route = f"steer-dst-{API.ip}-32"
+    assert routes_after[api_route] is not routes_before[api_route]
+    unchanged = [name for name in routes_after if name != api_route]
+    assert all(routes_after[n] is routes_before[n] for n in unchanged)
