@@ -167,7 +167,7 @@ def backend(pod: LabPod, base_id: int, workdir: Path) -> Iterator[None]:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def _latency_ms(text: str, percentile: str) -> float:
+def latency_ms(text: str, percentile: str) -> float:
     match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
     if match is None:
         raise ValueError(f"wrk printed no {percentile}% latency:\n{text}")
@@ -241,8 +241,8 @@ class DatapathBench:
         rps, requests = _rps_and_requests(load)
         per_10k = 10_000 / max(requests, 1) / 1e6
         for name, value in (
-            ("p50_ms_c1", _latency_ms(latency, "50")),
-            ("p99_ms_c1", _latency_ms(latency, "99")),
+            ("p50_ms_c1", latency_ms(latency, "50")),
+            ("p99_ms_c1", latency_ms(latency, "99")),
             ("rps_c16", rps),
             ("cpu_user_s_per_10k", (user1 - user0) * per_10k),
             ("cpu_sys_s_per_10k", (sys1 - sys0) * per_10k),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -138,18 +137,7 @@ def _packet_chain_removal(size: int, server_ip: str) -> str:
 
 
 def _restore(netns: str, text: str) -> None:
-    def restore() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [iptables.RESTORE, "--noflush", "--wait"],
-            input=text,
-            text=True,
-            capture_output=True,
-            check=False,
-        )
-
-    done = run_in_netns(netns, restore)
-    if done.returncode != 0:
-        raise RuntimeError(f"{iptables.RESTORE} failed: {done.stderr.strip()}")
+    run_in_netns(netns, lambda: iptables.restore(text))
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from steer.bench import BenchOptions
-from steer.bench.datapath import PORT, _latency_ms, backend
+from steer.bench.datapath import PORT, backend, latency_ms
 from steer.bench.plots import new_figure, save
 from steer.bench.propagation import (
     NAMESPACE,
@@ -108,7 +108,7 @@ def _wrk(client: PodProcess, url: str, seconds: int) -> dict[str, float]:
     code, out, err = client.run(argv, timeout=seconds + 30)
     if code != 0:
         raise RuntimeError(f"wrk failed: {err or out}")
-    return {"p50_ms": _latency_ms(out, "50"), "p99_ms": _latency_ms(out, "99")}
+    return {"p50_ms": latency_ms(out, "50"), "p99_ms": latency_ms(out, "99")}
 
 
 def _answers(client: PodProcess, ip: str) -> bool:

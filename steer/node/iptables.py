@@ -76,7 +76,9 @@ def read_state() -> KernelState:
     return KernelState(chains=chains, jumps=frozenset(jumps))
 
 
-def _restore(text: str) -> None:
+def restore(text: str) -> None:
+    """Apply iptables-restore text (--noflush: only what it names changes), atomically per
+    table; raises IptablesError with iptables' own message."""
     if not text:
         return
     proc = subprocess.run(
@@ -95,7 +97,7 @@ def apply(ruleset: Ruleset, previous: Ruleset | None = None) -> None:
     """
     before = read_state()
     writes = chains_to_write(ruleset, before, previous)
-    _restore(restore_text(ruleset, before, previous))
+    restore(restore_text(ruleset, before, previous))
     verify(ruleset, writes)
 
 
@@ -156,7 +158,7 @@ def verify(ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]] | None = None
 
 def unload() -> None:
     """Remove steer's jumps and chains; other parties' rules stay exactly as they were."""
-    _restore(cleanup_text(read_state()))
+    restore(cleanup_text(read_state()))
 
 
 def counters(table_name: str, chain_name: str) -> Iterator[RuleCounters]:
