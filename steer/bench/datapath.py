@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 import subprocess
 import tempfile
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
-from steer.bench.stats import abba
+from steer.bench.stats import abba, summarize
 from steer.constants import ANNOTATION_DATAPLANE, ANNOTATION_INJECT, LAB_GATEWAY_IP, NODE_NETNS
 from steer.localnode import LocalNode
 from steer.node.bpf import BpfDatapath
@@ -192,11 +191,7 @@ class Samples:
     values: dict[str, list[float]] = field(default_factory=lambda: {f: [] for f in FIGURES})
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {f: statistics.median(v) for f, v in self.values.items()}
-        out["min"] = {f: min(v) for f, v in self.values.items()}
-        out["max"] = {f: max(v) for f, v in self.values.items()}
-        out["rounds"] = len(self.values[FIGURES[0]])
-        return out
+        return summarize(self.values)
 
 
 class DatapathBench:

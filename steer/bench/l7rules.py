@@ -23,7 +23,6 @@ Quick mode: 10 on web, 1000 elsewhere, 100 on web; the JSON's "sizes" says what 
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections.abc import Mapping
@@ -45,7 +44,7 @@ from steer.bench.propagation import (
     rule_text,
     selector_peer,
 )
-from steer.bench.stats import abba
+from steer.bench.stats import abba, summarize
 from steer.localnode import LocalNode
 from steer.testing.podproc import PodProcess, PodProcessError
 
@@ -153,13 +152,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
                 samples[config][figure].append(value)
         dataplane = node.dataplane_of("client")
     configs: dict[str, dict[str, Any]] = {
-        config: {
-            **{f: statistics.median(v) for f, v in figures.items()},
-            "min": {f: min(v) for f, v in figures.items()},
-            "max": {f: max(v) for f, v in figures.items()},
-            "rounds": len(figures["p50_ms"]),
-        }
-        for config, figures in samples.items()
+        config: summarize(figures) for config, figures in samples.items()
     }
     p50 = {config: figures["p50_ms"] for config, figures in configs.items()}
     ratio = {config: value / p50["10"] for config, value in p50.items()}
