@@ -1,8 +1,11 @@
 """`steer bench`: measured figures, never asserted in tests.
 
-Scenario `render`: how long it takes to render the iptables ruleset and the xDS snapshot,
-and to apply the ruleset to a kernel, at growing rule counts. The apply runs in a scratch
-network namespace of its own, so it never touches the host's rules or a running lab.
+Scenario `render`: how long it takes to render a node's xDS snapshot (the control plane:
+resolve, xDS resources, encoding and versions) and its iptables ruleset (the agent), and
+to apply the ruleset to a kernel, at growing rule counts. Each is measured cold (as after
+a start) and after one policy is removed, rendering the way the running processes do:
+through their incremental caches. The apply runs in a scratch network namespace of its
+own, so it never touches the host's rules or a running lab.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ from typing import Any
 from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
 from steer.bench.stats import abba
-from steer.model.enforce import resolve
+from steer.control.cache import LISTENER_TYPE, Snapshot
+from steer.model.enforce import Resolver
 from steer.model.load import parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
 from steer.node import iptables
 from steer.node.netns import run_in_netns
-from steer.render.iptables import render_ruleset
-from steer.render.xds import render_resources
+from steer.render.iptables import SideChainCache, render_ruleset
+from steer.render.xds import SnapshotRenderer
 
 RULES_PER_POLICY = 50
 FIRST_POD_IP = IPv4Address("10.100.0.1")
@@ -89,24 +93,47 @@ def _clear_render_caches() -> None:
 
     enforce._network.cache_clear()
     xds._rule_policy.cache_clear()
+    xds._host.cache_clear()
+
+
+def _snapshot(renderer: SnapshotRenderer, policies: list[HTTPPolicy], pods: list[Pod]) -> Snapshot:
+    _, resources = renderer.render(policies, pods)
+    snapshot = Snapshot(resources)
+    snapshot.version(LISTENER_TYPE)  # the encoding and hashing a push needs
+    return snapshot
 
 
 def _render_round(policies: list[HTTPPolicy], pods: list[Pod]) -> dict[str, float]:
-    """One round at one size: a cold render (empty caches, as after a start), a render
-    after one policy changed (what a live change pays), and applies in a fresh netns."""
+    """One round at one size, rendering as the control plane and the agent do: a cold
+    render (empty caches, as after a start), then the render after one policy is removed
+    (what a live change pays, with what the first render left behind), then the applies
+    in a fresh netns."""
     _clear_render_caches()
+    renderer = SnapshotRenderer()
     started = time.perf_counter()
-    enforcement = resolve(policies, pods)
-    ruleset = render_ruleset(enforcement)
-    render_resources(enforcement)
+    before = _snapshot(renderer, policies, pods)
     cold = (time.perf_counter() - started) * 1000
     # One policy fewer: the kind of small change a live update must handle cheaply.
     started = time.perf_counter()
-    changed = resolve(policies[:-1], pods)
-    smaller = render_ruleset(changed)
-    render_resources(changed)
+    after = _snapshot(renderer, policies[:-1], pods)
+    after.reuse_encodings(before)
+    after.version(LISTENER_TYPE)
     warm = (time.perf_counter() - started) * 1000
-    figures = {"cold_ms": cold, "render_ms": warm, "iptables_rules": float(len(ruleset.rules))}
+
+    resolver, chains = Resolver(), SideChainCache()
+    started = time.perf_counter()
+    ruleset = render_ruleset(resolver.resolve(policies, pods), cache=chains)
+    iptables_cold = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    smaller = render_ruleset(resolver.resolve(policies[:-1], pods), cache=chains)
+    iptables_warm = (time.perf_counter() - started) * 1000
+    figures = {
+        "cold_ms": cold,
+        "render_ms": warm,
+        "iptables_cold_ms": iptables_cold,
+        "iptables_render_ms": iptables_warm,
+        "iptables_rules": float(len(ruleset.rules)),
+    }
     with scratch_netns() as netns:
         figures["apply_s"] = run_in_netns(netns, lambda: _timed(lambda: iptables.apply(ruleset)))
         figures["reapply_s"] = run_in_netns(
@@ -117,12 +144,19 @@ def _render_round(policies: list[HTTPPolicy], pods: list[Pod]) -> dict[str, floa
     return figures
 
 
-FIGURES = ("render_ms", "cold_ms", "apply_s", "reapply_s")
+FIGURES = (
+    "render_ms",
+    "cold_ms",
+    "iptables_render_ms",
+    "iptables_cold_ms",
+    "apply_s",
+    "reapply_s",
+)
 
 
 def run(options: BenchOptions) -> dict[str, Any]:
-    """Render (resolve + iptables + xDS) and apply times at 100, 1k and 10k rules over 1k
-    pods (quick: 10 and 100 rules over 50 pods)."""
+    """Snapshot render (resolve + xDS + encoding), ruleset render and apply times at 100,
+    1k and 10k rules over 1k pods (quick: 10 and 100 rules over 50 pods)."""
     sizes, pods_count = ((10, 100), 50) if options.quick else ((100, 1000, 10000), 1000)
     runs: dict[int, list[dict[str, float]]] = {size: [] for size in sizes}
     nodes = {size: synthetic_node(size, pods=pods_count) for size in sizes}
@@ -141,14 +175,15 @@ def run(options: BenchOptions) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"{'rules':>6} {'iptables rules':>15} {'render after a change':>22} {'cold render':>12}"
-        f" {'apply':>9} {'re-apply':>9}"
+        f"{'rules':>6} {'snapshot: change':>17} {'cold':>9} {'ruleset: change':>16} {'cold':>9}"
+        f" {'iptables rules':>15} {'apply':>8} {'re-apply':>9}"
     ]
     for size in result["render_ms"]:
         lines.append(
-            f"{size:>6} {result['iptables_rules'][size]:>15} "
-            f"{result['render_ms'][size]:>19.1f} ms {result['cold_ms'][size]:>9.1f} ms "
-            f"{result['apply_s'][size]:>7.3f} s {result['reapply_s'][size]:>7.3f} s"
+            f"{size:>6} {result['render_ms'][size]:>14.1f} ms {result['cold_ms'][size]:>6.0f} ms"
+            f" {result['iptables_render_ms'][size]:>13.1f} ms"
+            f" {result['iptables_cold_ms'][size]:>6.0f} ms {result['iptables_rules'][size]:>15}"
+            f" {result['apply_s'][size]:>6.3f} s {result['reapply_s'][size]:>7.3f} s"
         )
     lines.append(f"({result['pods']} pods, {result['rounds']} rounds, medians)")
     return "\n".join(lines)
@@ -157,9 +192,14 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     sizes = [int(s) for s in result["render_ms"]]
     figure, (left, right) = new_figure(2)
-    for key, label in (("render_ms", "after one change"), ("cold_ms", "cold")):
+    for key, label in (
+        ("render_ms", "snapshot, after one change"),
+        ("cold_ms", "snapshot, cold"),
+        ("iptables_render_ms", "ruleset, after one change"),
+        ("iptables_cold_ms", "ruleset, cold"),
+    ):
         left.plot(sizes, [result[key][str(s)] for s in sizes], marker="o", label=label)
-    left.set(xscale="log", xlabel="rules", ylabel="ms", title="render (resolve + iptables + xDS)")
+    left.set(xscale="log", yscale="log", xlabel="rules", ylabel="ms", title="render")
     left.legend()
     for key, label in (("apply_s", "apply"), ("reapply_s", "re-apply, one change")):
         right.plot(sizes, [result[key][str(s)] for s in sizes], marker="o", label=label)

@@ -21,15 +21,15 @@ from typing import Any
 from steer.constants import API_GROUP, API_VERSION, POLICY_PLURAL
 from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from steer.control.xds import serve
-from steer.model.enforce import resolve
+from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
-from steer.render.xds import RouteCache, render_resources
+from steer.render.xds import SnapshotRenderer
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
     PolicyObject,
+    PolicyValidator,
     pods_from_objects,
-    policy_from_object,
     policy_status,
 )
 
@@ -41,20 +41,18 @@ def render_node_snapshots(
     policies: list[HTTPPolicy],
     pods: list[Pod],
     nodes: set[str],
-    caches: dict[str, RouteCache] | None = None,
+    renderers: dict[str, SnapshotRenderer] | None = None,
 ) -> dict[str, Snapshot]:
     """One snapshot per node: its own pods are destinations, every pod can be a peer.
-    `caches` (per node) lets a re-render reuse the routes that did not change."""
-    caches = caches if caches is not None else {}
+    `renderers` (per node) lets a re-render reuse what did not change."""
+    renderers = renderers if renderers is not None else {}
 
     def on(node: str) -> Callable[[Pod], bool]:
         return lambda pod: pod.node == node
 
     return {
         node: Snapshot(
-            render_resources(
-                resolve(policies, pods, local=on(node)), caches.setdefault(node, RouteCache())
-            )
+            renderers.setdefault(node, SnapshotRenderer(on(node))).render(policies, pods)[1]
         )
         for node in sorted(nodes)
     }
@@ -67,7 +65,9 @@ class KubeControlPlane:
     reflectors: dict[str, Reflector] = field(default_factory=dict)
     policy_objects: list[PolicyObject] = field(default_factory=list)
     _rendered_nodes: set[str] = field(default_factory=set)
-    _route_caches: dict[str, RouteCache] = field(default_factory=dict)
+    _renderers: dict[str, SnapshotRenderer] = field(default_factory=dict)
+    _validator: PolicyValidator = field(default_factory=PolicyValidator)
+    _gc: IdleCollector = field(default_factory=IdleCollector)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -90,7 +90,7 @@ class KubeControlPlane:
         """Re-render every node's snapshot; True if any changed."""
         objects = {kind: r.snapshot() for kind, r in self.reflectors.items()}
         pods = pods_from_objects(objects["pods"], objects["namespaces"])
-        self.policy_objects = [policy_from_object(o) for o in objects["httppolicies"]]
+        self.policy_objects = self._validator.validate(objects["httppolicies"])
         for item in self.policy_objects:
             for error in item.errors:
                 log.warning("policy not applied: %s", error)
@@ -98,9 +98,9 @@ class KubeControlPlane:
         nodes = {p.node for p in pods if p.node} | set(self.cache.nodes())
         self._rendered_nodes = nodes
         changed = False
-        for gone in set(self._route_caches) - nodes:
-            del self._route_caches[gone]
-        rendered = render_node_snapshots(policies, pods, nodes, self._route_caches)
+        for gone in set(self._renderers) - nodes:
+            del self._renderers[gone]
+        rendered = render_node_snapshots(policies, pods, nodes, self._renderers)
         for node, snapshot in rendered.items():
             try:
                 changed |= self.cache.set_snapshot(node, snapshot)
@@ -174,10 +174,12 @@ class KubeControlPlane:
                     dirty.clear()
                     if all(r.synced.is_set() for r in self.reflectors.values()):
                         self.refresh()
+                        self._gc.settled()
                 except TimeoutError:
                     # A newly connected Envoy needs a snapshot even if no object changed.
                     if set(self.cache.nodes()) - self._rendered_nodes:
                         self.refresh()
+                    self._gc.tick()
                 # ACKs arrive on the xDS streams, not as API events: re-check statuses.
                 await asyncio.to_thread(self.write_statuses)
         finally:

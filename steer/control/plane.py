@@ -18,8 +18,8 @@ from watchfiles import awatch
 from steer.constants import LAB_NODE_NAME, RUN_DIR, XDS_SOCKET
 from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from steer.control.xds import serve
-from steer.model.enforce import resolve
-from steer.render.xds import RouteCache, render_resources
+from steer.idlegc import IdleCollector
+from steer.render.xds import SnapshotRenderer
 from steer.source.local import LocalInputs, write_json_atomic
 
 log = logging.getLogger("steer.control")
@@ -36,17 +36,24 @@ class LocalControlPlane:
     def __post_init__(self) -> None:
         self.errors: list[str] = []
         self._last_status: dict[str, object] | None = None
-        self._routes = RouteCache()
+        self._renderer = SnapshotRenderer()
+        self._gc = IdleCollector()
         self._loaded_at = 0.0
 
     def refresh(self) -> bool:
         """Re-render from current inputs; True if the node's snapshot changed."""
+        try:
+            return self._refresh()
+        finally:
+            self._gc.settled()
+
+    def _refresh(self) -> bool:
         started = time.perf_counter()
         self._loaded_at = time.time()
         reload, pods = self.inputs.load()
         self.errors = [str(e) for e in reload.errors]
-        enforcement = resolve(reload.policies, pods)
-        snapshot = Snapshot(render_resources(enforcement, self._routes))
+        enforcement, resources = self._renderer.render(reload.policies, pods)
+        snapshot = Snapshot(resources)
         try:
             changed = self.cache.set_snapshot(self.node_id, snapshot)
         except InconsistentSnapshot as exc:
@@ -104,4 +111,5 @@ class LocalControlPlane:
     async def _report_status(self) -> None:
         while True:
             self.write_status()
+            self._gc.tick()
             await asyncio.sleep(0.1)

@@ -22,7 +22,6 @@ from typing import Any, ClassVar, Final, TypeAlias
 import grpc
 import grpc.aio
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
 
 from steer.control.cache import PUSH_ORDER, WILDCARD_TYPES, Snapshot, SnapshotCache
 
@@ -197,12 +196,6 @@ class _Stream(ABC):
         return nonce
 
 
-def _pack(msg: Any) -> Any:
-    packed = any_pb2.Any()
-    packed.Pack(msg)
-    return packed
-
-
 class _SotwStream(_Stream):
     kind = "sotw"
 
@@ -229,7 +222,7 @@ class _SotwStream(_Stream):
         return discovery_pb2.DiscoveryResponse(
             version_info=version,
             type_url=type_url,
-            resources=[_pack(resources[n]) for n in names],
+            resources=[snapshot.packed(type_url, n) for n in names],
             nonce=self._stamp(type_url, state, version),
         )
 
@@ -273,7 +266,6 @@ class _DeltaStream(_Stream):
         # current; otherwise waiting for an ACK of that version would never end.
         if not (force or updated or removed or version != state.sent_version):
             return None
-        resources = snapshot.get(type_url)
         for name in updated:
             state.client_versions[name] = versions[name]
         for name in removed:
@@ -285,7 +277,7 @@ class _DeltaStream(_Stream):
             type_url=type_url,
             resources=[
                 discovery_pb2.Resource(
-                    name=name, version=versions[name], resource=_pack(resources[name])
+                    name=name, version=versions[name], resource=snapshot.packed(type_url, name)
                 )
                 for name in updated
             ],

@@ -17,6 +17,7 @@ from pathlib import Path
 from watchfiles import watch
 
 from steer.constants import RUN_DIR
+from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.source.local import LocalInputs, write_json_atomic
@@ -69,11 +70,18 @@ class LocalAgent:
         Synchronous on purpose: every kernel call must run on a thread inside the node's
         network namespace, and pyroute2's blocking API cannot run inside an event loop.
         """
+        collector = IdleCollector()
         self._log(self.sync())
+        collector.settled()
         paths = self.inputs.watch_paths()
-        for changes in watch(*paths, debounce=10, step=5, recursive=False):
+        for changes in watch(
+            *paths, debounce=10, step=5, recursive=False, rust_timeout=1000, yield_on_timeout=True
+        ):
             if self.inputs.affected_by(path for _, path in changes):
                 self._log(self.sync())
+                collector.settled()
+            else:
+                collector.tick()
 
     @staticmethod
     def _log(report: SyncReport) -> None:

@@ -1,5 +1,8 @@
 """The eBPF datapath's kernel side: compile with bcc once, pin, attach, update maps.
 
+Compiling runs in a short-lived child process (`steer.node.bpfbuild`), so bcc and LLVM
+never stay in the agent's memory; the agent itself talks to the pins through libbpf.
+
 Programs and maps are pinned under /sys/fs/bpf/steer/, and cgroup attachments are legacy
 (not bpf_link) attachments, which outlive the process. So an agent that restarts, even
 after kill -9, finds everything in place: it re-adopts the pins by path and never
@@ -19,6 +22,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from steer.constants import BPF_PIN_DIR, CGROUP_SUBTREE, RUN_DIR
+from steer.node import libbpf
+from steer.node.libbpf import AttachType
 from steer.render.bpf import PodPolicy
 
 log = logging.getLogger("steer.bpf")
@@ -166,8 +172,9 @@ def _ip_from_be(value: int) -> IPv4Address:
     return IPv4Address(value.to_bytes(4, "little"))
 
 
-def source_text() -> str:
-    return "\n".join((BPF_SOURCE_DIR / name).read_text() for name in SOURCE_FILES)
+def source_text(source_dir: Path | None = None) -> str:
+    directory = source_dir or BPF_SOURCE_DIR
+    return "\n".join((directory / name).read_text() for name in SOURCE_FILES)
 
 
 def build_hash() -> str:
@@ -175,7 +182,7 @@ def build_hash() -> str:
 
 
 def _bcc() -> Any:
-    import bcc  # imported late: only the eBPF datapath needs bcc and LLVM in memory
+    import bcc  # imported late, in the compiling child only: bcc brings LLVM along
 
     return bcc
 
@@ -258,66 +265,37 @@ class BpfDatapath:
         return datapath
 
     def _compile_and_pin(self) -> None:
-        bcc = _bcc()
-        try:
-            # bcc wants bytes for text and names (str only earns a DeprecationWarning).
-            module = bcc.BPF(
-                text=source_text().encode(), cflags=[f"-I{BPF_SOURCE_DIR / 'include'}"]
-            )
-        except Exception as exc:
-            raise BpfError(f"compiling bpf/: {exc}") from exc
-        self._check_layouts(module)
-        self.pin_dir.mkdir(parents=True, exist_ok=True)
-        for program in PROGRAMS:
-            kwargs = {}
-            if program.prog_type in ("CGROUP_SOCK_ADDR", "CGROUP_SOCKOPT"):
-                kwargs["attach_type"] = getattr(bcc.BPFAttachType, program.attach_type or "")
-            with _stderr_captured() as verifier_log:
-                try:
-                    fn = module.load_func(
-                        program.name.encode(),
-                        getattr(bcc.BPFProgType, program.prog_type),
-                        **kwargs,
-                    )
-                except Exception as exc:
-                    raise BpfError(
-                        f"the verifier rejected {program.name}: {exc}\n"
-                        f"verifier log (tail):\n{_tail(verifier_log())}"
-                    ) from exc
-            self._pin(fn.fd, program.name)
-            self.prog_fds[program.name] = os.dup(fn.fd)
-        for name in MAPS:
-            fd = module[name.encode()].map_fd if name != "steer_sockhash" else _sockhash_fd(module)
-            self._pin(fd, name)
-            self.map_fds[name] = os.dup(fd)
-        # sk_msg runs on the sockhash: attaching it to the map is a one-time step.
-        self._attach_fd(
-            self.prog_fds["steer_skmsg"], self.map_fds["steer_sockhash"], "SK_MSG_VERDICT", 0
+        """Compile, load and pin in a child process, then open what it pinned."""
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "steer.node.bpfbuild",
+                "--source",
+                str(BPF_SOURCE_DIR),
+                "--pins",
+                str(self.pin_dir),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=COMPILE_TIMEOUT_S,
         )
-        module.cleanup()
-        _release_freed_heap()
-
-    def _check_layouts(self, module: Any) -> None:
-        for name, (key_type, value_type) in MAPS.items():
-            if key_type is None:
-                continue
-            table = module[name.encode()]
-            # Per-CPU tables expose the per-CPU array as Leaf and one CPU's value as sLeaf.
-            got = (ct.sizeof(table.Key), ct.sizeof(getattr(table, "sLeaf", table.Leaf)))
-            want = (ct.sizeof(key_type), ct.sizeof(value_type))
-            if got != want:
-                raise BpfError(f"{name}: C layout {got} differs from steer/node/bpf.py {want}")
-
-    def _pin(self, fd: int, name: str) -> None:
-        path = self.pin_dir / name
-        if _bcc().lib.bpf_obj_pin(fd, str(path).encode()) != 0:
-            raise BpfError(_errno_message(f"pinning {path}"))
+        if proc.returncode != 0:
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            _, found, error = proc.stderr.partition(BUILD_ERROR)
+            raise BpfError(
+                error.strip()
+                if found
+                else f"the BPF build failed (exit status {proc.returncode}): {_tail(proc.stderr)}"
+            )
+        if not self._open_pins():
+            raise BpfError(f"the BPF build finished but its pins in {self.pin_dir} are missing")
 
     def _open_pins(self) -> bool:
-        lib = _bcc().lib
         for names, fds in (((p.name for p in PROGRAMS), self.prog_fds), (MAPS, self.map_fds)):
             for name in names:
-                fd = lib.bpf_obj_get(str(self.pin_dir / name).encode())
+                fd = libbpf.obj_get(self.pin_dir / name)
                 if fd < 0:
                     self.close()
                     return False
@@ -350,33 +328,22 @@ class BpfDatapath:
 
     # --- attachments ---------------------------------------------------------------------
 
-    def _attach_fd(self, prog_fd: int, target_fd: int, attach_type: str, flags: int) -> None:
-        bcc = _bcc()
-        code = bcc.lib.bpf_prog_attach(
-            prog_fd, target_fd, getattr(bcc.BPFAttachType, attach_type), flags
-        )
-        if code != 0:
-            raise BpfError(_errno_message(f"attaching as {attach_type}"))
-
     def _attach(self, cgroup: str, program: str) -> None:
         attachment = Attachment(cgroup, program)
         if attachment.key() in {a.key() for a in self.attachments}:
             return
         attach_type = next(p.attach_type for p in PROGRAMS if p.name == program) or ""
         with _cgroup_fd(cgroup) as fd:
-            self._attach_fd(self.prog_fds[program], fd, attach_type, BPF_F_ALLOW_MULTI)
+            _attach_program(self.prog_fds[program], fd, attach_type, BPF_F_ALLOW_MULTI)
         self.attachments.append(attachment)
         self._write_state()
 
     def _detach(self, attachment: Attachment) -> None:
-        bcc = _bcc()
         attach_type = next(p.attach_type for p in PROGRAMS if p.name == attachment.program)
         try:
             with _cgroup_fd(attachment.cgroup) as fd:
-                bcc.lib.bpf_prog_detach2(
-                    self.prog_fds[attachment.program],
-                    fd,
-                    getattr(bcc.BPFAttachType, attach_type or ""),
+                libbpf.prog_detach(
+                    self.prog_fds[attachment.program], fd, AttachType[attach_type or ""]
                 )
         except FileNotFoundError:
             pass  # the cgroup is gone, and its attachments with it
@@ -407,12 +374,7 @@ class BpfDatapath:
         """Turn sk_msg on or off for connections established from now on (sockets already
         in the sockhash keep their redirect until they close)."""
         cfg = Cfg()
-        if (
-            _bcc().lib.bpf_lookup_elem(
-                self.map_fds["steer_cfg"], ct.byref(ct.c_uint32(0)), ct.byref(cfg)
-            )
-            != 0
-        ):
+        if libbpf.lookup(self.map_fds["steer_cfg"], ct.byref(ct.c_uint32(0)), ct.byref(cfg)) != 0:
             raise BpfError(_errno_message("reading steer_cfg"))
         cfg.flags = (cfg.flags | CFG_SKMSG) if enabled else (cfg.flags & ~CFG_SKMSG)
         self._update("steer_cfg", ct.c_uint32(0), cfg)
@@ -464,14 +426,8 @@ class BpfDatapath:
 
     def counters(self, slot: int) -> dict[str, int]:
         """Per-pod counters, summed over CPUs."""
-        cpus = len(_bcc().utils.get_possible_cpus())
-        values = (CountersVal * cpus)()
-        if (
-            _bcc().lib.bpf_lookup_elem(
-                self.map_fds["steer_counters"], ct.byref(ct.c_uint32(slot)), values
-            )
-            != 0
-        ):
+        values = (CountersVal * libbpf.possible_cpus())()
+        if libbpf.lookup(self.map_fds["steer_counters"], ct.byref(ct.c_uint32(slot)), values) != 0:
             raise BpfError(_errno_message("reading steer_counters"))
         return {name: sum(getattr(v, name) for v in values) for name in COUNTER_NAMES}
 
@@ -480,12 +436,7 @@ class BpfDatapath:
         flows = []
         for key in self._keys("steer_origdst", FlowKey):
             value = OrigDst()
-            if (
-                _bcc().lib.bpf_lookup_elem(
-                    self.map_fds["steer_origdst"], ct.byref(key), ct.byref(value)
-                )
-                == 0
-            ):
+            if libbpf.lookup(self.map_fds["steer_origdst"], ct.byref(key), ct.byref(value)) == 0:
                 flows.append(
                     (
                         _ip_from_be(key.client_ip),
@@ -497,25 +448,21 @@ class BpfDatapath:
         return flows
 
     def _keys(self, name: str, key_type: type[ct.Structure]) -> list[Any]:
-        lib = _bcc().lib
         keys = []
         following = key_type()
         previous: Any = None
-        while lib.bpf_get_next_key(self.map_fds[name], previous, ct.byref(following)) == 0:
+        while libbpf.next_key(self.map_fds[name], previous, ct.byref(following)) == 0:
             keys.append(key_type.from_buffer_copy(following))
             current = key_type.from_buffer_copy(following)
             previous = ct.byref(current)
         return keys
 
     def _update(self, name: str, key: Any, value: Any) -> None:
-        if (
-            _bcc().lib.bpf_update_elem(self.map_fds[name], ct.byref(key), ct.byref(value), BPF_ANY)
-            != 0
-        ):
+        if libbpf.update(self.map_fds[name], ct.byref(key), ct.byref(value), BPF_ANY) != 0:
             raise BpfError(_errno_message(f"updating {name} (is it full?)"))
 
     def _delete(self, name: str, key: Any) -> None:
-        _bcc().lib.bpf_delete_elem(self.map_fds[name], ct.byref(key))
+        libbpf.delete(self.map_fds[name], ct.byref(key))
 
     # --- unload --------------------------------------------------------------------------
 
@@ -554,6 +501,74 @@ def _stat_ino_or_zero(path: str) -> int:
         return 0
 
 
+BUILD_ERROR = "steer-bpf-build: "
+COMPILE_TIMEOUT_S = 300
+
+
+def _attach_program(prog_fd: int, target_fd: int, attach_type: str, flags: int) -> None:
+    if libbpf.prog_attach(prog_fd, target_fd, AttachType[attach_type], flags) != 0:
+        raise BpfError(_errno_message(f"attaching as {attach_type}"))
+
+
+def _pin(fd: int, path: Path) -> None:
+    if libbpf.obj_pin(fd, path) != 0:
+        raise BpfError(_errno_message(f"pinning {path}"))
+
+
+def _check_layouts(module: Any) -> None:
+    for name, (key_type, value_type) in MAPS.items():
+        if key_type is None:
+            continue
+        table = module[name.encode()]
+        # Per-CPU tables expose the per-CPU array as Leaf and one CPU's value as sLeaf.
+        got = (ct.sizeof(table.Key), ct.sizeof(getattr(table, "sLeaf", table.Leaf)))
+        want = (ct.sizeof(key_type), ct.sizeof(value_type))
+        if got != want:
+            raise BpfError(f"{name}: C layout {got} differs from steer/node/bpf.py {want}")
+
+
+def compile_and_pin(source_dir: Path, pin_dir: Path) -> None:
+    """Compile bpf/ with bcc, load every program through the verifier, pin programs and
+    maps under `pin_dir`. Runs in the child that `BpfDatapath.load` starts: the process
+    ends right after, and LLVM's memory with it."""
+    bcc = _bcc()
+    try:
+        # bcc wants bytes for text and names (str only earns a DeprecationWarning).
+        module = bcc.BPF(
+            text=source_text(source_dir).encode(), cflags=[f"-I{source_dir / 'include'}"]
+        )
+    except Exception as exc:
+        raise BpfError(f"compiling bpf/: {exc}") from exc
+    _check_layouts(module)
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    prog_fds: dict[str, int] = {}
+    for program in PROGRAMS:
+        kwargs = {}
+        if program.prog_type in ("CGROUP_SOCK_ADDR", "CGROUP_SOCKOPT"):
+            kwargs["attach_type"] = getattr(bcc.BPFAttachType, program.attach_type or "")
+        with _stderr_captured() as verifier_log:
+            try:
+                fn = module.load_func(
+                    program.name.encode(), getattr(bcc.BPFProgType, program.prog_type), **kwargs
+                )
+            except Exception as exc:
+                raise BpfError(
+                    f"the verifier rejected {program.name}: {exc}\n"
+                    f"verifier log (tail):\n{_tail(verifier_log())}"
+                ) from exc
+        _pin(fn.fd, pin_dir / program.name)
+        prog_fds[program.name] = fn.fd
+    map_fds = {
+        name: module[name.encode()].map_fd if name != "steer_sockhash" else _sockhash_fd(module)
+        for name in MAPS
+    }
+    for name, fd in map_fds.items():
+        _pin(fd, pin_dir / name)
+    # sk_msg runs on the sockhash: attaching it to the map is a one-time step.
+    _attach_program(prog_fds["steer_skmsg"], map_fds["steer_sockhash"], "SK_MSG_VERDICT", 0)
+    module.cleanup()
+
+
 def _sockhash_fd(module: Any) -> int:
     # bcc 0.26 has no Table class for SOCKHASH; ask libbcc for the map's fd by name.
     bcc = _bcc()
@@ -561,17 +576,6 @@ def _sockhash_fd(module: Any) -> int:
     if fd < 0:
         raise BpfError("steer_sockhash has no fd")
     return fd
-
-
-def _release_freed_heap() -> None:
-    """Give the kernel back the heap that compiling freed (about 60 MiB of LLVM's).
-
-    glibc keeps freed memory in the process, so without this the agent would carry a
-    compile's peak for its whole life. A no-op where the libc has no malloc_trim (musl).
-    """
-    trim = getattr(ct.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 def _tail(text: str, lines: int = 15) -> str:

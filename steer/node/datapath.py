@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.exceptions import NetlinkError
 
 from steer.constants import ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, VERDICT_ALLOW, VERDICT_L7
-from steer.model.enforce import Enforcement, decide_flow, resolve
+from steer.model.enforce import Enforcement, Resolver, decide_flow, resolve
 from steer.model.pod import Dataplane, Pod
 from steer.model.policy import HTTPPolicy
 from steer.node import conntrack, iptables
 from steer.node.bpf import BpfDatapath, BpfError, node_netns_cookie
 from steer.node.features import Features, choose, probe
 from steer.render.bpf import PodPolicy, TooComplexForBpf, flow_verdict, render_pod_policy
-from steer.render.iptables import Ruleset, render_ruleset
+from steer.render.iptables import Ruleset, SideChainCache, render_ruleset
 
 log = logging.getLogger("steer.datapath")
 
@@ -61,18 +61,20 @@ class IptablesDatapath:
     applied_digest: str | None = None
     applied: Ruleset | None = None
     enforcement: Enforcement | None = None
+    _chains: SideChainCache = field(default_factory=SideChainCache)
+    _resolver: Resolver = field(default_factory=Resolver)
 
     def sync(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> SyncReport:
         """Everything on iptables: for tests and nodes without eBPF."""
-        enforcement = resolve(policies, pods)
+        enforcement = self._resolver.resolve(policies, pods)
         report = SyncReport(False, 0, 0, 0.0, warnings=list(enforcement.warnings))
         self.apply(enforcement, frozenset(), report)
         return report
 
     def apply(self, enforcement: Enforcement, ebpf: frozenset[str], report: SyncReport) -> None:
-        ruleset = render_ruleset(enforcement, ebpf)
+        ruleset = render_ruleset(enforcement, ebpf, self._chains)
         report.rules = len(ruleset.rules)
-        if ruleset.digest() == self.applied_digest:
+        if ruleset == self.applied:
             return
         started = time.perf_counter()
         try:
@@ -83,7 +85,7 @@ class IptablesDatapath:
             return
         report.apply_ms = (time.perf_counter() - started) * 1000
         report.applied = True
-        self.applied_digest = ruleset.digest()
+        self.applied_digest = ruleset.digest(self.applied)
         self.applied = ruleset
         self.enforcement = enforcement
         report.revoked += _guarded(
@@ -197,6 +199,8 @@ class NodeDatapath:
     features: Features = field(default_factory=probe)
     iptables: IptablesDatapath = field(default_factory=IptablesDatapath)
     ebpf: EbpfPods | None = None
+    _resolver: Resolver | None = None
+    _resolver_local: Callable[[Pod], bool] | None = None
 
     def _ebpf(self) -> EbpfPods | None:
         """Load (or adopt) the BPF objects on first need; a failure turns eBPF off."""
@@ -237,8 +241,11 @@ class NodeDatapath:
         envoy_cgroup: str = "",
         local: Callable[[Pod], bool] | None = None,
     ) -> SyncReport:
-        """`local`: the pods on this node (default: all); the others are only peers."""
-        enforcement = resolve(policies, pods, local)
+        """`local`: the pods on this node (default: all); the others are only peers. Pass
+        the same `local` every time: the resolver's memory is kept per predicate."""
+        if self._resolver is None or self._resolver_local is not local:
+            self._resolver, self._resolver_local = Resolver(local), local
+        enforcement = self._resolver.resolve(policies, pods)
         report = SyncReport(False, 0, 0, 0.0, warnings=list(enforcement.warnings))
         wanted = self._choose(enforcement, report)
         ebpf = self._ebpf() if wanted else self.ebpf

@@ -32,17 +32,18 @@ from steer.constants import (
     READINESS_GATE,
     ROUTE_PREFIX,
 )
+from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.netns import run_in_netns
 from steer.node.resolve import ResolveError, pod_cgroup, pod_netns
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
+    PolicyValidator,
     gate_is_true,
     has_readiness_gate,
     pod_from_object,
     pods_from_objects,
-    policy_from_object,
 )
 
 log = logging.getLogger("steer.agent")
@@ -80,6 +81,8 @@ class KubeAgent:
     reflectors: dict[str, Reflector] = field(default_factory=dict)
     _events_sent: set[tuple[str, str]] = field(default_factory=set)
     _gates_pending: bool = False
+    _policies: PolicyValidator = field(default_factory=PolicyValidator)
+    _gc: IdleCollector = field(default_factory=IdleCollector)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -102,6 +105,9 @@ class KubeAgent:
 
     # --- one pass ----------------------------------------------------------------------
 
+    def _is_local(self, pod: Pod) -> bool:
+        return pod.node == self.node_name
+
     def _local_pod(self, obj: Mapping[str, Any], pod: Pod) -> Pod:
         """The pod with its cgroup and netns; without them it stays on iptables, and a
         pod object the resolver cannot read is reported on the pod, not fatal."""
@@ -123,12 +129,10 @@ class KubeAgent:
             self._local_pod(local_objects[p.key], p) if p.key in local_objects else p
             for p in pods_from_objects(objects["pods"], objects["namespaces"])
         ]
-        policy_objects = [policy_from_object(o) for o in objects["httppolicies"]]
+        policy_objects = self._policies.validate(objects["httppolicies"])
         policies = [p.policy for p in policy_objects if p.policy is not None]
         report = self._in_datapath_netns(
-            lambda: self.datapath.sync(
-                policies, pods, self.envoy_cgroup, local=lambda p: p.node == self.node_name
-            )
+            lambda: self.datapath.sync(policies, pods, self.envoy_cgroup, local=self._is_local)
         )
         for error in report.errors:
             log.error("%s", error)
@@ -236,6 +240,7 @@ class KubeAgent:
             # pod waits, look again every second even without a change.
             woken = changed.wait(timeout=1.0)
             if not (woken or self._gates_pending):
+                self._gc.tick()
                 continue
             time.sleep(0.02)  # one sync for a burst of events
             changed.clear()
@@ -246,6 +251,7 @@ class KubeAgent:
             except Exception:  # never die on one bad pass: the next change retries
                 log.exception("sync failed; retrying on the next change")
                 self._gates_pending = True
+            self._gc.settled()
 
 
 def _now() -> str:

@@ -12,7 +12,7 @@ neither deny filter matches and both allow filters match (docs/policy-reference.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
@@ -42,8 +42,9 @@ from steer.constants import (
     RBAC_FILTERS,
     ROUTE_PREFIX,
 )
-from steer.model.enforce import Enforcement, ResolvedRule, SideRules
-from steer.model.policy import Action, HeaderMatch, HTTPMatch, PathMatch
+from steer.model.enforce import Enforcement, ResolvedRule, Resolver, SideRules
+from steer.model.pod import Pod
+from steer.model.policy import Action, HeaderMatch, HTTPMatch, HTTPPolicy, PathMatch
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -182,7 +183,9 @@ def _ip_principal(nets: Iterable[IPv4Network]) -> rbac_pb2.Principal:
     return rbac_pb2.Principal(or_ids=rbac_pb2.Principal.Set(ids=ids))
 
 
+@lru_cache(maxsize=1 << 16)
 def _host(ip: IPv4Address) -> IPv4Network:
+    # Every render asks for every pod's /32, twice; parsing them was a third of a render.
     return IPv4Network(f"{ip}/32")
 
 
@@ -399,8 +402,8 @@ def _filter_chain(
     )
 
 
-def listener(name: str, port: int, enforcement: Enforcement) -> listener_pb2.Listener:
-    chains = [_filter_chain(name, d) for d in destinations(enforcement)]
+def listener(name: str, port: int, wanted: Sequence[Destination]) -> listener_pb2.Listener:
+    chains = [_filter_chain(name, d) for d in wanted]
     default = chains.pop()
     return listener_pb2.Listener(
         name=name,
@@ -418,6 +421,13 @@ def listener(name: str, port: int, enforcement: Enforcement) -> listener_pb2.Lis
     )
 
 
+def listeners(wanted: Sequence[Destination]) -> list[listener_pb2.Listener]:
+    return [
+        listener(OUTBOUND_LISTENER, ENVOY_OUTBOUND_PORT, wanted),
+        listener(INBOUND_LISTENER, ENVOY_INBOUND_PORT, wanted),
+    ]
+
+
 def original_dst_cluster() -> cluster_pb2.Cluster:
     return cluster_pb2.Cluster(
         name=ORIGINAL_DST_CLUSTER,
@@ -428,17 +438,21 @@ def original_dst_cluster() -> cluster_pb2.Cluster:
 
 
 @dataclass
-class RouteCache:
-    """Route configurations of the previous render, for a caller that renders again and
-    again (the control plane). A destination's route depends only on every pod's egress
-    side and its own ingress side: while those compare equal, the previous message is
-    reused, so a change to one pod's policy rebuilds one route, not a thousand."""
+class XdsCache:
+    """Resources of the previous render, for a caller that renders again and again (the
+    control plane). Listeners depend only on the set of destinations. A destination's
+    route depends only on every pod's egress side and its own ingress side: while those
+    are the same, the previous message is reused, so a change to one pod's policy
+    rebuilds one route, not a thousand. Reused messages are the same objects, which lets
+    the snapshot cache skip re-encoding them."""
 
     egress: tuple[SideRules, ...] | None = None
     # destination -> (the ingress sides it was rendered from, the route)
     routes: dict[Destination, tuple[list[SideRules], route_pb2.RouteConfiguration]] = field(
         default_factory=dict
     )
+    destinations: list[Destination] | None = None
+    listeners: list[listener_pb2.Listener] = field(default_factory=list)
 
     def route(self, sides: _Sides, destination: Destination) -> route_pb2.RouteConfiguration:
         ingress = sides.ingress_of(destination)
@@ -449,30 +463,49 @@ class RouteCache:
         self.routes[destination] = (ingress, route)
         return route
 
+    def listeners_for(self, wanted: list[Destination]) -> list[listener_pb2.Listener]:
+        if wanted != self.destinations:
+            self.destinations, self.listeners = wanted, listeners(wanted)
+        return self.listeners
+
     def start(self, sides: _Sides) -> None:
         if self.egress != sides.egress:
             self.egress = sides.egress
             self.routes.clear()
 
 
-def render_resources(enforcement: Enforcement, cache: RouteCache | None = None) -> Resources:
+def render_resources(enforcement: Enforcement, cache: XdsCache | None = None) -> Resources:
     """Pure in effect: with a cache the result is equal to a render without one."""
-    listeners = [
-        listener(OUTBOUND_LISTENER, ENVOY_OUTBOUND_PORT, enforcement),
-        listener(INBOUND_LISTENER, ENVOY_INBOUND_PORT, enforcement),
-    ]
     sides = _Sides.of(enforcement)
+    wanted = destinations(enforcement)
     if cache is None:
-        routes = [route_configuration(sides, d) for d in destinations(enforcement)]
+        listener_list = listeners(wanted)
+        routes = [route_configuration(sides, d) for d in wanted]
     else:
+        listener_list = cache.listeners_for(wanted)
         cache.start(sides)
-        wanted = destinations(enforcement)
         routes = [cache.route(sides, d) for d in wanted]
         # Forget destinations that are gone, so the cache does not grow with churn.
         for gone in set(cache.routes) - set(wanted):
             del cache.routes[gone]
     return {
-        LISTENER_TYPE: {r.name: r for r in listeners},
+        LISTENER_TYPE: {r.name: r for r in listener_list},
         ROUTE_TYPE: {r.name: r for r in routes},
         CLUSTER_TYPE: {ORIGINAL_DST_CLUSTER: original_dst_cluster()},
     }
+
+
+class SnapshotRenderer:
+    """Policies and pods -> one node's resources, again and again: `render` equals
+    `render_resources(resolve(policies, pods, local))`, at the cost of what changed since
+    the previous call."""
+
+    def __init__(self, local: Callable[[Pod], bool] | None = None) -> None:
+        self._resolver = Resolver(local)
+        self._cache = XdsCache()
+
+    def render(
+        self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]
+    ) -> tuple[Enforcement, Resources]:
+        enforcement = self._resolver.resolve(policies, pods)
+        return enforcement, render_resources(enforcement, self._cache)

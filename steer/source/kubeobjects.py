@@ -72,9 +72,14 @@ class PolicyObject:
     errors: tuple[PolicyError, ...]
 
 
+def _policy_key(obj: Object) -> str:
+    meta = obj.get("metadata", {})
+    return f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+
+
 def policy_from_object(obj: Object) -> PolicyObject:
     meta = obj.get("metadata", {})
-    key = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+    key = _policy_key(obj)
     result = validate_policy(dict(obj), f"HTTPPolicy {key}")
     if isinstance(result, HTTPPolicy):
         return PolicyObject(key, int(meta.get("generation", 1)), result, ())
@@ -153,3 +158,24 @@ def policy_status(
         },
         "ackedNodes": len(acked_nodes),
     }
+
+
+class PolicyValidator:
+    """Validates HTTPPolicy objects once per resourceVersion: every pod event leads to a
+    re-render, and validating 10k rules again each time took seconds."""
+
+    def __init__(self) -> None:
+        # object key -> (the resourceVersion it was validated at, the result)
+        self._validated: dict[str, tuple[str, PolicyObject]] = {}
+
+    def validate(self, objects: Iterable[Object]) -> list[PolicyObject]:
+        validated: dict[str, tuple[str, PolicyObject]] = {}
+        for obj in objects:
+            key = _policy_key(obj)
+            version = str(obj.get("metadata", {}).get("resourceVersion", ""))
+            cached = self._validated.get(key)
+            if cached is None or not version or cached[0] != version:
+                cached = (version, policy_from_object(obj))
+            validated[key] = cached
+        self._validated = validated
+        return [result for _, result in validated.values()]

@@ -12,7 +12,7 @@ from google.protobuf.json_format import MessageToDict
 from steer.model.enforce import resolve
 from steer.render.bpf import render_pod_policy
 from steer.render.iptables import Jump, KernelState, cleanup_text, render_ruleset, restore_text
-from steer.render.xds import ROUTE_TYPE, RouteCache, render_resources
+from steer.render.xds import ROUTE_TYPE, XdsCache, render_resources
 from tests.samples import API, CLIENT, PODS, WEB, sample_enforcement, sample_policies
 
 DATA = Path(__file__).parent / "data"
@@ -111,7 +111,7 @@ def test_bpf_policy_map_for_each_pod() -> None:
 def test_a_route_cache_changes_nothing_but_the_work_done() -> None:
     """Rendering through the control plane's cache equals rendering afresh, and a change to
     one pod's policy rebuilds that pod's route only."""
-    cache = RouteCache()
+    cache = XdsCache()
     before = render_resources(sample_enforcement(), cache)
     assert before == render_resources(sample_enforcement())
     api_only = [p for p in sample_policies() if p.metadata.name != "api"]

@@ -1,0 +1,84 @@
+"""The bpf() calls the running agent makes, through libbpf (Debian `libbpf1`).
+
+Compiling needs bcc and LLVM, about 140 MiB of the agent's memory once loaded; the agent
+compiles in a short-lived child (`steer.node.bpfbuild`) and does everything else here:
+open pins, attach and detach, read and write maps. libbpf is a few hundred KiB.
+
+libbpf 1.x returns a negative error code and also sets errno, so callers test `< 0`
+(or `!= 0`) and read the reason from `ctypes.get_errno()`.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+from enum import IntEnum
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+
+class AttachType(IntEnum):
+    """`enum bpf_attach_type` from the kernel's UAPI (stable numbers)."""
+
+    CGROUP_SOCK_OPS = 3
+    SK_MSG_VERDICT = 7
+    CGROUP_INET4_CONNECT = 10
+    CGROUP_GETSOCKOPT = 21
+
+
+@cache
+def _lib() -> Any:
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    signatures: dict[str, list[Any]] = {
+        "bpf_obj_get": [ct.c_char_p],
+        "bpf_obj_pin": [ct.c_int, ct.c_char_p],
+        "bpf_prog_attach": [ct.c_int, ct.c_int, ct.c_int, ct.c_uint],
+        "bpf_prog_detach2": [ct.c_int, ct.c_int, ct.c_int],
+        "bpf_map_lookup_elem": [ct.c_int, ct.c_void_p, ct.c_void_p],
+        "bpf_map_update_elem": [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64],
+        "bpf_map_delete_elem": [ct.c_int, ct.c_void_p],
+        "bpf_map_get_next_key": [ct.c_int, ct.c_void_p, ct.c_void_p],
+        "libbpf_num_possible_cpus": [],
+    }
+    for name, argtypes in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes = argtypes
+        function.restype = ct.c_int
+    return lib
+
+
+def obj_get(path: Path) -> int:
+    return int(_lib().bpf_obj_get(str(path).encode()))
+
+
+def obj_pin(fd: int, path: Path) -> int:
+    return int(_lib().bpf_obj_pin(fd, str(path).encode()))
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: AttachType, flags: int) -> int:
+    return int(_lib().bpf_prog_attach(prog_fd, target_fd, attach_type, flags))
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: AttachType) -> int:
+    return int(_lib().bpf_prog_detach2(prog_fd, target_fd, attach_type))
+
+
+def lookup(fd: int, key: Any, value: Any) -> int:
+    return int(_lib().bpf_map_lookup_elem(fd, key, value))
+
+
+def update(fd: int, key: Any, value: Any, flags: int) -> int:
+    return int(_lib().bpf_map_update_elem(fd, key, value, flags))
+
+
+def delete(fd: int, key: Any) -> int:
+    return int(_lib().bpf_map_delete_elem(fd, key))
+
+
+def next_key(fd: int, key: Any, following: Any) -> int:
+    return int(_lib().bpf_map_get_next_key(fd, key, following))
+
+
+def possible_cpus() -> int:
+    """How many values a per-CPU map holds per key."""
+    return int(_lib().libbpf_num_possible_cpus())
