@@ -1,8 +1,8 @@
 """`steer bench memory`: resident memory of the agent and the control plane at 1k pods.
 
-The node is the lab's real pods, with the client forced onto eBPF so that the agent has
-loaded bcc and compiled its programs with LLVM, plus modelled pods: entries added to the
-lab state file with an address in the lab CIDR but no netns, veth or cgroup. Without a
+The node is the lab's real pods, with the client forced onto eBPF so that the agent runs
+the eBPF datapath (its programs compiled with bcc and LLVM), plus modelled pods: entries
+added to the lab state file with an address in the lab CIDR but no netns, veth or cgroup. Without a
 cgroup they stay on iptables; in every other way agent and control plane treat them as
 pods (selectors, rules, routes). One policy per 10 pods gives each a few L4 and HTTP rules.
 
@@ -10,15 +10,22 @@ Once agent, control plane and Envoy are in sync, `rounds` samples a few seconds 
 each process's VmRSS and VmHWM (/proc/<pid>/status) and PSS (/proc/<pid>/smaps_rollup,
 which shares pages such as libLLVM's out among the processes mapping them). Figures are
 MiB: medians and maxima of RSS and PSS, and the peak RSS, reached while syncing.
+
+The agent compiles in a short-lived child (`steer.node.bpfbuild`), so bcc and LLVM are not
+in its memory; whether they are is checked in /proc/<pid>/maps and reported. What that
+child costs while it runs is measured too: one more build into a scratch pin directory,
+its peak RSS read from wait4's rusage.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import statistics
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
 from steer.constants import ANNOTATION_DATAPLANE, LAB_POD_CIDR, LAB_STATE_FILE
 from steer.localnode import AGENT_STATUS, LocalNode, read_status
+from steer.node.bpf import BPFFS, build_command
 from steer.node.lab import LabPodJSON, default_lab_specs
 from steer.source.local import write_json_atomic
 
@@ -138,9 +146,30 @@ def sample(pid: int) -> Usage:
     return Usage(rss / 1024, None if pss is None else pss / 1024, hwm / 1024)
 
 
-def maps_bcc(pid: int) -> bool:
-    """Whether the process has bcc's libraries (and with them LLVM) mapped."""
-    return "libbcc" in Path(f"/proc/{pid}/maps").read_text()
+def maps_llvm(pid: int) -> bool:
+    """Whether the process has bcc's compiler library (and with it LLVM) mapped."""
+    return "libbcc.so" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def bpf_build_peak_mb() -> float:
+    """Peak RSS of one BPF build child, as the agent starts it, pinning into scratch."""
+    pins = BPFFS / f"steer-bench-{uuid.uuid4().hex[:8]}"
+    child = subprocess.Popen(
+        build_command(pins),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
+            raise RuntimeError(f"the BPF build failed: {stderr.strip()}")
+    finally:
+        # Unpinned and unattached (sk_msg hangs off the scratch sockhash only), the
+        # programs and maps are freed with the pins.
+        shutil.rmtree(pins, ignore_errors=True)
+    return usage.ru_maxrss / 1024  # KiB on Linux
 
 
 def run(options: BenchOptions) -> dict[str, Any]:
@@ -162,7 +191,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
         if len(agent.get("pods", [])) != total:
             raise RuntimeError(f"the agent sees {len(agent.get('pods', []))} pods, not {total}")
         if (dataplane := node.dataplane_of("client")) != "ebpf":
-            raise RuntimeError(f"the client is on {dataplane}: bcc would not be loaded")
+            raise RuntimeError(f"the client is on {dataplane}: no BPF programs were built")
         pids = {p: pid_of(p) for p in PROCESSES}
         for index in range(options.rounds):
             if index:
@@ -170,14 +199,17 @@ def run(options: BenchOptions) -> dict[str, Any]:
             options.progress(f"sample {index + 1}/{options.rounds}")
             for process, pid in pids.items():
                 samples[process].append(sample(pid))
-        bcc_loaded = maps_bcc(pids["agent"])
+        llvm_in_agent = maps_llvm(pids["agent"])
         rules = int(agent.get("last_sync", {}).get("rules", 0))
+    options.progress("one BPF build, for its peak memory")
+    build_peak = bpf_build_peak_mb()
     return summarize(
         samples,
         pods=total,
         modelled=modelled,
         rules=rules,
-        bcc_loaded=bcc_loaded,
+        llvm_in_agent=llvm_in_agent,
+        build_peak=build_peak,
         rounds=options.rounds,
     )
 
@@ -188,7 +220,8 @@ def summarize(
     pods: int,
     modelled: int,
     rules: int,
-    bcc_loaded: bool,
+    llvm_in_agent: bool,
+    build_peak: float,
     rounds: int,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
@@ -197,7 +230,9 @@ def summarize(
         "modelled_pods": modelled,
         "policies": -(-modelled // PODS_PER_POLICY),
         "iptables_rules": rules,
-        "agent_bcc_loaded": bcc_loaded,
+        "agent_ebpf_datapath": True,
+        "agent_maps_llvm": llvm_in_agent,
+        "bpf_build_peak_rss_mb": build_peak,
         "rounds": rounds,
         "max": {},
     }
@@ -224,8 +259,9 @@ def _mb(value: float | None) -> str:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['pods']} pods ({result['modelled_pods']} modelled), {result['policies']} "
-        f"policies, {result['iptables_rules']} iptables rules; bcc loaded in the agent: "
-        f"{'yes' if result['agent_bcc_loaded'] else 'NO'}",
+        f"policies, {result['iptables_rules']} iptables rules; eBPF datapath on; LLVM in "
+        f"the agent: {'yes' if result['agent_maps_llvm'] else 'no'}; BPF build child peak "
+        f"RSS (while it runs): {result['bpf_build_peak_rss_mb']:.0f} MiB",
         f"{'process':<8} {'RSS MiB':>8} {'max':>7} {'PSS MiB':>8} {'max':>7} {'peak RSS':>9}",
     ]
     for process in PROCESSES:

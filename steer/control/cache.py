@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -87,6 +87,12 @@ class _Encoded:
     def of(cls, message: Message) -> _Encoded:
         data = message.SerializeToString(deterministic=True)
         return cls(message, data, _digest([data]))
+
+    @cached_property
+    def references(self) -> _References:
+        # Kept with the encoding, so an unchanged listener (2k HCMs to unpack at 1k pods)
+        # is not read again by every snapshot's consistency check.
+        return _references(self.message)
 
 
 @dataclass(frozen=True)
@@ -204,12 +210,29 @@ class Snapshot:
         routes = self.get(ROUTE_TYPE)
         clusters = self.get(CLUSTER_TYPE)
         endpoints = self.get(ENDPOINT_TYPE)
-        for name, listener in self.get(LISTENER_TYPE).items():
-            problems.extend(_listener_problems(name, listener, routes, clusters))
-        for name, route in routes.items():
-            problems.extend(f"route {name!r} {p}" for p in _dangling_clusters(route, clusters))
-        for name, cluster in clusters.items():
-            problems.extend(_cluster_problems(name, cluster, endpoints))
+        encodings = self._encodings
+        for name, encoded in encodings.get(LISTENER_TYPE, {}).items():
+            refs = encoded.references
+            problems += [
+                f"listener {name!r} uses missing route {r!r}"
+                for r in refs.routes
+                if r not in routes
+            ]
+            problems += [
+                f"listener {name!r} inline route vhost {v!r} uses missing cluster {c!r}"
+                for v, c in refs.clusters
+                if c not in clusters
+            ]
+        for name, encoded in encodings.get(ROUTE_TYPE, {}).items():
+            problems += [
+                f"route {name!r} vhost {v!r} uses missing cluster {c!r}"
+                for v, c in encoded.references.clusters
+                if c not in clusters
+            ]
+        for name, encoded in encodings.get(CLUSTER_TYPE, {}).items():
+            service = encoded.references.endpoints
+            if service is not None and service not in endpoints:
+                problems.append(f"EDS cluster {name!r} has no endpoints {service!r}")
 
         if problems:
             raise InconsistentSnapshot("; ".join(problems))
@@ -219,15 +242,36 @@ class Snapshot:
 # untyped, so these annotations let field access through where Message would not.
 
 
-def _listener_problems(
-    name: str,
-    listener: listener_pb2.Listener,
-    routes: Mapping[str, Message],
-    clusters: Mapping[str, Message],
-) -> Iterator[str]:
+@dataclass(frozen=True)
+class _References:
+    """The names one resource uses of others."""
+
+    routes: tuple[str, ...] = ()  # RDS route configurations (listeners)
+    clusters: tuple[tuple[str, str], ...] = ()  # (virtual host, cluster) of its routes
+    endpoints: str | None = None  # the EDS service (clusters)
+
+
+def _references(message: Message) -> _References:
+    kind = message.DESCRIPTOR.full_name
+    if kind == listener_pb2.Listener.DESCRIPTOR.full_name:
+        return _listener_references(message)
+    if kind == route_pb2.RouteConfiguration.DESCRIPTOR.full_name:
+        return _References(clusters=tuple(_route_clusters(message)))
+    if kind == cluster_pb2.Cluster.DESCRIPTOR.full_name:
+        return _cluster_references(message)
+    return _References()
+
+
+# The helpers below take the concrete Envoy messages: the generated envoy modules are
+# untyped, so these annotations let field access through where Message would not.
+
+
+def _listener_references(listener: listener_pb2.Listener) -> _References:
     chains = list(listener.filter_chains)
     if listener.HasField("default_filter_chain"):
         chains.append(listener.default_filter_chain)
+    routes: list[str] = []
+    clusters: list[tuple[str, str]] = []
     for chain in chains:
         for flt in chain.filters:
             # In v3 the typed_config's type, not the filter's free-form name, picks the
@@ -237,27 +281,20 @@ def _listener_problems(
             hcm = http_connection_manager_pb2.HttpConnectionManager()
             flt.typed_config.Unpack(hcm)
             if hcm.HasField("rds"):
-                rname = hcm.rds.route_config_name
-                if rname not in routes:
-                    yield f"listener {name!r} uses missing route {rname!r}"
+                routes.append(hcm.rds.route_config_name)
             elif hcm.HasField("route_config"):
-                for p in _dangling_clusters(hcm.route_config, clusters):
-                    yield f"listener {name!r} inline route {p}"
+                clusters += _route_clusters(hcm.route_config)
+    return _References(routes=tuple(routes), clusters=tuple(clusters))
 
 
-def _cluster_problems(
-    name: str, cluster: cluster_pb2.Cluster, endpoints: Mapping[str, Message]
-) -> Iterator[str]:
+def _cluster_references(cluster: cluster_pb2.Cluster) -> _References:
     if cluster.type == cluster_pb2.Cluster.EDS:
-        service = cluster.eds_cluster_config.service_name or name
-        if service not in endpoints:
-            yield f"EDS cluster {name!r} has no endpoints {service!r}"
+        return _References(endpoints=cluster.eds_cluster_config.service_name or cluster.name)
+    return _References()
 
 
-def _dangling_clusters(
-    route_config: route_pb2.RouteConfiguration, clusters: Mapping[str, Message]
-) -> list[str]:
-    problems: list[str] = []
+def _route_clusters(route_config: route_pb2.RouteConfiguration) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
     for vhost in route_config.virtual_hosts:
         for route in vhost.routes:
             if not route.HasField("route"):
@@ -265,12 +302,8 @@ def _dangling_clusters(
             action = route.route
             names = [action.cluster] if action.cluster else []
             names += [w.name for w in action.weighted_clusters.clusters]
-            problems.extend(
-                f"vhost {vhost.name!r} uses missing cluster {name!r}"
-                for name in names
-                if name not in clusters
-            )
-    return problems
+            found += [(vhost.name, name) for name in names]
+    return found
 
 
 @dataclass(frozen=True)

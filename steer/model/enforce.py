@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from ipaddress import IPv4Address, IPv4Network
 from typing import Generic, TypeVar
@@ -83,6 +83,15 @@ class SideRules:
         for rule in self.rules:
             grouped.setdefault(rule.kind, []).append(rule)
         return {kind: tuple(rules) for kind, rules in grouped.items()}
+
+    def narrowed(self, peer: IPv4Address) -> SideRules:
+        """This side with only the rules whose peers include `peer`: for that peer, its
+        verdict at every port is this side's. The eBPF map render asks one address about
+        a hundred ports; narrowing first saves re-matching every rule's peers each time."""
+        rules = tuple(
+            r for r in self.rules if r.peers is None or any(peer in net for net in r.peers)
+        )
+        return replace(self, rules=rules)
 
     def verdict(self, peer: IPv4Address, port: int) -> tuple[int, int]:
         for kind in (VERDICT_DENY, VERDICT_L7, VERDICT_ALLOW):
@@ -236,6 +245,8 @@ class Resolver:
         self._steered: _LabelIndex[ManagedPod] = _LabelIndex((), lambda m: m.pod)
         self._policies: dict[str, _ResolvedPolicy] = {}
         self._sides: dict[_SideKey, tuple[tuple[_ResolvedPolicy, ...], SideRules]] = {}
+        self._pods_given: tuple[Pod, ...] = ()
+        self._steered_pods: tuple[ManagedPod, ...] = ()
 
     def resolve(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> Enforcement:
         self._update_pods(pods)
@@ -256,7 +267,7 @@ class Resolver:
             for direction, _ in entry.sections:
                 for ip in entry.targets:
                     members.setdefault((direction, ip), []).append(entry)
-        managed = tuple(m for m, _ in self._managed.values() if m is not None)
+        managed = self._steered_pods
         pod_keys = {m.ip: m.pod.key for m in managed}
         sides: dict[_SideKey, tuple[tuple[_ResolvedPolicy, ...], SideRules]] = {}
         for key, entries in members.items():
@@ -276,6 +287,12 @@ class Resolver:
         )
 
     def _update_pods(self, pods: Sequence[Pod]) -> None:
+        given = tuple(pods)
+        # Compares by identity first: a caller that passes the same Pod objects again (a
+        # policy-only change) costs a thousand pointer comparisons, not a re-index.
+        if given == self._pods_given:
+            return
+        self._pods_given = given
         by_key = {p.key: p for p in sorted(pods, key=lambda p: p.key)}
         changed = [
             version
@@ -292,9 +309,8 @@ class Resolver:
         }
         self._pods = by_key
         self._all_pods = _LabelIndex(by_key.values(), lambda p: p)
-        self._steered = _LabelIndex(
-            (m for m, _ in self._managed.values() if m is not None), lambda m: m.pod
-        )
+        self._steered_pods = tuple(m for m, _ in self._managed.values() if m is not None)
+        self._steered = _LabelIndex(self._steered_pods, lambda m: m.pod)
         self._policies = {
             key: entry
             for key, entry in self._policies.items()
@@ -370,10 +386,21 @@ def decide_flow(
     enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, port: int
 ) -> FlowVerdict:
     """The verdict the datapath must reach for a new TCP flow src -> dst:port."""
+    return decide_sides(enforcement.egress.get(src), enforcement.ingress.get(dst), src, dst, port)
+
+
+def decide_sides(
+    egress: SideRules | None,
+    ingress: SideRules | None,
+    src: IPv4Address,
+    dst: IPv4Address,
+    port: int,
+) -> FlowVerdict:
+    """`decide_flow` given the source's egress side and the destination's ingress side."""
     sides: list[tuple[int, int]] = []
-    if (egress := enforcement.egress.get(src)) is not None:
+    if egress is not None:
         sides.append(egress.verdict(dst, port))
-    if (ingress := enforcement.ingress.get(dst)) is not None:
+    if ingress is not None:
         sides.append(ingress.verdict(src, port))
     for kind in (VERDICT_DENY, VERDICT_L7):
         for verdict, policy_id in sides:

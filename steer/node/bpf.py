@@ -267,15 +267,7 @@ class BpfDatapath:
     def _compile_and_pin(self) -> None:
         """Compile, load and pin in a child process, then open what it pinned."""
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "steer.node.bpfbuild",
-                "--source",
-                str(BPF_SOURCE_DIR),
-                "--pins",
-                str(self.pin_dir),
-            ],
+            build_command(self.pin_dir),
             capture_output=True,
             text=True,
             check=False,
@@ -503,6 +495,12 @@ def _stat_ino_or_zero(path: str) -> int:
 
 BUILD_ERROR = "steer-bpf-build: "
 COMPILE_TIMEOUT_S = 300
+
+
+def build_command(pin_dir: Path) -> list[str]:
+    """The child that compiles the current sources and pins the result in `pin_dir`."""
+    source = str(BPF_SOURCE_DIR)
+    return [sys.executable, "-m", "steer.node.bpfbuild", "--source", source, "--pins", str(pin_dir)]
 
 
 def _attach_program(prog_fd: int, target_fd: int, attach_type: str, flags: int) -> None:

@@ -25,7 +25,13 @@ from steer.model.policy import HTTPPolicy
 from steer.node import conntrack, iptables
 from steer.node.bpf import BpfDatapath, BpfError, node_netns_cookie
 from steer.node.features import Features, choose, probe
-from steer.render.bpf import PodPolicy, TooComplexForBpf, flow_verdict, render_pod_policy
+from steer.render.bpf import (
+    BpfPolicyCache,
+    PodPolicy,
+    TooComplexForBpf,
+    flow_verdict,
+    render_pod_policy,
+)
 from steer.render.iptables import Ruleset, SideChainCache, render_ruleset
 
 log = logging.getLogger("steer.datapath")
@@ -201,6 +207,7 @@ class NodeDatapath:
     ebpf: EbpfPods | None = None
     _resolver: Resolver | None = None
     _resolver_local: Callable[[Pod], bool] | None = None
+    _maps: BpfPolicyCache = field(default_factory=BpfPolicyCache)
 
     def _ebpf(self) -> EbpfPods | None:
         """Load (or adopt) the BPF objects on first need; a failure turns eBPF off."""
@@ -228,10 +235,11 @@ class NodeDatapath:
             dataplane, why = choose(pod.steering.dataplane, self.features, bool(pod.pod.cgroup))
             if dataplane is Dataplane.EBPF:
                 try:
-                    wanted[pod.pod.key] = render_pod_policy(enforcement, pod)
+                    wanted[pod.pod.key] = render_pod_policy(enforcement, pod, cache=self._maps)
                 except TooComplexForBpf as exc:
                     dataplane, why = Dataplane.IPTABLES, f"policy too complex for eBPF: {exc}"
             report.dataplanes[pod.pod.key] = (dataplane.value, why)
+        self._maps.forget_unused()
         return wanted
 
     def sync(

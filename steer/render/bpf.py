@@ -18,10 +18,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
 from steer.constants import VERDICT_ALLOW, VERDICT_L7
-from steer.model.enforce import Enforcement, ManagedPod, ResolvedRule, decide_flow
+from steer.model.enforce import (
+    Enforcement,
+    ManagedPod,
+    ResolvedRule,
+    SideRules,
+    decide_flow,
+    decide_sides,
+)
 
 ANY = IPv4Network("0.0.0.0/0")
 MAX_PORT = 65535
@@ -66,15 +74,6 @@ def _uncovered_address(prefix: IPv4Network, more_specific: list[IPv4Network]) ->
     return None
 
 
-def _rules_for(enforcement: Enforcement, src: ManagedPod, dst: IPv4Address) -> list[ResolvedRule]:
-    rules: list[ResolvedRule] = []
-    if (egress := enforcement.egress.get(src.ip)) is not None:
-        rules += egress.rules
-    if (ingress := enforcement.ingress.get(dst)) is not None:
-        rules += ingress.rules
-    return rules
-
-
 def _port_boundaries(rules: Iterable[ResolvedRule], excluded: Iterable[int]) -> list[int]:
     """Start ports of the segments over which the verdict is constant."""
     starts = {1}
@@ -86,12 +85,9 @@ def _port_boundaries(rules: Iterable[ResolvedRule], excluded: Iterable[int]) -> 
     return sorted(p for p in starts if 1 <= p <= MAX_PORT)
 
 
-def flow_verdict(enforcement: Enforcement, src: ManagedPod, dst: IPv4Address, port: int) -> int:
-    """The verdict connect4 reaches for src -> dst:port: `decide_flow`, with exclusions."""
-    if dst == src.ip:
-        return VERDICT_ALLOW  # a pod talking to itself never leaves its namespace
-    dst_pod = enforcement.pod_by_ip(dst)
-    verdict = decide_flow(enforcement, src.ip, dst, port).verdict
+def _excluded(
+    verdict: int, src: ManagedPod, dst: IPv4Address, dst_pod: ManagedPod | None, port: int
+) -> int:
     # Excluded traffic skips Envoy, exactly as the iptables datapath's nat exclusions do:
     # an L7 verdict becomes a direct allow; denials stand.
     steering = src.steering
@@ -103,23 +99,56 @@ def flow_verdict(enforcement: Enforcement, src: ManagedPod, dst: IPv4Address, po
     return VERDICT_ALLOW if verdict == VERDICT_L7 and excluded else verdict
 
 
-def _prefix_policy(
-    enforcement: Enforcement,
-    src: ManagedPod,
-    prefix: IPv4Network,
-    at: IPv4Address,
-    max_segments: int,
-) -> PrefixPolicy:
-    dst_pod = enforcement.pod_by_ip(at)
+def flow_verdict(enforcement: Enforcement, src: ManagedPod, dst: IPv4Address, port: int) -> int:
+    """The verdict connect4 reaches for src -> dst:port: `decide_flow`, with exclusions."""
+    if dst == src.ip:
+        return VERDICT_ALLOW  # a pod talking to itself never leaves its namespace
+    verdict = decide_flow(enforcement, src.ip, dst, port).verdict
+    return _excluded(verdict, src, dst, enforcement.pod_by_ip(dst), port)
+
+
+@dataclass(frozen=True, eq=False)
+class _Prefix:
+    """What one prefix's entry is computed from: the verdicts from `src` to `at`, an
+    address in `prefix` that no more specific prefix covers."""
+
+    egress: SideRules | None
+    ingress: SideRules | None
+    src: ManagedPod
+    dst_pod: ManagedPod | None
+    prefix: IPv4Network
+    at: IPv4Address
+
+    def key(self) -> tuple[object, ...]:
+        ids = (id(self.egress), id(self.ingress), id(self.src), id(self.dst_pod))
+        return (*ids, self.prefix, self.at)
+
+
+def _prefix_policy(target: _Prefix, max_segments: int) -> PrefixPolicy:
+    """`flow_verdict` at every port of `at`, as segments. The sides are narrowed to the
+    rules that can match this pair first: the same verdicts, without matching every
+    rule's peers again at each of a hundred ports."""
+    egress, ingress, src, dst_pod = target.egress, target.ingress, target.src, target.dst_pod
+    prefix, at = target.prefix, target.at
+    narrowed_egress = egress.narrowed(at) if egress is not None else None
+    narrowed_ingress = ingress.narrowed(src.ip) if ingress is not None else None
     excluded = set(src.steering.exclude_outbound_ports)
     if dst_pod is not None:
         excluded |= dst_pod.steering.exclude_inbound_ports
-    starts = _port_boundaries(_rules_for(enforcement, src, at), excluded)
-    ends = [*(s - 1 for s in starts[1:]), MAX_PORT]
-    spans = [
-        Segment(lo, hi, flow_verdict(enforcement, src, at, lo))
-        for lo, hi in zip(starts, ends, strict=True)
+    rules = [
+        *(narrowed_egress.rules if narrowed_egress else ()),
+        *(narrowed_ingress.rules if narrowed_ingress else ()),
     ]
+    starts = _port_boundaries(rules, excluded)
+    ends = [*(s - 1 for s in starts[1:]), MAX_PORT]
+
+    def verdict(port: int) -> int:
+        if at == src.ip:
+            return VERDICT_ALLOW  # a pod talking to itself never leaves its namespace
+        decided = decide_sides(narrowed_egress, narrowed_ingress, src.ip, at, port).verdict
+        return _excluded(decided, src, at, dst_pod, port)
+
+    spans = [Segment(lo, hi, verdict(lo)) for lo, hi in zip(starts, ends, strict=True)]
     merged: list[Segment] = []
     for span in spans:
         if merged and merged[-1].verdict == span.verdict and merged[-1].hi + 1 == span.lo:
@@ -144,24 +173,68 @@ def _relevant_prefixes(enforcement: Enforcement, src: ManagedPod) -> set[IPv4Net
     if (egress := enforcement.egress.get(src.ip)) is not None:
         for rule in egress.rules:
             prefixes.update(rule.peers or ())
-    prefixes.update(IPv4Network(f"{ip}/32") for ip in enforcement.ingress)
+    prefixes.update(_host(ip) for ip in enforcement.ingress)
     prefixes.update(IPv4Network(c) for c in src.steering.exclude_outbound_cidrs)
     # Destination pods' inbound exclusions depend on the pod, so each gets its own entry.
-    prefixes.update(
-        IPv4Network(f"{p.ip}/32") for p in enforcement.pods if p.steering.exclude_inbound_ports
-    )
+    prefixes.update(_host(p.ip) for p in enforcement.pods if p.steering.exclude_inbound_ports)
     return prefixes
 
 
+@lru_cache(maxsize=1 << 16)
+def _host(ip: IPv4Address) -> IPv4Network:
+    return IPv4Network(f"{ip}/32")
+
+
+class BpfPolicyCache:
+    """Prefix entries of previous renders, for a caller that renders again and again (the
+    agent). An entry depends only on the source's egress side, the destination's ingress
+    side, the two pods and the prefix; while those are the same objects (as `Resolver`
+    hands back for what did not change) the entry is reused, so a policy change
+    re-renders the prefixes it touches, not a thousand per eBPF pod."""
+
+    def __init__(self) -> None:
+        # Keyed by the inputs' ids: each value holds its inputs alive, so no other object
+        # can have one of those ids while the entry is here.
+        self._entries: dict[tuple[object, ...], tuple[_Prefix, PrefixPolicy]] = {}
+        self._used: dict[tuple[object, ...], tuple[_Prefix, PrefixPolicy]] = {}
+
+    def entry(self, target: _Prefix, max_segments: int) -> PrefixPolicy:
+        key = (*target.key(), max_segments)
+        cached = self._used.get(key) or self._entries.get(key)
+        if cached is None:
+            cached = (target, _prefix_policy(target, max_segments))
+        self._used[key] = cached
+        return cached[1]
+
+    def forget_unused(self) -> None:
+        """Keep only what the renders since the last call used, so the cache follows the
+        node instead of growing with churn."""
+        self._entries, self._used = self._used, {}
+
+
 def render_pod_policy(
-    enforcement: Enforcement, src: ManagedPod, max_segments: int = 16
+    enforcement: Enforcement,
+    src: ManagedPod,
+    max_segments: int = 16,
+    cache: BpfPolicyCache | None = None,
 ) -> PodPolicy:
-    """Raises TooComplexForBpf if the pod must stay on the iptables datapath."""
+    """Raises TooComplexForBpf if the pod must stay on the iptables datapath. Pure in
+    effect: with a cache the result equals a render without one."""
     prefixes = sorted(_relevant_prefixes(enforcement, src), key=lambda n: (n.prefixlen, n))
+    egress = enforcement.egress.get(src.ip)
+    entry = (cache or BpfPolicyCache()).entry
     entries = []
     for prefix in prefixes:
-        more_specific = [p for p in prefixes if p.prefixlen > prefix.prefixlen]
-        at = _uncovered_address(prefix, more_specific)
+        if prefix.prefixlen == 32:
+            # Nothing is more specific than a /32: no search for an uncovered address
+            # (at 1k pods that search compared every pair of prefixes).
+            at: IPv4Address | None = prefix.network_address
+        else:
+            more_specific = [p for p in prefixes if p.prefixlen > prefix.prefixlen]
+            at = _uncovered_address(prefix, more_specific)
         if at is not None:
-            entries.append(_prefix_policy(enforcement, src, prefix, at, max_segments))
+            target = _Prefix(
+                egress, enforcement.ingress.get(at), src, enforcement.pod_by_ip(at), prefix, at
+            )
+            entries.append(entry(target, max_segments))
     return PodPolicy(src.pod.key, src.ip, tuple(entries))

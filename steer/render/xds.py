@@ -42,7 +42,7 @@ from steer.constants import (
     RBAC_FILTERS,
     ROUTE_PREFIX,
 )
-from steer.model.enforce import Enforcement, ResolvedRule, Resolver, SideRules
+from steer.model.enforce import Enforcement, ManagedPod, ResolvedRule, Resolver, SideRules
 from steer.model.pod import Pod
 from steer.model.policy import Action, HeaderMatch, HTTPMatch, HTTPPolicy, PathMatch
 
@@ -453,6 +453,8 @@ class XdsCache:
     )
     destinations: list[Destination] | None = None
     listeners: list[listener_pb2.Listener] = field(default_factory=list)
+    # The steered pods the destinations were derived from (the Resolver's tuple).
+    pods: tuple[ManagedPod, ...] | None = None
 
     def route(self, sides: _Sides, destination: Destination) -> route_pb2.RouteConfiguration:
         ingress = sides.ingress_of(destination)
@@ -463,10 +465,13 @@ class XdsCache:
         self.routes[destination] = (ingress, route)
         return route
 
-    def listeners_for(self, wanted: list[Destination]) -> list[listener_pb2.Listener]:
-        if wanted != self.destinations:
-            self.destinations, self.listeners = wanted, listeners(wanted)
-        return self.listeners
+    def destinations_for(self, enforcement: Enforcement) -> list[Destination]:
+        if self.destinations is None or enforcement.pods is not self.pods:
+            wanted = destinations(enforcement)
+            if wanted != self.destinations:
+                self.destinations, self.listeners = wanted, listeners(wanted)
+            self.pods = enforcement.pods
+        return self.destinations
 
     def start(self, sides: _Sides) -> None:
         if self.egress != sides.egress:
@@ -477,12 +482,13 @@ class XdsCache:
 def render_resources(enforcement: Enforcement, cache: XdsCache | None = None) -> Resources:
     """Pure in effect: with a cache the result is equal to a render without one."""
     sides = _Sides.of(enforcement)
-    wanted = destinations(enforcement)
     if cache is None:
+        wanted = destinations(enforcement)
         listener_list = listeners(wanted)
         routes = [route_configuration(sides, d) for d in wanted]
     else:
-        listener_list = cache.listeners_for(wanted)
+        wanted = cache.destinations_for(enforcement)
+        listener_list = cache.listeners
         cache.start(sides)
         routes = [cache.route(sides, d) for d in wanted]
         # Forget destinations that are gone, so the cache does not grow with churn.

@@ -108,13 +108,17 @@ class LocalInputs:
     def __post_init__(self) -> None:
         self.policies = PolicyDirectory(self.policy_dir)
         self._pods: list[Pod] = []
+        self._lab_text: str | None = None
 
     def load(self) -> tuple[PolicyReload, list[Pod]]:
         """Current policies and pods. Errors are in the reload's errors; an unreadable lab
         state keeps the last good pods, so a bad write never unsteers the node."""
         reload = self.policies.reload()
         try:
-            self._pods = load_lab_pods(self.lab_state)
+            text = read_lab_state(self.lab_state)
+            if text != self._lab_text:
+                # Unchanged text, the very same Pod objects: resolving then skips the pods.
+                self._pods, self._lab_text = parse_lab_pods(text), text
         except LabStateError as exc:
             error = PolicyError(str(self.lab_state), "", f"{exc}; fix: steer lab up")
             log.error("pods unchanged: %s", error)
@@ -159,11 +163,25 @@ class LabStateError(ValueError):
 def load_lab_pods(state_file: Path) -> list[Pod]:
     """Pods of the local lab; none if the lab is not up. Raises LabStateError if the file
     is not what `steer lab up` writes."""
+    return parse_lab_pods(read_lab_state(state_file))
+
+
+def read_lab_state(state_file: Path) -> str:
+    """The lab state's text; "" if the lab is not up."""
     try:
-        state = json.loads(state_file.read_text())
+        return state_file.read_text()
     except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise LabStateError(f"lab state unreadable: {exc}") from None
+
+
+def parse_lab_pods(text: str) -> list[Pod]:
+    if not text:
         return []
-    except (OSError, ValueError) as exc:
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
         raise LabStateError(f"lab state unreadable: {exc}") from None
     try:
         pods = [

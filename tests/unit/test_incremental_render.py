@@ -1,5 +1,6 @@
-"""The incremental pipeline (Resolver, SnapshotRenderer, SideChainCache, snapshot encodings
-and ruleset digests carried over) must always equal a fresh render of the same input.
+"""The incremental pipeline (Resolver, SnapshotRenderer, SideChainCache, BpfPolicyCache,
+snapshot encodings and ruleset digests carried over) must always equal a fresh render of
+the same input.
 
 A seeded random walk of changes, each one of the kinds a cluster produces (a policy edited,
 added or removed, a pod relabelled, re-addressed, opted out, added or removed, and inputs
@@ -15,10 +16,11 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from steer.control.cache import Snapshot
-from steer.model.enforce import Resolver, resolve
+from steer.model.enforce import Enforcement, ManagedPod, Resolver, resolve
 from steer.model.load import parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
+from steer.render.bpf import BpfPolicyCache, PodPolicy, TooComplexForBpf, render_pod_policy
 from steer.render.iptables import SideChainCache, render_ruleset
 from steer.render.xds import SnapshotRenderer, render_resources
 
@@ -122,12 +124,22 @@ def mutate(
     return kind
 
 
+def _pod_policy(
+    enforcement: Enforcement, pod: ManagedPod, cache: BpfPolicyCache | None
+) -> PodPolicy | str:
+    try:
+        return render_pod_policy(enforcement, pod, cache=cache)
+    except TooComplexForBpf as exc:
+        return str(exc)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_every_step_equals_a_fresh_render(seed: int) -> None:
     rng = random.Random(seed)
     pods = {p.key: p for p in (random_pod(rng, i) for i in range(12))}
     policies = {f"pol{i}": random_policy(rng, f"pol{i}") for i in range(5)}
     resolver, renderer, chains = Resolver(), SnapshotRenderer(), SideChainCache()
+    maps = BpfPolicyCache()
     previous_snapshot, previous_ruleset = None, None
     counter = [100]
     for step in range(60):
@@ -145,6 +157,10 @@ def test_every_step_equals_a_fresh_render(seed: int) -> None:
         ruleset = render_ruleset(enforcement, cache=chains)
         assert ruleset == render_ruleset(fresh), where
         assert ruleset.digest(previous_ruleset) == render_ruleset(fresh).digest(), where
+
+        for pod in enforcement.pods:
+            assert _pod_policy(enforcement, pod, maps) == _pod_policy(fresh, pod, None), where
+        maps.forget_unused()
 
         snapshot = Snapshot(resources)
         if previous_snapshot is not None:
