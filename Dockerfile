@@ -26,7 +26,8 @@ RUN python3 -m venv --system-site-packages /opt/venv \
 # --- runtime -------------------------------------------------------------------------------
 FROM debian:bookworm-slim
 # python3-bpfcc: bcc and the LLVM that compiles the BPF programs at run time (against the
-#                node's kernel headers, mounted from the host);
+#                node's kernel headers, mounted from the host), in a short-lived child;
+# libbpf1:       the agent's own bpf() calls (pins, attach, map updates);
 # iptables:      iptables-legacy-restore and the libxtables python-iptables loads;
 # iproute2:      `ss -K`, which destroys a revoked flow's sockets in the pod's namespace;
 # conntrack:     inspecting flows and their verdict marks by hand (steer itself speaks
@@ -36,7 +37,8 @@ FROM debian:bookworm-slim
 #                anything else (a custom --kubeconfig) uses the system store.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-venv python3-bpfcc iptables conntrack iproute2 bpftool ca-certificates \
+      python3 python3-venv python3-bpfcc libbpf1 iptables conntrack iproute2 bpftool \
+      ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 # steer writes through the legacy backend (iptables-legacy-restore; python-iptables reads
 # only legacy), so make a plain `iptables -L` in the container show the rules steer owns.

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   make iproute2 iptables conntrack curl wrk
   python3 python3-venv python3-dev
-  python3-bpfcc bpfcc-tools bpftool linux-headers-amd64
+  python3-bpfcc libbpf1 bpfcc-tools bpftool linux-headers-amd64
 )
 
 if [ "$(id -u)" != 0 ]; then

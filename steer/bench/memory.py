@@ -154,17 +154,15 @@ def maps_llvm(pid: int) -> bool:
 def bpf_build_peak_mb() -> float:
     """Peak RSS of one BPF build child, as the agent starts it, pinning into scratch."""
     pins = BPFFS / f"steer-bench-{uuid.uuid4().hex[:8]}"
-    child = subprocess.Popen(
-        build_command(pins),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     try:
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
-            stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
-            raise RuntimeError(f"the BPF build failed: {stderr.strip()}")
+        with subprocess.Popen(
+            build_command(pins), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        ) as child:
+            _, status, usage = os.wait4(child.pid, 0)
+            child.returncode = os.waitstatus_to_exitcode(status)
+            if child.returncode != 0:
+                stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
+                raise RuntimeError(f"the BPF build failed: {stderr.strip()}")
     finally:
         # Unpinned and unattached (sk_msg hangs off the scratch sockhash only), the
         # programs and maps are freed with the pins.

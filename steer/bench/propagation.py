@@ -486,6 +486,8 @@ def _mode_summary(runs: list[ModeRun]) -> dict[str, Any]:
             part: statistics.median(values) if values else None for part, values in pooled.items()
         },
         "breakdown_changes": len(pooled["render"]),
+        # Per change, in the order of latencies_ms, to see where a slow one spent its time.
+        "breakdown_ms": pooled,
         "pushes_per_change": sum(r.pushes for r in runs) / changes,
         "acks_per_change": sum(r.acks for r in runs) / changes,
         "nacks": sum(r.nacks for r in runs),

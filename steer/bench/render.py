@@ -30,7 +30,7 @@ from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
 from steer.node import iptables
 from steer.node.netns import run_in_netns
-from steer.render.iptables import SideChainCache, render_ruleset
+from steer.render.iptables import RulesetCache, render_ruleset
 from steer.render.xds import SnapshotRenderer
 
 RULES_PER_POLICY = 50
@@ -120,7 +120,7 @@ def _render_round(policies: list[HTTPPolicy], pods: list[Pod]) -> dict[str, floa
     after.version(LISTENER_TYPE)
     warm = (time.perf_counter() - started) * 1000
 
-    resolver, chains = Resolver(), SideChainCache()
+    resolver, chains = Resolver(), RulesetCache()
     started = time.perf_counter()
     ruleset = render_ruleset(resolver.resolve(policies, pods), cache=chains)
     iptables_cold = (time.perf_counter() - started) * 1000

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from watchfiles import watch
@@ -57,12 +57,13 @@ class LocalAgent:
                 for p in pods
             ],
             "features": asdict(self.datapath.features),
-            "last_sync": asdict(report),
+            # Shallow: asdict deep-copies a thousand pods' datapath reasons on every sync.
+            "last_sync": {f.name: getattr(report, f.name) for f in fields(report)},
             "ruleset_digest": self.datapath.iptables.applied_digest,
             "policy_digest": self.inputs.policies.digest(),
             "loaded_at": self._loaded_at,
         }
-        write_json_atomic(self.status_file, status)
+        write_json_atomic(self.status_file, status, compact=True)
 
     def run(self) -> None:
         """Sync now and after every change to the inputs, until interrupted.

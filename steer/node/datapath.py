@@ -32,7 +32,7 @@ from steer.render.bpf import (
     flow_verdict,
     render_pod_policy,
 )
-from steer.render.iptables import Ruleset, SideChainCache, render_ruleset
+from steer.render.iptables import Ruleset, RulesetCache, render_ruleset
 
 log = logging.getLogger("steer.datapath")
 
@@ -67,7 +67,7 @@ class IptablesDatapath:
     applied_digest: str | None = None
     applied: Ruleset | None = None
     enforcement: Enforcement | None = None
-    _chains: SideChainCache = field(default_factory=SideChainCache)
+    _chains: RulesetCache = field(default_factory=RulesetCache)
     _resolver: Resolver = field(default_factory=Resolver)
 
     def sync(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> SyncReport:

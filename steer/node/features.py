@@ -8,6 +8,7 @@ be forced with STEER_FEATURES, e.g. '{"ebpf": false}', to test the fallback.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from steer.constants import CGROUP2_CANDIDATES
 from steer.model.pod import Dataplane
+from steer.node import libbpf
 
 FORCE_ENV = "STEER_FEATURES"
 
@@ -71,10 +73,14 @@ def probe(release: str | None = None) -> Features:
     if _cgroup2() is None:
         reason = "no cgroup v2 mount: cgroup BPF hooks need the unified hierarchy"
         return Features(False, False, reason, reason)
+    # Found, not imported: bcc brings LLVM along, and only the build child needs it.
+    if importlib.util.find_spec("bcc") is None:
+        reason = "bcc is not installed; fix: apt-get install python3-bpfcc"
+        return Features(False, False, reason, reason)
     try:
-        import bcc  # noqa: F401
-    except ImportError as exc:
-        reason = f"bcc is not importable ({exc}); fix: apt-get install python3-bpfcc"
+        libbpf.possible_cpus()
+    except OSError as exc:
+        reason = f"libbpf is not loadable ({exc}); fix: apt-get install libbpf1"
         return Features(False, False, reason, reason)
     version = kernel_version(release)
     denied = next((r for r in SKMSG_DENYLIST if r.contains(version)), None)

@@ -17,10 +17,11 @@ So the policy chains see one packet per flow; later packets match one connmark r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from ipaddress import IPv4Network
 
 from steer.constants import (
@@ -160,8 +161,13 @@ def _hex(value: int) -> str:
 
 
 def side_chain(side: SideRules) -> str:
-    tag = "E" if side.direction is Direction.EGRESS else "I"
-    digest = hashlib.sha1(side.pod_key.encode()).hexdigest()[:10]
+    return _chain_name(side.direction, side.pod_key)
+
+
+@lru_cache(maxsize=1 << 16)
+def _chain_name(direction: Direction, pod_key: str) -> str:
+    tag = "E" if direction is Direction.EGRESS else "I"
+    digest = hashlib.sha1(pod_key.encode()).hexdigest()[:10]
     return f"{CHAIN_PREFIX}-{tag}-{digest}"
 
 
@@ -448,42 +454,73 @@ def _filter_rules(ebpf_pods: list[ManagedPod]) -> list[Rule]:
     ]
 
 
-class SideChainCache:
-    """The side chains of the previous render, for a caller that renders again and again
-    (the agent): a side that is the same object as last time (as `Resolver` hands back)
-    gets the very same rules, so a change to one pod's policy renders one chain, and
-    comparing with the applied ruleset is an identity check per unchanged rule."""
+class RulesetCache:
+    """What the previous render produced, for a caller that renders again and again (the
+    agent). A side that is the same object as last time (as `Resolver` hands back) gets
+    the very same chain; the node-wide chains are rebuilt only when the pods, the eBPF
+    set or the set of sides changed; and with every input the same, the previous ruleset
+    itself comes back, so comparing it with the applied one is one identity check."""
 
     def __init__(self) -> None:
         self._chains: dict[str, tuple[SideRules, list[Rule]]] = {}
+        self._node_key: tuple[object, ...] | None = None
+        self._node_rules: tuple[list[Rule], list[Rule], list[Rule]] = ([], [], [])
+        self._inputs: tuple[object, ...] | None = None
+        self._ruleset: Ruleset | None = None
 
-    def rules(self, sides: Sequence[SideRules]) -> list[Rule]:
+    def side_rules(self, sides: Sequence[SideRules]) -> list[list[Rule]]:
+        """Each side's chain, in chain order."""
         chains: dict[str, tuple[SideRules, list[Rule]]] = {}
         for side in sides:
             name = side_chain(side)
             cached = self._chains.get(name)
             chains[name] = cached if cached and cached[0] is side else (side, _side_rules(side))
         self._chains = chains
-        return [rule for name in sorted(chains) for rule in chains[name][1]]
+        return [chains[name][1] for name in sorted(chains)]
+
+    def node_rules(
+        self, enforcement: Enforcement, ebpf: frozenset[str], sides: Sequence[SideRules]
+    ) -> tuple[list[Rule], list[Rule], list[Rule]]:
+        """STEER-PRE, the nat chain and the filter chains: they depend on the pods, the
+        eBPF set and which pods have which sides, not on any side's rules."""
+        key = (
+            enforcement.pods,
+            ebpf,
+            tuple((s.direction, s.pod_ip, s.pod_key) for s in sides),
+        )
+        if key != self._node_key:
+            self._node_key, self._node_rules = key, _node_rules(enforcement, ebpf)
+        return self._node_rules
+
+    def ruleset(
+        self, enforcement: Enforcement, ebpf: frozenset[str], sides: tuple[SideRules, ...]
+    ) -> Ruleset:
+        inputs = (enforcement.pods, ebpf, sides)
+        if self._ruleset is None or inputs != self._inputs:
+            pre, nat, filtering = self.node_rules(enforcement, ebpf, sides)
+            self._ruleset = _ruleset(sides, pre, self.side_rules(sides), nat, filtering)
+            self._inputs = inputs
+        return self._ruleset
 
 
-def render_ruleset(
-    enforcement: Enforcement,
-    ebpf: frozenset[str] = frozenset(),
-    cache: SideChainCache | None = None,
-) -> Ruleset:
-    """`ebpf`: keys of the pods the eBPF datapath steers. connect4 decided their flows
-    already, so these rules let their new flows through untouched. Pure in effect: with
-    a cache the result equals a render without one."""
-    sides = [*enforcement.egress.values(), *enforcement.ingress.values()]
-    side_rules = (cache or SideChainCache()).rules(sides)
+def _node_rules(
+    enforcement: Enforcement, ebpf: frozenset[str]
+) -> tuple[list[Rule], list[Rule], list[Rule]]:
     ebpf_pods = [p for p in enforcement.pods if p.pod.key in ebpf]
-    rules = (
-        *_pre_rules(enforcement, ebpf_pods),
-        *side_rules,
-        *_nat_rules(enforcement, ebpf),
-        *_filter_rules(ebpf_pods),
+    return (
+        _pre_rules(enforcement, ebpf_pods),
+        _nat_rules(enforcement, ebpf),
+        _filter_rules(ebpf_pods),
     )
+
+
+def _ruleset(
+    sides: Sequence[SideRules],
+    pre: list[Rule],
+    side_rules: list[list[Rule]],
+    nat: list[Rule],
+    filtering: list[Rule],
+) -> Ruleset:
     chains = {
         "mangle": (CHAIN_PRE, *sorted(side_chain(s) for s in sides)),
         "nat": (CHAIN_NAT,),
@@ -495,7 +532,21 @@ def render_ruleset(
         Jump("filter", "FORWARD", CHAIN_FORWARD),
         Jump("filter", "INPUT", CHAIN_INPUT),
     )
+    # Chained in C: at 200k rules a Python-level flatten took 15 ms of every change.
+    rules = tuple(itertools.chain(pre, itertools.chain.from_iterable(side_rules), nat, filtering))
     return Ruleset(chains=chains, rules=rules, jumps=jumps)
+
+
+def render_ruleset(
+    enforcement: Enforcement,
+    ebpf: frozenset[str] = frozenset(),
+    cache: RulesetCache | None = None,
+) -> Ruleset:
+    """`ebpf`: keys of the pods the eBPF datapath steers. connect4 decided their flows
+    already, so these rules let their new flows through untouched. Pure in effect: with
+    a cache the result equals a render without one."""
+    sides = (*enforcement.egress.values(), *enforcement.ingress.values())
+    return (cache or RulesetCache()).ruleset(enforcement, ebpf, sides)
 
 
 def chains_to_write(

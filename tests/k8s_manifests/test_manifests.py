@@ -637,7 +637,7 @@ def test_dockerfile_builds_the_steer_image() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.findall(r"^FROM (\S+)", text, re.MULTILINE)[-1] == "debian:bookworm-slim"
     assert 'ENTRYPOINT ["steer"]' in text
-    for package in ("python3-bpfcc", "iptables", "conntrack", "iproute2", "bpftool"):
+    for package in ("python3-bpfcc", "libbpf1", "iptables", "conntrack", "iproute2", "bpftool"):
         assert re.search(rf"\b{package}\b", text), package
     assert "--system-site-packages" in text
     ignored = set((ROOT / ".dockerignore").read_text().split())

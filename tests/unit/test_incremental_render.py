@@ -1,4 +1,4 @@
-"""The incremental pipeline (Resolver, SnapshotRenderer, SideChainCache, BpfPolicyCache,
+"""The incremental pipeline (Resolver, SnapshotRenderer, RulesetCache, BpfPolicyCache,
 snapshot encodings and ruleset digests carried over) must always equal a fresh render of
 the same input.
 
@@ -21,7 +21,7 @@ from steer.model.load import parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
 from steer.render.bpf import BpfPolicyCache, PodPolicy, TooComplexForBpf, render_pod_policy
-from steer.render.iptables import SideChainCache, render_ruleset
+from steer.render.iptables import RulesetCache, render_ruleset
 from steer.render.xds import SnapshotRenderer, render_resources
 
 NAMESPACES = ("a", "b")
@@ -138,7 +138,7 @@ def test_every_step_equals_a_fresh_render(seed: int) -> None:
     rng = random.Random(seed)
     pods = {p.key: p for p in (random_pod(rng, i) for i in range(12))}
     policies = {f"pol{i}": random_policy(rng, f"pol{i}") for i in range(5)}
-    resolver, renderer, chains = Resolver(), SnapshotRenderer(), SideChainCache()
+    resolver, renderer, chains = Resolver(), SnapshotRenderer(), RulesetCache()
     maps = BpfPolicyCache()
     previous_snapshot, previous_ruleset = None, None
     counter = [100]

@@ -10,6 +10,7 @@ from steer.constants import READINESS_GATE
 from steer.control.kubeplane import render_node_snapshots
 from steer.render.xds import LISTENER_TYPE, ROUTE_TYPE
 from steer.source.kubeobjects import (
+    PolicyValidator,
     gate_is_true,
     has_readiness_gate,
     pod_from_object,
@@ -120,6 +121,22 @@ def test_valid_policy_is_accepted_and_programmed_once_every_node_acked() -> None
     # lastTransitionTime moves only when the status moves.
     assert accepted["lastTransitionTime"] == "2026-11-26T10:00:01Z"
     assert programmed["lastTransitionTime"] == "2026-11-26T10:00:02Z"
+
+
+def test_policies_are_validated_once_per_resource_version() -> None:
+    validator = PolicyValidator()
+    first = api_policy({"podSelector": {}, "ingress": {}})
+    [before] = validator.validate([first])
+    [again] = validator.validate([api_policy({"podSelector": {}, "ingress": {}})])
+    assert again is before  # same resourceVersion: not parsed again
+    edited = api_policy({"podSelector": {}, "ingress": {"rules": [{"portz": []}]}})
+    edited["metadata"]["resourceVersion"] = "100"
+    [after] = validator.validate([edited])
+    assert after.policy is None and "portz" in str(after.errors[0])
+    assert validator.validate([]) == []
+    [back] = validator.validate([first])
+    assert back is not before  # forgotten once deleted, so parsed anew
+    assert back.policy == before.policy
 
 
 def test_invalid_policy_is_refused_with_the_field_path() -> None:
