@@ -34,6 +34,10 @@ from steer.render.iptables import RulesetCache, render_ruleset
 from steer.render.xds import SnapshotRenderer
 
 RULES_PER_POLICY = 50
+# At the largest size (10k rules over 1k pods): a snapshot render after one change, and
+# the first apply of the ruleset.
+TARGET_RENDER_MS = 100.0
+TARGET_APPLY_S = 0.3
 FIRST_POD_IP = IPv4Address("10.100.0.1")
 
 
@@ -94,6 +98,7 @@ def _clear_render_caches() -> None:
     enforce._network.cache_clear()
     xds._rule_policy.cache_clear()
     xds._host.cache_clear()
+    xds._cidr.cache_clear()
 
 
 def _snapshot(renderer: SnapshotRenderer, policies: list[HTTPPolicy], pods: list[Pod]) -> Snapshot:
@@ -170,6 +175,12 @@ def run(options: BenchOptions) -> dict[str, Any]:
         result[f"{figure}_min"] = {str(n): min(r[figure] for r in runs[n]) for n in sizes}
         result[f"{figure}_max"] = {str(n): max(r[figure] for r in runs[n]) for n in sizes}
     result["iptables_rules"] = {str(n): int(runs[n][0]["iptables_rules"]) for n in sizes}
+    largest = str(max(sizes))
+    result["targets"] = {
+        f"render_ms {largest} <= {TARGET_RENDER_MS:.0f}": result["render_ms"][largest]
+        <= TARGET_RENDER_MS,
+        f"apply_s {largest} <= {TARGET_APPLY_S}": result["apply_s"][largest] <= TARGET_APPLY_S,
+    }
     return result
 
 
@@ -186,6 +197,10 @@ def table(result: dict[str, Any]) -> str:
             f" {result['apply_s'][size]:>6.3f} s {result['reapply_s'][size]:>7.3f} s"
         )
     lines.append(f"({result['pods']} pods, {result['rounds']} rounds, medians)")
+    lines += [
+        f"target {name}: {'met' if met else 'NOT met'}"
+        for name, met in result.get("targets", {}).items()
+    ]
     return "\n".join(lines)
 
 

@@ -24,9 +24,11 @@ def check_output(name: str, result: dict[str, Any], tmp_path: Path) -> None:
 
 def test_render_reports_render_ms_and_apply_s_by_rule_count(tmp_path: Path) -> None:
     result = scenario("render").run(BenchOptions(rounds=1, quick=True))
-    for key in ("render_ms", "apply_s"):
+    for key in ("render_ms", "apply_s", "cold_ms", "iptables_render_ms"):
         assert set(result[key]) == {"10", "100"}
         assert all(value > 0 for value in result[key].values())
+    assert set(result["targets"]) == {"render_ms 100 <= 100", "apply_s 100 <= 0.3"}
+    assert all(isinstance(met, bool) for met in result["targets"].values())
     check_output("render", result, tmp_path)
 
 
