@@ -5,7 +5,8 @@ Per pod, the choice is the annotation `steer.dev/dataplane` against what the nod
 pods on iptables and from off the node, and they let eBPF pods' flows through untouched,
 since connect4 decided those already. A pod changing datapath keeps its established
 connections: conntrack keeps iptables flows' NAT and marks, and sockets already in the
-sockhash keep their sk_msg program.
+sockhash keep their sk_msg program. A policy change still revokes the connections a pod
+opened under eBPF after it moved to iptables (until the agent restarts).
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ class EbpfPods:
     bpf: BpfDatapath
     envoy_ip: str
     installed: dict[str, tuple[str, int, PodPolicy]] = field(default_factory=dict)
+    # Pods that left eBPF for iptables: connections they opened under eBPF live on (L7
+    # ones through Envoy by connect4's rewrite, L4 ones without a verdict mark), and only
+    # this side can revoke them.
+    former: set[str] = field(default_factory=set)
     map_full_seen: dict[str, int] = field(default_factory=dict)
 
     def counters(self) -> dict[str, dict[str, int]]:
@@ -167,6 +172,8 @@ class EbpfPods:
             cgroup, slot, policy = self.installed.pop(key)
             bpf.remove_pod(cgroup, slot, str(policy.ip))
             bpf.release_slot(key)
+            self.former.add(key)
+        self.former = {k for k in self.former if k in pods and k not in wanted}
         for key, policy in wanted.items():
             cgroup = pods[key].pod.cgroup
             if self.installed.get(key, ("", 0, None))[0::2] == (cgroup, policy):
@@ -176,9 +183,14 @@ class EbpfPods:
             self.installed[key] = (cgroup, slot, policy)
 
     def revoke(self, enforcement: Enforcement) -> int:
-        """Abort the eBPF pods' connections whose verdict the new policy changes."""
+        """Abort the connections eBPF pods (and pods that were on eBPF) opened under eBPF
+        whose verdict the new policy changes."""
         bpf = self.bpf
-        by_ip = {p.ip: p for p in enforcement.pods if p.pod.key in self.installed}
+        by_ip = {
+            p.ip: p
+            for p in enforcement.pods
+            if p.pod.key in self.installed or p.pod.key in self.former
+        }
         revoked = 0
         for client_ip, client_port, orig_ip, orig_port in bpf.steered_flows():
             pod = by_ip.get(client_ip)
@@ -251,7 +263,8 @@ class NodeDatapath:
     ) -> SyncReport:
         """`local`: the pods on this node (default: all); the others are only peers. Pass
         the same `local` every time: the resolver's memory is kept per predicate."""
-        if self._resolver is None or self._resolver_local is not local:
+        # `!=`, not `is not`: a bound method is a new object on every attribute access.
+        if self._resolver is None or self._resolver_local != local:
             self._resolver, self._resolver_local = Resolver(local), local
         enforcement = self._resolver.resolve(policies, pods)
         report = SyncReport(False, 0, 0, 0.0, warnings=list(enforcement.warnings))

@@ -95,6 +95,35 @@ def test_switching_datapath_keeps_established_connections(node: PodsNode) -> Non
         client.http_close(conn)
 
 
+def test_connections_opened_on_ebpf_are_revoked_after_the_pod_moved_to_iptables(
+    node: PodsNode,
+) -> None:
+    """Neither iptables nor conntrack marks know these flows: the agent must remember the
+    pod was on eBPF, and keep revoking what it opened there."""
+    client = node.workers["client"]
+    direct = client.http_open(node.ip("api"), L4_PORT)
+    steered = client.http_open(node.ip("web"), HTTP_PORT)
+    try:
+        assert (get(node, direct, "/"), get(node, steered)) == (200, 200)
+        node.set_annotations("client", {ANNOTATION_DATAPLANE: "iptables"})
+        assert node.dataplane_of("client") == "iptables"
+        assert (get(node, direct, "/"), get(node, steered)) == (200, 200)
+
+        node.write_policies(closed("api"), replace=False)
+        node.wait_synced()
+        with pytest.raises(PodProcessError):
+            get(node, direct, "/")
+        assert get(node, steered) == 200, "a flow whose verdict stands must not be touched"
+
+        node.write_policies(closed("web"), replace=False)
+        node.wait_synced()
+        with pytest.raises(PodProcessError):
+            get(node, steered)
+    finally:
+        node.set_annotations("client", {ANNOTATION_DATAPLANE: "ebpf"})
+        assert node.dataplane_of("client") == "ebpf"
+
+
 def _agent_pid() -> int:
     found = subprocess.run(
         ["pgrep", "-f", "steer.cli agent"], capture_output=True, text=True, check=False
