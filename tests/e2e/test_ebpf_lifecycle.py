@@ -54,18 +54,28 @@ def get(node: PodsNode, conn: int, path: str = "/public/x") -> int:
     return node.workers["client"].http_request(conn, "GET", path).status
 
 
-def test_policy_change_revokes_exactly_the_flows_it_affects(node: PodsNode) -> None:
+def open_direct_and_steered(node: PodsNode) -> tuple[int, int]:
+    """Two working connections of the client's: to api (an L4 allow, so connect4 lets it
+    go direct) and to web (L7, through Envoy)."""
     client = node.workers["client"]
-    direct = client.http_open(node.ip("api"), L4_PORT)  # L4 allow: connect4 let it go direct
-    steered = client.http_open(node.ip("web"), HTTP_PORT)  # L7: through Envoy
+    direct = client.http_open(node.ip("api"), L4_PORT)
+    steered = client.http_open(node.ip("web"), HTTP_PORT)
     assert (get(node, direct, "/"), get(node, steered)) == (200, 200)
+    return direct, steered
 
+
+def close_api_and_check_only_direct_is_revoked(node: PodsNode, direct: int, steered: int) -> None:
     node.write_policies(closed("api"), replace=False)
     node.wait_synced()
     with pytest.raises(PodProcessError):
         get(node, direct, "/")
     assert get(node, steered) == 200, "a flow whose verdict stands must not be touched"
-    client.http_close(steered)
+
+
+def test_policy_change_revokes_exactly_the_flows_it_affects(node: PodsNode) -> None:
+    direct, steered = open_direct_and_steered(node)
+    close_api_and_check_only_direct_is_revoked(node, direct, steered)
+    node.workers["client"].http_close(steered)
 
 
 def test_l7_flow_that_becomes_an_l4_deny_is_revoked(node: PodsNode) -> None:
@@ -100,20 +110,12 @@ def test_connections_opened_on_ebpf_are_revoked_after_the_pod_moved_to_iptables(
 ) -> None:
     """Neither iptables nor conntrack marks know these flows: the agent must remember the
     pod was on eBPF, and keep revoking what it opened there."""
-    client = node.workers["client"]
-    direct = client.http_open(node.ip("api"), L4_PORT)
-    steered = client.http_open(node.ip("web"), HTTP_PORT)
+    direct, steered = open_direct_and_steered(node)
     try:
-        assert (get(node, direct, "/"), get(node, steered)) == (200, 200)
         node.set_annotations("client", {ANNOTATION_DATAPLANE: "iptables"})
         assert node.dataplane_of("client") == "iptables"
         assert (get(node, direct, "/"), get(node, steered)) == (200, 200)
-
-        node.write_policies(closed("api"), replace=False)
-        node.wait_synced()
-        with pytest.raises(PodProcessError):
-            get(node, direct, "/")
-        assert get(node, steered) == 200, "a flow whose verdict stands must not be touched"
+        close_api_and_check_only_direct_is_revoked(node, direct, steered)
 
         node.write_policies(closed("web"), replace=False)
         node.wait_synced()
