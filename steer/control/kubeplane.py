@@ -173,8 +173,8 @@ class KubeControlPlane:
                     await asyncio.sleep(DEBOUNCE_S)  # one render for a burst of events
                     dirty.clear()
                     if all(r.synced.is_set() for r in self.reflectors.values()):
-                        self.refresh()
-                        self._gc.settled()
+                        with self._gc.change():
+                            self.refresh()
                 except TimeoutError:
                     # A newly connected Envoy needs a snapshot even if no object changed.
                     if set(self.cache.nodes()) - self._rendered_nodes:

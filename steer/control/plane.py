@@ -42,10 +42,8 @@ class LocalControlPlane:
 
     def refresh(self) -> bool:
         """Re-render from current inputs; True if the node's snapshot changed."""
-        try:
+        with self._gc.change():
             return self._refresh()
-        finally:
-            self._gc.settled()
 
     def _refresh(self) -> bool:
         started = time.perf_counter()
@@ -104,7 +102,9 @@ class LocalControlPlane:
 
     async def _watch_inputs(self) -> None:
         paths = self.inputs.watch_paths()
-        async for changes in awatch(*paths, debounce=10, step=5, recursive=False):
+        # step: how long to wait for more events once one came; a policy write (temp file,
+        # rename) is over within a millisecond, and every millisecond here is latency.
+        async for changes in awatch(*paths, debounce=10, step=2, recursive=False):
             if self.inputs.affected_by(path for _, path in changes):
                 self.refresh()
 

@@ -72,15 +72,15 @@ class LocalAgent:
         network namespace, and pyroute2's blocking API cannot run inside an event loop.
         """
         collector = IdleCollector()
-        self._log(self.sync())
-        collector.settled()
+        with collector.change():
+            self._log(self.sync())
         paths = self.inputs.watch_paths()
         for changes in watch(
-            *paths, debounce=10, step=5, recursive=False, rust_timeout=1000, yield_on_timeout=True
+            *paths, debounce=10, step=2, recursive=False, rust_timeout=1000, yield_on_timeout=True
         ):
             if self.inputs.affected_by(path for _, path in changes):
-                self._log(self.sync())
-                collector.settled()
+                with collector.change():
+                    self._log(self.sync())
             else:
                 collector.tick()
 

@@ -246,12 +246,12 @@ class KubeAgent:
             changed.clear()
             if not all(r.synced.is_set() for r in self.reflectors.values()):
                 continue
-            try:
-                self.sync()
-            except Exception:  # never die on one bad pass: the next change retries
-                log.exception("sync failed; retrying on the next change")
-                self._gates_pending = True
-            self._gc.settled()
+            with self._gc.change():
+                try:
+                    self.sync()
+                except Exception:  # never die on one bad pass: the next change retries
+                    log.exception("sync failed; retrying on the next change")
+                    self._gates_pending = True
 
 
 def _now() -> str:

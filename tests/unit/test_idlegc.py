@@ -22,12 +22,20 @@ def _restore_gc() -> Iterator[None]:
     gc.unfreeze()
 
 
+def _cycle_from_a_change(collector: IdleCollector) -> weakref.ref[Node]:
+    """A cycle that becomes garbage after the change that made it."""
+    with collector.change():
+        assert not gc.isenabled(), "automatic collection must be off during a change"
+        garbage = Node()
+    assert gc.isenabled()
+    alive = weakref.ref(garbage)
+    del garbage
+    return alive
+
+
 def test_frozen_cycles_survive_until_idle_then_are_collected() -> None:
     collector = IdleCollector(idle_s=0.0)
-    garbage = Node()
-    alive = weakref.ref(garbage)
-    collector.settled()
-    del garbage
+    alive = _cycle_from_a_change(collector)
     gc.collect()  # what an automatic collection during the next change would do
     assert alive() is not None, "a frozen object was scanned"
     collector.tick()
@@ -36,10 +44,14 @@ def test_frozen_cycles_survive_until_idle_then_are_collected() -> None:
 
 def test_nothing_is_collected_before_the_inputs_are_quiet() -> None:
     collector = IdleCollector(idle_s=3600.0)
-    garbage = Node()
-    alive = weakref.ref(garbage)
-    collector.settled()
-    del garbage
+    alive = _cycle_from_a_change(collector)
     collector.tick()
     assert alive() is not None
     assert gc.get_freeze_count() > 0
+
+
+def test_collection_comes_back_on_when_a_change_fails() -> None:
+    collector = IdleCollector(idle_s=3600.0)
+    with pytest.raises(RuntimeError), collector.change():
+        raise RuntimeError("a bad pass")
+    assert gc.isenabled()
