@@ -228,6 +228,32 @@ def test_failed_apply_keeps_previous_rules(lab: LabState) -> None:
     run_in_netns(NODE_NETNS, lambda: iptables.verify(good))
 
 
+@pytest.mark.parametrize("read_back", ["rule by rule", "dump"])
+def test_read_back_catches_a_chain_changed_behind_our_back(
+    lab: LabState, read_back: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of reading chains back see a rule someone else deleted, and a missing
+    entry jump."""
+    per_rule = 0.0 if read_back == "rule by rule" else 1e9
+    monkeypatch.setattr(iptables, "RULE_BY_RULE_US", per_rule)
+    good = render_ruleset(resolve(sample_policies(), pods_of(lab)))
+    run_in_netns(NODE_NETNS, lambda: iptables.apply(good))
+    side = next(c for c in good.chains["mangle"] if c != CHAIN_PRE)
+    checked = {"mangle": (side,)}
+    run_in_netns(NODE_NETNS, lambda: iptables.verify(good, checked))
+
+    in_node(["iptables-legacy", "-t", "mangle", "-D", side, "1"])
+    with pytest.raises(iptables.IptablesError, match=f"mangle/{side} read back"):
+        run_in_netns(NODE_NETNS, lambda: iptables.verify(good, checked))
+
+    run_in_netns(NODE_NETNS, lambda: iptables.apply(good))  # no previous: rewrites all
+    entry = next(j for j in good.jumps if j.table == "nat")
+    in_node(["iptables-legacy", "-t", "nat", "-D", entry.builtin, *entry.spec().split()])
+    with pytest.raises(iptables.IptablesError, match="entry jumps missing"):
+        run_in_netns(NODE_NETNS, lambda: iptables.verify(good, checked))
+    run_in_netns(NODE_NETNS, lambda: iptables.apply(good))
+
+
 FOREIGN_RULES = (
     ("filter", "INPUT", "-p", "udp", "--dport", "5353", "-j", "FOREIGN"),
     ("nat", "PREROUTING", "-p", "tcp", "--dport", "1", "-j", "RETURN"),
