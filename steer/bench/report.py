@@ -28,32 +28,32 @@ ANALYSIS = """\
 
 - **propagation, SotW** (p99 <= 100 ms; delta meets it): state-of-the-world ADS resends
   every route configuration of the node on any change (1,001 routes, 11.5 MB at 1k pods
-  and 10k rules) and Envoy re-reads all of them, about 0.4 s of the change. The protocol
-  requires it; delta ADS, which the local bootstrap uses, sends the one route that
-  changed (9 KB). The control plane's own part is the same in both modes (~30 ms under
-  load, ~17 ms on an idle machine).
-- **propagation, delta**: met, with little margin on this 2-core machine (p99 ~96 ms over
-  two runs). The slowest changes are those where the control plane's render (parsing the
-  edited file, re-resolving one policy, rebuilding one route) shares the two cores with
-  the agent doing the same for its rules, Envoy, and the back-to-back requests that
-  measure the change.
+  and 10k rules) and Envoy re-reads all of them, about 0.35 s of each change. The protocol
+  requires it; delta ADS, which the local bootstrap uses, sends the one route that changed
+  (9 KB). The control plane's own part is the same in both modes.
+- **propagation, delta**: met, with little margin on this 2-core machine: over the last
+  five runs p99 was 80-106 ms (p50 48-60 ms). The slow changes are those where the
+  control plane's render (parsing the edited file, re-resolving one policy, rebuilding one
+  route: ~17 ms on an idle machine) shares the two cores with the agent doing the same for
+  its rules, Envoy, and the back-to-back requests that measure the change.
 - **render, cold** (the target is met by the render after a change, which is what the
-  control plane does on every update: 16 ms at 1k pods / 10k rules): a render from
-  nothing, as at start-up or for a newly connected node, builds 1,001 route
-  configurations and 2,002 filter chains in Python protobuf, 0.43 s at 10k rules (0.24 s
-  of it without the garbage collector's passes) and ~0.1 s even at 100 rules.
-- **datapath, eBPF + sk_msg against iptables** (p50 and rps): Envoy's user-space work,
-  about 1.2 s of CPU per 10k requests on every L7 path, dominates; sk_msg removes 41% of
-  the kernel CPU per request and keeps the payload off the veths, but cannot touch the
-  user-space share or the wake-ups between four processes at one connection.
+  control plane does on every update): a render from nothing, as at start-up or for a
+  newly connected node, builds 1,001 route configurations and 2,002 filter chains in
+  Python protobuf: ~0.1 s at 100 rules, ~0.3 s at 10k.
+- **datapath, eBPF + sk_msg against iptables** (issue 3's targets): the p50 and rps ratios
+  sit at the thresholds (p50 0.69-0.86x for <= 0.70x, rps 1.12-1.20x for >= 1.2x) and move
+  between runs. Envoy's user-space work, about 1 s of CPU per 10k requests on every L7
+  path, dominates; sk_msg removes ~40% of the kernel CPU per request and keeps the
+  payload off the veths, but cannot touch the user-space share.
 
-What closed the gaps this round (profiled with cProfile and phase timers): an
-incremental resolver and identity-keyed caches downstream (snapshot render after a
-change 0.61 s -> 16 ms), libyaml for policy files (50 ms -> 6 ms per 100-rule file),
-encodings and references of unchanged resources reused, garbage collection moved to idle
-time (a full pass cost ~110 ms inside a change), and the BPF compile moved to a
-short-lived child with libbpf for everything else (agent 217 -> 129 MiB; the child peaks
-at ~190 MiB for the second or so it runs).
+What closed the gaps this round (profiled with cProfile, phase timers, /proc): an
+incremental resolver and identity-keyed caches downstream (snapshot render after a change
+0.61 s -> 6 ms at 10k rules), libyaml for policy files (50 ms -> 6 ms per 100-rule file),
+encodings and references of unchanged resources reused, automatic garbage collection held
+off during a change and run when idle (a full pass cost ~110 ms inside a change), a 2 ms
+file-watch step, and the BPF compile moved to a short-lived child with libbpf for
+everything else (agent 217 -> 132 MiB; the child peaks at ~194 MiB for the second or two
+it runs).
 """
 
 ABOUT = {
