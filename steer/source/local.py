@@ -138,8 +138,13 @@ class LocalInputs:
         return [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
 
     def affected_by(self, changed_paths: Iterable[str]) -> bool:
+        """Whether a batch of file events can change what is loaded. Files other than
+        policies (a writer's staged copy, an editor's swap file) do not: reacting to them
+        costs a whole reload, sometimes just ahead of the rename that matters."""
         return any(
-            Path(p).parent == self.policy_dir or Path(p) == self.lab_state for p in changed_paths
+            (Path(p).parent == self.policy_dir and Path(p).suffix in POLICY_SUFFIXES)
+            or Path(p) == self.lab_state
+            for p in changed_paths
         )
 
 

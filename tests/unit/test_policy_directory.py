@@ -262,3 +262,15 @@ def test_unreadable_lab_state_keeps_the_last_good_pods(tmp_path: Path, state: st
     [error] = reload.errors
     assert error.source == str(lab_state)
     assert "fix" in error.message
+
+
+def test_only_policy_files_and_the_lab_state_trigger_a_reload(tmp_path: Path) -> None:
+    inputs = LocalInputs(tmp_path / "policies", tmp_path / "run" / "lab.json")
+    policies = tmp_path / "policies"
+    assert inputs.affected_by([str(policies / "web.yaml")])
+    assert inputs.affected_by([str(policies / "web.yml"), str(policies / ".web.yaml.staged")])
+    assert inputs.affected_by([str(tmp_path / "run" / "lab.json")])
+    assert not inputs.affected_by([str(policies / ".web.yaml.staged")])
+    assert not inputs.affected_by([str(policies / ".web.yaml.swp")])
+    assert not inputs.affected_by([str(tmp_path / "run" / "logs" / "agent.log")])
+    assert not inputs.affected_by([])
