@@ -131,29 +131,24 @@ class Snapshot:
         (the very same objects, as an incremental renderer hands back). At 1k pods a
         snapshot holds ~2k resources; encoding and hashing all of them on every change
         cost more than rendering the one that changed."""
-        if "_encodings" in self.__dict__:
-            return
         known = previous.__dict__.get("_encodings")
-        if known is None:
+        if known is None or "_encodings" in self.__dict__:
             return
-        object.__setattr__(
-            self,
-            "_reusable",
-            {id(e.message): e for byname in known.values() for e in byname.values()},
-        )
+        # Keyed by id: `known` holds its messages alive, so an id found here is the object.
+        reusable = {id(e.message): e for byname in known.values() for e in byname.values()}
+        self.__dict__["_encodings"] = self._encode(reusable)
 
     @cached_property
     def _encodings(self) -> Mapping[str, Mapping[str, _Encoded]]:
-        reusable: Mapping[int, _Encoded] = self.__dict__.pop("_reusable", {})
-        out: dict[str, dict[str, _Encoded]] = {}
-        for type_url, byname in self.resources.items():
-            encoded = out[type_url] = {}
-            for name, msg in byname.items():
-                known = reusable.get(id(msg))
-                encoded[name] = (
-                    known if known is not None and known.message is msg else (_Encoded.of(msg))
-                )
-        return out
+        return self._encode({})
+
+    def _encode(self, reusable: Mapping[int, _Encoded]) -> dict[str, dict[str, _Encoded]]:
+        return {
+            type_url: {
+                name: reusable.get(id(msg)) or _Encoded.of(msg) for name, msg in byname.items()
+            }
+            for type_url, byname in self.resources.items()
+        }
 
     @cached_property
     def _resource_versions(self) -> Mapping[str, Mapping[str, str]]:
@@ -236,10 +231,6 @@ class Snapshot:
 
         if problems:
             raise InconsistentSnapshot("; ".join(problems))
-
-
-# The helpers below take the concrete Envoy messages: the generated envoy modules are
-# untyped, so these annotations let field access through where Message would not.
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def verify(ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]] | None = None
         if not chain_names:
             continue
         reading = sum(len(ruleset.rules_of(table_name, c)) for c in chain_names)
-        in_table = sum(1 for r in ruleset.rules if r.table == table_name)
+        in_table = sum(len(ruleset.rules_of(table_name, c)) for c in ruleset.chains[table_name])
         if reading * RULE_BY_RULE_US <= in_table * DUMP_PER_TABLE_RULE_US:
             found = _chain_comments(tables[table_name], chain_names)
         else:

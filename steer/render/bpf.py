@@ -85,7 +85,7 @@ def _port_boundaries(rules: Iterable[ResolvedRule], excluded: Iterable[int]) -> 
     return sorted(p for p in starts if 1 <= p <= MAX_PORT)
 
 
-def _excluded(
+def _with_exclusions(
     verdict: int, src: ManagedPod, dst: IPv4Address, dst_pod: ManagedPod | None, port: int
 ) -> int:
     # Excluded traffic skips Envoy, exactly as the iptables datapath's nat exclusions do:
@@ -104,7 +104,7 @@ def flow_verdict(enforcement: Enforcement, src: ManagedPod, dst: IPv4Address, po
     if dst == src.ip:
         return VERDICT_ALLOW  # a pod talking to itself never leaves its namespace
     verdict = decide_flow(enforcement, src.ip, dst, port).verdict
-    return _excluded(verdict, src, dst, enforcement.pod_by_ip(dst), port)
+    return _with_exclusions(verdict, src, dst, enforcement.pod_by_ip(dst), port)
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,6 +130,9 @@ def _prefix_policy(target: _Prefix, max_segments: int) -> PrefixPolicy:
     rule's peers again at each of a hundred ports."""
     egress, ingress, src, dst_pod = target.egress, target.ingress, target.src, target.dst_pod
     prefix, at = target.prefix, target.at
+    if at == src.ip:
+        # A pod talking to itself never leaves its namespace: allowed at every port.
+        return PrefixPolicy(prefix, VERDICT_ALLOW, ())
     narrowed_egress = egress.narrowed(at) if egress is not None else None
     narrowed_ingress = ingress.narrowed(src.ip) if ingress is not None else None
     excluded = set(src.steering.exclude_outbound_ports)
@@ -143,10 +146,8 @@ def _prefix_policy(target: _Prefix, max_segments: int) -> PrefixPolicy:
     ends = [*(s - 1 for s in starts[1:]), MAX_PORT]
 
     def verdict(port: int) -> int:
-        if at == src.ip:
-            return VERDICT_ALLOW  # a pod talking to itself never leaves its namespace
         decided = decide_sides(narrowed_egress, narrowed_ingress, src.ip, at, port).verdict
-        return _excluded(decided, src, at, dst_pod, port)
+        return _with_exclusions(decided, src, at, dst_pod, port)
 
     spans = [Segment(lo, hi, verdict(lo)) for lo, hi in zip(starts, ends, strict=True)]
     merged: list[Segment] = []

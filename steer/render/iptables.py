@@ -112,21 +112,15 @@ class Ruleset:
     def digest(self, previous: Ruleset | None = None) -> str:
         """Content hash of every rule. Chains equal to those of `previous` (a ruleset
         digested before) reuse its chain hashes: hashing 200k rules took 60 ms."""
+        earlier = previous._chain_digests if previous is not None else {}
         h = hashlib.sha256()
         for key, rules in self._by_chain.items():
             chain_digest = self._chain_digests.get(key)
             if chain_digest is None:
-                earlier = previous._chain_digests.get(key) if previous is not None else None
-                if (
-                    earlier is not None
-                    and previous is not None
-                    and previous.rules_of(*key) == rules
-                ):
-                    chain_digest = earlier
-                else:
-                    chain_digest = hashlib.sha256(
-                        "\n".join(r.spec() for r in rules).encode()
-                    ).digest()
+                chain_digest = earlier.get(key)
+                if chain_digest is None or previous is None or previous.rules_of(*key) != rules:
+                    text = "\n".join(r.spec() for r in rules)
+                    chain_digest = hashlib.sha256(text.encode()).digest()
                 self._chain_digests[key] = chain_digest
             h.update(f"{key[0]} {key[1]} ".encode() + chain_digest)
         return h.hexdigest()[:16]
@@ -468,15 +462,15 @@ class RulesetCache:
         self._inputs: tuple[object, ...] | None = None
         self._ruleset: Ruleset | None = None
 
-    def side_rules(self, sides: Sequence[SideRules]) -> list[list[Rule]]:
-        """Each side's chain, in chain order."""
+    def side_rules(self, sides: Sequence[SideRules]) -> dict[str, list[Rule]]:
+        """Each side's chain by name, in chain order."""
         chains: dict[str, tuple[SideRules, list[Rule]]] = {}
         for side in sides:
             name = side_chain(side)
             cached = self._chains.get(name)
             chains[name] = cached if cached and cached[0] is side else (side, _side_rules(side))
         self._chains = chains
-        return [chains[name][1] for name in sorted(chains)]
+        return {name: chains[name][1] for name in sorted(chains)}
 
     def node_rules(
         self, enforcement: Enforcement, ebpf: frozenset[str], sides: Sequence[SideRules]
@@ -498,7 +492,7 @@ class RulesetCache:
         inputs = (enforcement.pods, ebpf, sides)
         if self._ruleset is None or inputs != self._inputs:
             pre, nat, filtering = self.node_rules(enforcement, ebpf, sides)
-            self._ruleset = _ruleset(sides, pre, self.side_rules(sides), nat, filtering)
+            self._ruleset = _ruleset(pre, self.side_rules(sides), nat, filtering)
             self._inputs = inputs
         return self._ruleset
 
@@ -515,14 +509,10 @@ def _node_rules(
 
 
 def _ruleset(
-    sides: Sequence[SideRules],
-    pre: list[Rule],
-    side_rules: list[list[Rule]],
-    nat: list[Rule],
-    filtering: list[Rule],
+    pre: list[Rule], side_rules: dict[str, list[Rule]], nat: list[Rule], filtering: list[Rule]
 ) -> Ruleset:
     chains = {
-        "mangle": (CHAIN_PRE, *sorted(side_chain(s) for s in sides)),
+        "mangle": (CHAIN_PRE, *side_rules),
         "nat": (CHAIN_NAT,),
         "filter": (CHAIN_FORWARD, CHAIN_INPUT, CHAIN_ENVOY),
     }
@@ -533,7 +523,8 @@ def _ruleset(
         Jump("filter", "INPUT", CHAIN_INPUT),
     )
     # Chained in C: at 200k rules a Python-level flatten took 15 ms of every change.
-    rules = tuple(itertools.chain(pre, itertools.chain.from_iterable(side_rules), nat, filtering))
+    in_sides = itertools.chain.from_iterable(side_rules.values())
+    rules = tuple(itertools.chain(pre, in_sides, nat, filtering))
     return Ruleset(chains=chains, rules=rules, jumps=jumps)
 
 

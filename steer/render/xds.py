@@ -468,13 +468,15 @@ class XdsCache:
         self.routes[destination] = (ingress, route)
         return route
 
-    def destinations_for(self, enforcement: Enforcement) -> list[Destination]:
+    def destinations_and_listeners(
+        self, enforcement: Enforcement
+    ) -> tuple[list[Destination], list[listener_pb2.Listener]]:
         if self.destinations is None or enforcement.pods is not self.pods:
             wanted = destinations(enforcement)
             if wanted != self.destinations:
                 self.destinations, self.listeners = wanted, listeners(wanted)
             self.pods = enforcement.pods
-        return self.destinations
+        return self.destinations, self.listeners
 
     def start(self, sides: _Sides) -> None:
         if self.egress != sides.egress:
@@ -490,8 +492,7 @@ def render_resources(enforcement: Enforcement, cache: XdsCache | None = None) ->
         listener_list = listeners(wanted)
         routes = [route_configuration(sides, d) for d in wanted]
     else:
-        wanted = cache.destinations_for(enforcement)
-        listener_list = cache.listeners
+        wanted, listener_list = cache.destinations_and_listeners(enforcement)
         cache.start(sides)
         routes = [cache.route(sides, d) for d in wanted]
         # Forget destinations that are gone, so the cache does not grow with churn.

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 from steer.model.load import PolicyError, parse_policies
 from steer.model.pod import Pod
@@ -119,8 +120,8 @@ class LocalInputs:
             text = read_lab_state(self.lab_state)
             if text != self._lab_text:
                 # Unchanged text, the very same Pod objects: resolving then skips the pods.
-                self._pods, self._lab_text = parse_lab_pods(text), text
-                self._node_cgroup = lab_node_cgroup(text)
+                self._pods, self._node_cgroup = parse_lab_state(text)
+                self._lab_text = text
         except LabStateError as exc:
             error = PolicyError(str(self.lab_state), "", f"{exc}; fix: steer lab up")
             log.error("pods unchanged: %s", error)
@@ -172,7 +173,7 @@ class LabStateError(ValueError):
 def load_lab_pods(state_file: Path) -> list[Pod]:
     """Pods of the local lab; none if the lab is not up. Raises LabStateError if the file
     is not what `steer lab up` writes."""
-    return parse_lab_pods(read_lab_state(state_file))
+    return parse_lab_state(read_lab_state(state_file))[0]
 
 
 def read_lab_state(state_file: Path) -> str:
@@ -185,9 +186,11 @@ def read_lab_state(state_file: Path) -> str:
         raise LabStateError(f"lab state unreadable: {exc}") from None
 
 
-def parse_lab_pods(text: str) -> list[Pod]:
+def parse_lab_state(text: str) -> tuple[list[Pod], str]:
+    """The lab's pods and the cgroup of its node's processes ("" if unknown). Raises
+    LabStateError if the text is not what `steer lab up` writes."""
     if not text:
-        return []
+        return [], ""
     try:
         state = json.loads(text)
     except ValueError as exc:
@@ -209,21 +212,21 @@ def parse_lab_pods(text: str) -> list[Pod]:
         ]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise LabStateError(f"lab state malformed ({type(exc).__name__}: {exc})") from None
-    return pods
+    return pods, _node_cgroup(state)
 
 
 def load_lab_node_cgroup(state_file: Path) -> str:
     """The cgroup the lab's node processes (Envoy) run in; empty if unknown."""
     try:
-        return lab_node_cgroup(state_file.read_text())
-    except OSError:
+        return _node_cgroup(json.loads(state_file.read_text()))
+    except (OSError, ValueError):
         return ""
 
 
-def lab_node_cgroup(text: str) -> str:
+def _node_cgroup(state: Any) -> str:
     try:
-        return str(json.loads(text)["node"].get("cgroup", ""))
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return str(state["node"].get("cgroup", ""))
+    except (KeyError, TypeError, AttributeError):
         return ""
 
 
