@@ -35,15 +35,8 @@ def _print_json(document: object) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from steer.node.lab import (
-        LabError,
-        LabPodSpec,
-        default_lab_specs,
-        lab_down,
-        lab_specs_from_yaml,
-        lab_status,
-        lab_up,
-    )
+    from steer.lab.spec import LabError, LabPodSpec, default_lab_specs, lab_specs_from_yaml
+    from steer.lab.updown import lab_down, lab_status, lab_up
 
     if args.action == "down":
         lab_down(args.lab_state)
@@ -140,9 +133,9 @@ def _kube_client(kubeconfig: str | None) -> object:
 
 
 def _run_kube_agent(args: argparse.Namespace) -> int:
+    from steer.node.cgroups import cgroup2_root
     from steer.node.datapath import NodeDatapath
     from steer.node.kubeagent import KubeAgent
-    from steer.node.lab import cgroup2_root
 
     if not args.node_name or not args.envoy_ip:
         print(
@@ -213,7 +206,7 @@ def _own_pod_cgroup(api: Any, root: Path) -> str:
     where /proc/self/cgroup says only "/")."""
     from kubernetes import client
 
-    from steer.node.resolve import ResolveError, pod_cgroup
+    from steer.node.cgroups import ResolveError, pod_cgroup
 
     name, namespace = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
     if not name or not namespace:

@@ -24,13 +24,14 @@ from steer.constants import (
     NODE_NETNS,
     POD_NETNS_PREFIX,
 )
-from steer.localnode import LocalNode
+from steer.lab.localnode import LocalNode
+from steer.lab.podproc import PodProcess
+from steer.lab.spec import default_lab_specs
 from steer.node import iptables
 from steer.node.bpf import BpfDatapath
-from steer.node.lab import cgroup2_root, default_lab_specs
+from steer.node.cgroups import cgroup2_root
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE
-from steer.testing.podproc import PodProcess
 
 LIVE_CHANGE_BUDGET_MS = 100.0
 TIGHTENED_WEB_RULE = """

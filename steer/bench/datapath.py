@@ -33,12 +33,13 @@ from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
 from steer.bench.stats import abba, summarize
 from steer.constants import ANNOTATION_DATAPLANE, ANNOTATION_INJECT, LAB_GATEWAY_IP, NODE_NETNS
-from steer.localnode import LocalNode
+from steer.lab.localnode import LocalNode
+from steer.lab.podproc import PodProcess
+from steer.lab.spec import LabPod, LabPodSpec
 from steer.node.bpf import BpfDatapath
+from steer.node.cgroups import cgroup2_root
 from steer.node.envoy import envoy_binary
-from steer.node.lab import LabPod, LabPodSpec, cgroup2_root
 from steer.node.netns import run_in_netns
-from steer.testing.podproc import PodProcess
 
 CONFIGS = ("direct", "iptables", "ebpf", "ebpf_skmsg", "l4_direct")
 FIGURES = ("p50_ms_c1", "p99_ms_c1", "rps_c16", "cpu_user_s_per_10k", "cpu_sys_s_per_10k")

@@ -34,11 +34,11 @@ from steer.bench import BenchOptions, _traffic
 from steer.bench.plots import new_figure, save
 from steer.bench.stats import abba
 from steer.constants import ANNOTATION_DATAPLANE
-from steer.localnode import LocalNode
+from steer.lab.localnode import LocalNode
+from steer.lab.podproc import PodProcess
+from steer.lab.spec import LabPodSpec
 from steer.node import iptables
-from steer.node.lab import LabPodSpec
 from steer.node.netns import run_in_netns
-from steer.testing.podproc import PodProcess
 
 SIZES = (1000, 10000)
 QUICK_SIZES = (100, 1000)

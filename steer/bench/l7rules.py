@@ -45,8 +45,8 @@ from steer.bench.propagation import (
     selector_peer,
 )
 from steer.bench.stats import abba, summarize
-from steer.localnode import LocalNode
-from steer.testing.podproc import PodProcess, PodProcessError
+from steer.lab.localnode import LocalNode
+from steer.lab.podproc import PodProcess, PodProcessError
 
 CONFIGS = ("10", "10000_elsewhere", "1000_here")
 FIGURES = ("p50_ms", "p99_ms")

@@ -30,13 +30,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from steer.atomicfile import write_json_atomic
 from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
 from steer.constants import ANNOTATION_DATAPLANE, LAB_POD_CIDR, LAB_STATE_FILE
-from steer.localnode import AGENT_STATUS, LocalNode, read_status
+from steer.lab.localnode import AGENT_STATUS, LocalNode, read_status
+from steer.lab.spec import LabPodJSON, default_lab_specs
 from steer.node.bpf import BPFFS, build_command
-from steer.node.lab import LabPodJSON, default_lab_specs
-from steer.source.local import write_json_atomic
 
 PODS = 1000
 QUICK_PODS = 50

@@ -53,20 +53,21 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from steer.atomicfile import write_json_atomic
 from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
 from steer.bench.stats import abba
 from steer.constants import ANNOTATION_DATAPLANE, LAB_POD_CIDR, LAB_STATE_FILE
 from steer.control.cache import ROUTE_TYPE, Snapshot
-from steer.localnode import CONTROL_STATUS, LOG_DIR, LocalNode, read_status
+from steer.lab.localnode import CONTROL_STATUS, LOG_DIR, LocalNode, read_status
+from steer.lab.podproc import PodProcess
+from steer.lab.spec import LabPodSpec
 from steer.model.enforce import resolve
 from steer.model.load import parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
-from steer.node.lab import LabPodSpec
 from steer.render.xds import render_resources
-from steer.source.local import load_lab_pods, write_json_atomic
-from steer.testing.podproc import PodProcess
+from steer.source.local import load_lab_pods
 
 MODES = ("sotw", "delta")
 PORT = 8080

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from watchfiles import awatch
 
+from steer.atomicfile import write_json_atomic
 from steer.constants import LAB_NODE_NAME, RUN_DIR, XDS_SOCKET
 from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from steer.control.xds import serve
 from steer.idlegc import IdleCollector
 from steer.render.xds import SnapshotRenderer
-from steer.source.local import LocalInputs, write_json_atomic
+from steer.source.local import LocalInputs
 
 log = logging.getLogger("steer.control")
 STATUS_FILE = RUN_DIR / "control-status.json"

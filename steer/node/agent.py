@@ -16,11 +16,12 @@ from pathlib import Path
 
 from watchfiles import watch
 
+from steer.atomicfile import write_json_atomic
 from steer.constants import RUN_DIR
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.node.datapath import NodeDatapath, SyncReport
-from steer.source.local import LocalInputs, write_json_atomic
+from steer.source.local import LocalInputs
 
 log = logging.getLogger("steer.agent")
 STATUS_FILE = RUN_DIR / "agent-status.json"

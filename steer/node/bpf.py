@@ -476,7 +476,7 @@ class BpfDatapath:
 
 def lab_cgroup_roots() -> list[Path]:
     """Where steer attaches: the lab's subtree, and the kubelet's pod trees."""
-    from steer.node.lab import cgroup2_root
+    from steer.node.cgroups import cgroup2_root
 
     try:
         root = cgroup2_root()

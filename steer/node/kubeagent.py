@@ -3,7 +3,7 @@
 It watches the pods of its own node (field selector spec.nodeName), and, to resolve pod
 selectors that name pods elsewhere, every pod's address and labels, as NetworkPolicy
 implementations do. Each local pod's cgroup and network namespace are found from its UID
-and container IDs (steer.node.resolve). Once a pod's steering is installed and the node's
+and container IDs (steer.node.cgroups). Once a pod's steering is installed and the node's
 Envoy holds the route configuration for it, the agent sets the pod's readiness gate
 condition `steer.dev/steered`, so the pod takes no traffic before its policy is in force.
 Failures become Events on the pod.
@@ -34,9 +34,9 @@ from steer.constants import (
 )
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
+from steer.node.cgroups import ResolveError, pod_cgroup, pod_netns
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.netns import run_in_netns
-from steer.node.resolve import ResolveError, pod_cgroup, pod_netns
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
     PolicyValidator,

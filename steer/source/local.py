@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
 
+from steer.lab.spec import LabState
 from steer.model.load import PolicyError, parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
@@ -189,55 +187,32 @@ def read_lab_state(state_file: Path) -> str:
 def parse_lab_state(text: str) -> tuple[list[Pod], str]:
     """The lab's pods and the cgroup of its node's processes ("" if unknown). Raises
     LabStateError if the text is not what `steer lab up` writes."""
-    if not text:
-        return [], ""
     try:
-        state = json.loads(text)
+        state = LabState.from_text(text)
     except ValueError as exc:
-        raise LabStateError(f"lab state unreadable: {exc}") from None
-    try:
-        pods = [
-            Pod(
-                name=str(p["name"]),
-                namespace=str(p.get("namespace", "default")),
-                ip=str(IPv4Address(p["ip"])),
-                labels=dict(p.get("labels", {})),
-                annotations=dict(p.get("annotations", {})),
-                interface=str(p.get("veth", "")),
-                namespace_labels=dict(p.get("namespace_labels", {})),
-                cgroup=str(p.get("cgroup", "")),
-                netns=str(p.get("netns", "")),
-            )
-            for p in state["pods"]
-        ]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise LabStateError(f"lab state malformed ({type(exc).__name__}: {exc})") from None
-    return pods, _node_cgroup(state)
+        raise LabStateError(str(exc)) from None
+    if state is None:
+        return [], ""
+    pods = [
+        Pod(
+            name=p.name,
+            namespace=p.namespace,
+            ip=p.ip,
+            labels=dict(p.labels),
+            annotations=dict(p.annotations),
+            interface=p.veth,
+            namespace_labels=dict(p.namespace_labels),
+            cgroup=p.cgroup,
+            netns=p.netns,
+        )
+        for p in state.pods
+    ]
+    return pods, state.node_cgroup
 
 
 def load_lab_node_cgroup(state_file: Path) -> str:
     """The cgroup the lab's node processes (Envoy) run in; empty if unknown."""
     try:
-        return _node_cgroup(json.loads(state_file.read_text()))
-    except (OSError, ValueError):
+        return parse_lab_state(read_lab_state(state_file))[1]
+    except LabStateError:
         return ""
-
-
-def _node_cgroup(state: Any) -> str:
-    try:
-        return str(state["node"].get("cgroup", ""))
-    except (KeyError, TypeError, AttributeError):
-        return ""
-
-
-def write_json_atomic(path: Path, document: object, *, compact: bool = False) -> None:
-    """Readers (steer status, the demo) never see a half-written file. `compact` for big
-    documents written often: indenting forces json's pure-Python encoder, which took
-    40 ms for the agent's status at 1k pods."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    text = (
-        json.dumps(document, separators=(",", ":")) if compact else json.dumps(document, indent=2)
-    )
-    tmp.write_text(text)
-    tmp.replace(path)

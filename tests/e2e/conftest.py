@@ -18,9 +18,9 @@ import pytest
 
 from steer.constants import ANNOTATION_DATAPLANE
 from steer.demo import leftovers
-from steer.localnode import LocalNode
-from steer.node.lab import default_lab_specs
-from steer.testing.podproc import PodProcess
+from steer.lab.localnode import LocalNode
+from steer.lab.podproc import PodProcess
+from steer.lab.spec import default_lab_specs
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 HTTP_PORT = 8080

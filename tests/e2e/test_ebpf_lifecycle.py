@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from steer.constants import ANNOTATION_DATAPLANE
-from steer.localnode import AGENT_STATUS, LOG_DIR, POLICY_DIR, read_status, wait_for
-from steer.testing.podproc import PodProcessError
+from steer.lab.localnode import AGENT_STATUS, LOG_DIR, POLICY_DIR, read_status, wait_for
+from steer.lab.podproc import PodProcessError
 from tests.e2e.conftest import HTTP_PORT, PodsNode, pods_node
 from tests.samples import policy_yaml
 

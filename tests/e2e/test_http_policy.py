@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from steer.constants import API_GROUP_VERSION, LAB_GATEWAY_IP, POLICY_KIND
-from steer.localnode import AGENT_STATUS, CONTROL_STATUS, read_status, wait_for
+from steer.lab.localnode import AGENT_STATUS, CONTROL_STATUS, read_status, wait_for
 from steer.source.local import directory_texts, texts_digest
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 

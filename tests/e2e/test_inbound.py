@@ -25,9 +25,9 @@ from steer.constants import (
     LAB_GATEWAY_IP,
     NODE_NETNS,
 )
-from steer.node.lab import cgroup2_root
+from steer.lab.podproc import PodProcess
+from steer.node.cgroups import cgroup2_root
 from steer.node.netns import run_in_netns
-from steer.testing.podproc import PodProcess
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 from tests.samples import policy_yaml
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from steer.testing.kubeapi import cached_apiserver, running_apiserver
+from tests.k8s.kubeapi import cached_apiserver, running_apiserver
 
 
 @pytest.fixture(scope="session")

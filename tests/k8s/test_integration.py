@@ -37,10 +37,11 @@ from steer.constants import (
 from steer.control.certs import ca_bundle_b64, generate
 from steer.control.kubeplane import KubeControlPlane
 from steer.control.webhook import build_app, kube_namespace_labels, serve_webhook
+from steer.lab.updown import lab_down, lab_up
+from steer.node.cgroups import cgroup2_root
 from steer.node.datapath import NodeDatapath
 from steer.node.envoy import wait_ready
 from steer.node.kubeagent import KubeAgent
-from steer.node.lab import cgroup2_root, lab_down, lab_up
 from steer.node.netns import run_in_netns
 
 pytestmark = [pytest.mark.privileged, pytest.mark.envoy]

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from steer.constants import NODE_NETNS
+from steer.lab.spec import LabState, default_lab_specs
+from steer.lab.updown import lab_down, lab_up
 from steer.model.pod import Pod
 from steer.node import iptables
-from steer.node.lab import LabState, default_lab_specs, lab_down, lab_up
 from steer.node.netns import run_in_netns
 
 

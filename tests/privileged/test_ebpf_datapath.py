@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from steer.constants import BPF_PIN_DIR, ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, NODE_NETNS
+from steer.lab.podproc import PodProcess
+from steer.lab.spec import LabPod, LabState
 from steer.model.pod import Pod
 from steer.node import bpf as bpf_module
 from steer.node.bpf import BpfDatapath, BpfError
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.features import FORCE_ENV
-from steer.node.lab import LabPod, LabState
 from steer.node.netns import run_in_netns
-from steer.testing.podproc import PodProcess
 from tests.privileged.conftest import lab_pods
 from tests.samples import sample_policies
 

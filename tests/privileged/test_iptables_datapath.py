@@ -12,16 +12,16 @@ from collections.abc import Iterator
 import pytest
 
 from steer.constants import ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, NODE_NETNS
+from steer.lab.servers import connect, original_dst, serve, time_connect
+from steer.lab.spec import LabState
 from steer.model.enforce import resolve
 from steer.model.load import parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
 from steer.node import conntrack, iptables
 from steer.node.datapath import IptablesDatapath, SyncReport
-from steer.node.lab import LabState
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE, Rule, Ruleset, render_ruleset
-from steer.testing.servers import connect, original_dst, serve, time_connect
 from tests.privileged.conftest import lab_pods
 from tests.samples import policy_yaml, sample_policies
 

@@ -25,17 +25,9 @@ from steer.constants import (
     NODE_NETNS,
     POD_NETNS_PREFIX,
 )
-from steer.node.lab import (
-    NETNS_NAME_MAX,
-    LabError,
-    LabPodSpec,
-    LabState,
-    cgroup2_root,
-    default_lab_specs,
-    lab_down,
-    lab_status,
-    lab_up,
-)
+from steer.lab.spec import NETNS_NAME_MAX, LabError, LabPodSpec, LabState, default_lab_specs
+from steer.lab.updown import lab_down, lab_status, lab_up
+from steer.node.cgroups import cgroup2_root
 from steer.node.netns import NETNS_RUN_DIR, netns_exec_argv, run_in_netns
 
 pytestmark = [

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 
 from steer.demo import leftovers
-from steer.node.lab import LabPod, LabState, cgroup2_root, default_lab_specs, lab_down, lab_up
+from steer.lab.podproc import PodProcess, PodProcessError
+from steer.lab.spec import LabPod, LabState, default_lab_specs
+from steer.lab.updown import lab_down, lab_up
+from steer.node.cgroups import cgroup2_root
 from steer.node.netns import netns_path, run_in_netns
-from steer.testing.podproc import PodProcess, PodProcessError
 
 pytestmark = [
     pytest.mark.privileged,
@@ -304,7 +306,7 @@ def test_worker_dies_when_the_block_fails(lab: LabState) -> None:
 
 def test_worker_exits_when_stdin_closes(lab: LabState) -> None:
     pod = lab.pod("default", "client")
-    worker = [sys.executable, "-m", "steer.testing.podproc"]
+    worker = [sys.executable, "-m", "steer.lab.podproc"]
     proc = subprocess.Popen(
         [*worker, "--netns", pod.netns, "--cgroup", pod.cgroup],
         stdin=subprocess.PIPE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from steer.node.lab import LabError, lab_specs_from_yaml
+from steer.lab.spec import LabError, lab_specs_from_yaml
 
 GOOD = """
 namespaces:

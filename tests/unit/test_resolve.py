@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from steer.node.resolve import (
+from steer.node.cgroups import (
     WALK_MAX_DEPTH,
     NotFoundError,
     ResolveError,

@@ -1,4 +1,5 @@
-"""Find a Kubernetes pod's cgroup v2 directory and network namespace on this node.
+"""Where cgroup v2 is mounted, and where a Kubernetes pod's cgroup v2 directory and
+network namespace are on this node.
 
 The eBPF datapath attaches its cgroup programs to a pod's cgroup, and revoking flows
 (`ss -K`) runs in the pod's network namespace. Neither appears in the pod object the
@@ -25,6 +26,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
+
+from steer.constants import CGROUP2_CANDIDATES
 
 PROC: Final = Path("/proc")
 # How many directory levels below the cgroup root the fallback search looks for the pod's
@@ -62,6 +65,36 @@ _SAFE_UID: Final = re.compile(r"[0-9A-Za-z-]{1,128}")
 _SAFE_CONTAINER_ID: Final = re.compile(r"[0-9A-Za-z]{1,128}")
 # A pod's cgroup under either driver; pods never nest, so the search stops descending here.
 _POD_DIR: Final = re.compile(r"pod[0-9A-Za-z-]+|.+-pod[0-9A-Za-z_]+\.slice")
+
+
+class CgroupError(RuntimeError):
+    """No cgroup v2 hierarchy where steer looks for one."""
+
+
+def cgroup2_root() -> Path:
+    """The first of CGROUP2_CANDIDATES that is really a cgroup2 mount.
+
+    Checking /proc/mounts matters on hybrid hosts, where /sys/fs/cgroup exists but is
+    a tmpfs of v1 hierarchies and creating a directory in it would mean nothing.
+    """
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    cgroup2 = {fields[1] for fields in (line.split() for line in mounts) if fields[2] == "cgroup2"}
+    for candidate in CGROUP2_CANDIDATES:
+        if str(candidate) in cgroup2:
+            return candidate
+    raise CgroupError(f"no cgroup2 mount at any of {[str(c) for c in CGROUP2_CANDIDATES]}")
+
+
+def own_cgroup() -> Path | None:
+    """This process's cgroup2 directory, if there is a cgroup2 hierarchy."""
+    try:
+        root = cgroup2_root()
+    except CgroupError:
+        return None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return root / line[3:].lstrip("/")
+    return None
 
 
 class ResolveError(Exception):

@@ -1,6 +1,6 @@
 """A worker process that lives inside a lab pod: in its network namespace AND its cgroup.
 
-The thread-based helpers in ``steer.testing.servers`` put sockets in a pod's network
+The thread-based helpers in ``steer.lab.servers`` put sockets in a pod's network
 namespace, but the sockets still belong to the cgroup of the test process. cgroup BPF
 hooks (connect4, sockops, sk_msg) look at the cgroup of the task that creates a
 socket, so a datapath built on them only sees a workload that really runs in the
@@ -14,7 +14,7 @@ at a time::
     with PodProcess.start(pod.netns, pod.cgroup) as client:
         reply = client.request(web.ip, 8080, "GET", "/public/hello")
 
-Run as ``python -m steer.testing.podproc --netns NS --cgroup DIR``, the module is the
+Run as ``python -m steer.lab.podproc --netns NS --cgroup DIR``, the module is the
 worker itself.
 """
 
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from steer.lab.servers import original_dst, serve
 from steer.node.netns import enter_netns, netns_path
-from steer.testing.servers import original_dst, serve
 
 # Socket timeout for the operations that take none (echo, raw TCP), so that a silent
 # peer turns into an error instead of a worker that never answers again.
@@ -210,7 +210,7 @@ class PodProcess:
         self._call("tcp_close", 0.0, conn=conn)
 
     def serve_http(self, ip: str, port: int, name: str) -> None:
-        """Serve ``steer.testing.servers``' HTTP handler on ip:port (answering as pod
+        """Serve ``steer.lab.servers``' HTTP handler on ip:port (answering as pod
         ``name``) until the worker exits; returns once the socket is listening."""
         self._call("serve_http", 0.0, ip=ip, port=port, name=name)
 

@@ -17,13 +17,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from steer.atomicfile import write_text_atomic
 from steer.constants import RUN_DIR
+from steer.lab.process import supervised
+from steer.lab.spec import LabPodSpec, LabState, default_lab_specs
+from steer.lab.updown import lab_down, lab_up
 from steer.node.bpf import BpfDatapath
 from steer.node.envoy import wait_ready
-from steer.node.lab import LabPodSpec, LabState, default_lab_specs, lab_down, lab_up
 from steer.node.netns import run_in_netns
 from steer.source.local import directory_texts, texts_digest
-from steer.testing.process import supervised
 
 POLICY_DIR = RUN_DIR / "policies"
 LOG_DIR = RUN_DIR / "logs"
@@ -110,9 +112,7 @@ class LocalNode:
                 if existing.name not in texts:
                     existing.unlink()
         for name, text in texts.items():
-            staged = self.policy_dir / f".{name}.staged"
-            staged.write_text(text)
-            staged.replace(self.policy_dir / name)
+            write_text_atomic(self.policy_dir / name, text)
 
     def synced(self) -> bool:
         """Agent and control plane run the directory's current policies, Envoy ACKed them."""

@@ -30,7 +30,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from steer.testing.process import supervised
+from steer.lab.process import supervised
 
 KUBE_VERSION = "v1.20.2"
 DEFAULT_CACHE = Path("/var/cache/steer/kube")
