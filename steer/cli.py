@@ -13,21 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from steer.constants import (
+    AGENT_STATUS_FILE,
     CONTROL_SERVICE,
+    CONTROL_STATUS_FILE,
     ENVOY_ADMIN_ADDRESS,
     ENVOY_ADMIN_PORT,
     LAB_GATEWAY_IP,
     LAB_NODE_NAME,
     LAB_STATE_FILE,
     NODE_NETNS,
-    RUN_DIR,
+    POLICY_DIR,
     SYSTEM_NAMESPACE,
     WEBHOOK_PORT,
     XDS_PORT,
     XDS_SOCKET,
 )
-
-DEFAULT_POLICY_DIR = RUN_DIR / "policies"
 
 
 def _print_json(document: object) -> None:
@@ -298,8 +298,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     documents = {}
-    for name in ("agent", "control"):
-        path = RUN_DIR / f"{name}-status.json"
+    for name, path in (("agent", AGENT_STATUS_FILE), ("control", CONTROL_STATUS_FILE)):
         try:
             documents[name] = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -378,7 +377,7 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policies",
         type=Path,
-        default=DEFAULT_POLICY_DIR,
+        default=POLICY_DIR,
         help="directory of HTTPPolicy YAML files",
     )
     parser.add_argument("--lab-state", type=Path, default=LAB_STATE_FILE)

@@ -78,10 +78,20 @@ LAB_NODE_NAME: Final = "lab-node"
 CGROUP_SUBTREE: Final = "steer"
 CGROUP2_CANDIDATES: Final = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
 
+# --- files on the node -------------------------------------------------------------------
 RUN_DIR: Final = Path("/run/steer")
 LAB_STATE_FILE: Final = RUN_DIR / "lab.json"
 XDS_SOCKET: Final = RUN_DIR / "xds.sock"
-BPF_PIN_DIR: Final = Path("/sys/fs/bpf/steer")
+POLICY_DIR: Final = RUN_DIR / "policies"
+LOG_DIR: Final = RUN_DIR / "logs"
+AGENT_STATUS_FILE: Final = RUN_DIR / "agent-status.json"
+CONTROL_STATUS_FILE: Final = RUN_DIR / "control-status.json"
+ENVOY_BOOTSTRAP_FILE: Final = RUN_DIR / "envoy-bootstrap.json"
+ENVOY_LOG_FILE: Final = RUN_DIR / "envoy.log"
+# The eBPF datapath's build hash, attachments and pod slots, kept across agent restarts.
+BPF_STATE_FILE: Final = RUN_DIR / "bpf-state.json"
+BPFFS: Final = Path("/sys/fs/bpf")
+BPF_PIN_DIR: Final = BPFFS / "steer"
 
 # --- Kubernetes deployment --------------------------------------------------------------
 SYSTEM_NAMESPACE: Final = "steer-system"

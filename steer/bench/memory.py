@@ -33,8 +33,8 @@ from typing import Any
 from steer.atomicfile import write_json_atomic
 from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
-from steer.constants import ANNOTATION_DATAPLANE, LAB_POD_CIDR, LAB_STATE_FILE
-from steer.lab.localnode import AGENT_STATUS, LocalNode, read_status
+from steer.constants import AGENT_STATUS_FILE, ANNOTATION_DATAPLANE, LAB_POD_CIDR, LAB_STATE_FILE
+from steer.lab.localnode import LocalNode, read_status
 from steer.lab.spec import LabPodJSON, default_lab_specs
 from steer.node.bpf import BPFFS, build_command
 
@@ -197,7 +197,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
         # Written after the pods: synced then means both processes loaded the new pods too.
         node.write_policies({"bench-memory.yaml": policies(modelled)})
         node.wait_synced(timeout=SYNC_TIMEOUT_S)
-        agent = read_status(AGENT_STATUS) or {}
+        agent = read_status(AGENT_STATUS_FILE) or {}
         if len(agent.get("pods", [])) != total:
             raise RuntimeError(f"the agent sees {len(agent.get('pods', []))} pods, not {total}")
         if (dataplane := node.dataplane_of("client")) != "ebpf":

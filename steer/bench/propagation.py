@@ -57,16 +57,22 @@ from steer.atomicfile import write_json_atomic
 from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
 from steer.bench.stats import abba
-from steer.constants import ANNOTATION_DATAPLANE, LAB_POD_CIDR, LAB_STATE_FILE
-from steer.control.cache import ROUTE_TYPE, Snapshot
-from steer.lab.localnode import CONTROL_STATUS, LOG_DIR, LocalNode, read_status
+from steer.constants import (
+    ANNOTATION_DATAPLANE,
+    CONTROL_STATUS_FILE,
+    LAB_POD_CIDR,
+    LAB_STATE_FILE,
+    LOG_DIR,
+)
+from steer.control.cache import Snapshot
+from steer.lab.localnode import LocalNode, read_status
 from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPodSpec
 from steer.model.enforce import resolve
 from steer.model.load import parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
-from steer.render.xds import render_resources
+from steer.render.xds import ROUTE_TYPE, render_resources
 from steer.source.local import load_lab_pods
 
 MODES = ("sotw", "delta")
@@ -290,7 +296,7 @@ class ModeRun:
 
 
 def _counters() -> dict[str, int]:
-    status = read_status(CONTROL_STATUS) or {}
+    status = read_status(CONTROL_STATUS_FILE) or {}
     return {k: int(status.get(k, 0)) for k in ("pushes", "acks", "nacks")}
 
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
 from steer.bench.stats import abba
-from steer.control.cache import LISTENER_TYPE, Snapshot
+from steer.control.cache import Snapshot
 from steer.idlegc import IdleCollector
 from steer.model.enforce import Resolver
 from steer.model.load import parse_policies
@@ -32,7 +32,7 @@ from steer.model.policy import HTTPPolicy
 from steer.node import iptables
 from steer.node.netns import run_in_netns
 from steer.render.iptables import RulesetCache, render_ruleset
-from steer.render.xds import SnapshotRenderer
+from steer.render.xds import LISTENER_TYPE, SnapshotRenderer
 
 T = TypeVar("T")
 RULES_PER_POLICY = 50

@@ -30,10 +30,14 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-LISTENER_TYPE: Final = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE_TYPE: Final = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-CLUSTER_TYPE: Final = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT_TYPE: Final = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+from steer.render.xds import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    HCM_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    type_url,
+)
 
 # Make-before-break: a cluster must exist before a route can point at it, and a listener
 # before the RDS config it names is of any use, so updates go out in this order.
@@ -45,10 +49,6 @@ WILDCARD_TYPES: Final = frozenset({LISTENER_TYPE, CLUSTER_TYPE})
 # Hex digits kept from a sha256; 64 bits is plenty to tell configurations apart and keeps
 # versions readable in logs and in Envoy's config_dump.
 VERSION_DIGITS: Final = 16
-
-_HCM_TYPE: Final = (
-    "type.googleapis.com/" + http_connection_manager_pb2.HttpConnectionManager.DESCRIPTOR.full_name
-)
 
 
 class InconsistentSnapshot(ValueError):
@@ -62,10 +62,6 @@ def resource_name(msg: Message) -> str:
     if msg.DESCRIPTOR.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
         return str(fields.cluster_name)
     return str(fields.name)
-
-
-def _type_url(msg: Message) -> str:
-    return f"type.googleapis.com/{msg.DESCRIPTOR.full_name}"
 
 
 def _digest(parts: Iterable[bytes]) -> str:
@@ -116,7 +112,7 @@ class Snapshot:
         """Build a snapshot from resources, keyed by their type and their own names."""
         resources: dict[str, dict[str, Message]] = {}
         for msg in messages:
-            byname = resources.setdefault(_type_url(msg), {})
+            byname = resources.setdefault(type_url(msg), {})
             name = resource_name(msg)
             if name in byname:
                 raise InconsistentSnapshot(f"duplicate {msg.DESCRIPTOR.name} {name!r}")
@@ -194,11 +190,11 @@ class Snapshot:
         diagnose than refusing the snapshot here.
         """
         problems: list[str] = []
-        for type_url, byname in self.resources.items():
+        for kind, byname in self.resources.items():
             for key, msg in byname.items():
                 if resource_name(msg) != key:
                     problems.append(
-                        f"{type_url.rsplit('.', 1)[-1]} stored as {key!r} "
+                        f"{kind.rsplit('.', 1)[-1]} stored as {key!r} "
                         f"is named {resource_name(msg)!r}"
                     )
 
@@ -267,7 +263,7 @@ def _listener_references(listener: listener_pb2.Listener) -> _References:
         for flt in chain.filters:
             # In v3 the typed_config's type, not the filter's free-form name, picks the
             # extension, so match on the type to catch HCMs whatever they are called.
-            if not (flt.HasField("typed_config") and flt.typed_config.type_url == _HCM_TYPE):
+            if not (flt.HasField("typed_config") and flt.typed_config.type_url == HCM_TYPE):
                 continue
             hcm = http_connection_manager_pb2.HttpConnectionManager()
             flt.typed_config.Unpack(hcm)

@@ -16,7 +16,7 @@ from pathlib import Path
 from watchfiles import awatch
 
 from steer.atomicfile import write_json_atomic
-from steer.constants import LAB_NODE_NAME, RUN_DIR, XDS_SOCKET
+from steer.constants import CONTROL_STATUS_FILE, LAB_NODE_NAME, XDS_SOCKET
 from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from steer.control.xds import serve
 from steer.idlegc import IdleCollector
@@ -24,7 +24,6 @@ from steer.render.xds import SnapshotRenderer
 from steer.source.local import LocalInputs
 
 log = logging.getLogger("steer.control")
-STATUS_FILE = RUN_DIR / "control-status.json"
 
 
 @dataclass
@@ -32,7 +31,7 @@ class LocalControlPlane:
     inputs: LocalInputs
     node_id: str = LAB_NODE_NAME
     cache: SnapshotCache = field(default_factory=SnapshotCache)
-    status_file: Path = STATUS_FILE
+    status_file: Path = CONTROL_STATUS_FILE
 
     def __post_init__(self) -> None:
         self.errors: list[str] = []

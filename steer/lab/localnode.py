@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from steer.atomicfile import write_text_atomic
-from steer.constants import RUN_DIR
+from steer.constants import AGENT_STATUS_FILE, CONTROL_STATUS_FILE, LOG_DIR, POLICY_DIR
 from steer.lab.process import supervised
 from steer.lab.spec import LabPodSpec, LabState, default_lab_specs
 from steer.lab.updown import lab_down, lab_up
@@ -26,11 +26,6 @@ from steer.node.bpf import BpfDatapath
 from steer.node.envoy import wait_ready
 from steer.node.netns import run_in_netns
 from steer.source.local import directory_texts, texts_digest
-
-POLICY_DIR = RUN_DIR / "policies"
-LOG_DIR = RUN_DIR / "logs"
-AGENT_STATUS = RUN_DIR / "agent-status.json"
-CONTROL_STATUS = RUN_DIR / "control-status.json"
 
 
 def _steer(*args: str) -> list[str]:
@@ -81,13 +76,13 @@ class LocalNode:
         started = time.time()
         self.lab = lab_up(self.specs)
         wait_for(
-            lambda: (read_status(AGENT_STATUS) or {}).get("loaded_at", 0) >= started,
+            lambda: (read_status(AGENT_STATUS_FILE) or {}).get("loaded_at", 0) >= started,
             15,
             f"the agent to act on {pod}'s new annotations",
         )
 
     def dataplane_of(self, pod: str, namespace: str = "default") -> str:
-        status = read_status(AGENT_STATUS) or {}
+        status = read_status(AGENT_STATUS_FILE) or {}
         return next(
             (
                 str(p["dataplane"])
@@ -117,7 +112,7 @@ class LocalNode:
     def synced(self) -> bool:
         """Agent and control plane run the directory's current policies, Envoy ACKed them."""
         want = texts_digest(directory_texts(self.policy_dir))
-        agent, control = read_status(AGENT_STATUS), read_status(CONTROL_STATUS)
+        agent, control = read_status(AGENT_STATUS_FILE), read_status(CONTROL_STATUS_FILE)
         if agent is None or control is None:
             return False
         # Both must also have loaded the directory since the last write: rewriting the
@@ -145,7 +140,7 @@ class LocalNode:
         keep: bool = False,
     ) -> Iterator[LocalNode]:
         lab_down()
-        for stale in (AGENT_STATUS, CONTROL_STATUS):
+        for stale in (AGENT_STATUS_FILE, CONTROL_STATUS_FILE):
             stale.unlink(missing_ok=True)
         specs = specs if specs is not None else default_lab_specs()
         lab = lab_up(specs)

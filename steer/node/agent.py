@@ -17,20 +17,19 @@ from pathlib import Path
 from watchfiles import watch
 
 from steer.atomicfile import write_json_atomic
-from steer.constants import RUN_DIR
+from steer.constants import AGENT_STATUS_FILE
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.source.local import LocalInputs
 
 log = logging.getLogger("steer.agent")
-STATUS_FILE = RUN_DIR / "agent-status.json"
 
 
 @dataclass
 class LocalAgent:
     inputs: LocalInputs
-    status_file: Path = STATUS_FILE
+    status_file: Path = AGENT_STATUS_FILE
     datapath: NodeDatapath = field(default_factory=NodeDatapath)
     _loaded_at: float = 0.0
 

@@ -11,7 +11,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from steer.constants import ENVOY_ADMIN_ADDRESS, ENVOY_ADMIN_PORT, RUN_DIR
+from steer.constants import (
+    ENVOY_ADMIN_ADDRESS,
+    ENVOY_ADMIN_PORT,
+    ENVOY_BOOTSTRAP_FILE,
+    ENVOY_LOG_FILE,
+)
 from steer.render.bootstrap import AdsMode, bootstrap
 
 log = logging.getLogger("steer.envoy")
@@ -84,15 +89,13 @@ def wait_ready(timeout: float = 15.0, admin_port: int = ENVOY_ADMIN_PORT) -> Non
     raise EnvoyError(f"Envoy not ready after {timeout:.0f}s (last answer: {last})")
 
 
-def supervise(
-    node_id: str, xds: Path | tuple[str, int], ads: AdsMode = "delta", run_dir: Path = RUN_DIR
-) -> None:
+def supervise(node_id: str, xds: Path | tuple[str, int], ads: AdsMode = "delta") -> None:
     """Run Envoy until interrupted, restarting it with backoff if it exits."""
-    config = write_bootstrap(node_id, xds, ads, run_dir / "envoy-bootstrap.json")
+    config = write_bootstrap(node_id, xds, ads, ENVOY_BOOTSTRAP_FILE)
     backoff = 0.5
     while True:
         started = time.monotonic()
-        proc = subprocess.Popen(envoy_argv(config, run_dir / "envoy.log"))
+        proc = subprocess.Popen(envoy_argv(config, ENVOY_LOG_FILE))
         try:
             code = proc.wait()
         except KeyboardInterrupt:

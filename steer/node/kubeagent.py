@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,13 +31,13 @@ from steer.constants import (
     FIELD_MANAGER,
     POLICY_PLURAL,
     READINESS_GATE,
-    ROUTE_PREFIX,
 )
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.node.cgroups import ResolveError, pod_cgroup, pod_netns
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.netns import run_in_netns
+from steer.render.xds import route_name
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
     PolicyValidator,
@@ -61,10 +62,6 @@ def envoy_route_names(admin: str = f"{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}") 
         if route.get("name"):
             names.add(str(route["name"]))
     return names
-
-
-def route_for(ip: str) -> str:
-    return f"{ROUTE_PREFIX}-{ip}-32"
 
 
 @dataclass
@@ -166,7 +163,7 @@ class KubeAgent:
             return
         for key, obj in waiting.items():
             pod = pod_from_object(obj, {})
-            if pod is None or route_for(pod.ip) not in served:
+            if pod is None or route_name(IPv4Network(f"{pod.ip}/32")) not in served:
                 continue
             self._set_gate(obj, report.dataplanes[key])
 

@@ -19,6 +19,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -46,9 +47,18 @@ from steer.model.enforce import Enforcement, ManagedPod, ResolvedRule, Resolver,
 from steer.model.pod import Pod
 from steer.model.policy import Action, HeaderMatch, HTTPMatch, HTTPPolicy, PathMatch
 
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+def type_url(message: Message | type[Message]) -> str:
+    """The xDS type URL of a message (or message class): what Any and DiscoveryRequests
+    name it by."""
+    return f"type.googleapis.com/{message.DESCRIPTOR.full_name}"
+
+
+LISTENER_TYPE = type_url(listener_pb2.Listener)
+ROUTE_TYPE = type_url(route_pb2.RouteConfiguration)
+CLUSTER_TYPE = type_url(cluster_pb2.Cluster)
+ENDPOINT_TYPE = type_url(endpoint_pb2.ClusterLoadAssignment)
+HCM_TYPE = type_url(hcm_pb2.HttpConnectionManager)
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 EGRESS_DENY, INGRESS_DENY, EGRESS_ALLOW, INGRESS_ALLOW = RBAC_FILTERS
 DEFAULT_DESTINATION = IPv4Network("0.0.0.0/0")
@@ -64,9 +74,15 @@ class Destination:
 
     @property
     def route_name(self) -> str:
-        if self.prefix == DEFAULT_DESTINATION:
-            return f"{ROUTE_PREFIX}-default"
-        return f"{ROUTE_PREFIX}-{self.prefix.network_address}-{self.prefix.prefixlen}"
+        return route_name(self.prefix)
+
+
+def route_name(prefix: IPv4Network) -> str:
+    """The route configuration that holds the rules for destinations in `prefix` (a pod's
+    /32, or the default chain's): the agent looks for it in Envoy's config_dump."""
+    if prefix == DEFAULT_DESTINATION:
+        return f"{ROUTE_PREFIX}-default"
+    return f"{ROUTE_PREFIX}-{prefix.network_address}-{prefix.prefixlen}"
 
 
 def _pack(message: Message) -> any_pb2.Any:
@@ -74,7 +90,7 @@ def _pack(message: Message) -> any_pb2.Any:
     could serialize, and version, differently in two processes; a restarted control plane
     would then resend everything over delta. Serialize deterministically instead."""
     return any_pb2.Any(
-        type_url=f"type.googleapis.com/{message.DESCRIPTOR.full_name}",
+        type_url=type_url(message),
         value=message.SerializeToString(deterministic=True),
     )
 

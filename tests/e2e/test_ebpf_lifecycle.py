@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from steer.constants import ANNOTATION_DATAPLANE
-from steer.lab.localnode import AGENT_STATUS, LOG_DIR, POLICY_DIR, read_status, wait_for
+from steer.constants import AGENT_STATUS_FILE, ANNOTATION_DATAPLANE, LOG_DIR, POLICY_DIR
+from steer.lab.localnode import read_status, wait_for
 from steer.lab.podproc import PodProcessError
 from tests.e2e.conftest import HTTP_PORT, PodsNode, pods_node
 from tests.samples import policy_yaml
@@ -147,7 +147,7 @@ def test_flows_survive_kill_9_of_the_agent_and_a_restart_adopts_the_pins(node: P
     assert client.request(node.ip("web"), HTTP_PORT, "GET", "/admin").status == 403
     assert client.connect_outcome(node.ip("web"), 9090)[0] == "refused"
 
-    restarted_at = (read_status(AGENT_STATUS) or {}).get("loaded_at", 0)
+    restarted_at = (read_status(AGENT_STATUS_FILE) or {}).get("loaded_at", 0)
     log = LOG_DIR / "agent-restarted.log"
     with log.open("wb") as out:
         agent = subprocess.Popen(
@@ -157,7 +157,7 @@ def test_flows_survive_kill_9_of_the_agent_and_a_restart_adopts_the_pins(node: P
         )
     try:
         wait_for(
-            lambda: (read_status(AGENT_STATUS) or {}).get("loaded_at", 0) > restarted_at,
+            lambda: (read_status(AGENT_STATUS_FILE) or {}).get("loaded_at", 0) > restarted_at,
             20,
             "the restarted agent to sync",
         )

@@ -17,8 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
-from steer.constants import API_GROUP_VERSION, LAB_GATEWAY_IP, POLICY_KIND
-from steer.lab.localnode import AGENT_STATUS, CONTROL_STATUS, read_status, wait_for
+from steer.constants import (
+    AGENT_STATUS_FILE,
+    API_GROUP_VERSION,
+    CONTROL_STATUS_FILE,
+    LAB_GATEWAY_IP,
+    POLICY_KIND,
+)
+from steer.lab.localnode import read_status, wait_for
 from steer.source.local import directory_texts, texts_digest
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 
@@ -79,12 +85,12 @@ def apply(node: PodsNode, *policies: Policies) -> None:
 
 def reported_errors() -> tuple[list[str], list[str]]:
     """Policy errors as the control plane and the agent report them in their status files."""
-    control, agent = read_status(CONTROL_STATUS) or {}, read_status(AGENT_STATUS) or {}
+    control, agent = read_status(CONTROL_STATUS_FILE) or {}, read_status(AGENT_STATUS_FILE) or {}
     return control.get("errors", []), agent.get("last_sync", {}).get("errors", [])
 
 
 def digests_in_force() -> tuple[str | None, str | None]:
-    control, agent = read_status(CONTROL_STATUS) or {}, read_status(AGENT_STATUS) or {}
+    control, agent = read_status(CONTROL_STATUS_FILE) or {}, read_status(AGENT_STATUS_FILE) or {}
     return control.get("policy_digest"), agent.get("policy_digest")
 
 

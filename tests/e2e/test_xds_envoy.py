@@ -43,15 +43,13 @@ from google.rpc import status_pb2
 
 from steer.constants import ENVOY_CLUSTER_ID
 from steer.control.cache import (
-    CLUSTER_TYPE,
-    LISTENER_TYPE,
-    ROUTE_TYPE,
     PushRejected,
     Snapshot,
     SnapshotCache,
 )
 from steer.control.xds import serve
 from steer.render.bootstrap import AdsMode, bootstrap
+from steer.render.xds import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from tests.xds_builders import loopback, static_cluster
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"

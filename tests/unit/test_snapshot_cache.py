@@ -16,15 +16,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2
 
 from steer.control.cache import (
-    CLUSTER_TYPE,
-    ENDPOINT_TYPE,
-    LISTENER_TYPE,
-    ROUTE_TYPE,
     InconsistentSnapshot,
     PushRejected,
     Snapshot,
     SnapshotCache,
 )
+from steer.render.xds import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from tests.xds_builders import static_cluster
 
 
