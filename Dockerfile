@@ -13,7 +13,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/steer
 # An editable install: steer finds its BPF C sources relative to the package
-# (steer/node/bpf.py: <source tree>/bpf), and the wheel ships only the steer package.
+# (steer/node/bpfbuild.py: <source tree>/bpf), and the wheel ships only the steer package.
 COPY pyproject.toml ./
 COPY steer ./steer
 COPY bpf ./bpf

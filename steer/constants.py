@@ -62,6 +62,15 @@ VERDICT_ALLOW: Final = 1
 VERDICT_DENY: Final = 2
 VERDICT_L7: Final = 3
 
+# --- eBPF map sizes -----------------------------------------------------------------------
+# Compiled into the programs as -D flags (steer.node.bpfmaps.BUILD_OPTIONS); the loader
+# checks every pinned map against them, and the renderer sizes a pod's policy by them.
+BPF_MAX_PODS: Final = 4096  # pods per node on eBPF; slot 0 means "not a pod"
+BPF_MAX_PREFIXES: Final = 65536  # LPM entries: destination prefixes x source pods
+BPF_MAX_SEGMENTS: Final = 16  # port segments per prefix; more falls back to iptables
+BPF_MAX_PENDING: Final = 65536  # connects not yet established
+BPF_MAX_FLOWS: Final = 262144  # steered connections alive
+
 # --- iptables -------------------------------------------------------------------------------
 CHAIN_PREFIX: Final = "STEER"
 COMMENT_PREFIX: Final = "steer/"

@@ -28,8 +28,9 @@ from steer.lab.localnode import LocalNode
 from steer.lab.podproc import PodProcess
 from steer.lab.spec import default_lab_specs
 from steer.node import iptables
-from steer.node.bpf import BpfDatapath
+from steer.node.bpfobjects import BpfObjects
 from steer.node.cgroups import cgroup2_root
+from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE
 
@@ -231,7 +232,7 @@ class _Checks:
     def _bpf_counts(self) -> dict[str, int]:
         if self.dataplane != "ebpf":
             return {}
-        bpf = BpfDatapath.load()
+        bpf = BpfObjects.load(HostKernel())
         try:
             return bpf.counters(bpf.slots["default/client"])
         finally:

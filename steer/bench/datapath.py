@@ -36,9 +36,10 @@ from steer.constants import ANNOTATION_DATAPLANE, ANNOTATION_INJECT, LAB_GATEWAY
 from steer.lab.localnode import LocalNode
 from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPod, LabPodSpec
-from steer.node.bpf import BpfDatapath
+from steer.node.bpfobjects import BpfObjects
 from steer.node.cgroups import cgroup2_root
 from steer.node.envoy import envoy_binary
+from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 
 CONFIGS = ("direct", "iptables", "ebpf", "ebpf_skmsg", "l4_direct")
@@ -220,7 +221,7 @@ class DatapathBench:
 
     def _skmsg(self, on: bool) -> None:
         def set_flag() -> None:
-            bpf = BpfDatapath.load()
+            bpf = BpfObjects.load(HostKernel())
             try:
                 bpf.set_skmsg(on)
             finally:

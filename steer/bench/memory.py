@@ -33,10 +33,16 @@ from typing import Any
 from steer.atomicfile import write_json_atomic
 from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
-from steer.constants import AGENT_STATUS_FILE, ANNOTATION_DATAPLANE, LAB_POD_CIDR, LAB_STATE_FILE
+from steer.constants import (
+    AGENT_STATUS_FILE,
+    ANNOTATION_DATAPLANE,
+    BPFFS,
+    LAB_POD_CIDR,
+    LAB_STATE_FILE,
+)
 from steer.lab.localnode import LocalNode, read_status
 from steer.lab.spec import LabPodJSON, default_lab_specs
-from steer.node.bpf import BPFFS, build_command
+from steer.node.bpfbuild import build_command
 
 PODS = 1000
 QUICK_PODS = 50

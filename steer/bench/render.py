@@ -29,7 +29,8 @@ from steer.model.enforce import Resolver
 from steer.model.load import parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
-from steer.node import iptables
+from steer.node.datapath import apply_ruleset
+from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 from steer.render.iptables import RulesetCache, render_ruleset
 from steer.render.xds import LISTENER_TYPE, SnapshotRenderer
@@ -158,9 +159,11 @@ def _render_round(policies: list[HTTPPolicy], pods: list[Pod]) -> dict[str, floa
         "iptables_rules": float(len(ruleset.rules)),
     }
     with scratch_netns() as netns:
-        figures["apply_s"] = run_in_netns(netns, lambda: _timed(lambda: iptables.apply(ruleset)))
+        figures["apply_s"] = run_in_netns(
+            netns, lambda: _timed(lambda: apply_ruleset(HostKernel(), ruleset))
+        )
         figures["reapply_s"] = run_in_netns(
-            netns, lambda: _timed(lambda: iptables.apply(smaller, ruleset))
+            netns, lambda: _timed(lambda: apply_ruleset(HostKernel(), smaller, ruleset))
         )
     figures["apply_s"] /= 1000
     figures["reapply_s"] /= 1000

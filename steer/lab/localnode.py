@@ -22,8 +22,9 @@ from steer.constants import AGENT_STATUS_FILE, CONTROL_STATUS_FILE, LOG_DIR, POL
 from steer.lab.process import supervised
 from steer.lab.spec import LabPodSpec, LabState, default_lab_specs
 from steer.lab.updown import lab_down, lab_up
-from steer.node.bpf import BpfDatapath
+from steer.node.bpfobjects import BpfObjects
 from steer.node.envoy import wait_ready
+from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 from steer.source.local import directory_texts, texts_digest
 
@@ -165,5 +166,5 @@ class LocalNode:
         finally:
             if not keep:
                 # The agent has stopped: nothing holds the BPF objects any more.
-                BpfDatapath.unload_all()
+                BpfObjects.unload_all(HostKernel())
                 lab_down()

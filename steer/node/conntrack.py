@@ -1,14 +1,15 @@
-"""Live flows that carry a steer verdict, and their revocation, through pyroute2.
+"""Live TCP flows in conntrack, and deleting their entries, through pyroute2.
 
-Acts on the calling thread's network namespace.
+The thin adapter behind `NodeKernel`'s conntrack calls: which flows a change revokes is
+decided in `steer.node.datapath`. Acts on the calling thread's network namespace.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -24,7 +25,6 @@ from steer.constants import (
     VERDICT_DENY,
     VERDICT_L7,
 )
-from steer.model.enforce import FlowVerdict
 
 log = logging.getLogger("steer.conntrack")
 # Conntrack TCP states of connections that are over: nothing left to revoke.
@@ -39,13 +39,15 @@ class Flow:
     dport: int
     verdict: int
     policy_id: int
+    # The conntrack entry as dumped, to delete it by; not part of the flow's identity.
+    entry: object = field(default=None, compare=False, repr=False)
 
 
 def _finished(entry: Any) -> bool:
     return entry.protoinfo is not None and entry.protoinfo.state_name() in _FINISHED_TCP_STATES
 
 
-def _steer_entries(ct: Conntrack) -> Iterator[tuple[Flow, object]]:
+def _steer_entries(ct: Conntrack) -> Iterator[Flow]:
     """Live TCP flows that carry a steer verdict."""
     # One kernel-filtered dump per verdict: mark=0 would mean "no filter" to pyroute2.
     for verdict in (VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7):
@@ -65,34 +67,30 @@ def _steer_entries(ct: Conntrack) -> Iterator[tuple[Flow, object]]:
                 int(orig.dport),
                 verdict,
                 (mark & MARK_ID_MASK) >> MARK_ID_SHIFT,
+                entry,
             )
-            yield flow, entry
+            yield flow
 
 
 def flows() -> list[Flow]:
+    """Live TCP flows that carry a steer verdict."""
     with Conntrack() as ct:
-        return [flow for flow, _ in _steer_entries(ct)]
+        return list(_steer_entries(ct))
 
 
-def revoke(decide: Callable[[Flow], FlowVerdict]) -> list[Flow]:
-    """Delete the entries of every flow whose verdict `decide` now reaches differently.
-
-    The flow's next packet then has no conntrack entry, is picked up as new and walks the
-    new policy: a denied flow gets a reset, an allowed one carries on. Flows whose verdict
-    stands are left alone, so a policy change disturbs exactly the flows it affects.
-    """
-    revoked: list[Flow] = []
+def delete(flows: Sequence[Flow]) -> list[Flow]:
+    """Delete these flows' entries: each flow's next packet is then new and walks the
+    rules again. Returns the flows deleted (a flow that ended meanwhile is not)."""
+    deleted: list[Flow] = []
     with Conntrack() as ct:
-        for flow, entry in list(_steer_entries(ct)):
-            if decide(flow).verdict == flow.verdict:
-                continue
+        for flow in flows:
             try:
-                ct.delete(entry)
+                ct.delete(flow.entry)
             except (OSError, NetlinkError) as exc:  # raced with the flow's own end
                 log.debug("conntrack delete %s: %s", flow, exc)
                 continue
-            revoked.append(flow)
-    return revoked
+            deleted.append(flow)
+    return deleted
 
 
 def unmarked_flows(sources: Iterable[IPv4Address]) -> list[Flow]:

@@ -7,6 +7,9 @@ since connect4 decided those already. A pod changing datapath keeps its establis
 connections: conntrack keeps iptables flows' NAT and marks, and sockets already in the
 sockhash keep their sk_msg program. A policy change still revokes the connections a pod
 opened under eBPF after it moved to iptables (until the agent restarts).
+
+Every kernel call goes through a `NodeKernel` (steer.node.kernel): the host's, or a
+recording fake that makes these decisions testable, and showable, without root.
 """
 
 from __future__ import annotations
@@ -16,16 +19,26 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from steer.constants import ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, VERDICT_ALLOW, VERDICT_L7
+from steer.constants import (
+    BPF_STATE_FILE,
+    ENVOY_OUTBOUND_PORT,
+    LAB_GATEWAY_IP,
+    VERDICT_ALLOW,
+    VERDICT_L7,
+)
 from steer.model.enforce import Enforcement, Resolver, decide_flow, resolve
 from steer.model.pod import Dataplane, Pod
 from steer.model.policy import HTTPPolicy
-from steer.node import conntrack, iptables
-from steer.node.bpf import BpfDatapath, BpfError, node_netns_cookie
+from steer.node.bpfbuild import BpfError
+from steer.node.bpfobjects import BpfObjects
+from steer.node.conntrack import Flow
 from steer.node.features import Features, choose, probe
+from steer.node.iptables import IptablesError
+from steer.node.kernel import HostKernel, NodeKernel
 from steer.render.bpf import (
     BpfPolicyCache,
     PodPolicy,
@@ -33,7 +46,14 @@ from steer.render.bpf import (
     flow_verdict,
     render_pod_policy,
 )
-from steer.render.iptables import Ruleset, RulesetCache, render_ruleset
+from steer.render.iptables import (
+    Ruleset,
+    RulesetCache,
+    chains_to_write,
+    cleanup_text,
+    render_ruleset,
+    restore_text,
+)
 
 log = logging.getLogger("steer.datapath")
 
@@ -61,10 +81,35 @@ def _guarded(report: SyncReport, what: str, action: Callable[[], int]) -> int:
         return 0
 
 
+def apply_ruleset(kernel: NodeKernel, ruleset: Ruleset, previous: Ruleset | None = None) -> None:
+    """Make steer's chains hold `ruleset`; on any error the kernel keeps the old rules.
+
+    With `previous` (what this process applied last), only changed chains are rewritten
+    and read back: reading rules back costs far more than writing them, so verifying
+    every chain on every change would dominate a small update at scale.
+    """
+    before = kernel.iptables_state()
+    writes = chains_to_write(ruleset, before, previous)
+    kernel.iptables_restore(restore_text(ruleset, before, previous))
+    kernel.iptables_verify(ruleset, writes)
+
+
+def revoke_conntrack(kernel: NodeKernel, decide: Callable[[Flow], int]) -> list[Flow]:
+    """Delete the entries of every flow whose verdict `decide` now reaches differently.
+
+    The flow's next packet then has no conntrack entry, is picked up as new and walks the
+    new policy: a denied flow gets a reset, an allowed one carries on. Flows whose verdict
+    stands are left alone, so a policy change disturbs exactly the flows it affects.
+    """
+    changed = [flow for flow in kernel.conntrack_flows() if decide(flow) != flow.verdict]
+    return kernel.conntrack_delete(changed) if changed else []
+
+
 @dataclass
 class IptablesDatapath:
-    """Owns steer's iptables state in the current network namespace."""
+    """Owns steer's iptables state in the node's network namespace."""
 
+    kernel: NodeKernel = field(default_factory=HostKernel)
     applied_digest: str | None = None
     applied: Ruleset | None = None
     enforcement: Enforcement | None = None
@@ -85,8 +130,8 @@ class IptablesDatapath:
             return
         started = time.perf_counter()
         try:
-            iptables.apply(ruleset, self.applied)
-        except iptables.IptablesError as exc:
+            apply_ruleset(self.kernel, ruleset, self.applied)
+        except IptablesError as exc:
             report.errors.append(str(exc))
             log.error("rules not applied, previous rules stay in force: %s", exc)
             return
@@ -99,7 +144,9 @@ class IptablesDatapath:
             report,
             "revoking iptables flows",
             lambda: len(
-                conntrack.revoke(lambda f: decide_flow(enforcement, f.src, f.dst, f.dport))
+                revoke_conntrack(
+                    self.kernel, lambda f: decide_flow(enforcement, f.src, f.dst, f.dport).verdict
+                )
             ),
         )
 
@@ -107,36 +154,17 @@ class IptablesDatapath:
         return render_ruleset(resolve(policies, pods))
 
     def unload(self) -> None:
-        iptables.unload()
+        """Remove steer's jumps and chains; other parties' rules stay exactly as they were."""
+        self.kernel.iptables_restore(cleanup_text(self.kernel.iptables_state()))
         self.applied_digest = None
         self.applied = None
 
 
-def destroy_socket(netns: str, local: tuple[str, int], remote: tuple[str, int]) -> None:
-    """Abort one TCP socket inside a pod (SOCK_DESTROY): its owner sees ECONNABORTED.
-
-    `netns` is a named namespace (the lab) or a path such as /proc/<pid>/ns/net (a
-    Kubernetes pod, found through one of its processes)."""
-    enter = (
-        ("nsenter", f"--net={netns}") if netns.startswith("/") else ("ip", "netns", "exec", netns)
-    )
-    subprocess.run(
-        [
-            *enter,
-            *("ss", "-K", "-t", "-n"),
-            *("src", f"{local[0]}:{local[1]}", "dst", f"{remote[0]}:{remote[1]}"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=5,
-    )
-
-
 @dataclass
-class EbpfPods:
+class EbpfDatapath:
     """The eBPF side: which pods it steers, with which slot and policy."""
 
-    bpf: BpfDatapath
+    bpf: BpfObjects
     envoy_ip: str
     installed: dict[str, tuple[str, int, PodPolicy]] = field(default_factory=dict)
     # Pods that left eBPF for iptables: connections they opened under eBPF live on (L7
@@ -195,16 +223,16 @@ class EbpfPods:
         for client_ip, client_port, orig_ip, orig_port in bpf.steered_flows():
             pod = by_ip.get(client_ip)
             if pod is not None and flow_verdict(enforcement, pod, orig_ip, orig_port) != VERDICT_L7:
-                destroy_socket(
+                bpf.kernel.destroy_socket(
                     pod.pod.netns,
                     (str(client_ip), client_port),
                     (self.envoy_ip, ENVOY_OUTBOUND_PORT),
                 )
                 revoked += 1
-        for flow in conntrack.unmarked_flows(by_ip.keys()):
+        for flow in bpf.kernel.conntrack_unmarked_flows(by_ip.keys()):
             pod = by_ip[flow.src]
             if flow_verdict(enforcement, pod, flow.dst, flow.dport) != VERDICT_ALLOW:
-                destroy_socket(
+                bpf.kernel.destroy_socket(
                     pod.pod.netns, (str(flow.src), flow.sport), (str(flow.dst), flow.dport)
                 )
                 revoked += 1
@@ -214,19 +242,24 @@ class EbpfPods:
 @dataclass
 class NodeDatapath:
     envoy_ip: str = LAB_GATEWAY_IP
+    kernel: NodeKernel = field(default_factory=HostKernel)
     features: Features = field(default_factory=probe)
-    iptables: IptablesDatapath = field(default_factory=IptablesDatapath)
-    ebpf: EbpfPods | None = None
+    bpf_state_file: Path = BPF_STATE_FILE
+    iptables: IptablesDatapath = field(init=False)
+    ebpf: EbpfDatapath | None = None
     _resolver: Resolver | None = None
     _resolver_local: Callable[[Pod], bool] | None = None
     _maps: BpfPolicyCache = field(default_factory=BpfPolicyCache)
 
-    def _ebpf(self) -> EbpfPods | None:
+    def __post_init__(self) -> None:
+        self.iptables = IptablesDatapath(self.kernel)
+
+    def _ebpf(self) -> EbpfDatapath | None:
         """Load (or adopt) the BPF objects on first need; a failure turns eBPF off."""
         if self.ebpf is None and self.features.ebpf:
             try:
-                bpf = BpfDatapath.load()
-                bpf.configure(self.envoy_ip, node_netns_cookie(), self.features.skmsg)
+                bpf = BpfObjects.load(self.kernel, state_file=self.bpf_state_file)
+                bpf.configure(self.envoy_ip, self.kernel.netns_cookie(), self.features.skmsg)
             except (BpfError, OSError, subprocess.SubprocessError) as exc:
                 log.error("eBPF datapath unavailable, every pod stays on iptables: %s", exc)
                 self.features = self.features.without_ebpf(
@@ -238,7 +271,7 @@ class NodeDatapath:
                 "adopted" if bpf.adopted else "compiled",
                 "on" if self.features.skmsg else f"off: {self.features.skmsg_reason}",
             )
-            self.ebpf = EbpfPods(bpf, self.envoy_ip)
+            self.ebpf = EbpfDatapath(bpf, self.envoy_ip)
         return self.ebpf
 
     def _choose(self, enforcement: Enforcement, report: SyncReport) -> dict[str, PodPolicy]:

@@ -2,7 +2,7 @@
 
 The probe checks the cheap things first (cgroup v2, bcc, a kernel denylisted for sk_msg);
 whether each program type and helper really loads is proven by loading the real programs
-(steer.node.bpf), whose failure is recorded here as the reason to fall back. A result can
+(steer.node.bpfobjects), whose failure is recorded here as the reason to fall back. A result can
 be forced with STEER_FEATURES, e.g. '{"ebpf": false}', to test the fallback.
 """
 

@@ -39,6 +39,7 @@ def _lib() -> Any:
         "bpf_map_delete_elem": [ct.c_int, ct.c_void_p],
         "bpf_map_get_next_key": [ct.c_int, ct.c_void_p, ct.c_void_p],
         "libbpf_num_possible_cpus": [],
+        "bpf_obj_get_info_by_fd": [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)],
     }
     for name, argtypes in signatures.items():
         function = getattr(lib, name)
@@ -77,6 +78,28 @@ def delete(fd: int, key: Any) -> int:
 
 def next_key(fd: int, key: Any, following: Any) -> int:
     return int(_lib().bpf_map_get_next_key(fd, key, following))
+
+
+class MapInfo(ct.Structure):
+    """The head of `struct bpf_map_info`; the kernel fills as much as the caller asks."""
+
+    _fields_ = (
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("key_size", ct.c_uint32),
+        ("value_size", ct.c_uint32),
+        ("max_entries", ct.c_uint32),
+        ("map_flags", ct.c_uint32),
+        ("name", ct.c_char * 16),
+    )
+
+
+def map_info(fd: int) -> MapInfo | None:
+    info = MapInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    if _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
+        return None
+    return info
 
 
 def possible_cpus() -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
-from steer.constants import VERDICT_ALLOW, VERDICT_L7
+from steer.constants import BPF_MAX_SEGMENTS, VERDICT_ALLOW, VERDICT_L7
 from steer.model.enforce import (
     Enforcement,
     ManagedPod,
@@ -216,7 +216,7 @@ class BpfPolicyCache:
 def render_pod_policy(
     enforcement: Enforcement,
     src: ManagedPod,
-    max_segments: int = 16,
+    max_segments: int = BPF_MAX_SEGMENTS,
     cache: BpfPolicyCache | None = None,
 ) -> PodPolicy:
     """Raises TooComplexForBpf if the pod must stay on the iptables datapath. Pure in

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 from google.protobuf.json_format import MessageToDict
@@ -13,17 +11,8 @@ from steer.model.enforce import resolve
 from steer.render.bpf import render_pod_policy
 from steer.render.iptables import Jump, KernelState, cleanup_text, render_ruleset, restore_text
 from steer.render.xds import ROUTE_TYPE, XdsCache, render_resources
+from tests.golden.golden import check_golden
 from tests.samples import API, CLIENT, PODS, WEB, sample_enforcement, sample_policies
-
-DATA = Path(__file__).parent / "data"
-
-
-def check_golden(name: str, text: str) -> None:
-    path = DATA / name
-    if os.environ.get("STEER_REGEN_GOLDEN"):
-        path.write_text(text)
-    assert path.exists(), f"{path} missing; run with STEER_REGEN_GOLDEN=1"
-    assert text == path.read_text(), f"{name} differs from golden; review, then regenerate"
 
 
 def test_iptables_fresh_node_inserts_jumps_and_declares_every_chain() -> None:

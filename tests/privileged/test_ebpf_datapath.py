@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,12 @@ from steer.constants import BPF_PIN_DIR, ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, NO
 from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPod, LabState
 from steer.model.pod import Pod
-from steer.node import bpf as bpf_module
-from steer.node.bpf import BpfDatapath, BpfError
+from steer.node import bpfbuild, bpfmaps
+from steer.node.bpfbuild import BpfError
+from steer.node.bpfobjects import BpfObjects
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.features import FORCE_ENV
+from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 from tests.privileged.conftest import lab_pods
 from tests.samples import sample_policies
@@ -35,7 +38,7 @@ def pods_of(lab: LabState) -> list[Pod]:
 
 
 def unload_everything() -> None:
-    BpfDatapath.unload_all()
+    BpfObjects.unload_all(HostKernel())
     run_in_netns(NODE_NETNS, lambda: NodeDatapath().unload())
 
 
@@ -69,7 +72,7 @@ def client(lab: LabState) -> Iterator[PodProcess]:
 
 
 def counters(name: str) -> dict[str, int]:
-    bpf = BpfDatapath.load()
+    bpf = BpfObjects.load(HostKernel())
     try:
         return bpf.counters(bpf.slots[f"default/{name}"])
     finally:
@@ -131,15 +134,15 @@ def test_restart_adopts_the_pins_without_recompiling(
     node: NodeDatapath, lab: LabState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sync(node, lab)
-    first = BpfDatapath.load()
+    first = BpfObjects.load(HostKernel())
     slots, attachments = dict(first.slots), list(first.attachments)
     first.close()
 
-    def no_compile(self: BpfDatapath) -> None:
+    def no_compile(self: HostKernel, pin_dir: Path) -> None:
         raise AssertionError("a restart must adopt the pinned objects, not recompile")
 
-    monkeypatch.setattr(BpfDatapath, "_compile_and_pin", no_compile)
-    again = BpfDatapath.load()
+    monkeypatch.setattr(HostKernel, "bpf_build", no_compile)
+    again = BpfObjects.load(HostKernel())
     try:
         assert again.adopted
         assert (again.slots, again.attachments) == (slots, attachments)
@@ -201,15 +204,15 @@ def test_a_program_the_verifier_rejects_falls_back_with_its_name_and_log(
     """A connect4 that reads past its map value: the verifier must refuse it, the error
     must name the program and carry the verifier log, and the node must stay up."""
     broken = tmp_path / "bpf"
-    shutil.copytree(bpf_module.BPF_SOURCE_DIR, broken)
+    shutil.copytree(bpfbuild.BPF_SOURCE_DIR, broken)
     connect4 = broken / "connect4.c"
     connect4.write_text(
         connect4.read_text().replace("i < STEER_MAX_SEGMENTS; i++", "i <= STEER_MAX_SEGMENTS; i++")
     )
-    monkeypatch.setattr(bpf_module, "BPF_SOURCE_DIR", broken)
+    monkeypatch.setattr(bpfbuild, "BPF_SOURCE_DIR", broken)
     unload_everything()
     with pytest.raises(BpfError) as info:
-        BpfDatapath.load(pin_dir=tmp_path / "pins", state_file=tmp_path / "state.json")
+        BpfObjects.load(HostKernel(), tmp_path / "pins", tmp_path / "state.json")
     assert "steer_connect4" in str(info.value)
     assert "verifier log" in str(info.value)
     assert "invalid access to map value" in str(info.value)
@@ -223,4 +226,18 @@ def test_a_program_the_verifier_rejects_falls_back_with_its_name_and_log(
     finally:
         datapath.close()
         unload_everything()
-        BpfDatapath.unload_all(tmp_path / "pins", tmp_path / "state.json")
+        BpfObjects.unload_all(HostKernel(), tmp_path / "pins", tmp_path / "state.json")
+
+
+def test_pinned_maps_that_differ_from_the_layout_table_are_refused(
+    node: NodeDatapath, lab: LabState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent checks every pinned map against steer/node/bpfmaps.py when it opens the
+    pins, so C and Python cannot disagree on a size unnoticed."""
+    sync(node, lab)
+    cfg = bpfmaps.MAPS["steer_cfg"]
+    monkeypatch.setitem(bpfmaps.MAPS, "steer_cfg", replace(cfg, max_entries=2))
+    kernel = HostKernel()
+    with pytest.raises(BpfError, match=r"steer_cfg: max_entries 1, expected 2"):
+        kernel.bpf_open_pins(BPF_PIN_DIR)
+    assert not kernel.map_fds and not kernel.prog_fds

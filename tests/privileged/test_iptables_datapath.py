@@ -19,7 +19,8 @@ from steer.model.load import parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
 from steer.node import conntrack, iptables
-from steer.node.datapath import IptablesDatapath, SyncReport
+from steer.node.datapath import IptablesDatapath, SyncReport, apply_ruleset
+from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE, Rule, Ruleset, render_ruleset
 from tests.privileged.conftest import lab_pods
@@ -217,14 +218,14 @@ def test_flows_carry_verdict_and_policy_id_in_conntrack(lab: LabState, servers: 
 
 def test_failed_apply_keeps_previous_rules(lab: LabState) -> None:
     good = render_ruleset(resolve(sample_policies(), pods_of(lab)))
-    run_in_netns(NODE_NETNS, lambda: iptables.apply(good))
+    run_in_netns(NODE_NETNS, lambda: apply_ruleset(HostKernel(), good))
     broken = Ruleset(
         chains=good.chains,
         rules=(*good.rules, Rule("mangle", CHAIN_PRE, ("-j", "NO-SUCH-TARGET"), "broken")),
         jumps=good.jumps,
     )
     with pytest.raises(iptables.IptablesError):
-        run_in_netns(NODE_NETNS, lambda: iptables.apply(broken))
+        run_in_netns(NODE_NETNS, lambda: apply_ruleset(HostKernel(), broken))
     run_in_netns(NODE_NETNS, lambda: iptables.verify(good))
 
 
@@ -237,7 +238,7 @@ def test_read_back_catches_a_chain_changed_behind_our_back(
     per_rule = 0.0 if read_back == "rule by rule" else 1e9
     monkeypatch.setattr(iptables, "RULE_BY_RULE_US", per_rule)
     good = render_ruleset(resolve(sample_policies(), pods_of(lab)))
-    run_in_netns(NODE_NETNS, lambda: iptables.apply(good))
+    run_in_netns(NODE_NETNS, lambda: apply_ruleset(HostKernel(), good))
     side = next(c for c in good.chains["mangle"] if c != CHAIN_PRE)
     checked = {"mangle": (side,)}
     run_in_netns(NODE_NETNS, lambda: iptables.verify(good, checked))
@@ -246,12 +247,12 @@ def test_read_back_catches_a_chain_changed_behind_our_back(
     with pytest.raises(iptables.IptablesError, match=f"mangle/{side} read back"):
         run_in_netns(NODE_NETNS, lambda: iptables.verify(good, checked))
 
-    run_in_netns(NODE_NETNS, lambda: iptables.apply(good))  # no previous: rewrites all
+    run_in_netns(NODE_NETNS, lambda: apply_ruleset(HostKernel(), good))  # no previous: rewrites all
     entry = next(j for j in good.jumps if j.table == "nat")
     in_node(["iptables-legacy", "-t", "nat", "-D", entry.builtin, *entry.spec().split()])
     with pytest.raises(iptables.IptablesError, match="entry jumps missing"):
         run_in_netns(NODE_NETNS, lambda: iptables.verify(good, checked))
-    run_in_netns(NODE_NETNS, lambda: iptables.apply(good))
+    run_in_netns(NODE_NETNS, lambda: apply_ruleset(HostKernel(), good))
 
 
 FOREIGN_RULES = (

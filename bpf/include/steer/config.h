@@ -1,7 +1,8 @@
 /* Every build option of steer's BPF programs, each with its default.
  *
- * The loader passes overrides as -D flags (steer/node/bpf.py, BUILD_OPTIONS); anything not
- * overridden keeps the value here. Values that change at run time (Envoy's address, which
+ * steer compiles with every one of them set as a -D flag from one Python table
+ * (BUILD_OPTIONS in steer/node/bpfmaps.py, sizes from steer/constants.py); the defaults here
+ * serve a compile by hand. Values that change at run time (Envoy's address, which
  * pods are steered) live in maps, not here, so adding a pod never recompiles.
  */
 #ifndef STEER_CONFIG_H

@@ -1,0 +1,166 @@
+"""The eBPF datapath's layouts: build options, maps and programs, as one Python table.
+
+The C side declares every map in bpf/include/steer/maps.h and every build option with a
+default in bpf/include/steer/config.h. Here each option gets the value steer compiles with
+(passed as -D, so C never disagrees with Python), each map key and value a ctypes mirror,
+and each map the size it must have. The build child checks the compiled sizes against
+this table, and the agent checks every pinned map again when it opens the pins.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any, Final
+
+from steer.constants import (
+    BPF_MAX_FLOWS,
+    BPF_MAX_PENDING,
+    BPF_MAX_PODS,
+    BPF_MAX_PREFIXES,
+    BPF_MAX_SEGMENTS,
+    ENVOY_INBOUND_PORT,
+    ENVOY_OUTBOUND_PORT,
+)
+
+BUILD_OPTIONS: Final[dict[str, int]] = {
+    "STEER_OUTBOUND_PORT": ENVOY_OUTBOUND_PORT,
+    "STEER_INBOUND_PORT": ENVOY_INBOUND_PORT,
+    "STEER_MAX_PODS": BPF_MAX_PODS,
+    "STEER_MAX_PREFIXES": BPF_MAX_PREFIXES,
+    "STEER_MAX_SEGMENTS": BPF_MAX_SEGMENTS,
+    "STEER_MAX_PENDING": BPF_MAX_PENDING,
+    "STEER_MAX_FLOWS": BPF_MAX_FLOWS,
+}
+CFG_SKMSG: Final = 0x1
+
+
+def cflags() -> list[str]:
+    return [f"-D{name}={value}" for name, value in BUILD_OPTIONS.items()]
+
+
+# --- ctypes mirrors of bpf/include/steer/maps.h -------------------------------------------
+
+
+class Cfg(ct.Structure):
+    _fields_ = (
+        ("envoy_ip", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("node_netns_cookie", ct.c_uint64),
+    )
+
+
+class PodVal(ct.Structure):
+    _fields_ = (("slot", ct.c_uint32), ("ip", ct.c_uint32))
+
+
+class PolicyKey(ct.Structure):
+    _fields_ = (("prefixlen", ct.c_uint32), ("slot", ct.c_uint32), ("addr", ct.c_uint32))
+
+
+class SegmentVal(ct.Structure):
+    _fields_ = (
+        ("lo", ct.c_uint16),
+        ("hi", ct.c_uint16),
+        ("verdict", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+    )
+
+
+class PolicyVal(ct.Structure):
+    _fields_ = (
+        ("default_verdict", ct.c_uint8),
+        ("nsegments", ct.c_uint8),
+        ("pad", ct.c_uint8 * 2),
+        ("seg", SegmentVal * BPF_MAX_SEGMENTS),
+    )
+
+
+class OrigDst(ct.Structure):
+    _fields_ = (("ip", ct.c_uint32), ("port_be", ct.c_uint16), ("slot", ct.c_uint16))
+
+
+class FlowKey(ct.Structure):
+    _fields_ = (
+        ("netns_cookie", ct.c_uint64),
+        ("client_ip", ct.c_uint32),
+        ("envoy_ip", ct.c_uint32),
+        ("client_port", ct.c_uint16),
+        ("envoy_port", ct.c_uint16),
+        ("pad", ct.c_uint32),
+    )
+
+
+COUNTER_NAMES = (
+    "redirects",
+    "direct",
+    "denied",
+    "msgs",
+    "bytes",
+    "sockopt_hits",
+    "sockopt_miss",
+    "map_full",
+)
+
+
+class CountersVal(ct.Structure):
+    _fields_ = tuple((name, ct.c_uint64) for name in COUNTER_NAMES)
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    key: Any  # a ctypes type; None for the sockhash, whose values are sockets
+    value: Any
+    max_entries: int
+
+
+MAPS: Final[dict[str, MapLayout]] = {
+    "steer_cfg": MapLayout(ct.c_uint32, Cfg, 1),
+    "steer_pods": MapLayout(ct.c_uint64, PodVal, BPF_MAX_PODS),
+    "steer_podips": MapLayout(ct.c_uint32, ct.c_uint32, BPF_MAX_PODS),
+    "steer_policy": MapLayout(PolicyKey, PolicyVal, BPF_MAX_PREFIXES),
+    "steer_cookie": MapLayout(ct.c_uint64, OrigDst, BPF_MAX_PENDING),
+    "steer_origdst": MapLayout(FlowKey, OrigDst, BPF_MAX_FLOWS),
+    "steer_counters": MapLayout(ct.c_uint32, CountersVal, BPF_MAX_PODS),
+    "steer_sockhash": MapLayout(None, None, BPF_MAX_FLOWS),
+}
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    prog_type: str
+    attach_type: str
+
+
+PROGRAMS: Final = (
+    Program("steer_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
+    Program("steer_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS"),
+    Program("steer_skmsg", "SK_MSG", "SK_MSG_VERDICT"),
+    Program("steer_sockopt", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT"),
+)
+PROGRAM_BY_NAME: Final = {p.name: p for p in PROGRAMS}
+POD_PROGRAMS: Final = ("steer_connect4", "steer_sockops")
+ENVOY_PROGRAMS: Final = ("steer_sockops", "steer_sockopt")
+
+
+def ip_be(ip: IPv4Address | str) -> int:
+    """An IPv4 address as the kernel stores it (network order) read as a native u32."""
+    return int.from_bytes(IPv4Address(ip).packed, "little")
+
+
+def ip_from_be(value: int) -> IPv4Address:
+    return IPv4Address(value.to_bytes(4, "little"))
+
+
+def size_mismatches(name: str, key_size: int, value_size: int, max_entries: int) -> list[str]:
+    """How a map as compiled or pinned differs from its layout here (nothing if it fits)."""
+    layout = MAPS[name]
+    want: list[tuple[str, int, int]] = [("max_entries", max_entries, layout.max_entries)]
+    if layout.key is not None:
+        want += [
+            ("key size", key_size, ct.sizeof(layout.key)),
+            ("value size", value_size, ct.sizeof(layout.value)),
+        ]
+    return [f"{name}: {what} {got}, expected {exp}" for what, got, exp in want if got != exp]

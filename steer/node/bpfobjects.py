@@ -1,0 +1,244 @@
+"""steer's pinned BPF objects on this node: what is attached where, which slot each pod
+has, and the map entries that carry each pod's policy.
+
+Programs and maps are pinned under /sys/fs/bpf/steer/, and cgroup attachments are legacy
+(not bpf_link) attachments, which outlive the process. So an agent that restarts, even
+after kill -9, finds everything in place: it re-adopts the pins by path and never
+recompiles unless the sources or build options changed. Adding a pod is a map update
+plus an attach. Every kernel call goes through `NodeKernel`.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import json
+import logging
+import socket
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from steer.atomicfile import write_json_atomic
+from steer.constants import BPF_MAX_PODS, BPF_MAX_SEGMENTS, BPF_PIN_DIR, BPF_STATE_FILE
+from steer.node.bpfbuild import BpfError, build_hash
+from steer.node.bpfmaps import (
+    CFG_SKMSG,
+    COUNTER_NAMES,
+    ENVOY_PROGRAMS,
+    POD_PROGRAMS,
+    Cfg,
+    CountersVal,
+    FlowKey,
+    OrigDst,
+    PodVal,
+    PolicyKey,
+    PolicyVal,
+    SegmentVal,
+    ip_be,
+    ip_from_be,
+)
+from steer.node.kernel import NodeKernel
+from steer.render.bpf import PodPolicy
+
+log = logging.getLogger("steer.bpf")
+
+
+@dataclass
+class Attachment:
+    cgroup: str
+    program: str
+
+    def key(self) -> tuple[str, str]:
+        return (self.cgroup, self.program)
+
+
+@dataclass
+class BpfObjects:
+    """Handles on the pinned programs and maps (through the kernel), what is attached where,
+    and each pod's slot."""
+
+    kernel: NodeKernel
+    pin_dir: Path = BPF_PIN_DIR
+    state_file: Path = BPF_STATE_FILE
+    attachments: list[Attachment] = field(default_factory=list)
+    # pod key -> slot in steer_counters and steer_policy; kept across restarts, so a pod
+    # keeps its counters and an adopted policy map stays consistent.
+    slots: dict[str, int] = field(default_factory=dict)
+    adopted: bool = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls, kernel: NodeKernel, pin_dir: Path = BPF_PIN_DIR, state_file: Path = BPF_STATE_FILE
+    ) -> BpfObjects:
+        """Adopt the pinned objects if they come from this build, else compile anew."""
+        objects = cls(kernel, pin_dir, state_file)
+        state = objects._read_state()
+        if state.get("build") == build_hash() and objects._adopt():
+            objects.attachments = [Attachment(**a) for a in state.get("attachments", [])]
+            objects.slots = {str(k): int(v) for k, v in state.get("slots", {}).items()}
+            objects.adopted = True
+            log.debug("adopted pinned BPF objects (build %s)", state["build"])
+            return objects
+        if pin_dir.exists() or state:
+            log.info("pinned BPF objects are stale or incomplete; reloading")
+            cls.unload_all(kernel, pin_dir, state_file)
+        kernel.bpf_build(pin_dir)
+        if not kernel.bpf_open_pins(pin_dir):
+            raise BpfError(f"the BPF build finished but its pins in {pin_dir} are missing")
+        objects._write_state()
+        return objects
+
+    def _adopt(self) -> bool:
+        try:
+            return self.kernel.bpf_open_pins(self.pin_dir)
+        except BpfError as exc:
+            log.warning("not adopting the pinned BPF objects: %s", exc)
+            return False
+
+    def close(self) -> None:
+        self.kernel.bpf_close()
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return state
+
+    def _write_state(self) -> None:
+        document = {
+            "build": build_hash(),
+            "attachments": [a.__dict__ for a in self.attachments],
+            "slots": self.slots,
+        }
+        write_json_atomic(self.state_file, document)
+
+    @classmethod
+    def unload_all(
+        cls, kernel: NodeKernel, pin_dir: Path = BPF_PIN_DIR, state_file: Path = BPF_STATE_FILE
+    ) -> None:
+        """Detach every recorded attachment and remove every pin. No iptables rule is
+        touched. Works from the pins and the state file alone, after any crash."""
+        objects = cls(kernel, pin_dir, state_file)
+        state = objects._read_state()
+        if pin_dir.exists() and objects._adopt():
+            for attachment in [Attachment(**a) for a in state.get("attachments", [])]:
+                objects._detach(attachment)
+            objects.close()
+        kernel.bpf_remove_pins(pin_dir)
+        state_file.unlink(missing_ok=True)
+
+    # --- attachments ---------------------------------------------------------------------
+
+    def _attach(self, cgroup: str, program: str) -> None:
+        attachment = Attachment(cgroup, program)
+        if attachment.key() in {a.key() for a in self.attachments}:
+            return
+        self.kernel.bpf_attach(cgroup, program)
+        self.attachments.append(attachment)
+        self._write_state()
+
+    def _detach(self, attachment: Attachment) -> None:
+        self.kernel.bpf_detach(attachment.cgroup, attachment.program)
+        self.attachments = [a for a in self.attachments if a.key() != attachment.key()]
+        self._write_state()
+
+    # --- node and pods -------------------------------------------------------------------
+
+    def slot_for(self, pod_key: str) -> int:
+        if pod_key not in self.slots:
+            used = set(self.slots.values())
+            free = next((s for s in range(1, BPF_MAX_PODS) if s not in used), None)
+            if free is None:
+                raise BpfError(f"all {BPF_MAX_PODS - 1} eBPF pod slots are in use")
+            self.slots[pod_key] = free
+            self._write_state()
+        return self.slots[pod_key]
+
+    def release_slot(self, pod_key: str) -> None:
+        if self.slots.pop(pod_key, None) is not None:
+            self._write_state()
+
+    def configure(self, envoy_ip: str, netns_cookie: int, skmsg: bool) -> None:
+        cfg = Cfg(ip_be(envoy_ip), CFG_SKMSG if skmsg else 0, netns_cookie)
+        self.kernel.bpf_update("steer_cfg", ct.c_uint32(0), cfg)
+
+    def set_skmsg(self, enabled: bool) -> None:
+        """Turn sk_msg on or off for connections established from now on (sockets already
+        in the sockhash keep their redirect until they close)."""
+        cfg = Cfg()
+        if not self.kernel.bpf_lookup("steer_cfg", ct.c_uint32(0), cfg):
+            raise BpfError("reading steer_cfg: no entry")
+        cfg.flags = (cfg.flags | CFG_SKMSG) if enabled else (cfg.flags & ~CFG_SKMSG)
+        self.kernel.bpf_update("steer_cfg", ct.c_uint32(0), cfg)
+
+    def attach_envoy(self, cgroup: str) -> None:
+        for program in ENVOY_PROGRAMS:
+            self._attach(cgroup, program)
+
+    def set_pod(self, cgroup: str, slot: int, policy: PodPolicy) -> None:
+        """Install or replace a pod's policy, then steer its cgroup. The policy goes in
+        first, so no connect ever sees the pod without its verdicts."""
+        kernel = self.kernel
+        self._write_policy(slot, policy)
+        kernel.bpf_update("steer_podips", ct.c_uint32(ip_be(policy.ip)), ct.c_uint32(slot))
+        pod = PodVal(slot, ip_be(policy.ip))
+        kernel.bpf_update("steer_pods", ct.c_uint64(kernel.cgroup_id(cgroup)), pod)
+        for program in POD_PROGRAMS:
+            self._attach(cgroup, program)
+
+    def remove_pod(self, cgroup: str, slot: int, ip: str) -> None:
+        """Stop steering new connects; established ones keep their sockets and go on."""
+        for attachment in [a for a in self.attachments if a.cgroup == cgroup]:
+            self._detach(attachment)
+        self.kernel.bpf_delete("steer_pods", ct.c_uint64(self.kernel.cgroup_id(cgroup)))
+        self.kernel.bpf_delete("steer_podips", ct.c_uint32(ip_be(ip)))
+        self._write_policy(slot, None)
+
+    def _write_policy(self, slot: int, policy: PodPolicy | None) -> None:
+        slot_be = int.from_bytes(slot.to_bytes(4, "big"), "little")
+        wanted: dict[tuple[int, int], PolicyVal] = {}  # (prefixlen, addr) -> value
+        for entry in policy.prefixes if policy else ():
+            value = PolicyVal(entry.default, len(entry.segments))
+            for i in range(BPF_MAX_SEGMENTS):
+                # Unused slots get lo > hi: connect4 walks all of them and they never match.
+                seg = entry.segments[i] if i < len(entry.segments) else None
+                value.seg[i] = (
+                    SegmentVal(seg.lo, seg.hi, seg.verdict) if seg else SegmentVal(1, 0, 0)
+                )
+            key = (32 + entry.prefix.prefixlen, ip_be(entry.prefix.network_address))
+            wanted[key] = value
+        for stale in self.policy_keys(slot_be):
+            if (stale.prefixlen, stale.addr) not in wanted:
+                self.kernel.bpf_delete("steer_policy", stale)
+        for (prefixlen, addr), value in wanted.items():
+            self.kernel.bpf_update("steer_policy", PolicyKey(prefixlen, slot_be, addr), value)
+
+    def policy_keys(self, slot_be: int) -> list[PolicyKey]:
+        return [k for k in self.kernel.bpf_keys("steer_policy", PolicyKey) if k.slot == slot_be]
+
+    # --- reading -------------------------------------------------------------------------
+
+    def counters(self, slot: int) -> dict[str, int]:
+        """Per-pod counters, summed over CPUs."""
+        values = self.kernel.bpf_lookup_percpu("steer_counters", ct.c_uint32(slot), CountersVal)
+        return {name: sum(getattr(v, name) for v in values) for name in COUNTER_NAMES}
+
+    def steered_flows(self) -> list[tuple[IPv4Address, int, IPv4Address, int]]:
+        """(client ip, client port, original ip, original port) of live L7 connections."""
+        flows = []
+        for key in self.kernel.bpf_keys("steer_origdst", FlowKey):
+            value = OrigDst()
+            if self.kernel.bpf_lookup("steer_origdst", key, value):
+                flows.append(
+                    (
+                        ip_from_be(key.client_ip),
+                        key.client_port,
+                        ip_from_be(value.ip),
+                        socket.ntohs(value.port_be),
+                    )
+                )
+        return flows
