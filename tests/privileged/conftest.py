@@ -1,8 +1,9 @@
-"""Privileged fixtures: a real lab node (namespaces, veths, cgroups), torn down even on failure."""
+"""Privileged fixtures: a real lab node (namespaces, veths, cgroups), torn down even on failure.
+
+The tests here carry the `privileged` marker; tests/conftest.py skips them when not root."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,14 +15,6 @@ from steer.lab.updown import lab_down, lab_up
 from steer.model.pod import Pod
 from steer.node import iptables
 from steer.node.netns import run_in_netns
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if os.geteuid() != 0:
-        skip = pytest.mark.skip(reason="needs root")
-        for item in items:
-            if "privileged" in item.nodeid:
-                item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from steer.bench import SCENARIOS
 from steer.bench.report import BENCH_DIR, write_report
+
+# The report describes the machine, Envoy's version included (`envoy --version`).
+pytestmark = pytest.mark.envoy
 
 
 def test_report_shows_every_saved_scenario_and_the_machine(tmp_path: Path) -> None:
