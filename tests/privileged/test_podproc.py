@@ -88,11 +88,15 @@ def ns_identity(path: Path) -> tuple[int, int]:
 
 
 @contextmanager
-def raw_listener(pod: LabPod, reply: bytes | None) -> Iterator[tuple[int, list[bytes]]]:
+def raw_listener(
+    pod: LabPod, reply: bytes | None, reset_when: threading.Event | None = None
+) -> Iterator[tuple[int, list[bytes]]]:
     """A one-shot listener in ``pod``'s netns that records the raw request head.
 
-    It answers with ``reply``, or with a TCP reset if ``reply`` is None. Yields the port
-    and a list that holds the request bytes once the exchange is over.
+    It answers with ``reply``, or with a TCP reset if ``reply`` is None: at once, or once
+    ``reset_when`` is set (a reset that beats the client's own view of its connect makes
+    the connect itself fail). Yields the port and a list that holds the request bytes
+    once the exchange is over.
     """
     server = run_in_netns(pod.netns, lambda: socket.create_server((pod.ip, 0)))
     server.settimeout(5)
@@ -102,6 +106,8 @@ def raw_listener(pod: LabPod, reply: bytes | None) -> Iterator[tuple[int, list[b
         conn, _peer = server.accept()
         with conn:
             if reply is None:
+                if reset_when is not None:
+                    reset_when.wait(timeout=5)
                 # Linger 0 turns close() into a RST instead of a FIN.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return
@@ -243,8 +249,10 @@ def test_long_lived_tcp(lab: LabState, client: PodProcess, web: PodProcess) -> N
 
 def test_tcp_echo_reports_a_reset_peer(lab: LabState, client: PodProcess) -> None:
     web_pod = lab.pod("default", "web")
-    with raw_listener(web_pod, None) as (port, _):
+    opened = threading.Event()
+    with raw_listener(web_pod, None, reset_when=opened) as (port, _):
         conn = client.open_tcp(web_pod.ip, port)
+        opened.set()
     # The listener has sent its reset by the time the block has ended; give the reset the
     # moment it needs to cross the veth and be processed by the client's stack.
     time.sleep(0.2)
