@@ -34,3 +34,17 @@ def policy_yaml(spec: str, name: str = "p", namespace: str = "default") -> str:
         "apiVersion: steer.dev/v1alpha1\nkind: HTTPPolicy\n"
         f"metadata:\n  name: {name}\n  namespace: {namespace}\n" + spec
     )
+
+
+def tenant_client_policies(web_ip: str) -> list[HTTPPolicy]:
+    """The client moved to namespace `tenant`, whose egress policy puts HTTP rules on its
+    traffic to web:8080: a destination's inbound exclusion must not switch them off."""
+    spec = (
+        "spec:\n  podSelector:\n    matchLabels: {app: client}\n  egress:\n"
+        "    defaultAction: Allow\n    rules:\n      - name: no-admin\n        action: Deny\n"
+        f"        to: [{{cidr: {web_ip}/32}}]\n        ports: [{{port: 8080}}]\n"
+        "        http:\n          paths: [{prefix: /admin}]\n"
+    )
+    policies, errors = parse_policies(policy_yaml(spec, "client-egress", "tenant"), "t.yaml")
+    assert not errors, errors
+    return policies

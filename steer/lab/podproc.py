@@ -125,12 +125,15 @@ class PodProcess:
         method: str,
         path: str,
         headers: list[tuple[str, str]] | None = None,
+        *,
+        body: bytes = b"",
     ) -> HttpReply:
         """Send one request on ``conn`` exactly as given and read the whole reply.
 
         The request line is ``method path HTTP/1.1`` verbatim (no case folding, no path
         normalisation), followed by ``headers`` in order, repeats included. A ``Host``
-        header (``ip:port``) is added only when ``headers`` has none.
+        header (``ip:port``) is added only when ``headers`` has none. ``body`` follows the
+        head as it is: no Content-Length is added for it.
         """
         result = self._call(
             "http_request",
@@ -139,6 +142,7 @@ class PodProcess:
             method=method,
             path=path,
             headers=[[name, value] for name, value in headers or []],
+            body=_b64(body),
         )
         if not isinstance(result, dict):
             raise PodProcessError(f"malformed http reply: {result!r}")
@@ -163,11 +167,13 @@ class PodProcess:
         method: str,
         path: str,
         headers: list[tuple[str, str]] | None = None,
+        *,
+        body: bytes = b"",
     ) -> HttpReply:
         """One request on a connection of its own."""
         conn = self.http_open(ip, port)
         try:
-            return self.http_request(conn, method, path, headers)
+            return self.http_request(conn, method, path, headers, body=body)
         finally:
             self.http_close(conn)
 
@@ -387,7 +393,7 @@ class _Worker:
         return conn_id
 
     def op_http_request(
-        self, conn: int, method: str, path: str, headers: list[list[str]]
+        self, conn: int, method: str, path: str, headers: list[list[str]], body: str = ""
     ) -> dict[str, Any]:
         http_conn, host = self._http_conn(conn)
         if http_conn.sock is None:
@@ -400,9 +406,9 @@ class _Worker:
             http_conn.putheader("Host", host)
         for name, value in headers:
             http_conn.putheader(name, value)
-        http_conn.endheaders()
+        http_conn.endheaders(base64.b64decode(body) or None)
         response = http_conn.getresponse()
-        body = response.read()
+        received = response.read()
         merged: dict[str, str] = {}
         for name, value in response.getheaders():
             key = name.lower()
@@ -410,7 +416,7 @@ class _Worker:
         return {
             "status": response.status,
             "headers": merged,
-            "body": _b64(body),
+            "body": _b64(received),
             "local_port": local_port,
         }
 

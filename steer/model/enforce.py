@@ -48,6 +48,10 @@ class ResolvedRule:
     peers: tuple[IPv4Network, ...] | None
     ports: AnyPort
     http: HTTPMatch | None
+    # The rule's position in its policy section: with the policy key, a name for the rule
+    # that is unique by construction (rule names are checked for duplicates at load, but a
+    # rendered key must never depend on that).
+    index: int = 0
 
     def matches(self, peer: IPv4Address, port: int) -> bool:
         if self.peers is not None and not any(peer in net for net in self.peers):
@@ -348,6 +352,7 @@ class Resolver:
                     _resolve_peers(rule.peers, ns, self._all_pods),
                     None if rule.ports is None else tuple(p.range for p in rule.ports),
                     rule.http,
+                    index,
                 )
                 for index, rule in enumerate(section_rules)
             )
@@ -407,3 +412,54 @@ def decide_sides(
             if verdict == kind:
                 return FlowVerdict(kind, policy_id)
     return FlowVerdict(VERDICT_ALLOW, sides[-1][1] if sides else 0)
+
+
+def l7_port_ranges(side: SideRules, peer: IPv4Address) -> tuple[tuple[int, int], ...] | None:
+    """The ports at which `side` sends a flow with `peer` through Envoy (its HTTP rules
+    whose peers include `peer`); None for every port. Where a deny rule also matches,
+    the flow is denied outright and never reaches Envoy at all."""
+    ranges: list[tuple[int, int]] = []
+    for rule in side.by_kind(VERDICT_L7):
+        if rule.peers is not None and not any(peer in net for net in rule.peers):
+            continue
+        if rule.ports is None:
+            return None
+        ranges += rule.ports
+    return tuple(sorted(set(ranges)))
+
+
+def exclusion_skips_envoy(
+    src: ManagedPod,
+    dst: IPv4Address,
+    port: int,
+    *,
+    dst_pod: ManagedPod | None,
+    egress: SideRules | None,
+    ingress: SideRules | None,
+) -> bool:
+    """Whether an exclusion takes the L7 flow src -> dst:port past Envoy.
+
+    A pod's exclusions may only ever weaken its own namespace's policy: a source's
+    outbound exclusion never skips the HTTP rules a destination in another namespace
+    applies to it, and a destination's inbound exclusion never skips the egress HTTP
+    rules of a source in another namespace. (Policies select pods of their own
+    namespace, so a side's rules come from its pod's namespace.)
+    """
+    steering = src.steering
+    outbound = port in steering.exclude_outbound_ports or any(
+        dst in _network(c) for c in steering.exclude_outbound_cidrs
+    )
+    if outbound and not (
+        dst_pod is not None
+        and dst_pod.pod.namespace != src.pod.namespace
+        and ingress is not None
+        and ingress.verdict(src.ip, port)[0] == VERDICT_L7
+    ):
+        return True
+    inbound = dst_pod is not None and port in dst_pod.steering.exclude_inbound_ports
+    return inbound and not (
+        dst_pod is not None
+        and dst_pod.pod.namespace != src.pod.namespace
+        and egress is not None
+        and egress.verdict(dst, port)[0] == VERDICT_L7
+    )

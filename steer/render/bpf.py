@@ -29,6 +29,7 @@ from steer.model.enforce import (
     SideRules,
     decide_flow,
     decide_sides,
+    exclusion_skips_envoy,
 )
 
 ANY = IPv4Network("0.0.0.0/0")
@@ -86,17 +87,22 @@ def _port_boundaries(rules: Iterable[ResolvedRule], excluded: Iterable[int]) -> 
 
 
 def _with_exclusions(
-    verdict: int, src: ManagedPod, dst: IPv4Address, dst_pod: ManagedPod | None, port: int
+    verdict: int,
+    src: ManagedPod,
+    dst: IPv4Address,
+    port: int,
+    *,
+    dst_pod: ManagedPod | None,
+    egress: SideRules | None,
+    ingress: SideRules | None,
 ) -> int:
     # Excluded traffic skips Envoy, exactly as the iptables datapath's nat exclusions do:
     # an L7 verdict becomes a direct allow; denials stand.
-    steering = src.steering
-    excluded = (
-        port in steering.exclude_outbound_ports
-        or any(dst in IPv4Network(c) for c in steering.exclude_outbound_cidrs)
-        or (dst_pod is not None and port in dst_pod.steering.exclude_inbound_ports)
-    )
-    return VERDICT_ALLOW if verdict == VERDICT_L7 and excluded else verdict
+    if verdict == VERDICT_L7 and exclusion_skips_envoy(
+        src, dst, port, dst_pod=dst_pod, egress=egress, ingress=ingress
+    ):
+        return VERDICT_ALLOW
+    return verdict
 
 
 def flow_verdict(enforcement: Enforcement, src: ManagedPod, dst: IPv4Address, port: int) -> int:
@@ -104,7 +110,10 @@ def flow_verdict(enforcement: Enforcement, src: ManagedPod, dst: IPv4Address, po
     if dst == src.ip:
         return VERDICT_ALLOW  # a pod talking to itself never leaves its namespace
     verdict = decide_flow(enforcement, src.ip, dst, port).verdict
-    return _with_exclusions(verdict, src, dst, enforcement.pod_by_ip(dst), port)
+    egress, ingress = enforcement.egress.get(src.ip), enforcement.ingress.get(dst)
+    return _with_exclusions(
+        verdict, src, dst, port, dst_pod=enforcement.pod_by_ip(dst), egress=egress, ingress=ingress
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,7 +156,15 @@ def _prefix_policy(target: _Prefix, max_segments: int) -> PrefixPolicy:
 
     def verdict(port: int) -> int:
         decided = decide_sides(narrowed_egress, narrowed_ingress, src.ip, at, port).verdict
-        return _with_exclusions(decided, src, at, dst_pod, port)
+        return _with_exclusions(
+            decided,
+            src,
+            at,
+            port,
+            dst_pod=dst_pod,
+            egress=narrowed_egress,
+            ingress=narrowed_ingress,
+        )
 
     spans = [Segment(lo, hi, verdict(lo)) for lo, hi in zip(starts, ends, strict=True)]
     merged: list[Segment] = []

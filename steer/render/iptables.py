@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from steer.constants import (
     CHAIN_PREFIX,
@@ -38,7 +38,13 @@ from steer.constants import (
     VERDICT_DENY,
     VERDICT_L7,
 )
-from steer.model.enforce import Enforcement, ManagedPod, ResolvedRule, SideRules
+from steer.model.enforce import (
+    Enforcement,
+    ManagedPod,
+    ResolvedRule,
+    SideRules,
+    l7_port_ranges,
+)
 from steer.model.policy import Action, Direction
 
 TABLES = ("mangle", "nat", "filter")
@@ -352,7 +358,8 @@ def _redirect(port: int) -> tuple[str, ...]:
 def _nat_rules(enforcement: Enforcement, ebpf: frozenset[str]) -> list[Rule]:
     l7 = f"{_hex(VERDICT_L7 << MARK_VERDICT_SHIFT)}/{_hex(MARK_VERDICT_MASK)}"
     rules = [
-        Rule("nat", CHAIN_NAT, ("-m", "connmark", "!", "--mark", l7, "-j", "RETURN"), "not-l7")
+        Rule("nat", CHAIN_NAT, ("-m", "connmark", "!", "--mark", l7, "-j", "RETURN"), "not-l7"),
+        *_exclusion_limits(enforcement, ebpf),
     ]
     for pod in enforcement.pods:
         steering = pod.steering
@@ -407,6 +414,52 @@ def _nat_rules(enforcement: Enforcement, ebpf: frozenset[str]) -> list[Rule]:
             "redirect-inbound",
         )
     )
+    return rules
+
+
+def _exclusion_limits(enforcement: Enforcement, ebpf: frozenset[str]) -> list[Rule]:
+    """A pod's exclusions may only weaken its own namespace's policy
+    (`exclusion_skips_envoy`). Ahead of every exclusion, redirect the L7 flows between a
+    pod with exclusions and a pod of another namespace at the ports where that other
+    pod's HTTP rules apply: they were going to Envoy anyway, unless excluded."""
+    pods = [p for p in enforcement.pods if p.pod.key not in ebpf]
+    # (source ip, destination ip) -> (source, destination, the other side's L7 ports)
+    wanted: dict[
+        tuple[IPv4Address, IPv4Address],
+        tuple[ManagedPod, ManagedPod, tuple[tuple[int, int], ...] | None],
+    ] = {}
+
+    def keep(src: ManagedPod, dst: ManagedPod, side: SideRules | None, peer: IPv4Address) -> None:
+        if side is None or src.pod.namespace == dst.pod.namespace:
+            return
+        ranges = l7_port_ranges(side, peer)
+        if ranges != ():
+            wanted[(src.ip, dst.ip)] = (src, dst, ranges)
+
+    for src in pods:
+        if src.steering.exclude_outbound_ports or src.steering.exclude_outbound_cidrs:
+            for dst in enforcement.pods:
+                keep(src, dst, enforcement.ingress.get(dst.ip), src.ip)
+    for dst in enforcement.pods:
+        if dst.steering.exclude_inbound_ports:
+            for src in pods:
+                keep(src, dst, enforcement.egress.get(src.ip), dst.ip)
+    rules = []
+    for _, (src, dst, ranges) in sorted(wanted.items()):
+        ports = [()] if ranges is None else [("--dport", f"{lo}:{hi}") for lo, hi in ranges]
+        rules += [
+            Rule(
+                "nat",
+                CHAIN_NAT,
+                (
+                    *_from_pod(src),
+                    *("-d", f"{dst.ip}/32", "-p", "tcp", *port),
+                    *("-j", "REDIRECT", "--to-ports", str(ENVOY_OUTBOUND_PORT)),
+                ),
+                f"exclusion-limit:{src.pod.key}:{dst.pod.key}",
+            )
+            for port in ports
+        ]
     return rules
 
 
@@ -481,6 +534,8 @@ class RulesetCache:
             enforcement.pods,
             ebpf,
             tuple((s.direction, s.pod_ip, s.pod_key) for s in sides),
+            # The limits on exclusions read the sides' rules; only then do they count.
+            tuple(sides) if any(_has_exclusions(p) for p in enforcement.pods) else (),
         )
         if key != self._node_key:
             self._node_key, self._node_rules = key, _node_rules(enforcement, ebpf)
@@ -495,6 +550,15 @@ class RulesetCache:
             self._ruleset = _ruleset(pre, self.side_rules(sides), nat, filtering)
             self._inputs = inputs
         return self._ruleset
+
+
+def _has_exclusions(pod: ManagedPod) -> bool:
+    steering = pod.steering
+    return bool(
+        steering.exclude_outbound_ports
+        or steering.exclude_outbound_cidrs
+        or steering.exclude_inbound_ports
+    )
 
 
 def _node_rules(

@@ -18,11 +18,12 @@ from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
@@ -60,6 +61,8 @@ CLUSTER_TYPE = type_url(cluster_pb2.Cluster)
 ENDPOINT_TYPE = type_url(endpoint_pb2.ClusterLoadAssignment)
 HCM_TYPE = type_url(hcm_pb2.HttpConnectionManager)
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+BUFFER_FILTER = "envoy.filters.http.buffer"
+_ONE_BYTE = wrappers_pb2.UInt32Value(value=1)
 EGRESS_DENY, INGRESS_DENY, EGRESS_ALLOW, INGRESS_ALLOW = RBAC_FILTERS
 DEFAULT_DESTINATION = IPv4Network("0.0.0.0/0")
 
@@ -241,6 +244,12 @@ def _rule_policy(
     return rbac_pb2.Policy(permissions=[_all_of(permission_parts)], principals=[principal])
 
 
+def rbac_key(pod_key: str, rule: ResolvedRule) -> str:
+    """The RBAC policy name of one rule on one pod's side. The rule's position makes it
+    unique by construction: a map key seen twice would silently replace a rule."""
+    return f"{pod_key}:{rule.policy_key}/{rule.index}/{rule.name}"
+
+
 # Most routes leave most filters off; the map a route puts it in copies it.
 _RBAC_DISABLED = _pack(rbac_filter_pb2.RBACPerRoute())
 
@@ -270,7 +279,7 @@ def _side_policies(
             if policy is None:
                 continue
             target = deny if rule.action is Action.DENY else allow
-            target[f"{side.pod_key}:{rule.policy_key}/{rule.name}"] = policy
+            target[rbac_key(side.pod_key, rule)] = policy
         if side.default_action is Action.ALLOW:
             principal = (
                 _ip_principal([_host(side.pod_ip)]) if egress else rbac_pb2.Principal(any=True)
@@ -341,21 +350,78 @@ def destinations(enforcement: Enforcement) -> list[Destination]:
     return [*(Destination(_host(ip)) for ip in pods), Destination(DEFAULT_DESTINATION)]
 
 
-def route_configuration(sides: _Sides, destination: Destination) -> route_pb2.RouteConfiguration:
-    route = route_components_pb2.Route(
-        name="all",
-        match=route_components_pb2.RouteMatch(prefix="/"),
-        route=route_components_pb2.RouteAction(
-            cluster=ORIGINAL_DST_CLUSTER,
-            # Long polls and streams must not be cut by a default 15 s route timeout.
-            timeout=duration_pb2.Duration(seconds=0),
+def _refusal(
+    name: str, headers: Sequence[route_components_pb2.HeaderMatcher]
+) -> route_components_pb2.Route:
+    return route_components_pb2.Route(
+        name=name,
+        match=route_components_pb2.RouteMatch(prefix="/", headers=headers),
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=400, body=base_pb2.DataSource(inline_string=f"refused by steer: {name}\n")
         ),
-        typed_per_filter_config=_per_filter_config(sides, destination),
+        # Refused whatever the rules say: the answer must not depend on the rules.
+        typed_per_filter_config=dict.fromkeys(RBAC_FILTERS, _RBAC_DISABLED),
     )
+
+
+def _header_regex(name: str, regex: str) -> route_components_pb2.HeaderMatcher:
+    return route_components_pb2.HeaderMatcher(
+        name=name,
+        string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex)),
+    )
+
+
+_BODYLESS = _header_regex(":method", "GET|HEAD")
+_CHUNKED = route_components_pb2.HeaderMatcher(name="transfer-encoding", present_match=True)
+# Requests no policy can be written for safely, refused before any rule is evaluated (and
+# never forwarded): see docs/policy-reference.md "How requests are matched".
+REFUSALS: tuple[route_components_pb2.Route, ...] = (
+    # Two Host headers arrive merged ("web,other"): which one would the backend use?
+    _refusal("several-hosts", [_header_regex(":authority", ".*,.*")]),
+    # A body on GET or HEAD is ignored by many servers, which then read it as the next
+    # request on the connection: a request smuggled past every rule.
+    _refusal("body-on-get-or-head", [_BODYLESS, _header_regex("content-length", "0*[1-9][0-9]*")]),
+    _refusal("body-on-get-or-head", [_BODYLESS, _CHUNKED]),
+)
+
+
+_FORWARD = route_components_pb2.RouteAction(
+    cluster=ORIGINAL_DST_CLUSTER,
+    # Long polls and streams must not be cut by a default 15 s route timeout.
+    timeout=duration_pb2.Duration(seconds=0),
+)
+# A chunked body carries no Content-Length for a route to see, so GET and HEAD go through
+# the buffer filter with room for one byte: a body long enough to hold a request is
+# refused (413) before anything is forwarded. Other methods never meet the filter.
+_BODYLESS_LIMIT = (
+    BUFFER_FILTER,
+    _pack(buffer_pb2.BufferPerRoute(buffer=buffer_pb2.Buffer(max_request_bytes=_ONE_BYTE))),
+)
+ROUTES: tuple[route_components_pb2.Route, ...] = (
+    *REFUSALS,
+    route_components_pb2.Route(
+        name="get-or-head",
+        match=route_components_pb2.RouteMatch(prefix="/", headers=[_BODYLESS]),
+        route=_FORWARD,
+        typed_per_filter_config=dict([_BODYLESS_LIMIT]),
+    ),
+    route_components_pb2.Route(
+        name="all", match=route_components_pb2.RouteMatch(prefix="/"), route=_FORWARD
+    ),
+)
+
+
+def route_configuration(sides: _Sides, destination: Destination) -> route_pb2.RouteConfiguration:
+    # The rules sit on the virtual host, once, and every route but the refusals uses them.
     return route_pb2.RouteConfiguration(
         name=destination.route_name,
         virtual_hosts=[
-            route_components_pb2.VirtualHost(name="any-host", domains=["*"], routes=[route])
+            route_components_pb2.VirtualHost(
+                name="any-host",
+                domains=["*"],
+                routes=ROUTES,
+                typed_per_filter_config=_per_filter_config(sides, destination),
+            )
         ],
     )
 
@@ -383,8 +449,16 @@ def _build_http_connection_manager(
         resource_api_version=config_source_pb2.ApiVersion.V3,
     )
     filters = [
-        hcm_pb2.HttpFilter(name=name, typed_config=_pack(rbac_filter_pb2.RBAC()))
-        for name in RBAC_FILTERS
+        # Off unless a route turns it on (the GET and HEAD route does).
+        hcm_pb2.HttpFilter(
+            name=BUFFER_FILTER,
+            typed_config=_pack(buffer_pb2.Buffer(max_request_bytes=_ONE_BYTE)),
+            disabled=True,
+        ),
+        *(
+            hcm_pb2.HttpFilter(name=name, typed_config=_pack(rbac_filter_pb2.RBAC()))
+            for name in RBAC_FILTERS
+        ),
     ]
     filters.append(
         hcm_pb2.HttpFilter(
@@ -402,6 +476,13 @@ def _build_http_connection_manager(
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
         use_remote_address=wrappers_pb2.BoolValue(value=True),
+        # `Host: admin.web.` is the same host as `admin.web`: match (and forward) it so.
+        strip_trailing_host_dot=True,
+        # CGI and WSGI backends read `x_internal` as `X-Internal`, a header a rule may
+        # deny; a name with an underscore is refused rather than passed on.
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            headers_with_underscores_action=protocol_pb2.HttpProtocolOptions.REJECT_REQUEST
+        ),
     )
 
 

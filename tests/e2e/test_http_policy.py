@@ -133,9 +133,11 @@ class Outcome(Enum):
     ALLOWED = "200 from the backend"
     DENIED = "403 from Envoy's RBAC filter"
     REJECTED = "400 from Envoy before any filter runs"
+    TOO_LARGE = "413 from Envoy, nothing forwarded"
 
 
 ALLOWED, DENIED, REJECTED = Outcome.ALLOWED, Outcome.DENIED, Outcome.REJECTED
+TOO_LARGE = Outcome.TOO_LARGE
 
 
 def expect(response: Response, outcome: Outcome, *, pod: str = "web", method: str = "GET") -> None:
@@ -151,7 +153,7 @@ def expect(response: Response, outcome: Outcome, *, pod: str = "web", method: st
         assert response.from_envoy, shown
         assert response.body == (b"" if method == "HEAD" else RBAC_DENIED), shown
     else:
-        assert response.status == 400, shown
+        assert response.status == (400 if outcome is REJECTED else 413), shown
         assert response.from_envoy, shown
         assert not response.proxied, shown
 
@@ -274,8 +276,10 @@ def test_method_rules(node: PodsNode, methods: list[str], method: str, outcome: 
         ("web.example", "web.example.evil", DENIED),
         ("web.example", "aweb.example", DENIED),
         ("web.example", "web.example:8080.evil", DENIED),
-        # A trailing dot is not stripped: the absolute form does not match (fails closed).
-        ("web.example", "web.example.", DENIED),
+        # A trailing dot names the same host: Envoy strips it before matching, and the
+        # backend sees the host without it.
+        ("web.example", "web.example.", ALLOWED),
+        ("web.example", "web.example.:8080", ALLOWED),
         ("*.example", "a.example", ALLOWED),
         ("*.example", "A.EXAMPLE:8080", ALLOWED),
         ("*.example", "example", DENIED),
@@ -288,7 +292,84 @@ def test_host_rules(node: PodsNode, pattern: str, host: str, outcome: Outcome) -
     response = request(node, "/", headers={"Host": host})
     expect(response, outcome)
     if outcome is ALLOWED:
-        assert response.json["host"] == host
+        assert response.json["host"] == host.replace(".:", ":").rstrip(".")
+
+
+ADMIN_HOST_DENIED = ingress(
+    "web", http_rule("Deny", hosts=["admin.web"]), http_rule(), default="Deny"
+)
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "outcome"),
+    [
+        ("/", "admin.web", DENIED),
+        # The attack: a trailing dot used to escape a deny on the host.
+        ("/", "admin.web.", DENIED),
+        ("/", "ADMIN.WEB.:8080", DENIED),
+        # The absolute form names the host in the request line, whatever Host says.
+        ("http://admin.web./", "web", DENIED),
+        ("http://admin.web/", "web", DENIED),
+        ("/", "web", ALLOWED),
+    ],
+)
+def test_a_trailing_dot_does_not_escape_a_host_deny(
+    node: PodsNode, target: str, host: str, outcome: Outcome
+) -> None:
+    apply(node, ADMIN_HOST_DENIED)
+    expect(request(node, target, headers={"Host": host}), outcome)
+
+
+def test_two_host_headers_are_refused(node: PodsNode) -> None:
+    """Merged into `web,admin.web`, they would leave the backend to pick one."""
+    apply(node, ADMIN_HOST_DENIED)
+    expect(request_with_header_lines(node, "/", ["Host: web", "Host: admin.web"]), REJECTED)
+    expect(request_with_header_lines(node, "/", ["Host: web"]), ALLOWED)
+
+
+@pytest.mark.parametrize(
+    ("name", "outcome"),
+    [("x_internal", REJECTED), ("X_Internal", REJECTED), ("x-internal", DENIED)],
+)
+def test_header_names_with_underscores_are_refused(
+    node: PodsNode, name: str, outcome: Outcome
+) -> None:
+    """CGI and WSGI backends read `x_internal` as `X-Internal`, the header a rule denies."""
+    no_internal = http_rule("Deny", headers=[{"name": "x-internal", "present": True}])
+    apply(node, ingress("web", no_internal, default="Allow"))
+    expect(request(node, "/", headers={name: "1"}), outcome)
+
+
+SMUGGLED = b"DELETE /admin HTTP/1.1\r\nHost: web\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "body", "outcome"),
+    [
+        # The attack: a body on GET that a backend ignores, then reads as the next request.
+        ("GET", {"Content-Length": str(len(SMUGGLED))}, SMUGGLED, REJECTED),
+        ("HEAD", {"Content-Length": str(len(SMUGGLED))}, SMUGGLED, REJECTED),
+        # A chunked body shows no length in the head: refused once it arrives (413 from the
+        # buffer limit on GET and HEAD), before anything is forwarded.
+        (
+            "GET",
+            {"Transfer-Encoding": "chunked"},
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED),
+            TOO_LARGE,
+        ),
+        # An explicit empty body is harmless, and common.
+        ("GET", {"Content-Length": "0"}, b"", ALLOWED),
+        ("GET", {}, b"", ALLOWED),
+    ],
+)
+def test_bodies_on_get_and_head_are_refused(
+    node: PodsNode, method: str, headers: dict[str, str], body: bytes, outcome: Outcome
+) -> None:
+    apply(node, ingress("web", http_rule(methods=["GET", "HEAD"], paths=[prefix("/public/")])))
+    reply = node.workers["client"].request(
+        node.ip("web"), HTTP_PORT, method, "/public/x", list(headers.items()), body=body
+    )
+    expect(Response(reply.status, reply.body, reply.headers), outcome, method=method)
 
 
 # --- headers --------------------------------------------------------------------------------

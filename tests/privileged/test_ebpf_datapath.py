@@ -28,7 +28,7 @@ from steer.node.features import FORCE_ENV
 from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 from tests.privileged.conftest import lab_pods
-from tests.samples import sample_policies
+from tests.samples import sample_policies, tenant_client_policies
 
 pytestmark = pytest.mark.privileged
 
@@ -72,9 +72,10 @@ def client(lab: LabState) -> Iterator[PodProcess]:
 
 
 def counters(name: str) -> dict[str, int]:
+    """A pod's eBPF counters, by name in the default namespace or by namespace/name."""
     bpf = BpfObjects.load(HostKernel())
     try:
-        return bpf.counters(bpf.slots[f"default/{name}"])
+        return bpf.counters(bpf.slots[name if "/" in name else f"default/{name}"])
     finally:
         bpf.close()
 
@@ -114,6 +115,55 @@ def test_connect_time_deny_is_refused_at_once(
     # Dialling Envoy's own listener is refused too, rather than looping through Envoy.
     assert client.connect_outcome(LAB_GATEWAY_IP, ENVOY_OUTBOUND_PORT)[0] == "refused"
     assert counters("client")["denied"] == 2
+
+
+def _excluding_web(node: NodeDatapath, lab: LabState, client_namespace: str) -> None:
+    pods = [
+        replace(p, namespace=client_namespace) if p.name == "client" else p
+        for p in lab_pods(
+            lab,
+            {
+                "client": {"steer.dev/dataplane": "ebpf"},
+                "web": {"steer.dev/exclude-inbound-ports": "8080"},
+            },
+            {"steer.dev/allow-exclusions": "true"},
+        )
+    ]
+    policies = tenant_client_policies(pod(lab, "web").ip)
+    report = run_in_netns(NODE_NETNS, lambda: node.sync(policies, pods, lab.node_cgroup))
+    assert report.errors == []
+
+
+def test_an_inbound_exclusion_skips_envoy_for_its_own_namespace(
+    node: NodeDatapath, lab: LabState, client: PodProcess
+) -> None:
+    _excluding_web(node, lab, "default")
+    web = pod(lab, "web")
+    with PodProcess.start(web.netns, web.cgroup) as server:
+        server.serve_echo(web.ip, 8080)
+        conn = client.open_tcp(web.ip, 8080)
+        assert client.tcp_echo(conn, b"direct") == b"direct"
+        client.tcp_close(conn)
+    assert counters("client")["direct"] == 1
+
+
+def test_an_inbound_exclusion_does_not_skip_another_namespaces_http_rules(
+    node: NodeDatapath, lab: LabState, client: PodProcess
+) -> None:
+    """web excludes 8080 from Envoy; connect4 still sends a client of another namespace,
+    whose egress policy has HTTP rules for web:8080, to Envoy."""
+    _excluding_web(node, lab, "tenant")
+    web = pod(lab, "web")
+    with PodProcess.start(NODE_NETNS, lab.node_cgroup) as envoy:
+        listener = envoy.listen("0.0.0.0", ENVOY_OUTBOUND_PORT)
+        seen: list[tuple[str, int]] = []
+        accept = threading.Thread(target=lambda: seen.append(envoy.accept_original_dst(listener)))
+        accept.start()
+        conn = client.open_tcp(web.ip, 8080)
+        accept.join(timeout=5)
+        client.tcp_close(conn)
+    assert seen == [(web.ip, 8080)]
+    assert counters("tenant/client")["redirects"] == 1
 
 
 def test_l4_only_destination_is_reached_directly(

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -24,7 +25,7 @@ from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE, Rule, Ruleset, render_ruleset
 from tests.privileged.conftest import lab_pods
-from tests.samples import policy_yaml, sample_policies
+from tests.samples import policy_yaml, sample_policies, tenant_client_policies
 
 pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("node_clean")]
 
@@ -144,6 +145,39 @@ def test_excluded_port_skips_envoy(lab: LabState) -> None:
         connect(netns_of(lab, "client"), ip_of(lab, "web"), 8080) as sock,
     ):
         assert echo(sock, b"direct") == b"direct"
+
+
+def _excluding_web(lab: LabState, client_namespace: str) -> None:
+    pods = [
+        replace(p, namespace=client_namespace) if p.name == "client" else p
+        for p in pods_of(lab, {"web": {"steer.dev/exclude-inbound-ports": "8080"}})
+    ]
+    sync(tenant_client_policies(ip_of(lab, "web")), pods, IptablesDatapath())
+
+
+def test_an_inbound_exclusion_skips_envoy_for_its_own_namespace(lab: LabState) -> None:
+    _excluding_web(lab, "default")
+    with (
+        serve(netns_of(lab, "web"), ip_of(lab, "web"), 8080, http=False),
+        connect(netns_of(lab, "client"), ip_of(lab, "web"), 8080) as sock,
+    ):
+        assert echo(sock, b"direct") == b"direct"
+
+
+def test_an_inbound_exclusion_does_not_skip_another_namespaces_http_rules(
+    lab: LabState,
+) -> None:
+    """web excludes 8080 from Envoy; a client in another namespace whose egress policy
+    has HTTP rules for web:8080 still goes through Envoy (it used to go direct)."""
+    _excluding_web(lab, "tenant")
+    accepted: list[tuple[str, int]] = []
+    listener, thread = _fake_envoy(accepted)
+    try:
+        connect(netns_of(lab, "client"), ip_of(lab, "web"), 8080).close()
+        thread.join(timeout=3)
+    finally:
+        listener.close()
+    assert accepted == [(ip_of(lab, "web"), 8080)]
 
 
 def test_pod_dialling_envoy_directly_is_refused(lab: LabState) -> None:
