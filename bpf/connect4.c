@@ -1,14 +1,23 @@
-/* cgroup/connect4, attached to each eBPF-steered pod's cgroup.
+/* cgroup/connect4 and cgroup/connect6, attached to each eBPF-steered pod's cgroup.
  *
  * Decides the flow's L4 verdict once, at connect time:
  *   deny  -> the connect fails with ECONNREFUSED, as a TCP reset would make it;
  *   allow -> the connect goes ahead untouched: no Envoy on the path;
  *   L7    -> the destination is rewritten to Envoy's outbound listener and the original
  *            destination is remembered under the socket's cookie.
+ * An AF_INET6 socket dialling a v4-mapped address (::ffff:a.b.c.d) goes out as IPv4 and
+ * gets exactly the IPv4 verdict. Native IPv6 TCP is refused: steer has no IPv6 policy
+ * yet, and a path no policy covers must not be a way around policy.
  */
 #include "steer/common.h"
 
 #define STEER_ECONNREFUSED 111
+
+enum steer_connect {
+	STEER_CONNECT_PASS,
+	STEER_CONNECT_REFUSE,
+	STEER_CONNECT_REDIRECT,
+};
 
 /* Walks every segment slot: unused slots hold lo > hi and never match. A loop bounded by
  * nsegments instead gets reshaped by clang into one the verifier cannot bound. */
@@ -21,32 +30,24 @@ static __always_inline __u8 steer_port_verdict(struct steer_policy_val *val, __u
 	return val->default_verdict;
 }
 
-int steer_connect4(struct bpf_sock_addr *ctx)
+/* The decision for a steered pod's connect to dst:port (IPv4, network order), with its
+ * bookkeeping: counters, and the original destination of a flow that goes to Envoy. */
+static __always_inline enum steer_connect steer_decide(struct bpf_sock_addr *ctx,
+						       struct steer_pod *pod,
+						       struct steer_cfg *cfg, __u32 dst,
+						       __u16 port_be)
 {
-	if (ctx->user_family != AF_INET || ctx->type != SOCK_STREAM)
-		return 1;
-	__u64 cgroup = bpf_get_current_cgroup_id();
-	struct steer_pod *pod = steer_pods.lookup(&cgroup);
-	if (!pod)
-		return 1; /* not a steered pod: Envoy, the host, a pod on iptables */
-	struct steer_cfg *cfg = steer_config();
-	if (!cfg)
-		return 1;
-
-	__u32 dst = ctx->user_ip4;
-	__u16 port_be = (__u16)ctx->user_port;
 	__u16 port = bpf_ntohs(port_be);
 	struct steer_counters *count = steer_count(pod->slot);
 	/* Loopback and the pod's own address never leave the pod: no policy applies, as on
 	 * the iptables datapath, which never sees such traffic. */
 	if ((bpf_ntohl(dst) >> 24) == 127 || dst == pod->ip)
-		return 1;
+		return STEER_CONNECT_PASS;
 	if (dst == cfg->envoy_ip && (port == STEER_OUTBOUND_PORT || port == STEER_INBOUND_PORT)) {
 		/* Dialling Envoy's listener directly would make Envoy proxy to itself. */
 		if (count)
 			count->denied++;
-		bpf_set_retval(-STEER_ECONNREFUSED);
-		return 0;
+		return STEER_CONNECT_REFUSE;
 	}
 
 	struct steer_policy_key key = {
@@ -60,13 +61,12 @@ int steer_connect4(struct bpf_sock_addr *ctx)
 	if (verdict == STEER_VERDICT_DENY) {
 		if (count)
 			count->denied++;
-		bpf_set_retval(-STEER_ECONNREFUSED);
-		return 0;
+		return STEER_CONNECT_REFUSE;
 	}
 	if (verdict != STEER_VERDICT_L7) {
 		if (count)
 			count->direct++;
-		return 1;
+		return STEER_CONNECT_PASS;
 	}
 
 	__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -77,11 +77,73 @@ int steer_connect4(struct bpf_sock_addr *ctx)
 		 * direct, count it, and let the agent report it. */
 		if (count)
 			count->map_full++;
-		return 1;
+		return STEER_CONNECT_PASS;
 	}
-	ctx->user_ip4 = cfg->envoy_ip;
-	ctx->user_port = bpf_htons(STEER_OUTBOUND_PORT);
 	if (count)
 		count->redirects++;
+	return STEER_CONNECT_REDIRECT;
+}
+
+static __always_inline struct steer_pod *steer_pod_of_caller(void)
+{
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	return steer_pods.lookup(&cgroup);
+}
+
+int steer_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_family != AF_INET || ctx->type != SOCK_STREAM)
+		return 1;
+	struct steer_pod *pod = steer_pod_of_caller();
+	if (!pod)
+		return 1; /* not a steered pod: Envoy, the host, a pod on iptables */
+	struct steer_cfg *cfg = steer_config();
+	if (!cfg)
+		return 1;
+	enum steer_connect outcome =
+		steer_decide(ctx, pod, cfg, ctx->user_ip4, (__u16)ctx->user_port);
+	if (outcome == STEER_CONNECT_REFUSE) {
+		bpf_set_retval(-STEER_ECONNREFUSED);
+		return 0;
+	}
+	if (outcome == STEER_CONNECT_REDIRECT) {
+		ctx->user_ip4 = cfg->envoy_ip;
+		ctx->user_port = bpf_htons(STEER_OUTBOUND_PORT);
+	}
 	return 1;
+}
+
+int steer_connect6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_family != AF_INET6 || ctx->type != SOCK_STREAM)
+		return 1;
+	struct steer_pod *pod = steer_pod_of_caller();
+	if (!pod)
+		return 1;
+	struct steer_cfg *cfg = steer_config();
+	if (!cfg)
+		return 1;
+	__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2];
+	__u32 w3 = ctx->user_ip6[3];
+	if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
+		/* v4-mapped: the same flow as an AF_INET socket's, with the same verdict. */
+		enum steer_connect outcome = steer_decide(ctx, pod, cfg, w3, (__u16)ctx->user_port);
+		if (outcome == STEER_CONNECT_REFUSE) {
+			bpf_set_retval(-STEER_ECONNREFUSED);
+			return 0;
+		}
+		if (outcome == STEER_CONNECT_REDIRECT) {
+			ctx->user_ip6[3] = cfg->envoy_ip;
+			ctx->user_port = bpf_htons(STEER_OUTBOUND_PORT);
+		}
+		return 1;
+	}
+	/* :: and ::1 stay inside the pod, like 127.0.0.0/8. */
+	if (w0 == 0 && w1 == 0 && w2 == 0 && (w3 == 0 || w3 == bpf_htonl(1)))
+		return 1;
+	struct steer_counters *count = steer_count(pod->slot);
+	if (count)
+		count->denied++;
+	bpf_set_retval(-STEER_ECONNREFUSED);
+	return 0;
 }

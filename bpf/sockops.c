@@ -72,9 +72,19 @@ static __always_inline void steer_closed(struct bpf_sock_ops *skops, struct stee
 	steer_origdst.delete(&key);
 }
 
+/* An AF_INET6 socket connected to a v4-mapped address runs IPv4 underneath: its ip4
+ * fields hold the addresses on the wire, which is all this program looks at. */
+static __always_inline int steer_is_ipv4(struct bpf_sock_ops *skops)
+{
+	if (skops->family == AF_INET)
+		return 1;
+	return skops->family == AF_INET6 && skops->remote_ip6[0] == 0 &&
+	       skops->remote_ip6[1] == 0 && skops->remote_ip6[2] == bpf_htonl(0x0000ffff);
+}
+
 int steer_sockops(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET)
+	if (!steer_is_ipv4(skops))
 		return 1;
 	struct steer_cfg *cfg = steer_config();
 	if (!cfg)

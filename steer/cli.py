@@ -16,8 +16,7 @@ from steer.constants import (
     AGENT_STATUS_FILE,
     CONTROL_SERVICE,
     CONTROL_STATUS_FILE,
-    ENVOY_ADMIN_ADDRESS,
-    ENVOY_ADMIN_PORT,
+    ENVOY_ADMIN_SOCKET,
     LAB_GATEWAY_IP,
     LAB_NODE_NAME,
     LAB_STATE_FILE,
@@ -25,6 +24,7 @@ from steer.constants import (
     POLICY_DIR,
     SYSTEM_NAMESPACE,
     WEBHOOK_PORT,
+    XDS_NODE_TLS_DIR,
     XDS_PORT,
     XDS_SOCKET,
 )
@@ -220,24 +220,102 @@ def _run_kube_control(args: argparse.Namespace) -> int:
     elif args.webhook_cert or args.webhook_key:
         print("--webhook-cert and --webhook-key go together", file=sys.stderr)
         return 2
+    tls_files = _tls_files(
+        args,
+        ("--xds-cert", "xds_cert"),
+        ("--xds-key", "xds_key"),
+        ("--xds-client-ca", "xds_client_ca"),
+    )
+    if isinstance(tls_files, str):
+        print(f"error: {tls_files}", file=sys.stderr)
+        return 2
+    xds_tls = None
+    if tls_files:
+        from steer.control.xds import XdsServerTls
+
+        xds_tls = XdsServerTls(*tls_files)
     socket = args.socket if args.socket != XDS_SOCKET else None
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(plane.run(args.xds_port, socket, webhook))
+        asyncio.run(plane.run(args.xds_port, socket, webhook, xds_tls=xds_tls))
     return 0
 
 
-def cmd_certs(args: argparse.Namespace) -> int:
-    from steer.control.certs import ca_bundle_b64, generate
+def _tls_files(args: argparse.Namespace, *flags: tuple[str, str]) -> list[Path] | str:
+    """The files named by a group of flags that go together: all of them (checked to be
+    readable), none, or what is wrong and its fix."""
+    given = [(flag, getattr(args, dest)) for flag, dest in flags]
+    if not any(value for _, value in given):
+        return []
+    missing = [flag for flag, value in given if not value]
+    if missing:
+        together = ", ".join(flag for flag, _ in given)
+        return f"{together} go together; fix: also pass {', '.join(missing)}"
+    paths = []
+    for flag, value in given:
+        path = Path(value)
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            return f"{flag} {value}: {exc.strerror or exc}; fix: point it at a readable PEM file"
+        paths.append(path)
+    return paths
 
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from steer.control.certs import (
+        NODES_DIR,
+        XDS_CERT_FILE,
+        XDS_KEY_FILE,
+        ca_bundle_b64,
+        generate,
+        issue_nodes,
+    )
+
+    nodes = args.node or []
     try:
-        paths = generate(args.service, args.namespace, args.out, args.days, force=args.force)
+        if args.existing_ca:
+            if not nodes:
+                print(
+                    "--existing-ca issues node certificates; fix: pass --node NAME", file=sys.stderr
+                )
+                return 2
+            issue_nodes(args.out, nodes, args.days, force=args.force)
+        else:
+            paths = generate(
+                args.service,
+                args.namespace,
+                args.out,
+                args.days,
+                force=args.force,
+                xds=True,
+                nodes=nodes,
+                keep_ca_key=args.keep_ca_key,
+            )
     except FileExistsError as exc:
         print(f"{exc}; fix: pass --force to replace them", file=sys.stderr)
         return 1
-    print(f"wrote {paths.ca}, {paths.cert}, {paths.key}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for node in nodes:
+        print(
+            f"node {node}: copy {args.out / NODES_DIR / node}/ (tls.crt, tls.key, ca.crt) "
+            f"to {XDS_NODE_TLS_DIR}/ on that node, key readable by root only"
+        )
+    if args.existing_ca:
+        return 0
+    out = args.out
+    print(
+        f"wrote {paths.ca}, {paths.cert}, {paths.key}, {out / XDS_CERT_FILE}, {out / XDS_KEY_FILE}"
+    )
     print(
         f"create the Secret: kubectl -n {args.namespace} create secret tls "
         f"steer-webhook-tls --cert={paths.cert} --key={paths.key}"
+    )
+    print(
+        f"and the xDS one: kubectl -n {args.namespace} create secret generic steer-xds-tls "
+        f"--from-file=tls.crt={out / XDS_CERT_FILE} --from-file=tls.key={out / XDS_KEY_FILE} "
+        f"--from-file=ca.crt={paths.ca}"
     )
     print(f"caBundle for the webhook configurations: {ca_bundle_b64(paths.ca)}")
     return 0
@@ -307,7 +385,26 @@ def cmd_envoy(args: argparse.Namespace) -> int:
             )
             return 2
         xds = (host, int(port))
-    supervise(args.node_id, xds, args.ads)
+    tls_files = _tls_files(
+        args,
+        ("--xds-client-cert", "xds_client_cert"),
+        ("--xds-client-key", "xds_client_key"),
+        ("--xds-ca", "xds_ca"),
+    )
+    if isinstance(tls_files, str):
+        print(f"error: {tls_files}", file=sys.stderr)
+        return 2
+    if tls_files and not args.xds_address:
+        print(
+            "error: --xds-client-cert and the like secure --xds-address (TCP); the Unix "
+            "socket is guarded by its file mode; fix: drop them, or pass --xds-address",
+            file=sys.stderr,
+        )
+        return 2
+    from steer.render.bootstrap import XdsClientTls
+
+    xds_tls = XdsClientTls(*tls_files) if tls_files else None
+    supervise(args.node_id, xds, args.ads, admin=args.admin_socket, xds_tls=xds_tls)
     return 0
 
 
@@ -467,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--webhook-port", type=int, default=WEBHOOK_PORT)
     control.add_argument("--webhook-cert", help="TLS certificate of the admission webhooks")
     control.add_argument("--webhook-key", help="its key")
+    control.add_argument(
+        "--xds-cert", help="with --kube: the xDS server's TLS certificate (enables mutual TLS)"
+    )
+    control.add_argument("--xds-key", help="its key")
+    control.add_argument(
+        "--xds-client-ca", help="CA whose node client certificates the xDS server accepts"
+    )
 
     certs = sub.add_parser("certs", help="a CA and a serving certificate for the webhooks")
     certs.add_argument("--service", default=CONTROL_SERVICE)
@@ -474,6 +578,20 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", type=Path, required=True, help="directory to write into")
     certs.add_argument("--days", type=int, default=365)
     certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.add_argument(
+        "--node",
+        action="append",
+        metavar="NAME",
+        help="also issue node NAME's xDS client certificate (repeatable)",
+    )
+    certs.add_argument(
+        "--keep-ca-key", action="store_true", help="also write ca.key, to issue more later"
+    )
+    certs.add_argument(
+        "--existing-ca",
+        action="store_true",
+        help="only issue the --node certificates, from ca.crt and ca.key in --out",
+    )
     certs.set_defaults(func=cmd_certs)
     control.set_defaults(func=cmd_control)
 
@@ -490,7 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--envoy-ip", default=LAB_GATEWAY_IP, help="the address pods reach the node's Envoy on"
     )
-    agent.add_argument("--envoy-admin", default=f"{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}")
+    agent.add_argument(
+        "--envoy-admin",
+        default=str(ENVOY_ADMIN_SOCKET),
+        help="Envoy's admin: a Unix socket path, or host:port",
+    )
     agent.add_argument("--envoy-cgroup", help="Envoy's cgroup (default: the agent's own pod)")
     agent.add_argument("--cgroup-root", help="the cgroup v2 mount (default: detected)")
     agent.set_defaults(func=cmd_agent)
@@ -510,6 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--ads", choices=["delta", "sotw"], default="delta")
     envoy.add_argument("--cgroup", help="cgroup v2 path to run in (default: the lab node's)")
     envoy.add_argument("--xds-address", help="host:port of the control plane (a cluster)")
+    envoy.add_argument(
+        "--xds-client-cert", help="with --xds-address: this node's client certificate (mTLS)"
+    )
+    envoy.add_argument("--xds-client-key", help="its key")
+    envoy.add_argument("--xds-ca", help="CA that signed the control plane's certificate")
+    envoy.add_argument(
+        "--admin-socket",
+        type=Path,
+        default=ENVOY_ADMIN_SOCKET,
+        help="Envoy's admin Unix socket (mode 0600)",
+    )
     envoy.add_argument("--lab-state", type=Path, default=LAB_STATE_FILE)
     envoy.set_defaults(func=cmd_envoy)
 

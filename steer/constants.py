@@ -23,6 +23,13 @@ ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: Final = "steer.dev/exclude-outbound-cidrs"
 # Namespace label that permits a pod's exclusion annotations to take effect; without it
 # exclusions are ignored, because an exclusion is a way around policy.
 LABEL_ALLOW_EXCLUSIONS: Final = "steer.dev/allow-exclusions"
+# Namespace label that permits a pod's own `steer.dev/inject: disabled` (annotation or
+# label) to take effect. A label of its own, not LABEL_ALLOW_EXCLUSIONS: an exclusion skips
+# Envoy for named ports and keeps every L4 verdict, an opt-out drops all of the pod's
+# policy, both directions; a namespace owner who allows the one has not agreed to the other.
+LABEL_ALLOW_OPT_OUT: Final = "steer.dev/allow-opt-out"
+# The HTTPPolicy status condition that lists the selected pods steer does not steer.
+CONDITION_PODS_PROTECTED: Final = "PodsProtected"
 
 # --- Envoy ports (Istio's habits) ---------------------------------------------------------
 ENVOY_OUTBOUND_PORT: Final = 15001
@@ -101,6 +108,20 @@ ENVOY_LOG_FILE: Final = RUN_DIR / "envoy.log"
 BPF_STATE_FILE: Final = RUN_DIR / "bpf-state.json"
 BPFFS: Final = Path("/sys/fs/bpf")
 BPF_PIN_DIR: Final = BPFFS / "steer"
+# Envoy's admin (it can quit Envoy and rewrite its runtime) is a Unix socket that only its
+# owner may open, never a TCP port any host-network process could reach. Local mode and a
+# cluster use the same path: there the agent and Envoy containers share /run/steer.
+ENVOY_ADMIN_SOCKET: Final = RUN_DIR / "envoy-admin.sock"
+ENVOY_ADMIN_SOCKET_MODE: Final = 0o600
+
+# --- xDS over TCP: mutual TLS -------------------------------------------------------------
+# A node's identity is this URI SAN in its client certificate, followed by the node name;
+# the control plane serves a stream only the snapshot of the node its certificate names.
+XDS_NODE_IDENTITY_PREFIX: Final = "spiffe://steer/node/"
+# Where the control plane's pod mounts its xDS serving certificate (Secret steer-xds-tls),
+# and where each node keeps its own client certificate (a host path, like kubelet's).
+XDS_SERVER_TLS_DIR: Final = Path("/etc/steer/xds")
+XDS_NODE_TLS_DIR: Final = Path("/etc/steer/xds-node")
 
 # --- Kubernetes deployment --------------------------------------------------------------
 SYSTEM_NAMESPACE: Final = "steer-system"

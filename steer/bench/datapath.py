@@ -32,7 +32,13 @@ from typing import Any
 from steer.bench import BenchOptions
 from steer.bench.plots import new_figure, save
 from steer.bench.stats import abba, summarize
-from steer.constants import ANNOTATION_DATAPLANE, ANNOTATION_INJECT, LAB_GATEWAY_IP, NODE_NETNS
+from steer.constants import (
+    ANNOTATION_DATAPLANE,
+    ANNOTATION_INJECT,
+    LAB_GATEWAY_IP,
+    LABEL_ALLOW_OPT_OUT,
+    NODE_NETNS,
+)
 from steer.lab.localnode import LocalNode
 from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPod, LabPodSpec
@@ -85,12 +91,23 @@ def _policy(name: str, servers: tuple[str, ...], http: bool) -> str:
 
 
 def specs() -> list[LabPodSpec]:
+    # A pod's own opt-out counts only where its namespace allows it.
+    namespace = {LABEL_ALLOW_OPT_OUT: "true"}
     out = []
     for client, server, client_ann, server_ann in PAIRS.values():
         out.append(
-            LabPodSpec(client, labels={"app": client, "role": "client"}, annotations=client_ann)
+            LabPodSpec(
+                client,
+                labels={"app": client, "role": "client"},
+                annotations=client_ann,
+                namespace_labels=namespace,
+            )
         )
-        out.append(LabPodSpec(server, labels={"app": server}, annotations=server_ann))
+        out.append(
+            LabPodSpec(
+                server, labels={"app": server}, annotations=server_ann, namespace_labels=namespace
+            )
+        )
     return out
 
 

@@ -16,7 +16,7 @@ import base64
 import difflib
 import ipaddress
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NotRequired, TypedDict, cast
 
@@ -27,7 +27,9 @@ from steer.constants import (
     ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
     ANNOTATION_INJECT,
     API_GROUP,
+    CONDITION_PODS_PROTECTED,
     LABEL_ALLOW_EXCLUSIONS,
+    LABEL_ALLOW_OPT_OUT,
     POLICY_KIND,
     READINESS_GATE,
 )
@@ -36,7 +38,14 @@ from steer.constants import (
 # exposes that through parse_policies (YAML text). Reusing its two helpers keeps one fix
 # table; a public `validate_policy_object` in load.py would remove this private import.
 from steer.model.load import validate_policy
-from steer.model.pod import PodSteering, inject_enabled, parse_steering
+from steer.model.pod import (
+    AnnotationError,
+    OptOutIgnored,
+    PodSteering,
+    Unsteered,
+    opt_out_allowed,
+    parse_steering,
+)
 from steer.model.policy import EgressRule, HTTPPolicy, IngressRule
 
 ADMISSION_API_VERSION: Final = "admission.k8s.io/v1"
@@ -195,6 +204,12 @@ def _parse_request(review: Mapping[str, Any], admits: _GroupKind) -> AdmissionRe
         )
     if operation in ("CREATE", "UPDATE") and not isinstance(request.get("object"), Mapping):
         raise MalformedReview(f"request.object is missing or not an object at {operation}")
+    if (
+        operation == "UPDATE"
+        and not request.get("subResource")
+        and not isinstance(request.get("oldObject"), Mapping)
+    ):
+        raise MalformedReview("request.oldObject is missing or not an object at UPDATE")
     return cast(AdmissionRequest, request)
 
 
@@ -265,35 +280,44 @@ def review_pod(
 ) -> AdmissionReviewResponse:
     """The mutating pod webhook: steer a new pod, or refuse it with every problem named.
 
-    Only CREATE is mutated. `spec.readinessGates` cannot change once a pod exists, so the
-    gate can only be added at creation. Annotations, by contrast, may still change on a
-    running pod (switching `steer.dev/dataplane` is supported); such updates are allowed
-    unchanged, since refusing them would also block unrelated updates such as a
-    controller's label change. steer reads them with the same parser, which reports an
-    invalid value and keeps that annotation's default.
+    CREATE is mutated: `spec.readinessGates` cannot change once a pod exists, so the gate
+    can only be added at creation. UPDATE is never mutated, but an update that changes
+    the pod's steering (a `steer.dev/*` annotation or the `steer.dev/inject` label) is
+    checked like a new pod, and refused where it would weaken the pod's policy without
+    its namespace's permission (see `_review_pod_update`); every other update is allowed
+    unchanged. A host-network pod is never steered (no gate, no annotations): it is
+    allowed with a warning saying why.
     Subresources (status, binding, ephemeralcontainers, ...) are never mutated either.
     """
     request = _parse_request(review, _POD)
     uid = request["uid"]
-    if request["operation"] != "CREATE" or request.get("subResource"):
+    operation = request["operation"]
+    if operation not in ("CREATE", "UPDATE") or request.get("subResource"):
         return _allow(uid)
     namespace = _namespace(request)
-    pod = _object(request)
-    metadata = _field(pod, "metadata", "request.object", dict)
-    spec = _field(pod, "spec", "request.object", dict)
-    if metadata is None or spec is None:
-        raise MalformedReview("request.object is not a pod: it lacks metadata or spec")
-    annotations: dict[str, str] = _field(metadata, "annotations", "request.object.metadata", dict)
-    annotations = annotations or {}
-    if not all(isinstance(v, str) for v in annotations.values()):
-        raise MalformedReview("request.object.metadata.annotations has a non-string value")
+    metadata, spec, annotations, labels = _pod_parts(_object(request), "request.object")
+    if operation == "UPDATE":
+        old = request.get("oldObject")
+        assert isinstance(old, Mapping)  # _parse_request checked it
+        _, _, old_annotations, old_labels = _pod_parts(old, "request.oldObject")
+        return _review_pod_update(
+            uid,
+            namespace,
+            namespace_labels,
+            (old_annotations, old_labels),
+            (annotations, labels, spec),
+        )
 
-    labels: dict[str, str] = _field(metadata, "labels", "request.object.metadata", dict) or {}
-    steering, errors = parse_steering(annotations, namespace_labels, pod_labels=labels)
+    host_network = spec.get("hostNetwork") is True
+    steering, errors = parse_steering(
+        annotations, namespace_labels, False, labels, host_network=host_network
+    )
+    if host_network:
+        return _allow(uid, warnings=_host_network_warnings(annotations))
     # A value of steer.dev/inject that is neither enabled nor disabled could mean either;
     # the pod is validated as if steered, so the typo is refused rather than guessed at.
-    inject_invalid = any(e.annotation == ANNOTATION_INJECT for e in errors)
-    if not inject_invalid and not _opted_in(annotations, labels, namespace_labels):
+    inject_invalid = any(_is_invalid_inject(e) for e in errors)
+    if not inject_invalid and not steering.inject:
         return _allow(uid, warnings=_ignored_annotations(annotations))
 
     problems = [
@@ -302,7 +326,8 @@ def review_pod(
             for key in sorted(annotations)
             if key.startswith(_ANNOTATION_PREFIX) and key not in KNOWN_ANNOTATIONS
         ),
-        *(str(e) for e in errors if e.annotation in KNOWN_ANNOTATIONS),
+        *(str(e) for e in _annotation_errors(errors)),
+        *(_opt_out_not_permitted(e, namespace) for e in _opt_outs_ignored(errors)),
     ]
     # parse_steering reports a missing namespace permission as one error on the pseudo
     # annotation "steer.dev/exclude-*"; admission names each annotation it concerns (and
@@ -314,11 +339,165 @@ def review_pod(
     return _allow(uid, patch=_annotation_ops(metadata, annotations, steering) + _gate_ops(spec))
 
 
-def _opted_in(
-    annotations: Mapping[str, str], labels: Mapping[str, str], namespace_labels: Mapping[str, str]
-) -> bool:
-    """Admission steers by opt-in: the pod's annotation or label, else its namespace's."""
-    return inject_enabled(annotations, namespace_labels, default=False, pod_labels=labels)
+def _pod_parts(
+    pod: Mapping[str, Any], where: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any], dict[str, str], dict[str, str]]:
+    """A pod object's metadata, spec, annotations and labels, checked."""
+    metadata = _field(pod, "metadata", where, dict)
+    spec = _field(pod, "spec", where, dict)
+    if metadata is None or spec is None:
+        raise MalformedReview(f"{where} is not a pod: it lacks metadata or spec")
+    annotations: dict[str, str] = _field(metadata, "annotations", f"{where}.metadata", dict) or {}
+    if not all(isinstance(v, str) for v in annotations.values()):
+        raise MalformedReview(f"{where}.metadata.annotations has a non-string value")
+    labels: dict[str, str] = _field(metadata, "labels", f"{where}.metadata", dict) or {}
+    return metadata, spec, annotations, labels
+
+
+def _is_invalid_inject(error: AnnotationError) -> bool:
+    return error.annotation == ANNOTATION_INJECT and not isinstance(error, OptOutIgnored)
+
+
+def _annotation_errors(errors: Sequence[AnnotationError]) -> list[AnnotationError]:
+    """Invalid values of known annotations (not the opt-outs the model ignored)."""
+    return [
+        e for e in errors if e.annotation in KNOWN_ANNOTATIONS and not isinstance(e, OptOutIgnored)
+    ]
+
+
+def _opt_outs_ignored(errors: Sequence[AnnotationError]) -> list[OptOutIgnored]:
+    return [e for e in errors if isinstance(e, OptOutIgnored)]
+
+
+def _opt_out_not_permitted(error: OptOutIgnored, namespace: str) -> str:
+    # The node agent would ignore the opt-out and steer the pod anyway; refusing it here,
+    # as an exclusion is refused, tells the pod's owner now rather than in an Event.
+    return (
+        f"{error.source} {error.annotation}={error.value!r}: opting out takes the pod out of "
+        f"every policy that selects it, so it needs the namespace label "
+        f"{LABEL_ALLOW_OPT_OUT}=true, which namespace {namespace} lacks; fix: remove the "
+        f"{error.source}, or have the namespace owner run "
+        f"`kubectl label namespace {namespace} {LABEL_ALLOW_OPT_OUT}=true`"
+    )
+
+
+def _host_network_warnings(annotations: Mapping[str, str]) -> list[str]:
+    ignored = sorted(k for k in annotations if k.startswith(_ANNOTATION_PREFIX))
+    also = f" ({', '.join(ignored)} ignored)" if ignored else ""
+    return [
+        "spec.hostNetwork: this pod shares the node's network namespace and address, which "
+        "steer cannot steer: it gets no readiness gate and no policy applies to its "
+        f"traffic{also}; policies that select it report condition {CONDITION_PODS_PROTECTED}"
+        f"=False, reason {Unsteered.HOST_NETWORK.value}; fix: if it must be protected, run "
+        "it without hostNetwork"
+    ]
+
+
+_SteerView = tuple[tuple[tuple[str, str], ...], str | None]
+
+
+def _steer_view(annotations: Mapping[str, str], labels: Mapping[str, str]) -> _SteerView:
+    """What of a pod decides its steering: its steer.dev/* annotations, its inject label."""
+    steer = sorted((k, v) for k, v in annotations.items() if k.startswith(_ANNOTATION_PREFIX))
+    return tuple(steer), labels.get(ANNOTATION_INJECT)
+
+
+def _review_pod_update(
+    uid: str,
+    namespace: str,
+    namespace_labels: Mapping[str, str],
+    old: tuple[dict[str, str], dict[str, str]],
+    new: tuple[dict[str, str], dict[str, str], Mapping[str, Any]],
+) -> AdmissionReviewResponse:
+    """An update of a running pod. The node agent reads its new annotations with the same
+    model, which already ignores an opt-out or exclusion its namespace does not permit;
+    this answer says so at once, to whoever made the change.
+
+    Allowed unchanged: every update that leaves the steer.dev/* annotations and the
+    steer.dev/inject label as they were (so unrelated updates are never blocked by steer,
+    nor by a bad value the pod already had), and valid changes that keep or add steering.
+    Refused, each problem on its own line: a changed annotation with an invalid value or
+    an unknown name; a new opt-out or exclusion without the namespace's permission; any
+    change that switches a steered pod's steering off (such as removing the opt-in label)
+    without the namespace label steer.dev/allow-opt-out=true.
+    """
+    old_annotations, old_labels = old
+    annotations, labels, spec = new
+    if _steer_view(old_annotations, old_labels) == _steer_view(annotations, labels):
+        return _allow(uid)
+    if spec.get("hostNetwork") is True:
+        return _allow(uid, warnings=_host_network_warnings(annotations))
+    before, _ = parse_steering(old_annotations, namespace_labels, False, old_labels)
+    after, errors = parse_steering(annotations, namespace_labels, False, labels)
+    changed = {
+        key
+        for key in old_annotations.keys() | annotations.keys()
+        if key.startswith(_ANNOTATION_PREFIX) and old_annotations.get(key) != annotations.get(key)
+    }
+    label_changed = old_labels.get(ANNOTATION_INJECT) != labels.get(ANNOTATION_INJECT)
+    problems = [
+        *(
+            _opt_out_not_permitted(e, namespace)
+            for e in _opt_outs_ignored(errors)
+            if (e.annotation in changed if e.source == "annotation" else label_changed)
+        ),
+        *(
+            str(e)
+            for e in _annotation_errors(errors)
+            if _is_invalid_inject(e) and e.annotation in changed
+        ),
+    ]
+    if after.inject:
+        problems += [
+            *(
+                _unknown_annotation(key)
+                for key in sorted(changed & annotations.keys())
+                if key not in KNOWN_ANNOTATIONS
+            ),
+            *(
+                str(e)
+                for e in _annotation_errors(errors)
+                if not _is_invalid_inject(e) and e.annotation in changed
+            ),
+        ]
+        if any(e.annotation not in KNOWN_ANNOTATIONS for e in errors):
+            problems += _exclusions_not_permitted(
+                annotations, namespace, namespace_labels, only=changed
+            )
+    elif before.inject and not opt_out_allowed(namespace_labels):
+        problems.append(
+            f"steer.dev/inject: this update would stop steering a running pod ("
+            f"{after.unsteered.value if after.unsteered else 'not steered'}), which takes it "
+            f"out of every policy that selects it; that needs the namespace label "
+            f"{LABEL_ALLOW_OPT_OUT}=true, which namespace {namespace} lacks; fix: keep "
+            f"{ANNOTATION_INJECT}={_ENABLED} on the pod, or have the namespace owner run "
+            f"`kubectl label namespace {namespace} {LABEL_ALLOW_OPT_OUT}=true`"
+        )
+    if problems:
+        return _refuse(uid, problems)
+    warnings: list[str] = []
+    if not (before.inject or after.inject):
+        warnings += _ignored_annotations(annotations)
+    if before.inject and not after.inject:
+        warnings.append(
+            "this pod is no longer steered: no policy applies to its traffic from now on "
+            "(its readiness gate stays as it was)"
+        )
+    if after.inject and not before.inject and not _has_gate(spec):
+        warnings.append(
+            "this pod is steered from now on, but it has no readiness gate "
+            f"{READINESS_GATE} (gates can only be added when a pod is created), so it may "
+            "have taken traffic before its policy was in force; fix: delete the pod so that "
+            "its controller creates it again"
+        )
+    return _allow(uid, warnings=warnings)
+
+
+def _has_gate(spec: Mapping[str, Any]) -> bool:
+    gates = spec.get("readinessGates")
+    return isinstance(gates, list) and any(
+        isinstance(g, Mapping) and g.get("conditionType") == READINESS_GATE for g in gates
+    )
 
 
 def _unknown_annotation(key: str) -> str:
@@ -357,8 +536,12 @@ def _exclusion_values(steering: PodSteering) -> dict[str, str]:
 
 
 def _exclusions_not_permitted(
-    annotations: Mapping[str, str], namespace: str, namespace_labels: Mapping[str, str]
+    annotations: Mapping[str, str],
+    namespace: str,
+    namespace_labels: Mapping[str, str],
+    only: Collection[str] | None = None,
 ) -> list[str]:
+    """One problem per exclusion annotation (of `only`, if given) that excludes something."""
     # Parsed as if permitted, to learn which annotations actually exclude something (an
     # annotation with an empty list excludes nothing and needs no permission).
     permitted, _ = parse_steering(annotations, {**namespace_labels, LABEL_ALLOW_EXCLUSIONS: "true"})
@@ -368,7 +551,7 @@ def _exclusions_not_permitted(
         f"{namespace} lacks; fix: remove the annotation, or have the namespace owner run "
         f"`kubectl label namespace {namespace} {LABEL_ALLOW_EXCLUSIONS}=true`"
         for key, value in _exclusion_values(permitted).items()
-        if value
+        if value and (only is None or key in only)
     ]
 
 

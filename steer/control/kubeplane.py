@@ -4,7 +4,8 @@ Reflectors keep HTTPPolicies, pods and namespaces in memory; every change re-ren
 snapshot per node (only that node's pods are its destinations, while selectors match pods
 anywhere) into the same cache local mode uses, served over ADS on TCP. Each policy's
 status is written back: Accepted with the validation message, Programmed once every
-connected Envoy has acknowledged it.
+connected Envoy has acknowledged it, and PodsProtected, False (with an Event on the policy)
+while its podSelector selects pods that steer does not steer, naming them and why.
 """
 
 from __future__ import annotations
@@ -12,29 +13,160 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast
 
-from steer.constants import API_GROUP, API_VERSION, POLICY_PLURAL
+from steer.constants import (
+    API_GROUP,
+    API_GROUP_VERSION,
+    API_VERSION,
+    CONDITION_PODS_PROTECTED,
+    POLICY_KIND,
+    POLICY_PLURAL,
+)
 from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
-from steer.control.xds import serve
+from steer.control.xds import XdsServerTls, serve
 from steer.idlegc import IdleCollector
-from steer.model.pod import Pod
+from steer.model.pod import UNSTEERED_WHY, Pod, Unsteered, steering_of
 from steer.model.policy import HTTPPolicy
 from steer.render.xds import SnapshotRenderer
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
     PolicyObject,
     PolicyValidator,
+    _condition,  # one rule for lastTransitionTime across all of a policy's conditions
+    host_network_pods,
     pods_from_objects,
     policy_status,
 )
 
 log = logging.getLogger("steer.control")
 DEBOUNCE_S = 0.02
+
+# --- the PodsProtected condition -------------------------------------------------------
+
+PODS_PROTECTED: Final = CONDITION_PODS_PROTECTED
+# Pods named in the condition's message (and the Event); the rest are counted. A status is
+# one object in etcd: a selector over thousands of opted-out pods must not bloat it.
+UNPROTECTED_LISTED: Final = 10
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a policy's podSelector selects: how many pods, and which are not steered."""
+
+    selected: int
+    unprotected: tuple[tuple[str, Unsteered], ...]  # (pod key, why), sorted by key
+
+
+def policy_coverage(policies: Iterable[HTTPPolicy], pods: Iterable[Pod]) -> dict[str, Coverage]:
+    """Each policy's coverage over every pod of the cluster, host-network pods included.
+
+    A policy that selects a pod steer does not steer does not apply to that pod at all (no
+    L4 verdict, no HTTP rule), whatever it says; this is how its author finds out. The
+    steering is the agent's own (`steering_of`), so the two never disagree.
+    """
+    by_namespace: dict[str, list[tuple[Pod, dict[str, str], Unsteered | None]]] = {}
+    for pod in pods:
+        steering, _ = steering_of(pod)
+        why = None if steering.inject else (steering.unsteered or Unsteered.NOT_OPTED_IN)
+        by_namespace.setdefault(pod.namespace, []).append((pod, dict(pod.labels), why))
+    coverage: dict[str, Coverage] = {}
+    for policy in policies:
+        selector = policy.spec.pod_selector
+        selected = [
+            (pod, why)
+            for pod, labels, why in by_namespace.get(policy.metadata.namespace, [])
+            if selector.matches(labels)
+        ]
+        unprotected = sorted((pod.key, why) for pod, why in selected if why is not None)
+        coverage[policy.key] = Coverage(len(selected), tuple(unprotected))
+    return coverage
+
+
+def pods_protected_condition(
+    coverage: Coverage, generation: int, previous: Iterable[Mapping[str, Any]], now: str
+) -> dict[str, Any]:
+    """True while every selected pod is steered. False names the unsteered ones (at most
+    UNPROTECTED_LISTED) and why; its reason is that why (HostNetwork, OptedOut,
+    NotOptedIn) when all share it, else SeveralReasons."""
+    if not coverage.unprotected:
+        ok, reason = True, "AllSteered" if coverage.selected else "NoPodsSelected"
+        message = (
+            f"all {coverage.selected} selected pods are steered"
+            if coverage.selected
+            else "the podSelector selects no pod"
+        )
+    else:
+        ok = False
+        reasons = {why for _, why in coverage.unprotected}
+        reason = next(iter(reasons)).value if len(reasons) == 1 else "SeveralReasons"
+        listed = coverage.unprotected[:UNPROTECTED_LISTED]
+        more = len(coverage.unprotected) - len(listed)
+        message = (
+            f"{len(coverage.unprotected)} of {coverage.selected} selected pods are not "
+            "steered, so this policy is not enforced on them: "
+            + "; ".join(f"{key} ({why.value}: {UNSTEERED_WHY[why]})" for key, why in listed)
+            + (f"; and {more} more" if more else "")
+            + "; fix: see docs/annotations.md#who-is-steered"
+        )
+    return _condition(
+        PODS_PROTECTED,
+        ok,
+        reason=reason,
+        message=message,
+        generation=generation,
+        previous=previous,
+        now=now,
+    )
+
+
+def status_with_coverage(
+    status: dict[str, Any],
+    coverage: Coverage | None,
+    generation: int,
+    previous: Mapping[str, Any] | None,
+    now: str,
+) -> dict[str, Any]:
+    """`policy_status`'s document plus PodsProtected (absent while the spec is invalid:
+    an invalid policy selects nothing)."""
+    if coverage is None:
+        return status
+    old = list((previous or {}).get("conditions") or [])
+    condition = pods_protected_condition(coverage, generation, old, now)
+    return {**status, "conditions": [*status["conditions"], condition]}
+
+
+def policy_event(
+    policy: Mapping[str, Any], condition: Mapping[str, Any], now: datetime
+) -> dict[str, Any] | None:
+    """The Warning Event (core/v1) on the policy object for a False PodsProtected, or None."""
+    if condition.get("type") != PODS_PROTECTED or condition.get("status") != "False":
+        return None
+    meta = policy.get("metadata", {})
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+        "involvedObject": {
+            "apiVersion": API_GROUP_VERSION,
+            "kind": POLICY_KIND,
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+        },
+        "reason": "PodsUnprotected",
+        "message": condition["message"],
+        "type": "Warning",
+        "source": {"component": "steer-control"},
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
 
 
 def render_node_snapshots(
@@ -68,6 +200,12 @@ class KubeControlPlane:
     _renderers: dict[str, SnapshotRenderer] = field(default_factory=dict)
     _validator: PolicyValidator = field(default_factory=PolicyValidator)
     _gc: IdleCollector = field(default_factory=IdleCollector)
+    # For PodsProtected: every pod of the last refresh, host-network pods included; the
+    # coverage computed from it (and the policies it was computed for); the message of
+    # the last PodsUnprotected Event per policy, so that one is sent per change.
+    _status_pods: Sequence[Pod] = ()
+    _coverage: tuple[object, object, dict[str, Coverage]] = (None, None, {})
+    _events_sent: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -90,6 +228,7 @@ class KubeControlPlane:
         """Re-render every node's snapshot; True if any changed."""
         objects = {kind: r.snapshot() for kind, r in self.reflectors.items()}
         pods = pods_from_objects(objects["pods"], objects["namespaces"])
+        self._status_pods = pods + host_network_pods(objects["pods"], objects["namespaces"])
         self.policy_objects = self._validator.validate(objects["httppolicies"])
         for item in self.policy_objects:
             for error in item.errors:
@@ -125,6 +264,15 @@ class KubeControlPlane:
                 acked[node] = ",".join(f"{v}" for _, v in sorted(current.items()))
         return acked, connected
 
+    def coverage(self) -> dict[str, Coverage]:
+        """policy_coverage of the last refresh, computed again only after a refresh."""
+        items, pods, cached = self._coverage
+        if items is not self.policy_objects or pods is not self._status_pods:
+            policies = [p.policy for p in self.policy_objects if p.policy is not None]
+            cached = policy_coverage(policies, self._status_pods)
+            self._coverage = (self.policy_objects, self._status_pods, cached)
+        return cached
+
     def write_statuses(self) -> None:
         acked, connected = self.acked_nodes()
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -132,9 +280,14 @@ class KubeControlPlane:
             f"{o['metadata'].get('namespace')}/{o['metadata']['name']}": o
             for o in self.reflectors["httppolicies"].snapshot()
         }
+        coverage = self.coverage()
         for item in self.policy_objects:
             current = existing.get(item.key, {}).get("status")
             wanted = policy_status(item, current, acked, connected, now)
+            wanted = status_with_coverage(
+                wanted, coverage.get(item.key), item.generation, current, now
+            )
+            self._warn_of_unprotected_pods(existing.get(item.key, {}), item.key, wanted)
             if _same_status(current, wanted):
                 continue
             namespace, name = item.key.split("/", 1)
@@ -145,14 +298,42 @@ class KubeControlPlane:
             except Exception as exc:  # deleted meanwhile, or the API server is away
                 log.warning("status of %s not written: %s", item.key, exc)
 
+    def _warn_of_unprotected_pods(
+        self, policy: Mapping[str, Any], key: str, status: Mapping[str, Any]
+    ) -> None:
+        """A log line and an Event on the policy each time its unsteered pods change."""
+        condition: Mapping[str, Any] = next(
+            (c for c in status.get("conditions", []) if c.get("type") == PODS_PROTECTED), {}
+        )
+        event = policy_event(policy, condition, datetime.now(UTC)) if policy else None
+        if event is None:
+            self._events_sent.pop(key, None)
+            return
+        if self._events_sent.get(key) == event["message"]:
+            return
+        self._events_sent[key] = event["message"]
+        log.warning("policy %s: %s", key, event["message"])
+        from kubernetes import client
+
+        try:
+            # The client serialises a dict body as is (camelCase keys, as the API has them).
+            client.CoreV1Api(self.api_client).create_namespaced_event(
+                event["metadata"]["namespace"], cast(Any, event)
+            )
+        except Exception as exc:  # events are best effort
+            log.warning("event on policy %s not recorded: %s", key, exc)
+
     async def run(
         self,
         xds_port: int | None,
         xds_socket: Path | None = None,
         webhook: Callable[[], Awaitable[Any]] | None = None,
+        *,
+        xds_tls: XdsServerTls | None = None,
     ) -> None:
         """Serve ADS on TCP (and/or a Unix socket) until cancelled; `webhook` starts the
-        admission server on this loop."""
+        admission server on this loop. With `xds_tls`, TCP is mutual TLS and each Envoy
+        gets only the snapshot of the node its certificate names."""
         loop = asyncio.get_running_loop()
         dirty = asyncio.Event()
         stop = threading.Event()
@@ -163,7 +344,7 @@ class KubeControlPlane:
         for reflector in self.reflectors.values():
             reflector.on_change = changed
             reflector.start(stop)
-        server = await serve(self.cache, uds_path=xds_socket, tcp_port=xds_port)
+        server = await serve(self.cache, uds_path=xds_socket, tcp_port=xds_port, tls=xds_tls)
         if webhook is not None:
             await webhook()
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,9 @@ class LocalControlPlane:
         self._renderer = SnapshotRenderer()
         self._gc = IdleCollector()
         self._loaded_at = 0.0
+        # Exceptions the run loop survived (logged with their traceback), for `steer status`.
+        self.loop_errors = 0
+        self._last_loop_error: tuple[str, str] | None = None
 
     def refresh(self) -> bool:
         """Re-render from current inputs; True if the node's snapshot changed."""
@@ -86,6 +90,7 @@ class LocalControlPlane:
             "errors": self.errors,
             "policy_digest": self.inputs.policies.digest(),
             "loaded_at": self._loaded_at,
+            "loop_errors": self.loop_errors,
         }
         if document == self._last_status:
             return
@@ -93,23 +98,50 @@ class LocalControlPlane:
         write_json_atomic(self.status_file, document)
 
     async def run(self, xds_socket: Path = XDS_SOCKET) -> None:
-        self.refresh()
+        self._survive("initial render", self.refresh)
         server = await serve(self.cache, uds_path=xds_socket)
         try:
             await asyncio.gather(self._watch_inputs(), self._report_status())
         finally:
             await server.stop(grace=1)
 
+    def _survive(self, what: str, step: Callable[[], object]) -> None:
+        """Run one step of the loop; an exception is logged with its traceback and counted,
+        and the loop goes on with the next change: one bad input, or a bug it hits, must
+        never stop enforcement (Envoy keeps the last snapshot it was sent)."""
+        try:
+            step()
+        except Exception as exc:
+            self.loop_errors += 1
+            # The same failure again (a status write every 100 ms on a full disk) is counted
+            # but not logged in full each time.
+            again = self._last_loop_error == (what, repr(exc))
+            self._last_loop_error = (what, repr(exc))
+            (log.debug if again else log.exception)(
+                "%s failed (%d so far); waiting for the next change", what, self.loop_errors
+            )
+        else:
+            self._last_loop_error = None
+
     async def _watch_inputs(self) -> None:
-        paths = self.inputs.watch_paths()
-        # step: how long to wait for more events once one came; a policy write (temp file,
-        # rename) is over within a millisecond, and every millisecond here is latency.
-        async for changes in awatch(*paths, debounce=10, step=2, recursive=False):
-            if self.inputs.affected_by(path for _, path in changes):
-                self.refresh()
+        while True:
+            try:
+                paths = self.inputs.watch_paths()
+                # step: how long to wait for more events once one came; a policy write (temp
+                # file, rename) is over within a millisecond, and every millisecond here is
+                # latency.
+                async for changes in awatch(*paths, debounce=10, step=2, recursive=False):
+                    if self.inputs.affected_by(path for _, path in changes):
+                        self._survive("render after a change", self.refresh)
+                return
+            except Exception:  # the watch itself failed (a watched directory went away)
+                self.loop_errors += 1
+                log.exception("watching the inputs failed; watching again in 1 s")
+            await asyncio.sleep(1.0)
+            self._survive("render after the watch restarted", self.refresh)
 
     async def _report_status(self) -> None:
         while True:
-            self.write_status()
+            self._survive("status write", self.write_status)
             self._gc.tick()
             await asyncio.sleep(0.1)

@@ -3,9 +3,9 @@
 Every decision is made by the pure functions in admission.py. This module reads the body,
 looks up the pod's namespace labels, and maps failures to HTTP statuses:
 
-- 400 `{"error": reason}`: the body is over 3 MiB, is not JSON, or is not an AdmissionReview
-  v1 request. No decision was made; the API server applies the webhook's failurePolicy
-  and logs the reason.
+- 400 `{"error": reason}`: the body is over 3 MiB, is not JSON, is nested too deeply to
+  read, or is not an AdmissionReview v1 request. No decision was made; the API server
+  applies the webhook's failurePolicy and logs the reason.
 - 500 `{"error": ...}`: anything else (a failed namespace lookup, a bug), logged with its
   traceback. The server keeps serving the next request.
 """
@@ -53,6 +53,11 @@ async def _error_responses(request: web.Request, handler: _Handler) -> web.Strea
     except (_BadRequest, admission.MalformedReview) as exc:
         log.warning("%s %s: 400: %s", request.method, request.path, exc)
         return web.json_response({"error": str(exc)}, status=400)
+    except RecursionError:
+        # A review nested deeper than any API object is (JSON 1,000 levels deep): not a
+        # review this webhook can answer, whichever step gave up on it.
+        log.warning("%s %s: 400: nested too deeply", request.method, request.path)
+        return web.json_response({"error": "body is nested too deeply"}, status=400)
     except web.HTTPException:
         raise  # the router's own answers (404, 405) are already right
     except Exception:
@@ -73,6 +78,8 @@ async def _read_review(request: web.Request) -> Any:
         return json.loads(body)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise _BadRequest(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise _BadRequest("body is nested too deeply to be an AdmissionReview") from None
 
 
 def build_app(namespace_labels: NamespaceLabels) -> web.Application:

@@ -4,6 +4,11 @@ Each stream is a small state machine per resource type: what the client subscrib
 to, what was last sent (version + nonce), and whether the client accepted it. The two
 protocol variants share that bookkeeping (``_Stream``) and differ only in how a
 subscription is expressed and in what a response carries.
+
+Over TCP the server can require mutual TLS (``XdsServerTls``): a client must present a
+certificate from steer's CA, and a stream is served only for the node that certificate
+names (``steer.control.certs.node_identity``); any other node id is refused with
+PERMISSION_DENIED. The Unix socket of local mode is guarded by its file mode instead.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import grpc
 import grpc.aio
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from steer.constants import XDS_NODE_IDENTITY_PREFIX
 from steer.control.cache import PUSH_ORDER, WILDCARD_TYPES, Snapshot, SnapshotCache
+from steer.control.certs import node_identity
 
 log = logging.getLogger("steer.xds")
 
@@ -299,9 +306,52 @@ _CHANGED: Final = _Changed()
 _Queue: TypeAlias = asyncio.Queue[_Request | _Eof | _Changed]
 
 
+@dataclass(frozen=True)
+class XdsServerTls:
+    """The xDS server's certificate and key, and the CA whose client certificates it
+    accepts (the one that issues the nodes' certificates)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+def _peer_node(context: grpc.aio.ServicerContext[_Request, _Response]) -> tuple[bool, str | None]:
+    """(whether the peer came over TLS, the node its verified certificate names)."""
+    auth = context.auth_context()
+    if list(auth.get("transport_security_type") or ()) != [b"ssl"]:
+        return False, None
+    pems = list(auth.get("x509_pem_cert") or ())
+    try:
+        return True, node_identity(pems[0]) if pems else None
+    except ValueError:
+        return True, None
+
+
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
+
+    async def _authorize(
+        self, node_id: str, context: grpc.aio.ServicerContext[_Request, _Response]
+    ) -> None:
+        """A TLS peer may only ask for the node its certificate names. Peers without TLS
+        (the Unix socket, or TCP where no certificate was configured) are not checked."""
+        over_tls, identity = _peer_node(context)
+        if not over_tls or identity == node_id:
+            return
+        if identity is None:
+            reason = (
+                f"the client certificate names no node; fix: issue it with the URI SAN "
+                f"{XDS_NODE_IDENTITY_PREFIX}<node> (steer certs --node NAME)"
+            )
+        else:
+            reason = (
+                f"the client certificate is node {identity}'s; fix: set node.id to "
+                f"{identity} (steer envoy --node-id), or use node {node_id}'s certificate"
+            )
+        log.warning("refused ADS stream for node %s from %s: %s", node_id, context.peer(), reason)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {node_id}: {reason}")
 
     async def StreamAggregatedResources(
         self,
@@ -340,6 +390,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "the first ADS request must carry node.id (set node.id in the bootstrap)",
                 )
+            await self._authorize(node_id, context)
             stream = make_stream(self._cache, node_id)
             self._cache.stream_opened(node_id)
             log.info("node %s opened a %s ADS stream from %s", node_id, stream.kind, context.peer())
@@ -349,6 +400,18 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             tasks.append(asyncio.create_task(self._watch(node_id, seen, queue)))
             while not isinstance(item, _Eof):
                 snapshot = self._cache.get(node_id)
+                if not isinstance(item, _Changed) and item.node.id not in ("", node_id):
+                    # One stream, one node: acking as another node is not a thing.
+                    log.warning(
+                        "refused ADS request naming node %s on node %s's stream from %s",
+                        item.node.id,
+                        node_id,
+                        context.peer(),
+                    )
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"this stream is node {node_id}'s; a request named {item.node.id}",
+                    )
                 if isinstance(item, _Changed):
                     responses = stream.on_snapshot(snapshot) if snapshot else []
                 else:
@@ -398,12 +461,64 @@ def _prepare_socket_path(path: Path) -> None:
     path.unlink()
 
 
+def _file_stamp(tls: XdsServerTls) -> tuple[tuple[int, int], ...]:
+    # stat follows symlinks: a Secret volume's atomic swap of ..data changes these.
+    return tuple(
+        (st.st_mtime_ns, st.st_size)
+        for st in (p.stat() for p in (tls.cert, tls.key, tls.client_ca))
+    )
+
+
+def _certificate_configuration(tls: XdsServerTls) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=tls.client_ca.read_bytes(),
+    )
+
+
+def server_credentials(tls: XdsServerTls) -> grpc.ServerCredentials:
+    """mTLS server credentials that pick up renewed files (a rotated Secret) at the next
+    handshake; established streams keep the certificate they were opened with."""
+    stamp = _file_stamp(tls)
+    initial = _certificate_configuration(tls)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal stamp
+        try:
+            now = _file_stamp(tls)
+            if now == stamp:
+                return None
+            config = _certificate_configuration(tls)
+        except OSError as exc:
+            log.warning("xDS certificate not reloaded, keeping the current one: %s", exc)
+            return None
+        stamp = now
+        log.info("xDS serving certificate reloaded from %s", tls.cert)
+        return config
+
+    # The stubs say the fetcher returns a configuration; gRPC documents None as "unchanged".
+    return grpc.dynamic_ssl_server_credentials(
+        initial,
+        fetch,  # type: ignore[arg-type]
+        require_client_authentication=True,
+    )
+
+
 async def serve(
-    cache: SnapshotCache, *, uds_path: Path | None = None, tcp_port: int | None = None
+    cache: SnapshotCache,
+    *,
+    uds_path: Path | None = None,
+    tcp_port: int | None = None,
+    tls: XdsServerTls | None = None,
+    tcp_host: str = "[::]",
 ) -> grpc.aio.Server:
-    """Start an ADS server on a Unix socket and/or TCP; the caller stops it."""
+    """Start an ADS server on a Unix socket and/or TCP; the caller stops it. With `tls`,
+    TCP clients must present a certificate from `tls.client_ca` naming their node."""
     if uds_path is None and tcp_port is None:
         raise ValueError("serve() needs uds_path, tcp_port or both")
+    if tls is not None and tcp_port is None:
+        raise ValueError("serve(tls=...) needs tcp_port: the Unix socket is not TLS")
+    credentials = server_credentials(tls) if tls is not None else None
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
@@ -414,13 +529,25 @@ async def serve(
     if uds_path is not None:
         _prepare_socket_path(uds_path)
         server.add_insecure_port(f"unix:{uds_path}")
-    if tcp_port is not None:
-        server.add_insecure_port(f"[::]:{tcp_port}")
+    if tcp_port is not None and credentials is not None:
+        server.add_secure_port(f"{tcp_host}:{tcp_port}", credentials)
+    elif tcp_port is not None:
+        log.warning(
+            "xDS on TCP without TLS: any client that reaches port %d can read every "
+            "node's configuration; fix: pass --xds-cert, --xds-key and --xds-client-ca",
+            tcp_port,
+        )
+        server.add_insecure_port(f"{tcp_host}:{tcp_port}")
     await server.start()
     if uds_path is not None:
         # Envoy runs as its own user in the node; group access is what lets it connect.
         uds_path.chmod(0o660)
         log.info("xDS listening on unix:%s", uds_path)
     if tcp_port is not None:
-        log.info("xDS listening on [::]:%d", tcp_port)
+        log.info(
+            "xDS listening on %s:%d (%s)",
+            tcp_host,
+            tcp_port,
+            "mutual TLS" if credentials is not None else "plaintext",
+        )
     return server

@@ -23,7 +23,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Generic, TypeVar
 
 from steer.constants import MARK_MAX_POLICY_ID, VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
-from steer.model.pod import Pod, PodSteering, parse_steering
+from steer.model.pod import Pod, PodSteering, steering_of
 from steer.model.policy import (
     Action,
     Direction,
@@ -324,9 +324,8 @@ class Resolver:
     def _manage(self, pod: Pod) -> tuple[ManagedPod | None, tuple[str, ...]]:
         if self._local is not None and not self._local(pod):
             return None, ()
-        steering, errors = parse_steering(
-            pod.annotations, pod.namespace_labels, pod.inject_default, pod.labels
-        )
+        # Host network included: such a pod has the node's address, never a boundary of its own.
+        steering, errors = steering_of(pod)
         managed = ManagedPod(pod, IPv4Address(pod.ip), steering) if steering.inject else None
         return managed, tuple(f"pod {pod.key}: {e}" for e in errors)
 

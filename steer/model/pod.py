@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Final
 
 from steer.constants import (
     ANNOTATION_DATAPLANE,
@@ -15,6 +16,7 @@ from steer.constants import (
     ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
     ANNOTATION_INJECT,
     LABEL_ALLOW_EXCLUSIONS,
+    LABEL_ALLOW_OPT_OUT,
 )
 
 _ASCII_DIGITS = re.compile(r"[0-9]{1,5}")
@@ -24,6 +26,26 @@ class Dataplane(StrEnum):
     AUTO = "auto"
     EBPF = "ebpf"
     IPTABLES = "iptables"
+
+
+class Unsteered(StrEnum):
+    """Why a pod is not steered; the values are the reasons a policy's status gives."""
+
+    # `steer.dev/inject: disabled` where it counts: the namespace's label, or the pod's own
+    # annotation or label in a namespace labelled LABEL_ALLOW_OPT_OUT=true.
+    OPTED_OUT = "OptedOut"
+    # In a cluster, steering is opt-in, and neither the pod nor its namespace opted in.
+    NOT_OPTED_IN = "NotOptedIn"
+    # spec.hostNetwork: the pod shares the node's network namespace (and address), so
+    # there is no pod netns or cgroup boundary of its own to steer at.
+    HOST_NETWORK = "HostNetwork"
+
+
+UNSTEERED_WHY: Final[dict[Unsteered, str]] = {
+    Unsteered.OPTED_OUT: f"opted out ({ANNOTATION_INJECT}: disabled)",
+    Unsteered.NOT_OPTED_IN: f"not opted in (no {ANNOTATION_INJECT}: enabled on pod or namespace)",
+    Unsteered.HOST_NETWORK: "uses the node's network (spec.hostNetwork), which steer cannot steer",
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,8 @@ class Pod:
     node: str = ""
     # Whether a pod steered by neither its annotation nor its namespace is steered.
     inject_default: bool = True
+    # spec.hostNetwork: never steered (Unsteered.HOST_NETWORK); `ip` is then the node's.
+    host_network: bool = False
 
     @property
     def key(self) -> str:
@@ -60,6 +84,17 @@ class AnnotationError:
 
 
 @dataclass(frozen=True)
+class OptOutIgnored(AnnotationError):
+    """The pod said `steer.dev/inject: disabled` (its annotation, or its label when
+    `source` is "label") where its namespace does not allow opting out: it stays steered."""
+
+    source: str = "annotation"
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.annotation}={self.value!r}: {self.message}"
+
+
+@dataclass(frozen=True)
 class PodSteering:
     """What the annotations ask for, after validation and the namespace's permission."""
 
@@ -68,6 +103,8 @@ class PodSteering:
     exclude_outbound_ports: frozenset[int] = frozenset()
     exclude_inbound_ports: frozenset[int] = frozenset()
     exclude_outbound_cidrs: tuple[str, ...] = ()
+    # Why `inject` is False (None while it is True).
+    unsteered: Unsteered | None = None
 
 
 def _parse_ports(annotation: str, value: str) -> tuple[frozenset[int], list[AnnotationError]]:
@@ -107,21 +144,50 @@ def _parse_choice(
     return None, [AnnotationError(annotation, value, f"fix: use one of {', '.join(choices)}")]
 
 
-def inject_enabled(
+def opt_out_allowed(namespace_labels: Mapping[str, str]) -> bool:
+    return namespace_labels.get(LABEL_ALLOW_OPT_OUT) == "true"
+
+
+def _inject_decision(
     annotations: Mapping[str, str],
     namespace_labels: Mapping[str, str],
     default: bool,
-    pod_labels: Mapping[str, str] | None = None,
-) -> bool:
-    """The pod's annotation decides, else its label (a label lets a webhook select single
+    pod_labels: Mapping[str, str] | None,
+) -> tuple[bool, Unsteered | None, list[AnnotationError]]:
+    """Whether the pod is steered, why not, and the pod's opt-out if it was ignored.
+
+    The pod's annotation decides, else its label (a label lets a webhook select single
     pods), else its namespace's label, else `default`: opt-out in the local lab (every lab
     pod is steered), opt-in in a cluster (steering a namespace nobody labelled would gate
-    pods nobody asked to steer)."""
-    for source in (annotations, pod_labels or {}, namespace_labels):
+    pods nobody asked to steer). A pod's own `disabled` counts only where its namespace
+    carries LABEL_ALLOW_OPT_OUT=true: whoever may edit a pod must not be able to take it
+    out of the policies that select it. Elsewhere it is skipped, and the next source
+    decides; it is reported only if that changes the outcome (the pod stays steered).
+    """
+    ignored: list[AnnotationError] = []
+    sources = (("annotation", annotations), ("label", pod_labels or {}))
+    for kind, source in sources:
         value = source.get(ANNOTATION_INJECT)
-        if value in ("enabled", "disabled"):
-            return value == "enabled"
-    return default
+        if value == "enabled":
+            return True, None, ignored
+        if value == "disabled":
+            if opt_out_allowed(namespace_labels):
+                return False, Unsteered.OPTED_OUT, []
+            ignored.append(
+                OptOutIgnored(
+                    ANNOTATION_INJECT,
+                    value,
+                    "opt-out ignored, the pod stays steered: its namespace lacks label "
+                    f"{LABEL_ALLOW_OPT_OUT}=true; fix: remove it, or ask the namespace owner "
+                    "to set that label",
+                    source=kind,
+                )
+            )
+    value = namespace_labels.get(ANNOTATION_INJECT)
+    steered = value == "enabled" if value in ("enabled", "disabled") else default
+    if steered:
+        return True, None, ignored
+    return False, Unsteered.OPTED_OUT if value == "disabled" else Unsteered.NOT_OPTED_IN, []
 
 
 def parse_steering(
@@ -129,14 +195,22 @@ def parse_steering(
     namespace_labels: Mapping[str, str],
     default_inject: bool = True,
     pod_labels: Mapping[str, str] | None = None,
+    host_network: bool = False,
 ) -> tuple[PodSteering, list[AnnotationError]]:
     """Valid annotations take effect; each invalid one is reported and left at its default.
 
     Exclusions count only where the namespace carries LABEL_ALLOW_EXCLUSIONS=true,
-    because an exclusion lets traffic past L7 policy.
+    because an exclusion lets traffic past L7 policy; a pod's own opt-out counts only
+    where it carries LABEL_ALLOW_OPT_OUT=true (an ignored one is an `OptOutIgnored`
+    error). A host-network pod is never steered.
     """
     errors: list[AnnotationError] = []
-    inject = inject_enabled(annotations, namespace_labels, default_inject, pod_labels)
+    inject, unsteered, ignored = _inject_decision(
+        annotations, namespace_labels, default_inject, pod_labels
+    )
+    if host_network:
+        inject, unsteered, ignored = False, Unsteered.HOST_NETWORK, []
+    errors += ignored
     if (raw := annotations.get(ANNOTATION_INJECT)) is not None:
         errors += _parse_choice(ANNOTATION_INJECT, raw, ("enabled", "disabled"))[1]
     dataplane = Dataplane.AUTO
@@ -169,4 +243,15 @@ def parse_steering(
             )
         )
         out_ports, in_ports, cidrs = frozenset(), frozenset(), ()
-    return PodSteering(inject, dataplane, out_ports, in_ports, cidrs), errors
+    return PodSteering(inject, dataplane, out_ports, in_ports, cidrs, unsteered), errors
+
+
+def steering_of(pod: Pod) -> tuple[PodSteering, list[AnnotationError]]:
+    """`parse_steering` with everything the pod carries, host network included."""
+    return parse_steering(
+        pod.annotations,
+        pod.namespace_labels,
+        pod.inject_default,
+        pod.labels,
+        host_network=pod.host_network,
+    )

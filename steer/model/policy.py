@@ -12,27 +12,44 @@ import re
 from enum import StrEnum
 from typing import Literal
 
+import re2
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StrictInt,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # Methods Envoy's HTTP/1 parser accepts; anything else is answered 400 before any filter
 # runs, so a rule naming it could never match and is almost certainly a typo.
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
-_HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-# Constructs Python's `re` accepts but Envoy's RE2 rejects; caught here so a policy that
-# loads locally is never NACKed by Envoy.
-_RE2_UNSUPPORTED = re.compile(r"\(\?[=!<]|\\[1-9]|\(\?P=|\(\?>")
+# Each pattern validates a whole value, so it is only ever used with `fullmatch`: with
+# `match` and `$`, a value ending in a newline would pass (`$` matches before it).
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+_HOST = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+# The names the resolver gives unnamed rules (`ingress[0]`, `egress[3]`): reserved, so a
+# given name can never collide with one.
+_DEFAULT_RULE_NAME = re.compile(r"(ingress|egress)\[[0-9]+\]")
+
+# Regexes are checked by RE2 itself, compiled as Envoy compiles them (default options,
+# UTF-8, errors not logged), so that what loads here is what Envoy accepts.
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+# Envoy refuses a regex whose RE2 program (the forward one, `RE2::ProgramSize()`) is
+# larger than the runtime value `re2.max_program_size.error_level`, 100 by default.
+ENVOY_MAX_PROGRAM_SIZE = 100
+# RE2 repeats at most 1000 times.
+RE2_MAX_REPEAT = 1000
+# A brace that looks like a repetition, for those RE2 reads as literal text instead.
+_BRACES = re.compile(r"\{([0-9]*)(?:,([0-9]*))?\}")
 
 
 class StrictModel(BaseModel):
@@ -146,21 +163,122 @@ class PortSpec(StrictModel):
         return (self.port, self.end_port if self.end_port is not None else self.port)
 
 
+_RE2_FIXES = (
+    # (RE2's reason, from its error text; what to write instead)
+    ("invalid perl operator: (?=", "RE2 has no lookahead; rewrite it without (?=...)"),
+    ("invalid perl operator: (?!", "RE2 has no lookahead; rewrite it without (?!...)"),
+    ("invalid perl operator: (?<=", "RE2 has no lookbehind; rewrite it without (?<=...)"),
+    ("invalid perl operator: (?<!", "RE2 has no lookbehind; rewrite it without (?<!...)"),
+    ("invalid perl operator: (?#", "RE2 has no (?#...) comments; remove the comment"),
+    ("invalid perl operator: (?>", "RE2 has no atomic groups; write (?:...)"),
+    ("invalid perl operator: (?P=", "RE2 has no backreferences; rewrite it without them"),
+    ("invalid perl operator", "RE2's only flags are i, m, s and U, as in (?i)"),
+    ("invalid escape sequence: \\Z", "write $ (without the m flag it matches only at the end)"),
+    ("invalid escape sequence: \\u", "write the character itself, or \\x{41}"),
+    (
+        "invalid escape sequence: \\",
+        "RE2 has no such escape (nor backreferences); see RE2's syntax",
+    ),
+    ("bad repetition operator", "RE2 has no possessive quantifiers (*+, ++, ?+); drop the +"),
+    ("invalid repetition size", f"repeat at most {RE2_MAX_REPEAT} times"),
+    ("pattern too large", "simplify the pattern"),
+    ("missing ]", "close the character class with ]"),
+    ("missing )", "close the group with )"),
+    ("unexpected )", "remove the ) or open its group"),
+)
+
+
 def _check_regex(value: str) -> str:
+    """`value` if Envoy's RE2 accepts it, else a ValueError that says why and the fix."""
+    _check_utf8(value, "regex")
+    if not value:
+        raise ValueError("regex '' is empty, which Envoy refuses; fix: write '.*' to match any")
     try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"regex {value!r} does not compile ({exc}); fix the pattern") from None
-    if _RE2_UNSUPPORTED.search(value):
+        compiled = re2.compile(value, _RE2_OPTIONS)
+    except re2.error as exc:
+        raw = exc.args[0] if exc.args else exc
+        reason = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        fix = next((f for r, f in _RE2_FIXES if r in reason), "see RE2's syntax")
         raise ValueError(
-            f"regex {value!r} uses lookaround or backreferences, which Envoy's RE2 does not "
-            "support; fix: rewrite it without them"
+            f"regex {_shown(value)} is refused by RE2 ({reason}); fix: {fix}"
+        ) from None
+    size = int(compiled.programsize)
+    if size > ENVOY_MAX_PROGRAM_SIZE:
+        raise ValueError(
+            f"regex {_shown(value)} compiles to an RE2 program of size {size}, over "
+            f"Envoy's limit of {ENVOY_MAX_PROGRAM_SIZE} (runtime "
+            "re2.max_program_size.error_level), so Envoy would refuse it; fix: simplify "
+            "it (fewer and smaller repeats and alternatives; \\pL-style Unicode classes "
+            "are large), or match a prefix instead"
         )
+    if (brace := _literal_braces(value)) is not None:
+        raise ValueError(
+            f"regex {_shown(value)} has {brace!r}, which RE2 reads as literal text, not as a "
+            f"repetition; fix: write a count from 0 to {RE2_MAX_REPEAT} (as {{0,n}}, not "
+            "{,n}), or escape the brace as \\{ to match it literally"
+        )
+    return value
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """`value` quoted for an error message, cut short if long: a hostile 3 MiB regex
+    must not become a 3 MiB log line."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} chars)"
+
+
+def _literal_braces(pattern: str) -> str | None:
+    """The first `{n}`, `{n,}`, `{,m}` or `{n,m}` outside a class that RE2 takes as
+    literal text (a count over its limit, a missing minimum, a leading zero), or None.
+    Only called on patterns RE2 accepted, so every count it did read is in range."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            if pattern.startswith("\\Q", i):  # \Q...\E quotes literally
+                end = pattern.find("\\E", i + 2)
+                i = len(pattern) if end < 0 else end + 2
+            else:
+                i += 2
+            continue
+        if in_class:
+            if char == "[" and pattern.startswith("[:", i):  # [:alpha:]
+                end = pattern.find(":]", i + 2)
+                i = i + 1 if end < 0 else end + 2
+                continue
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            i += 1
+            i += pattern.startswith("^", i)
+            i += pattern.startswith("]", i)  # a leading ] is a member
+            continue
+        elif char == "{" and (m := _BRACES.match(pattern, i)) is not None:
+            counts = [c for c in (m[1], m[2]) if c]
+            if (m[2] is not None and not m[1]) or any(
+                len(c) > 4 or (len(c) > 1 and c[0] == "0") or int(c) > RE2_MAX_REPEAT
+                for c in counts
+            ):
+                return m[0]
+        i += 1
+    return None
+
+
+def _check_utf8(value: str, what: str) -> str:
+    """Every string steer sends Envoy must be valid UTF-8; JSON and YAML escapes can spell
+    a lone surrogate ("\\ud800"), which no protobuf message can carry."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{what} {_shown(value)} holds a lone surrogate, not valid Unicode; fix: write the "
+            "character itself"
+        ) from None
     return value
 
 
 def _check_normal_path(value: str, what: str) -> str:
     """Rules are written against the path Envoy matches: already normalised."""
+    _check_utf8(value, what)
     if "\\" in value:
         raise ValueError(
             f"{what} {value!r} is not normalised: requests have each backslash turned into "
@@ -225,7 +343,7 @@ class HeaderMatch(StrictModel):
             raise ValueError(
                 f"header {value!r} is a pseudo-header; fix: use `methods`, `paths` or `hosts`"
             )
-        if not _HEADER_NAME.match(value):
+        if not _HEADER_NAME.fullmatch(value):
             raise ValueError(
                 f"header name {value!r} is not a lowercase HTTP token; fix: write {value.lower()!r}"
                 if value.lower() != value
@@ -255,6 +373,15 @@ class HeaderMatch(StrictModel):
             )
         if self.regex is not None:
             _check_regex(self.regex)
+        if self.exact is not None:
+            _check_utf8(self.exact, "header value")
+        if self.prefix is not None:
+            _check_utf8(self.prefix, "header prefix")
+            if not self.prefix:
+                raise ValueError(
+                    "header prefix '' is empty, which Envoy refuses; fix: `present: true` "
+                    "matches any value"
+                )
         return self
 
 
@@ -288,12 +415,27 @@ class HTTPMatch(StrictModel):
                     f"host {host!r} has a port; fix: write the name only (ports in the Host "
                     "header are ignored when matching; use `ports` to match the port)"
                 )
-            if not _HOST.match(host.lower()):
+            if len(host) > 253 or not _HOST.fullmatch(host.lower()):
                 raise ValueError(
-                    f"host {host!r} is not a DNS name or '*.'-wildcard; fix: e.g. "
+                    f"host {_shown(host)} is not a DNS name or '*.'-wildcard; fix: e.g. "
                     "'api.example.com' or '*.example.com'"
                 )
+            size = int(re2.compile(host_regex(host.lower()), _RE2_OPTIONS).programsize)
+            if size > ENVOY_MAX_PROGRAM_SIZE:
+                raise ValueError(
+                    f"host {_shown(host)} is too long: Envoy matches it with a regex whose "
+                    f"RE2 program size {size} is over Envoy's limit of "
+                    f"{ENVOY_MAX_PROGRAM_SIZE}; fix: a shorter name, or a '*.'-wildcard"
+                )
         return tuple(h.lower() for h in value)
+
+
+def host_regex(host: str) -> str:
+    """The regex Envoy matches `:authority` with for a policy host: case-insensitive, with
+    or without a port. Defined here so the model can check its RE2 program size; the xDS
+    renderer must render exactly this (a test compares the two)."""
+    name = r"[^.:]+\." + re.escape(host[2:]) if host.startswith("*.") else re.escape(host)
+    return f"(?i){name}(:[0-9]+)?"
 
 
 class _RuleBase(StrictModel):
@@ -301,6 +443,20 @@ class _RuleBase(StrictModel):
     action: Action = Action.ALLOW
     ports: tuple[PortSpec, ...] | None = None
     http: HTTPMatch | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_default_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _check_utf8(value, "rule name")
+        if _DEFAULT_RULE_NAME.fullmatch(value):
+            raise ValueError(
+                f"rule name {value!r} has the form steer gives unnamed rules "
+                "(ingress[N], egress[N]), so it could stand for another rule; fix: choose "
+                "another name, or omit it"
+            )
+        return value
 
     # `peers` is declared by each subclass, under its own alias (`from` or `to`).
     @field_validator("ports", "peers", check_fields=False)
@@ -325,14 +481,46 @@ class EgressRule(_RuleBase):
 Rule = IngressRule | EgressRule
 
 
+def _unique_rule_names(rules: tuple[IngressRule, ...] | tuple[EgressRule, ...]) -> None:
+    """Raise (at `rules[i].name`) where a rule repeats an earlier rule's name in the same
+    section: logs, rule comments and Envoy's RBAC policies name rules by it, so two
+    rules of one name could not be told apart, and one could hide the other."""
+    first: dict[str, int] = {}
+    for index, rule in enumerate(rules):
+        if rule.name is None:
+            continue
+        if rule.name in first:
+            error = PydanticCustomError(
+                "value_error",
+                "rule name {name} is already used by rules[{first}] of this section; fix: "
+                "give each rule of a section its own name (or omit it)",
+                {"name": repr(rule.name), "first": first[rule.name]},
+            )
+            raise ValidationError.from_exception_data(
+                "rules",
+                [InitErrorDetails(type=error, loc=("rules", index, "name"), input=rule.name)],
+            )
+        first[rule.name] = index
+
+
 class IngressSection(StrictModel):
     default_action: Action = Field(default=Action.DENY, alias="defaultAction")
     rules: tuple[IngressRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> IngressSection:
+        _unique_rule_names(self.rules)
+        return self
 
 
 class EgressSection(StrictModel):
     default_action: Action = Field(default=Action.DENY, alias="defaultAction")
     rules: tuple[EgressRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EgressSection:
+        _unique_rule_names(self.rules)
+        return self
 
 
 class HTTPPolicySpec(StrictModel):
@@ -374,7 +562,7 @@ class ObjectMeta(StrictModel):
     @field_validator("name")
     @classmethod
     def _dns_subdomain(cls, value: str) -> str:
-        if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+        if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
             raise ValueError(
                 f"name {value!r} is not a DNS subdomain; fix: lowercase letters, digits, '-' "
                 "and '.', starting and ending with a letter or digit"
@@ -384,7 +572,7 @@ class ObjectMeta(StrictModel):
     @field_validator("namespace")
     @classmethod
     def _dns_label(cls, value: str) -> str:
-        if len(value) > 63 or not _DNS_LABEL.match(value):
+        if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
             raise ValueError(f"namespace {value!r} is not a DNS label; fix: e.g. 'default'")
         return value
 

@@ -32,6 +32,8 @@ class LocalAgent:
     status_file: Path = AGENT_STATUS_FILE
     datapath: NodeDatapath = field(default_factory=NodeDatapath)
     _loaded_at: float = 0.0
+    # Exceptions the run loop survived (logged with their traceback), for `steer status`.
+    loop_errors: int = 0
 
     def sync(self) -> SyncReport:
         self._loaded_at = time.time()
@@ -62,6 +64,7 @@ class LocalAgent:
             "ruleset_digest": self.datapath.iptables.applied_digest,
             "policy_digest": self.inputs.policies.digest(),
             "loaded_at": self._loaded_at,
+            "loop_errors": self.loop_errors,
         }
         write_json_atomic(self.status_file, status, compact=True)
 
@@ -72,17 +75,39 @@ class LocalAgent:
         network namespace, and pyroute2's blocking API cannot run inside an event loop.
         """
         collector = IdleCollector()
-        with collector.change():
-            self._log(self.sync())
-        paths = self.inputs.watch_paths()
-        for changes in watch(
-            *paths, debounce=10, step=2, recursive=False, rust_timeout=1000, yield_on_timeout=True
-        ):
-            if self.inputs.affected_by(path for _, path in changes):
-                with collector.change():
-                    self._log(self.sync())
-            else:
-                collector.tick()
+        self._survive(collector)
+        while True:
+            try:
+                paths = self.inputs.watch_paths()
+                for changes in watch(
+                    *paths,
+                    debounce=10,
+                    step=2,
+                    recursive=False,
+                    rust_timeout=1000,
+                    yield_on_timeout=True,
+                ):
+                    if self.inputs.affected_by(path for _, path in changes):
+                        self._survive(collector)
+                    else:
+                        collector.tick()
+                return
+            except Exception:  # the watch itself failed (a watched directory went away)
+                self.loop_errors += 1
+                log.exception("watching the inputs failed; watching again in 1 s")
+            time.sleep(1.0)
+            self._survive(collector)
+
+    def _survive(self, collector: IdleCollector) -> None:
+        """One sync; an exception is logged with its traceback and counted, and the loop goes
+        on with the next change: whatever one change brings must never stop the agent
+        (the kernel keeps the rules and maps of the last sync that succeeded)."""
+        try:
+            with collector.change():
+                self._log(self.sync())
+        except Exception:
+            self.loop_errors += 1
+            log.exception("sync failed (%d so far); waiting for the next change", self.loop_errors)
 
     @staticmethod
     def _log(report: SyncReport) -> None:

@@ -136,12 +136,13 @@ class Program:
 
 PROGRAMS: Final = (
     Program("steer_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
+    Program("steer_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
     Program("steer_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS"),
     Program("steer_skmsg", "SK_MSG", "SK_MSG_VERDICT"),
     Program("steer_sockopt", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT"),
 )
 PROGRAM_BY_NAME: Final = {p.name: p for p in PROGRAMS}
-POD_PROGRAMS: Final = ("steer_connect4", "steer_sockops")
+POD_PROGRAMS: Final = ("steer_connect4", "steer_connect6", "steer_sockops")
 ENVOY_PROGRAMS: Final = ("steer_sockops", "steer_sockopt")
 
 

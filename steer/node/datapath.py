@@ -51,6 +51,7 @@ from steer.render.iptables import (
     RulesetCache,
     chains_to_write,
     cleanup_text,
+    render_ipv6_ruleset,
     render_ruleset,
     restore_text,
 )
@@ -81,17 +82,19 @@ def _guarded(report: SyncReport, what: str, action: Callable[[], int]) -> int:
         return 0
 
 
-def apply_ruleset(kernel: NodeKernel, ruleset: Ruleset, previous: Ruleset | None = None) -> None:
+def apply_ruleset(
+    kernel: NodeKernel, ruleset: Ruleset, previous: Ruleset | None = None, *, ipv6: bool = False
+) -> None:
     """Make steer's chains hold `ruleset`; on any error the kernel keeps the old rules.
 
     With `previous` (what this process applied last), only changed chains are rewritten
     and read back: reading rules back costs far more than writing them, so verifying
     every chain on every change would dominate a small update at scale.
     """
-    before = kernel.iptables_state()
+    before = kernel.iptables_state(ipv6=ipv6)
     writes = chains_to_write(ruleset, before, previous)
-    kernel.iptables_restore(restore_text(ruleset, before, previous))
-    kernel.iptables_verify(ruleset, writes)
+    kernel.iptables_restore(restore_text(ruleset, before, previous), ipv6=ipv6)
+    kernel.iptables_verify(ruleset, writes, ipv6=ipv6)
 
 
 def revoke_conntrack(kernel: NodeKernel, decide: Callable[[Flow], int]) -> list[Flow]:
@@ -112,6 +115,7 @@ class IptablesDatapath:
     kernel: NodeKernel = field(default_factory=HostKernel)
     applied_digest: str | None = None
     applied: Ruleset | None = None
+    applied_ipv6: Ruleset | None = None
     enforcement: Enforcement | None = None
     _chains: RulesetCache = field(default_factory=RulesetCache)
     _resolver: Resolver = field(default_factory=Resolver)
@@ -124,6 +128,7 @@ class IptablesDatapath:
         return report
 
     def apply(self, enforcement: Enforcement, ebpf: frozenset[str], report: SyncReport) -> None:
+        self._apply_ipv6(enforcement, report)
         ruleset = render_ruleset(enforcement, ebpf, self._chains)
         report.rules = len(ruleset.rules)
         if ruleset == self.applied:
@@ -150,13 +155,29 @@ class IptablesDatapath:
             ),
         )
 
+    def _apply_ipv6(self, enforcement: Enforcement, report: SyncReport) -> None:
+        """IPv6 first: a new pod's IPv6 TCP is refused before its IPv4 steering exists."""
+        ruleset = render_ipv6_ruleset(enforcement)
+        if ruleset == self.applied_ipv6:
+            return
+        try:
+            apply_ruleset(self.kernel, ruleset, self.applied_ipv6, ipv6=True)
+        except IptablesError as exc:
+            report.errors.append(str(exc))
+            log.error("IPv6 rules not applied, previous rules stay in force: %s", exc)
+            return
+        self.applied_ipv6 = ruleset
+
     def plan(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> Ruleset:
         return render_ruleset(resolve(policies, pods))
 
     def unload(self) -> None:
         """Remove steer's jumps and chains; other parties' rules stay exactly as they were."""
-        self.kernel.iptables_restore(cleanup_text(self.kernel.iptables_state()))
+        for ipv6 in (False, True):
+            current = self.kernel.iptables_state(ipv6=ipv6)
+            self.kernel.iptables_restore(cleanup_text(current), ipv6=ipv6)
         self.applied_digest = None
+        self.applied_ipv6 = None
         self.applied = None
 
 

@@ -1,23 +1,28 @@
-"""Run and supervise the node's Envoy in the current network namespace."""
+"""Run and supervise the node's Envoy in the current network namespace.
+
+Envoy's admin is a Unix socket (mode 0600, `ENVOY_ADMIN_SOCKET`); `admin_get` is how steer,
+its probes and its tests talk to it.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from steer.constants import (
-    ENVOY_ADMIN_ADDRESS,
-    ENVOY_ADMIN_PORT,
+    ENVOY_ADMIN_SOCKET,
     ENVOY_BOOTSTRAP_FILE,
     ENVOY_LOG_FILE,
 )
-from steer.render.bootstrap import AdsMode, bootstrap
+from steer.render.bootstrap import AdsMode, XdsClientTls, bootstrap
 
 log = logging.getLogger("steer.envoy")
 # Distinct from the default (0) so a test Envoy on the host never shares shared memory.
@@ -26,6 +31,49 @@ ENVOY_BASE_ID = 15000
 
 class EnvoyError(RuntimeError):
     pass
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix socket: Envoy's admin."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def admin_get(
+    path: str, admin: Path | str = ENVOY_ADMIN_SOCKET, timeout: float = 2.0
+) -> tuple[int, str]:
+    """GET `path` (e.g. "/ready", "/stats?filter=rbac") from Envoy's admin: (status, body).
+
+    `admin` is the admin's Unix socket (a Path, or a string starting with "/"), or
+    "host:port" for an Envoy whose admin is on TCP (one a test runs itself). Raises OSError
+    when nothing answers there.
+    """
+    target = str(admin)
+    conn: http.client.HTTPConnection
+    if target.startswith("/"):
+        conn = _UnixHTTPConnection(target, timeout)
+    else:
+        conn = http.client.HTTPConnection(target, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    except http.client.HTTPException as exc:
+        raise OSError(f"Envoy admin at {target}: {exc!r}") from exc
+    finally:
+        conn.close()
 
 
 def envoy_binary() -> str:
@@ -44,13 +92,17 @@ def write_bootstrap(
     xds: Path | tuple[str, int],
     ads: AdsMode,
     path: Path,
+    *,
+    admin: Path = ENVOY_ADMIN_SOCKET,
+    xds_tls: XdsClientTls | None = None,
 ) -> Path:
-    """`xds`: the control plane's Unix socket (local mode) or (host, port) (a cluster)."""
+    """`xds`: the control plane's Unix socket (local mode) or (host, port) (a cluster),
+    there with mutual TLS when `xds_tls` is given."""
     path.parent.mkdir(parents=True, exist_ok=True)
     document = (
-        bootstrap(node_id, xds_socket=xds, ads=ads)
+        bootstrap(node_id, xds_socket=xds, ads=ads, admin=admin)
         if isinstance(xds, Path)
-        else bootstrap(node_id, xds_address=xds, ads=ads)
+        else bootstrap(node_id, xds_address=xds, ads=ads, admin=admin, xds_tls=xds_tls)
     )
     path.write_text(json.dumps(document, indent=2))
     return path
@@ -72,30 +124,51 @@ def envoy_argv(config: Path, log_path: Path) -> list[str]:
     ]
 
 
-def wait_ready(timeout: float = 15.0, admin_port: int = ENVOY_ADMIN_PORT) -> None:
+def wait_ready(timeout: float = 15.0, admin: Path | str = ENVOY_ADMIN_SOCKET) -> None:
     """Until Envoy's admin says LIVE (it has its listeners from xDS)."""
     deadline = time.monotonic() + timeout
-    url = f"http://{ENVOY_ADMIN_ADDRESS}:{admin_port}/ready"
     last = ""
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                last = response.read().decode().strip()
-                if last == "LIVE":
-                    return
+            _, body = admin_get("/ready", admin, timeout=1)
+            last = body.strip()
+            if last == "LIVE":
+                return
         except OSError as exc:
             last = str(exc)
         time.sleep(0.05)
     raise EnvoyError(f"Envoy not ready after {timeout:.0f}s (last answer: {last})")
 
 
-def supervise(node_id: str, xds: Path | tuple[str, int], ads: AdsMode = "delta") -> None:
+def _remove_stale_socket(path: Path) -> None:
+    """A socket left by an Envoy that died; anything else there is a misconfiguration."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise EnvoyError(f"{path} exists and is not a socket; fix: remove it, or pick another")
+    path.unlink()
+
+
+def supervise(
+    node_id: str,
+    xds: Path | tuple[str, int],
+    ads: AdsMode = "delta",
+    *,
+    admin: Path = ENVOY_ADMIN_SOCKET,
+    xds_tls: XdsClientTls | None = None,
+) -> None:
     """Run Envoy until interrupted, restarting it with backoff if it exits."""
-    config = write_bootstrap(node_id, xds, ads, ENVOY_BOOTSTRAP_FILE)
+    config = write_bootstrap(node_id, xds, ads, ENVOY_BOOTSTRAP_FILE, admin=admin, xds_tls=xds_tls)
+    admin.parent.mkdir(parents=True, exist_ok=True)
     backoff = 0.5
     while True:
         started = time.monotonic()
-        proc = subprocess.Popen(envoy_argv(config, ENVOY_LOG_FILE))
+        _remove_stale_socket(admin)
+        # umask 077: the admin socket is created owner-only, before Envoy's chmod to the
+        # bootstrap's mode, so there is no moment another user could connect.
+        proc = subprocess.Popen(envoy_argv(config, ENVOY_LOG_FILE), umask=0o077)
         try:
             code = proc.wait()
         except KeyboardInterrupt:

@@ -69,6 +69,8 @@ class RecordingKernel:
     calls: list[str] = field(default_factory=list)
     chains: dict[str, set[str]] = field(default_factory=dict)
     jumps: set[Jump] = field(default_factory=set)
+    chains6: dict[str, set[str]] = field(default_factory=dict)
+    jumps6: set[Jump] = field(default_factory=set)
     flows: list[Flow] = field(default_factory=list)
     unmarked: list[Flow] = field(default_factory=list)
     maps: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
@@ -83,31 +85,36 @@ class RecordingKernel:
         self.calls.append(line)
 
     # --- iptables -------------------------------------------------------------------------
-    def iptables_state(self) -> KernelState:
-        chains = {table: frozenset(names) for table, names in self.chains.items()}
-        return KernelState(chains=chains, jumps=frozenset(self.jumps))
+    def iptables_state(self, *, ipv6: bool = False) -> KernelState:
+        held = self.chains6 if ipv6 else self.chains
+        chains = {table: frozenset(names) for table, names in held.items()}
+        return KernelState(chains=chains, jumps=frozenset(self.jumps6 if ipv6 else self.jumps))
 
-    def iptables_restore(self, text: str) -> None:
-        self._record("iptables-restore --noflush")
+    def iptables_restore(self, text: str, *, ipv6: bool = False) -> None:
+        binary = "ip6tables" if ipv6 else "iptables"
+        self._record(f"{binary}-restore --noflush")
         self.calls += [f"  {line}" for line in text.splitlines()]
         if self.fail_restore is not None:
-            raise IptablesError(f"iptables-legacy-restore failed: {self.fail_restore}")
+            raise IptablesError(f"{binary}-legacy-restore failed: {self.fail_restore}")
+        chains, jumps = (self.chains6, self.jumps6) if ipv6 else (self.chains, self.jumps)
         table = ""
         for line in text.splitlines():
             if line.startswith("*"):
                 table = line[1:]
             elif line.startswith(":"):
-                self.chains.setdefault(table, set()).add(line[1:].split(" ", 1)[0])
+                chains.setdefault(table, set()).add(line[1:].split(" ", 1)[0])
             elif line.startswith("-X "):
-                self.chains.get(table, set()).discard(line[3:])
+                chains.get(table, set()).discard(line[3:])
             elif match := _INSERT.match(line):
-                self.jumps.add(Jump(table, match.group(1), match.group(2)))
+                jumps.add(Jump(table, match.group(1), match.group(2)))
             elif match := _DELETE.match(line):
-                self.jumps.discard(Jump(table, match.group(1), match.group(2)))
+                jumps.discard(Jump(table, match.group(1), match.group(2)))
 
-    def iptables_verify(self, ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]]) -> None:
+    def iptables_verify(
+        self, ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]], *, ipv6: bool = False
+    ) -> None:
         read = sorted(f"{table}/{c}" for table, names in chains.items() for c in names)
-        self._record(f"iptables read-back {len(read)} chains")
+        self._record(f"{'ip6tables' if ipv6 else 'iptables'} read-back {len(read)} chains")
 
     # --- conntrack ------------------------------------------------------------------------
     def conntrack_flows(self) -> list[Flow]:

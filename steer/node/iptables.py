@@ -30,6 +30,8 @@ from steer.render.iptables import (
 log = logging.getLogger("steer.iptables")
 RESTORE = "iptables-legacy-restore"
 SAVE = "iptables-legacy-save"
+RESTORE6 = "ip6tables-legacy-restore"
+SAVE6 = "ip6tables-legacy-save"
 # iptables-save quotes every comment.
 _COMMENT = re.compile(r'--comment "?([^" ]+)"?')
 
@@ -79,16 +81,16 @@ def _read_state(tables: Mapping[str, iptc.Table]) -> KernelState:
     return KernelState(chains=chains, jumps=frozenset(jumps))
 
 
-def restore(text: str) -> None:
+def restore(text: str, binary: str = RESTORE) -> None:
     """Apply iptables-restore text (--noflush: only what it names changes), atomically per
     table; raises IptablesError with iptables' own message."""
     if not text:
         return
     proc = subprocess.run(
-        [RESTORE, "--noflush", "--wait"], input=text, text=True, capture_output=True, check=False
+        [binary, "--noflush", "--wait"], input=text, text=True, capture_output=True, check=False
     )
     if proc.returncode != 0:
-        raise IptablesError(f"{RESTORE} failed: {proc.stderr.strip()}")
+        raise IptablesError(f"{binary} failed: {proc.stderr.strip()}")
 
 
 def apply(ruleset: Ruleset, previous: Ruleset | None = None) -> None:
@@ -104,14 +106,21 @@ def apply(ruleset: Ruleset, previous: Ruleset | None = None) -> None:
     verify(ruleset, writes)
 
 
-def _saved_comments(table: str, chains: tuple[str, ...]) -> dict[str, list[str]]:
-    """Each chain's rules as their comment tokens, from the kernel's own dump."""
-    proc = subprocess.run([SAVE, "-t", table], capture_output=True, text=True, check=False)
+def _save(table: str, binary: str) -> str:
+    proc = subprocess.run([binary, "-t", table], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise IptablesError(f"{SAVE} -t {table} failed: {proc.stderr.strip()}")
+        raise IptablesError(f"{binary} -t {table} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _saved_comments(
+    table: str, chains: tuple[str, ...], binary: str = SAVE
+) -> dict[str, list[str]]:
+    """Each chain's rules as their comment tokens, from the kernel's own dump."""
+    dump = _save(table, binary)
     wanted = set(chains)
     found: dict[str, list[str]] = {}
-    for line in proc.stdout.splitlines():
+    for line in dump.splitlines():
         if line.startswith(":"):
             name = line[1:].split(" ", 1)[0]
             if name in wanted:
@@ -175,9 +184,42 @@ def _chain_comments(table: iptc.Table, chains: tuple[str, ...]) -> dict[str, lis
     }
 
 
+def read_state6() -> KernelState:
+    """steer's ip6tables chains and entry jumps, from ip6tables-legacy-save (steer's IPv6
+    rules are a few per pod, all in the filter table)."""
+    chains: set[str] = set()
+    jumps: set[Jump] = set()
+    for line in _save("filter", SAVE6).splitlines():
+        if line.startswith(f":{CHAIN_PREFIX}"):
+            chains.add(line[1:].split(" ", 1)[0])
+        elif line.startswith("-A "):
+            words = line.split()
+            target = words[words.index("-j") + 1] if "-j" in words else ""
+            if target.startswith(CHAIN_PREFIX) and not words[1].startswith(CHAIN_PREFIX):
+                jumps.add(Jump("filter", words[1], target))
+    return KernelState(chains={"filter": frozenset(chains)}, jumps=frozenset(jumps))
+
+
+def verify6(ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]]) -> None:
+    """`verify` for the IPv6 ruleset, read back from ip6tables-legacy-save."""
+    for table_name, chain_names in chains.items():
+        if not chain_names:
+            continue
+        found = _saved_comments(table_name, chain_names, SAVE6)
+        for chain_name in chain_names:
+            want = [comment_token(r.comment) for r in ruleset.rules_of(table_name, chain_name)]
+            if found.get(chain_name) != want:
+                raise IptablesError(f"ip6tables {table_name}/{chain_name} differs after apply")
+    missing = set(ruleset.jumps) - read_state6().jumps
+    if missing:
+        raise IptablesError(f"ip6tables entry jumps missing: {sorted(j.target for j in missing)}")
+
+
 def unload() -> None:
-    """Remove steer's jumps and chains; other parties' rules stay exactly as they were."""
+    """Remove steer's jumps and chains, IPv4 and IPv6; other parties' rules stay exactly
+    as they were."""
     restore(cleanup_text(read_state()))
+    restore(cleanup_text(read_state6()), RESTORE6)
 
 
 def counters(table_name: str, chain_name: str) -> Iterator[RuleCounters]:

@@ -51,16 +51,18 @@ BPF_ANY = 0
 
 
 class NodeKernel(Protocol):
-    # --- iptables (legacy), the node's tables ---------------------------------------------
-    def iptables_state(self) -> KernelState:
+    # --- iptables (legacy), the node's tables; ip6tables with ipv6=True ---------------------
+    def iptables_state(self, *, ipv6: bool = False) -> KernelState:
         """steer's chains and entry jumps as the kernel has them."""
         ...
 
-    def iptables_restore(self, text: str) -> None:
+    def iptables_restore(self, text: str, *, ipv6: bool = False) -> None:
         """Apply restore text atomically per table; raises IptablesError."""
         ...
 
-    def iptables_verify(self, ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]]) -> None:
+    def iptables_verify(
+        self, ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]], *, ipv6: bool = False
+    ) -> None:
         """Read the given chains back; raises IptablesError where they differ."""
         ...
 
@@ -200,14 +202,19 @@ class HostKernel:
     map_fds: dict[str, int] = field(default_factory=dict)
 
     # --- iptables -------------------------------------------------------------------------
-    def iptables_state(self) -> KernelState:
-        return iptables.read_state()
+    def iptables_state(self, *, ipv6: bool = False) -> KernelState:
+        return iptables.read_state6() if ipv6 else iptables.read_state()
 
-    def iptables_restore(self, text: str) -> None:
-        iptables.restore(text)
+    def iptables_restore(self, text: str, *, ipv6: bool = False) -> None:
+        iptables.restore(text, iptables.RESTORE6 if ipv6 else iptables.RESTORE)
 
-    def iptables_verify(self, ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]]) -> None:
-        iptables.verify(ruleset, chains)
+    def iptables_verify(
+        self, ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]], *, ipv6: bool = False
+    ) -> None:
+        if ipv6:
+            iptables.verify6(ruleset, chains)
+        else:
+            iptables.verify(ruleset, chains)
 
     # --- conntrack ------------------------------------------------------------------------
     def conntrack_flows(self) -> list[Flow]:

@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -26,8 +25,7 @@ from typing import Any, TypeVar
 from steer.constants import (
     API_GROUP,
     API_VERSION,
-    ENVOY_ADMIN_ADDRESS,
-    ENVOY_ADMIN_PORT,
+    ENVOY_ADMIN_SOCKET,
     FIELD_MANAGER,
     POLICY_PLURAL,
     READINESS_GATE,
@@ -36,6 +34,7 @@ from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.node.cgroups import ResolveError, pod_cgroup, pod_netns
 from steer.node.datapath import NodeDatapath, SyncReport
+from steer.node.envoy import admin_get
 from steer.node.netns import run_in_netns
 from steer.render.xds import route_name
 from steer.source.kube import Reflector, api_list, api_watch
@@ -51,11 +50,13 @@ log = logging.getLogger("steer.agent")
 T = TypeVar("T")
 
 
-def envoy_route_names(admin: str = f"{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}") -> set[str]:
-    """The route configurations the node's Envoy has accepted and serves."""
-    url = f"http://{admin}/config_dump?resource=dynamic_route_configs"
-    with urllib.request.urlopen(url, timeout=2) as response:
-        dump = json.load(response)
+def envoy_route_names(admin: str = str(ENVOY_ADMIN_SOCKET)) -> set[str]:
+    """The route configurations the node's Envoy has accepted and serves. `admin`: its
+    admin's Unix socket, or host:port for an admin on TCP."""
+    status, body = admin_get("/config_dump?resource=dynamic_route_configs", admin)
+    if status != 200:
+        raise OSError(f"Envoy admin answered {status} to config_dump: {body[:200]}")
+    dump = json.loads(body)
     names = set()
     for config in dump.get("configs", []):
         route = config.get("route_config", {})
@@ -71,7 +72,7 @@ class KubeAgent:
     cgroup_root: Path
     datapath: NodeDatapath
     envoy_cgroup: str = ""
-    envoy_admin: str = f"{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}"
+    envoy_admin: str = str(ENVOY_ADMIN_SOCKET)
     # Where the datapath and Envoy live when that is not the agent's own namespace (the
     # lab's node): kernel calls and Envoy's admin go there, API calls stay here.
     datapath_netns: str = ""

@@ -58,6 +58,9 @@ CHAIN_NAT = f"{CHAIN_PREFIX}-NAT"
 CHAIN_FORWARD = f"{CHAIN_PREFIX}-FWD"
 CHAIN_INPUT = f"{CHAIN_PREFIX}-IN"
 CHAIN_ENVOY = f"{CHAIN_PREFIX}-ENVOY"
+# ip6tables: steer has no IPv6 policy yet, so steered pods' IPv6 TCP is refused.
+CHAIN_V6_FORWARD = f"{CHAIN_PREFIX}6-FWD"
+CHAIN_V6_INPUT = f"{CHAIN_PREFIX}6-IN"
 
 
 @dataclass(frozen=True)
@@ -602,6 +605,36 @@ def render_ruleset(
     a cache the result equals a render without one."""
     sides = (*enforcement.egress.values(), *enforcement.ingress.values())
     return (cache or RulesetCache()).ruleset(enforcement, ebpf, sides)
+
+
+def render_ipv6_ruleset(enforcement: Enforcement) -> Ruleset:
+    """For ip6tables: every steered pod's IPv6 TCP through the node (to other pods, and to
+    the node itself) is refused with a reset. No policy covers IPv6 yet, so a pod with an
+    IPv6 address must not find in it a way around its IPv4 policy. The eBPF datapath's
+    connect6 refuses the same connects before they leave the pod.
+
+    Pods are matched by their node-side interface; a pod whose interface is not known
+    (a cluster node) is covered by connect6 on eBPF only (docs/security.md)."""
+    reset = ("-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset")
+    rules = []
+    for pod in sorted(enforcement.pods, key=lambda p: p.pod.key):
+        iface = pod.pod.interface
+        if not iface:
+            continue
+        key = pod.pod.key
+        rules += [
+            Rule("filter", CHAIN_V6_FORWARD, ("-i", iface, *reset), f"no-ipv6-policy-from:{key}"),
+            Rule("filter", CHAIN_V6_FORWARD, ("-o", iface, *reset), f"no-ipv6-policy-to:{key}"),
+            Rule("filter", CHAIN_V6_INPUT, ("-i", iface, *reset), f"no-ipv6-policy-from:{key}"),
+        ]
+    return Ruleset(
+        chains={"filter": (CHAIN_V6_FORWARD, CHAIN_V6_INPUT)},
+        rules=tuple(rules),
+        jumps=(
+            Jump("filter", "FORWARD", CHAIN_V6_FORWARD),
+            Jump("filter", "INPUT", CHAIN_V6_INPUT),
+        ),
+    )
 
 
 def chains_to_write(

@@ -23,19 +23,30 @@ def namespace_labels(namespaces: Iterable[Object]) -> dict[str, dict[str, str]]:
 
 
 def pod_from_object(
-    obj: Object, labels_of_namespace: Mapping[str, Mapping[str, str]]
+    obj: Object,
+    labels_of_namespace: Mapping[str, Mapping[str, str]],
+    *,
+    host_network: bool = False,
 ) -> Pod | None:
     """The pod as steer sees it, or None where there is nothing to steer: no IPv4 address
-    yet, finished, being deleted, or on the host's network."""
+    yet, finished, being deleted, or on the host's network.
+
+    `host_network`: return a host-network pod too, marked `host_network=True` (its address
+    is the node's, or "" if it has none yet). Only the policy status wants those, to name
+    the selected pods steer cannot protect; the resolver must never see them, or a pod
+    selector would match the node's own address."""
     meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status", {})
-    if spec.get("hostNetwork") or status.get("phase") in FINISHED_PHASES:
+    on_host = bool(spec.get("hostNetwork"))
+    if (on_host and not host_network) or status.get("phase") in FINISHED_PHASES:
         return None
     if meta.get("deletionTimestamp"):
         return None
     try:
         ip = str(IPv4Address(status.get("podIP", "")))
     except ValueError:
-        return None
+        if not on_host:
+            return None
+        ip = ""
     namespace = str(meta.get("namespace", "default"))
     return Pod(
         name=str(meta["name"]),
@@ -46,12 +57,21 @@ def pod_from_object(
         namespace_labels=dict(labels_of_namespace.get(namespace, {})),
         node=str(spec.get("nodeName", "")),
         inject_default=False,  # opt-in, as the admission webhook decides it
+        host_network=on_host,
     )
 
 
 def pods_from_objects(objects: Iterable[Object], namespaces: Iterable[Object]) -> list[Pod]:
     labels = namespace_labels(namespaces)
     return [p for p in (pod_from_object(o, labels) for o in objects) if p is not None]
+
+
+def host_network_pods(objects: Iterable[Object], namespaces: Iterable[Object]) -> list[Pod]:
+    """The live host-network pods, which `pods_from_objects` leaves out: for the policy
+    status only (see `pod_from_object`)."""
+    labels = namespace_labels(namespaces)
+    pods = (pod_from_object(o, labels, host_network=True) for o in objects)
+    return [p for p in pods if p is not None and p.host_network]
 
 
 def has_readiness_gate(obj: Object) -> bool:
@@ -72,18 +92,44 @@ class PolicyObject:
     errors: tuple[PolicyError, ...]
 
 
-def _policy_key(obj: Object) -> str:
-    meta = obj.get("metadata", {})
-    return f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+def _metadata(obj: object) -> Mapping[str, Any]:
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _string(value: object, default: str) -> str:
+    # Only strings are shown: str() of a hostile value (nested 1,000 deep) would raise.
+    return value if isinstance(value, str) else default
+
+
+def _policy_key(obj: object) -> str:
+    meta = _metadata(obj)
+    namespace = _string(meta.get("namespace"), "default")
+    return f"{namespace}/{_string(meta.get('name'), '(no name)')}"
+
+
+def _generation(obj: object) -> int:
+    generation = _metadata(obj).get("generation", 1)
+    return generation if type(generation) is int else 1
 
 
 def policy_from_object(obj: Object) -> PolicyObject:
-    meta = obj.get("metadata", {})
+    """The object's policy, or its errors. Never raises: an object the model cannot take,
+    however it is malformed, is this one object's Accepted=False, never a stop of the
+    control plane or agent that read it."""
     key = _policy_key(obj)
-    result = validate_policy(dict(obj), f"HTTPPolicy {key}")
+    source = f"HTTPPolicy {key}"
+    try:
+        if not isinstance(obj, Mapping):
+            raise TypeError("the object is not a JSON object")
+        result = validate_policy(dict(obj), source)
+    except Exception as exc:  # validate_policy never raises; this is the last stop
+        result = [
+            PolicyError(source, "", f"could not be validated ({type(exc).__name__}); fix: check it")
+        ]
     if isinstance(result, HTTPPolicy):
-        return PolicyObject(key, int(meta.get("generation", 1)), result, ())
-    return PolicyObject(key, int(meta.get("generation", 1)), None, tuple(result))
+        return PolicyObject(key, _generation(obj), result, ())
+    return PolicyObject(key, _generation(obj), None, tuple(result))
 
 
 def _condition(
@@ -172,7 +218,7 @@ class PolicyValidator:
         validated: dict[str, tuple[str, PolicyObject]] = {}
         for obj in objects:
             key = _policy_key(obj)
-            version = str(obj.get("metadata", {}).get("resourceVersion", ""))
+            version = _string(_metadata(obj).get("resourceVersion"), "")
             cached = self._validated.get(key)
             if cached is None or not version or cached[0] != version:
                 cached = (version, policy_from_object(obj))

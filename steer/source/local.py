@@ -66,7 +66,14 @@ class PolicyDirectory:
         # and against each other in name order, so a rename frees its old name at once.
         owners = {p.key: n for n in unchanged for p in good[n]}
         for name in edited:
-            policies, file_errors = parse_policies(present[name], name)
+            try:
+                policies, file_errors = parse_policies(present[name], name)
+            except Exception as exc:  # parse_policies never raises; should it, one file fails
+                log.exception("loading %s failed", name)
+                policies = []
+                file_errors = [
+                    PolicyError(name, "", f"could not be loaded ({exc!r}); fix: check the file")
+                ]
             file_errors += [
                 PolicyError(
                     name,

@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from steer.constants import (
     CGROUP_SUBTREE,
-    ENVOY_ADMIN_ADDRESS,
-    ENVOY_ADMIN_PORT,
     ENVOY_INBOUND_PORT,
     LAB_GATEWAY_IP,
     NODE_NETNS,
 )
 from steer.lab.podproc import PodProcess
 from steer.node.cgroups import cgroup2_root
-from steer.node.netns import run_in_netns
+from steer.node.envoy import admin_get
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 from tests.samples import policy_yaml
 
@@ -82,13 +79,8 @@ def offnode(http_servers: None, node: PodsNode) -> Iterator[PodProcess]:
 def inbound_connections() -> int:
     """Connections Envoy's inbound listener has accepted, from its admin in the node."""
     stat = f"listener.0.0.0.0_{ENVOY_INBOUND_PORT}.downstream_cx_total"
-    url = f"http://{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}/stats?filter=^{stat}$"
-
-    def read() -> str:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return str(response.read().decode())
-
-    text = run_in_netns(NODE_NETNS, read)
+    # The admin is a Unix socket: a path, reachable from any network namespace.
+    text = admin_get(f"/stats?filter=^{stat}$")[1]
     return int(text.split(":")[1]) if text.strip() else 0
 
 

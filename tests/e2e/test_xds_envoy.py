@@ -453,7 +453,7 @@ def _admin_get(url: str) -> tuple[int, str]:
 async def run_envoy(tmp_path: Path, sock: Path, ads: AdsMode) -> AsyncIterator[Envoy]:
     config = tmp_path / "envoy.json"
     # Port 0 plus --admin-address-path: no race for a free port between Envoys.
-    config.write_text(json.dumps(bootstrap(NODE, xds_socket=sock, ads=ads, admin_port=0)))
+    config.write_text(json.dumps(bootstrap(NODE, xds_socket=sock, ads=ads, admin=0)))
     admin_file = tmp_path / "admin.address"
     log = tmp_path / "envoy.log"
     with log.open("wb") as log_fd:

@@ -18,7 +18,12 @@ from typing import Any
 
 import pytest
 
-from steer.constants import ANNOTATION_INJECT, LABEL_ALLOW_EXCLUSIONS, READINESS_GATE
+from steer.constants import (
+    ANNOTATION_INJECT,
+    LABEL_ALLOW_EXCLUSIONS,
+    LABEL_ALLOW_OPT_OUT,
+    READINESS_GATE,
+)
 from steer.control.admission import (
     KNOWN_ANNOTATIONS,
     MalformedReview,
@@ -38,11 +43,18 @@ NAMESPACE_LABELS = {
         LABEL_ALLOW_EXCLUSIONS: "true",
     },
     "legacy": {"kubernetes.io/metadata.name": "legacy"},
+    "batch": {
+        "kubernetes.io/metadata.name": "batch",
+        ANNOTATION_INJECT: "enabled",
+        LABEL_ALLOW_OPT_OUT: "true",
+    },
 }
 
 POD_CASES = (
     "pod-namespace-opted-in-gets-gate-and-defaults",
-    "pod-opted-out-by-annotation-is-untouched",
+    "pod-opted-out-with-namespace-permission-is-untouched",
+    "pod-opt-out-refused-without-namespace-permission",
+    "pod-host-network-is-not-steered-and-warned",
     "pod-namespace-not-opted-in-is-untouched",
     "pod-not-steered-is-warned-of-ignored-annotations",
     "pod-invalid-dataplane-is-refused",
@@ -54,6 +66,11 @@ POD_CASES = (
     "pod-without-annotations-gets-the-annotations-object",
     "pod-unknown-steer-annotation-is-refused",
     "pod-update-is-allowed-untouched",
+    "pod-update-opt-out-refused-without-namespace-permission",
+    "pod-update-opt-out-with-namespace-permission-is-allowed-with-warning",
+    "pod-update-adding-exclusion-refused-without-namespace-permission",
+    "pod-update-removing-opt-in-is-refused",
+    "pod-update-leaving-steering-alone-is-allowed",
 )
 POLICY_CASES = (
     "policy-valid-is-allowed",
@@ -176,6 +193,9 @@ def test_normalised_exclusions() -> None:
     assert not any(op["path"].endswith("exclude-inbound-ports") for op in ops)
 
 
+OPT_OUT_FIX = "kubectl label namespace shop steer.dev/allow-opt-out=true"
+
+
 @pytest.mark.parametrize(
     ("case", "lines"),
     [
@@ -196,9 +216,35 @@ def test_normalised_exclusions() -> None:
             [["steer.dev/exclude-outbound-port:", *KNOWN_ANNOTATIONS]],
         ),
         (
+            "pod-opt-out-refused-without-namespace-permission",
+            [["annotation steer.dev/inject='disabled'", OPT_OUT_FIX]],
+        ),
+        (
+            "pod-update-opt-out-refused-without-namespace-permission",
+            [["annotation steer.dev/inject='disabled'", OPT_OUT_FIX]],
+        ),
+        (
+            "pod-update-adding-exclusion-refused-without-namespace-permission",
+            [
+                [
+                    "steer.dev/exclude-outbound-ports='443'",
+                    "kubectl label namespace shop steer.dev/allow-exclusions=true",
+                ]
+            ],
+        ),
+        (
+            "pod-update-removing-opt-in-is-refused",
+            [
+                [
+                    "stop steering a running pod (NotOptedIn)",
+                    "kubectl label namespace legacy steer.dev/allow-opt-out=true",
+                ]
+            ],
+        ),
+        (
             "policy-bad-regex-is-refused-naming-the-path",
             [
-                ["spec.ingress.rules[0].http.paths[1]", "does not compile"],
+                ["spec.ingress.rules[0].http.paths[1]", "refused by RE2", "fix:"],
                 ["spec.ingress.rules[1].http.methods", "fix: write 'GET'"],
             ],
         ),
@@ -228,6 +274,58 @@ def test_update_is_allowed_untouched_even_when_steer_annotations_change() -> Non
         "uid": review["uid"],
         "allowed": True,
     }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "pod-opted-out-with-namespace-permission-is-untouched",
+        "pod-update-leaving-steering-alone-is-allowed",
+    ],
+)
+def test_allowed_untouched_without_a_word(case: str) -> None:
+    assert answer(case)["response"] == {"uid": request(case)["request"]["uid"], "allowed": True}
+
+
+def test_host_network_pod_gets_no_gate_and_a_warning_saying_why() -> None:
+    response = answer("pod-host-network-is-not-steered-and-warned")["response"]
+    assert response["allowed"] and "patch" not in response
+    [warning] = response["warnings"]
+    for fragment in ("spec.hostNetwork", "no readiness gate", "HostNetwork", "steer.dev/dataplane"):
+        assert fragment in warning
+
+
+def test_permitted_opt_out_of_a_running_pod_is_allowed_with_a_warning() -> None:
+    response = answer("pod-update-opt-out-with-namespace-permission-is-allowed-with-warning")[
+        "response"
+    ]
+    assert response["allowed"] and "patch" not in response
+    assert any("no longer steered" in w for w in response["warnings"])
+
+
+def test_update_is_never_mutated() -> None:
+    for case in POD_CASES:
+        if request(case)["request"]["operation"] == "UPDATE":
+            assert "patch" not in answer(case)["response"], case
+
+
+def test_turning_steering_on_for_a_running_pod_warns_that_it_has_no_gate() -> None:
+    review = request("pod-update-removing-opt-in-is-refused")
+    req = review["request"]
+    req["oldObject"], req["object"] = req["object"], req["oldObject"]
+    req["object"]["spec"].pop("readinessGates")
+    req["oldObject"]["spec"].pop("readinessGates")
+    response = review_pod(review, NAMESPACE_LABELS["legacy"])["response"]
+    assert response["allowed"] and "patch" not in response
+    [warning] = response["warnings"]
+    assert "no readiness gate" in warning and "delete the pod" in warning
+
+
+def test_update_without_old_object_raises() -> None:
+    review = request("pod-update-is-allowed-untouched")
+    review["request"]["oldObject"] = None
+    with pytest.raises(MalformedReview, match=r"request\.oldObject"):
+        review_pod(review, NAMESPACE_LABELS["shop"])
 
 
 # --- malformed input ------------------------------------------------------------------

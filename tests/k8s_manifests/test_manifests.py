@@ -28,8 +28,7 @@ from steer.constants import (
     API_GROUP,
     API_VERSION,
     CONTROL_SERVICE,
-    ENVOY_ADMIN_ADDRESS,
-    ENVOY_ADMIN_PORT,
+    ENVOY_ADMIN_SOCKET,
     ENVOY_INBOUND_PORT,
     ENVOY_OUTBOUND_PORT,
     MUTATING_WEBHOOK_NAME,
@@ -39,7 +38,9 @@ from steer.constants import (
     WEBHOOK_MUTATE_PODS_PATH,
     WEBHOOK_PORT,
     WEBHOOK_VALIDATE_POLICIES_PATH,
+    XDS_NODE_TLS_DIR,
     XDS_PORT,
+    XDS_SERVER_TLS_DIR,
 )
 
 ROOT = Path(__file__).parents[2]
@@ -86,6 +87,8 @@ NODE_HOST_PATHS = {
     "/run/steer",
     "/run/xtables.lock",
 }
+# Envoy's only host path besides /run/steer: the node's own xDS client certificate.
+ENVOY_HOST_PATHS = {"/run/steer", str(XDS_NODE_TLS_DIR)}
 
 
 # --- loading: the kustomization, applied the way kustomize would ---------------------------
@@ -337,14 +340,15 @@ def test_envoy_adds_no_capability() -> None:
 
 def test_node_host_paths() -> None:
     host_paths = {v["hostPath"]["path"] for v in NODE_POD["volumes"] if "hostPath" in v}
-    assert host_paths == NODE_HOST_PATHS
+    assert host_paths == NODE_HOST_PATHS | ENVOY_HOST_PATHS
     mounts = {m["mountPath"]: m for m in container(NODE, "agent")["volumeMounts"]}
     assert set(mounts) == NODE_HOST_PATHS
     assert mounts["/sys/fs/cgroup"].get("readOnly", False) is False
     assert mounts["/lib/modules"]["readOnly"] is True
     assert mounts["/usr/src"]["readOnly"] is True
-    envoy_mounts = {m["mountPath"] for m in container(NODE, "envoy")["volumeMounts"]}
-    assert envoy_mounts == {"/run/steer"}
+    envoy_mounts = {m["mountPath"]: m for m in container(NODE, "envoy")["volumeMounts"]}
+    assert set(envoy_mounts) == ENVOY_HOST_PATHS
+    assert envoy_mounts[str(XDS_NODE_TLS_DIR)]["readOnly"] is True
 
 
 def _commented(lines: list[str], index: int) -> bool:
@@ -385,6 +389,7 @@ def test_node_container_args_follow_the_cli_contract() -> None:
     assert agent["args"] == [
         *("agent", "--kube", "--node-name", "$(NODE_NAME)"),
         *("--envoy-ip", "$(NODE_IP)", "--netns", ""),
+        *("--envoy-admin", str(ENVOY_ADMIN_SOCKET)),
     ]
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]}
     assert env == {
@@ -404,6 +409,10 @@ def test_node_container_args_follow_the_cli_contract() -> None:
         "$(NODE_NAME)",
         "--cgroup",
         "",
+        *("--xds-client-cert", f"{XDS_NODE_TLS_DIR}/tls.crt"),
+        *("--xds-client-key", f"{XDS_NODE_TLS_DIR}/tls.key"),
+        *("--xds-ca", f"{XDS_NODE_TLS_DIR}/ca.crt"),
+        *("--admin-socket", str(ENVOY_ADMIN_SOCKET)),
     ]
     for c in (agent, envoy):
         env = {e["name"]: e for e in c["env"]}
@@ -416,8 +425,10 @@ def test_envoy_ports_and_readiness_match_constants() -> None:
         ENVOY_OUTBOUND_PORT,
         ENVOY_INBOUND_PORT,
     }
-    probe = " ".join(envoy["readinessProbe"]["exec"]["command"])
-    assert f"http://{ENVOY_ADMIN_ADDRESS}:{ENVOY_ADMIN_PORT}/ready" in probe
+    probe = envoy["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["python3", "-c"]
+    assert f"admin_get('/ready', '{ENVOY_ADMIN_SOCKET}')" in probe[2]
+    assert "15000" not in " ".join(probe)
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
@@ -463,6 +474,31 @@ def test_control_plane_mounts_the_webhook_certificate() -> None:
     tls = next(n for n, m in mounts.items() if m["mountPath"] == "/etc/steer/tls")
     assert volumes[tls]["secret"]["secretName"] == "steer-webhook-tls"
     assert not [d for d in DOCS if d.kind == "Secret"], "key material must not be committed"
+
+
+def test_control_plane_serves_xds_over_mutual_tls() -> None:
+    args = CONTROL_CONTAINER["args"]
+    assert arg_value(args, "--xds-cert") == f"{XDS_SERVER_TLS_DIR}/tls.crt"
+    assert arg_value(args, "--xds-key") == f"{XDS_SERVER_TLS_DIR}/tls.key"
+    assert arg_value(args, "--xds-client-ca") == f"{XDS_SERVER_TLS_DIR}/ca.crt"
+    mounts = {m["mountPath"]: m for m in CONTROL_CONTAINER["volumeMounts"]}
+    volumes = {v["name"]: v for v in CONTROL["spec"]["template"]["spec"]["volumes"]}
+    mount = mounts[str(XDS_SERVER_TLS_DIR)]
+    assert mount["readOnly"] is True
+    assert volumes[mount["name"]]["secret"]["secretName"] == "steer-xds-tls"
+
+
+def test_the_cli_accepts_the_manifests_arguments() -> None:
+    """The flags the manifests pass exist: a typo would crash-loop the pods."""
+    from steer.cli import build_parser
+
+    parser = build_parser()
+    for args in (
+        CONTROL_CONTAINER["args"],
+        container(NODE, "agent")["args"],
+        container(NODE, "envoy")["args"],
+    ):
+        parser.parse_args(args)
 
 
 def test_control_plane_needs_no_privilege() -> None:
@@ -552,7 +588,10 @@ def test_webhooks_are_v1_side_effect_free_and_fail_closed(doc: Doc) -> None:
     for webhook in doc.obj["webhooks"]:
         assert webhook["admissionReviewVersions"] == ["v1"]
         assert webhook["sideEffects"] == "None"
-        assert webhook["failurePolicy"] == "Fail"
+        # Creation fails closed; the updates of running pods fail open (the agent ignores
+        # a weakening change anyway, and an outage must not stop controllers).
+        updates_only = all(r["operations"] == ["UPDATE"] for r in webhook["rules"])
+        assert webhook["failurePolicy"] == ("Ignore" if updates_only else "Fail")
         assert webhook["timeoutSeconds"] == 5
         service = webhook["clientConfig"]["service"]
         assert (service["name"], service["namespace"], service["port"]) == (
@@ -567,19 +606,27 @@ def test_pod_webhook() -> None:
     """Opted-in namespaces, and single opted-in pods in namespaces that said nothing;
     namespaces that opted out (kube-system should, steer-system does) never reach it."""
     config = only("MutatingWebhookConfiguration", "steer-pods")
-    by_namespace, by_pod = config["webhooks"]
-    for webhook in (by_namespace, by_pod):
+    by_namespace, by_pod, update_by_namespace, update_by_pod = config["webhooks"]
+    for webhook, operation in (
+        (by_namespace, "CREATE"),
+        (by_pod, "CREATE"),
+        (update_by_namespace, "UPDATE"),
+        (update_by_pod, "UPDATE"),
+    ):
         assert webhook["clientConfig"]["service"]["path"] == WEBHOOK_MUTATE_PODS_PATH
         assert webhook["rules"] == [
             {
                 "apiGroups": [""],
                 "apiVersions": ["v1"],
-                "operations": ["CREATE"],
+                "operations": [operation],
                 "resources": ["pods"],
                 "scope": "Namespaced",
             }
         ]
         assert webhook["reinvocationPolicy"] == "Never"
+    for create, update in ((by_namespace, update_by_namespace), (by_pod, update_by_pod)):
+        assert create["namespaceSelector"] == update["namespaceSelector"]
+        assert create.get("objectSelector") == update.get("objectSelector")
     assert by_namespace["name"] == MUTATING_WEBHOOK_NAME
     assert by_namespace["namespaceSelector"] == {
         "matchExpressions": [{"key": ANNOTATION_INJECT, "operator": "In", "values": ["enabled"]}]
@@ -615,8 +662,12 @@ def test_cert_manager_certificate_is_the_one_the_webhooks_name() -> None:
         for r in kustomization["resources"]
         for o in yaml.safe_load_all((directory / r).read_text())
     ]
-    [certificate] = [o for o in objs if o["kind"] == "Certificate"]
-    [issuer] = [o for o in objs if o["kind"] == "Issuer"]
+    # The Certificate the webhooks' CA annotation names (the overlay has others for xDS).
+    named = CA_ANNOTATION["cert-manager.io/inject-ca-from"].split("/")[1]
+    [certificate] = [
+        o for o in objs if o["kind"] == "Certificate" and o["metadata"]["name"] == named
+    ]
+    [issuer] = [o for o in objs if o["kind"] == "Issuer" and "selfSigned" in o["spec"]]
     namespace, name = CA_ANNOTATION["cert-manager.io/inject-ca-from"].split("/")
     assert (certificate["metadata"]["namespace"], certificate["metadata"]["name"]) == (
         namespace,
@@ -642,3 +693,22 @@ def test_dockerfile_builds_the_steer_image() -> None:
     assert "--system-site-packages" in text
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "tests"} <= ignored
+
+
+def test_cert_manager_issues_the_xds_server_certificate_from_steers_ca() -> None:
+    directory = MANIFESTS / "cert-manager"
+    objs = {
+        (o["kind"], o["metadata"]["name"]): o
+        for r in load_kustomization(directory)["resources"]
+        for o in yaml.safe_load_all((directory / r).read_text())
+    }
+    ca = objs[("Certificate", "steer-ca")]["spec"]
+    assert ca["isCA"] is True
+    ca_issuer = objs[("Issuer", "steer-ca")]["spec"]
+    assert ca_issuer == {"ca": {"secretName": ca["secretName"]}}
+    xds = objs[("Certificate", "steer-xds-tls")]["spec"]
+    # The Secret steer-control mounts, for the name the nodes' Envoys dial.
+    assert xds["secretName"] == "steer-xds-tls"
+    assert f"{CONTROL_SERVICE}.{SYSTEM_NAMESPACE}.svc" in xds["dnsNames"]
+    assert "server auth" in xds["usages"]
+    assert xds["issuerRef"] == {"kind": "Issuer", "name": "steer-ca"}

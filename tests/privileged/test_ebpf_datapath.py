@@ -117,6 +117,44 @@ def test_connect_time_deny_is_refused_at_once(
     assert counters("client")["denied"] == 2
 
 
+def test_v4_mapped_addresses_get_the_ipv4_verdicts(
+    node: NodeDatapath, lab: LabState, client: PodProcess
+) -> None:
+    """The attack: an AF_INET6 socket dialling ::ffff:<pod ip> skipped connect4, and with
+    it every rule. connect6 gives it the IPv4 flow's verdict."""
+    sync(node, lab)
+    web = pod(lab, "web")
+    with (
+        PodProcess.start(web.netns, web.cgroup) as server,
+        PodProcess.start(NODE_NETNS, lab.node_cgroup) as envoy,
+    ):
+        # A server on the denied port: without the hook the connect would succeed.
+        server.serve_echo(web.ip, 9090)
+        assert client.connect_outcome(f"::ffff:{web.ip}", 9090)[0] == "refused"
+        # Envoy's own listeners, dialled directly through a mapped address.
+        assert client.connect_outcome(f"::ffff:{LAB_GATEWAY_IP}", 15006)[0] == "refused"
+        listener = envoy.listen("0.0.0.0", ENVOY_OUTBOUND_PORT)
+        seen: list[tuple[str, int]] = []
+        accept = threading.Thread(target=lambda: seen.append(envoy.accept_original_dst(listener)))
+        accept.start()
+        conn = client.open_tcp(f"::ffff:{web.ip}", 8080)
+        accept.join(timeout=5)
+        client.tcp_close(conn)
+    assert seen == [(web.ip, 8080)]
+    count = counters("client")
+    assert (count["denied"], count["redirects"], count["sockopt_hits"]) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("address", ["2001:db8::1", "fe80::1%eth0", "64:ff9b::a00:1"])
+def test_native_ipv6_tcp_is_refused_until_there_is_ipv6_policy(
+    node: NodeDatapath, lab: LabState, client: PodProcess, address: str
+) -> None:
+    sync(node, lab)
+    outcome, seconds = client.connect_outcome(address, 8080)
+    assert (outcome, seconds < 0.1) == ("refused", True)
+    assert counters("client")["denied"] == 1
+
+
 def _excluding_web(node: NodeDatapath, lab: LabState, client_namespace: str) -> None:
     pods = [
         replace(p, namespace=client_namespace) if p.name == "client" else p

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -321,3 +322,115 @@ def _non_steer_rules() -> list[str]:
         for line in in_node(["iptables-legacy-save"]).splitlines()
         if line.startswith(("-A", ":")) and "STEER" not in line and "steer/" not in line
     ]
+
+
+CLIENT_V6, WEB_V6, NODE_LINK_LOCAL = "fd00:5eed::2", "fd00:5eed::3", "fe80::1"
+
+
+def _ip(netns: str, *args: str) -> None:
+    subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True)
+
+
+@contextmanager
+def ipv6_between(lab: LabState, pods: dict[str, str]) -> Iterator[None]:
+    """Give pods IPv6 addresses routed through the node, as a tenant with its own
+    addresses (or a dual-stack CNI) would; remove them again afterwards."""
+    in_node(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+    try:
+        for name, address in pods.items():
+            pod = lab.pod("default", name)
+            _ip(
+                NODE_NETNS,
+                "-6",
+                "addr",
+                "replace",
+                f"{NODE_LINK_LOCAL}/64",
+                "dev",
+                pod.veth,
+                "nodad",
+            )
+            _ip(NODE_NETNS, "-6", "route", "replace", f"{address}/128", "dev", pod.veth)
+            _ip(pod.netns, "-6", "addr", "replace", f"{address}/128", "dev", "eth0", "nodad")
+            _ip(
+                pod.netns,
+                "-6",
+                "route",
+                "replace",
+                "default",
+                "via",
+                NODE_LINK_LOCAL,
+                "dev",
+                "eth0",
+            )
+        yield
+    finally:
+        for name, address in pods.items():
+            pod = lab.pod("default", name)
+            subprocess.run(
+                ["ip", "-n", pod.netns, "-6", "addr", "del", f"{address}/128", "dev", "eth0"],
+                check=False,
+                capture_output=True,
+            )
+            subprocess.run(
+                ["ip", "-n", NODE_NETNS, "-6", "route", "del", f"{address}/128"],
+                check=False,
+                capture_output=True,
+            )
+        in_node(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"])
+
+
+@contextmanager
+def ipv6_echo(netns: str, address: str, port: int) -> Iterator[None]:
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(8)
+        return sock
+
+    listener = run_in_netns(netns, listen)
+
+    def serve_forever() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(conn.recv(64))
+
+    thread = threading.Thread(target=serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        listener.close()
+
+
+def test_ipv6_tcp_of_steered_pods_is_refused(lab: LabState) -> None:
+    """The attack: a port web denies over IPv4 answered over IPv6. Until steer has IPv6
+    policy, steered pods' IPv6 TCP through the node is refused."""
+    with (
+        ipv6_between(lab, {"client": CLIENT_V6, "web": WEB_V6}),
+        ipv6_echo(netns_of(lab, "web"), WEB_V6, 9090),
+    ):
+        # Without steer's rules the path exists: the test would pass for the wrong reason
+        # if IPv6 simply did not route.
+        with connect(netns_of(lab, "client"), WEB_V6, 9090) as sock:
+            assert echo(sock, b"v6") == b"v6"
+        sync(sample_policies(), pods_of(lab), IptablesDatapath())
+        with pytest.raises(ConnectionRefusedError):
+            connect(netns_of(lab, "client"), WEB_V6, 9090)
+        # To the node itself too (its link-local address on the pod's link).
+        with pytest.raises(ConnectionRefusedError):
+            connect(netns_of(lab, "client"), f"{NODE_LINK_LOCAL}%eth0", 22)
+        # IPv4 is unchanged: 9090 is denied by web's policy, and refused at once.
+        with pytest.raises(ConnectionRefusedError):
+            connect(netns_of(lab, "client"), ip_of(lab, "web"), 9090)
+
+
+def test_unload_removes_the_ipv6_rules_too(lab: LabState) -> None:
+    sync(sample_policies(), pods_of(lab), IptablesDatapath())
+    assert "STEER6-FWD" in in_node(["ip6tables-legacy-save", "-t", "filter"])
+    run_in_netns(NODE_NETNS, iptables.unload)
+    assert "STEER6" not in in_node(["ip6tables-legacy-save", "-t", "filter"])

@@ -11,11 +11,22 @@ from steer.constants import (
     ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
     ANNOTATION_INJECT,
     LABEL_ALLOW_EXCLUSIONS,
+    LABEL_ALLOW_OPT_OUT,
 )
 from steer.model.enforce import resolve
-from steer.model.pod import AnnotationError, Dataplane, Pod, PodSteering, parse_steering
+from steer.model.pod import (
+    AnnotationError,
+    Dataplane,
+    OptOutIgnored,
+    Pod,
+    PodSteering,
+    Unsteered,
+    parse_steering,
+    steering_of,
+)
 
-ALLOWED = {LABEL_ALLOW_EXCLUSIONS: "true"}
+ALLOWED = {LABEL_ALLOW_EXCLUSIONS: "true", LABEL_ALLOW_OPT_OUT: "true"}
+MAY_OPT_OUT = {LABEL_ALLOW_OPT_OUT: "true"}
 DEFAULTS = PodSteering()
 
 
@@ -45,6 +56,9 @@ def test_no_annotations_means_defaults() -> None:
 @pytest.mark.parametrize(("value", "inject"), [("enabled", True), ("disabled", False)])
 def test_inject_values(value: str, inject: bool) -> None:
     assert steering({ANNOTATION_INJECT: value}).inject is inject
+    assert steering({ANNOTATION_INJECT: value}).unsteered == (
+        None if inject else Unsteered.OPTED_OUT
+    )
 
 
 @pytest.mark.parametrize("dataplane", list(Dataplane))
@@ -209,7 +223,9 @@ def test_resolve_reports_annotation_errors_as_pod_warnings() -> None:
 def test_namespace_label_sets_the_inject_default_and_the_pod_overrides_it(
     namespace_label: str | None, annotation: str | None, inject: bool
 ) -> None:
-    labels = {} if namespace_label is None else {ANNOTATION_INJECT: namespace_label}
+    labels = dict(MAY_OPT_OUT)
+    if namespace_label is not None:
+        labels[ANNOTATION_INJECT] = namespace_label
     annotations = {} if annotation is None else {ANNOTATION_INJECT: annotation}
     assert steering(annotations, labels).inject is inject
 
@@ -218,8 +234,8 @@ def test_namespace_label_sets_the_inject_default_and_the_pod_overrides_it(
     "annotations, pod_labels, namespace_labels, steered",
     [
         ({}, {ANNOTATION_INJECT: "enabled"}, {}, True),
-        ({ANNOTATION_INJECT: "disabled"}, {ANNOTATION_INJECT: "enabled"}, {}, False),
-        ({}, {ANNOTATION_INJECT: "disabled"}, {ANNOTATION_INJECT: "enabled"}, False),
+        ({ANNOTATION_INJECT: "disabled"}, {ANNOTATION_INJECT: "enabled"}, MAY_OPT_OUT, False),
+        ({}, {ANNOTATION_INJECT: "disabled"}, {ANNOTATION_INJECT: "enabled", **MAY_OPT_OUT}, False),
         ({}, {}, {ANNOTATION_INJECT: "enabled"}, True),
         ({}, {}, {}, False),
     ],
@@ -233,3 +249,106 @@ def test_cluster_opt_in_precedence(
 ) -> None:
     result, _ = parse_steering(annotations, namespace_labels, False, pod_labels)
     assert result.inject is steered
+
+
+# --- opting out needs the namespace's permission ----------------------------------------------
+
+OPTED_IN_NS = {ANNOTATION_INJECT: "enabled"}
+
+
+@pytest.mark.parametrize(
+    ("annotations", "pod_labels", "source"),
+    [
+        ({ANNOTATION_INJECT: "disabled"}, {}, "annotation"),
+        ({}, {ANNOTATION_INJECT: "disabled"}, "label"),
+    ],
+    ids=["annotation", "label"],
+)
+@pytest.mark.parametrize(
+    ("namespace_labels", "default"),
+    [(OPTED_IN_NS, False), ({}, True), ({LABEL_ALLOW_EXCLUSIONS: "true"}, True)],
+    ids=["cluster-namespace-opted-in", "lab", "exclusions-permission-is-not-enough"],
+)
+def test_a_pods_own_opt_out_is_ignored_without_namespace_permission(
+    annotations: dict[str, str],
+    pod_labels: dict[str, str],
+    source: str,
+    namespace_labels: dict[str, str],
+    default: bool,
+) -> None:
+    result, [error] = parse_steering(annotations, namespace_labels, default, pod_labels)
+    assert result.inject and result.unsteered is None
+    assert isinstance(error, OptOutIgnored) and error.source == source
+    assert LABEL_ALLOW_OPT_OUT in error.message and "fix:" in error.message
+    assert str(error).startswith(f"{source} {ANNOTATION_INJECT}='disabled': opt-out ignored")
+
+
+@pytest.mark.parametrize("default", [False, True], ids=["cluster", "lab"])
+def test_a_pods_own_opt_out_counts_with_namespace_permission(default: bool) -> None:
+    labels = {**OPTED_IN_NS, **MAY_OPT_OUT}
+    for pod_annotations, pod_labels in (
+        ({ANNOTATION_INJECT: "disabled"}, {}),
+        ({}, {ANNOTATION_INJECT: "disabled"}),
+    ):
+        result, errors = parse_steering(pod_annotations, labels, default, pod_labels)
+        assert (result.inject, result.unsteered, errors) == (False, Unsteered.OPTED_OUT, [])
+
+
+def test_an_ignored_opt_out_falls_through_to_the_pods_label() -> None:
+    # The annotation says disabled (ignored), the label says enabled: steered either way.
+    result, [error] = parse_steering(
+        {ANNOTATION_INJECT: "disabled"}, {}, False, {ANNOTATION_INJECT: "enabled"}
+    )
+    assert result.inject and isinstance(error, OptOutIgnored)
+
+
+def test_an_opt_out_that_changes_nothing_is_not_reported() -> None:
+    # A cluster namespace that never opted in: the pod is not steered anyway.
+    result, errors = parse_steering({ANNOTATION_INJECT: "disabled"}, {}, False)
+    assert (result.inject, result.unsteered, errors) == (False, Unsteered.NOT_OPTED_IN, [])
+
+
+def test_the_namespace_owner_may_opt_the_whole_namespace_out() -> None:
+    result, errors = parse_steering({}, {ANNOTATION_INJECT: "disabled"}, True)
+    assert (result.inject, result.unsteered, errors) == (False, Unsteered.OPTED_OUT, [])
+
+
+def test_not_opted_in_is_the_reason_in_a_cluster() -> None:
+    result, _ = parse_steering({}, {}, False)
+    assert (result.inject, result.unsteered) == (False, Unsteered.NOT_OPTED_IN)
+
+
+@pytest.mark.parametrize(
+    "annotations",
+    [{}, {ANNOTATION_INJECT: "enabled"}, {ANNOTATION_INJECT: "disabled"}],
+    ids=["nothing", "opted-in", "opted-out"],
+)
+def test_a_host_network_pod_is_never_steered(annotations: dict[str, str]) -> None:
+    pod = Pod(
+        "node-exporter",
+        "monitoring",
+        "172.18.0.3",
+        annotations=annotations,
+        namespace_labels=OPTED_IN_NS,
+        host_network=True,
+    )
+    result, errors = steering_of(pod)
+    assert (result.inject, result.unsteered, errors) == (False, Unsteered.HOST_NETWORK, [])
+
+
+def test_resolve_steers_a_lab_pod_whose_opt_out_is_not_permitted_and_says_why() -> None:
+    pod = Pod("web", "shop", "10.0.0.3", annotations={ANNOTATION_INJECT: "disabled"})
+    enforcement = resolve([], [pod])
+    assert [m.pod for m in enforcement.pods] == [pod]
+    [warning] = enforcement.warnings
+    assert warning.startswith(
+        "pod shop/web: annotation steer.dev/inject='disabled': opt-out ignored"
+    )
+    permitted = Pod(
+        "web",
+        "shop",
+        "10.0.0.3",
+        annotations={ANNOTATION_INJECT: "disabled"},
+        namespace_labels=MAY_OPT_OUT,
+    )
+    assert resolve([], [permitted]).pods == ()

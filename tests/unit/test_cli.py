@@ -76,9 +76,11 @@ def test_agent_dry_run_in_current_namespace_plans_against_no_pods(
     # The kernel calls one sync would make: an atomic restore, table by table, then the
     # read-back of what it wrote.
     lines = captured.out.splitlines()
-    assert lines[0] == "iptables-restore --noflush"
-    assert lines[1] == "  *mangle"
-    assert "  COMMIT" in lines
+    # IPv6 first (steered pods' IPv6 TCP is refused), then the IPv4 rules.
+    assert lines[0] == "ip6tables-restore --noflush"
+    ipv4 = lines.index("iptables-restore --noflush")
+    assert lines[ipv4 + 1] == "  *mangle"
+    assert "  COMMIT" in lines[ipv4:]
     assert lines[-1].startswith("iptables read-back")
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from steer.constants import (
     ANNOTATION_INJECT,
+    LABEL_ALLOW_OPT_OUT,
     MARK_MAX_POLICY_ID,
     VERDICT_ALLOW,
     VERDICT_DENY,
@@ -316,7 +317,14 @@ def test_policy_ids_fit_the_mark_and_do_not_depend_on_other_policies() -> None:
 
 # --- which pods are steered -------------------------------------------------------------------
 
-OPTED_OUT = Pod("legacy", "default", "10.244.0.9", {"app": "web"}, {ANNOTATION_INJECT: "disabled"})
+OPTED_OUT = Pod(
+    "legacy",
+    "default",
+    "10.244.0.9",
+    {"app": "web"},
+    {ANNOTATION_INJECT: "disabled"},
+    namespace_labels={LABEL_ALLOW_OPT_OUT: "true"},
+)
 
 
 def test_pod_with_injection_disabled_is_not_steered() -> None:
