@@ -456,6 +456,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {pod['namespace']}/{pod['name']:<12} {pod['dataplane']:<9} {pod['reason']}")
             if counts := pod.get("ebpf_counters"):
                 print("      " + " ".join(f"{name}={value}" for name, value in counts.items()))
+        if ipv6 := agent.get("ipv6"):
+            print(f"  ipv6: {ipv6}")
         for error in agent["last_sync"]["errors"]:
             print(f"  error: {error}")
     if control is None:
@@ -467,6 +469,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if control["last_nack"]:
             print(f"  last NACK: {control['last_nack']['detail']}")
+        for held in control.get("quarantined", []):
+            print(f"  held back: {held['policy']}: Envoy refused it: {held['reason']}")
         for error in control["errors"]:
             print(f"  error: {error}")
     return 0

@@ -78,6 +78,12 @@ BPF_MAX_SEGMENTS: Final = 16  # port segments per prefix; more falls back to ipt
 BPF_MAX_PENDING: Final = 65536  # connects not yet established
 BPF_MAX_FLOWS: Final = 262144  # steered connections alive
 
+# What happens to a steered pod's IPv6, for `steer status` and the docs.
+IPV6_POLICY: Final = (
+    "IPv6 TCP of steered pods is refused (connect6 on eBPF, ip6tables on iptables): "
+    "steer has no IPv6 policy yet, and a path no policy covers must not bypass policy"
+)
+
 # --- iptables -------------------------------------------------------------------------------
 CHAIN_PREFIX: Final = "STEER"
 COMMENT_PREFIX: Final = "steer/"

@@ -28,6 +28,7 @@ from steer.constants import (
     POLICY_PLURAL,
 )
 from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
+from steer.control.quarantine import Quarantine
 from steer.control.xds import XdsServerTls, serve
 from steer.idlegc import IdleCollector
 from steer.model.pod import UNSTEERED_WHY, Pod, Unsteered, steering_of
@@ -140,11 +141,23 @@ def status_with_coverage(
     return {**status, "conditions": [*status["conditions"], condition]}
 
 
+# Condition (type, reason, or None for any) that is False -> the Event reason it raises.
+EVENT_REASONS: Final = {
+    (PODS_PROTECTED, None): "PodsUnprotected",
+    ("Programmed", "RefusedByEnvoy"): "RefusedByEnvoy",
+}
+
+
 def policy_event(
     policy: Mapping[str, Any], condition: Mapping[str, Any], now: datetime
 ) -> dict[str, Any] | None:
-    """The Warning Event (core/v1) on the policy object for a False PodsProtected, or None."""
-    if condition.get("type") != PODS_PROTECTED or condition.get("status") != "False":
+    """The Warning Event (core/v1) on the policy object for a False condition that users
+    must hear of (EVENT_REASONS), or None."""
+    if condition.get("status") != "False":
+        return None
+    kind, why = str(condition.get("type")), str(condition.get("reason"))
+    reason = EVENT_REASONS.get((kind, None)) or EVENT_REASONS.get((kind, why))
+    if reason is None:
         return None
     meta = policy.get("metadata", {})
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -159,7 +172,7 @@ def policy_event(
             "namespace": meta.get("namespace"),
             "uid": meta.get("uid"),
         },
-        "reason": "PodsUnprotected",
+        "reason": reason,
         "message": condition["message"],
         "type": "Warning",
         "source": {"component": "steer-control"},
@@ -205,7 +218,13 @@ class KubeControlPlane:
     # the last PodsUnprotected Event per policy, so that one is sent per change.
     _status_pods: Sequence[Pod] = ()
     _coverage: tuple[object, object, dict[str, Coverage]] = (None, None, {})
-    _events_sent: dict[str, str] = field(default_factory=dict)
+    _events_sent: dict[tuple[str, str], str] = field(default_factory=dict)
+    quarantine: Quarantine = field(default_factory=Quarantine)
+    # The policies the current snapshots were rendered from; the NACK last acted on; the
+    # snapshot generations the nodes last accepted as a whole.
+    _pushed: list[HTTPPolicy] = field(default_factory=list)
+    _handled_nack: object = None
+    _accepted_at: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -233,7 +252,10 @@ class KubeControlPlane:
         for item in self.policy_objects:
             for error in item.errors:
                 log.warning("policy not applied: %s", error)
-        policies = [p.policy for p in self.policy_objects if p.policy is not None]
+        policies = self.quarantine.admit(
+            p.policy for p in self.policy_objects if p.policy is not None
+        )
+        self._pushed = policies
         nodes = {p.node for p in pods if p.node} | set(self.cache.nodes())
         self._rendered_nodes = nodes
         changed = False
@@ -264,6 +286,35 @@ class KubeControlPlane:
                 acked[node] = ",".join(f"{v}" for _, v in sorted(current.items()))
         return acked, connected
 
+    def check_pushes(self) -> bool:
+        """Act on what the nodes made of the current snapshots: a refusal holds back the
+        policies that changed since they last accepted everything, an acceptance may try a
+        held suspect again (steer.control.quarantine). True if a render is due."""
+        for node in self.cache.nodes():
+            snapshot, status = self.cache.get(node), self.cache.status(node)
+            nack = status.last_nack
+            if snapshot is None or nack is None or nack.version != snapshot.version(nack.type_url):
+                continue
+            if (node, nack) == self._handled_nack:
+                continue
+            self._handled_nack = (node, nack)
+            held = self.quarantine.refused(self._pushed, nack.detail)
+            if held:
+                log.error(
+                    "node %s refused %s; holding back %s and pushing everything else",
+                    node,
+                    nack.type_url.rsplit(".", 1)[-1],
+                    ", ".join(held),
+                )
+                return True
+            log.error("node %s refused a snapshot no policy change explains: %s", node, nack)
+        acked, connected = self.acked_nodes()
+        generations = tuple(self.cache.generation(n) for n in sorted(acked))
+        if connected and len(acked) == connected and generations != self._accepted_at:
+            self._accepted_at = generations
+            return self.quarantine.accepted(self._pushed)
+        return False
+
     def coverage(self) -> dict[str, Coverage]:
         """policy_coverage of the last refresh, computed again only after a refresh."""
         items, pods, cached = self._coverage
@@ -281,13 +332,16 @@ class KubeControlPlane:
             for o in self.reflectors["httppolicies"].snapshot()
         }
         coverage = self.coverage()
+        refused = {held["policy"]: held["reason"] for held in self.quarantine.report()}
         for item in self.policy_objects:
             current = existing.get(item.key, {}).get("status")
-            wanted = policy_status(item, current, acked, connected, now)
+            wanted = policy_status(
+                item, current, acked, connected, now, refused=refused.get(item.key)
+            )
             wanted = status_with_coverage(
                 wanted, coverage.get(item.key), item.generation, current, now
             )
-            self._warn_of_unprotected_pods(existing.get(item.key, {}), item.key, wanted)
+            self._raise_events(existing.get(item.key, {}), item.key, wanted)
             if _same_status(current, wanted):
                 continue
             namespace, name = item.key.split("/", 1)
@@ -298,30 +352,28 @@ class KubeControlPlane:
             except Exception as exc:  # deleted meanwhile, or the API server is away
                 log.warning("status of %s not written: %s", item.key, exc)
 
-    def _warn_of_unprotected_pods(
-        self, policy: Mapping[str, Any], key: str, status: Mapping[str, Any]
-    ) -> None:
-        """A log line and an Event on the policy each time its unsteered pods change."""
-        condition: Mapping[str, Any] = next(
-            (c for c in status.get("conditions", []) if c.get("type") == PODS_PROTECTED), {}
-        )
-        event = policy_event(policy, condition, datetime.now(UTC)) if policy else None
-        if event is None:
-            self._events_sent.pop(key, None)
-            return
-        if self._events_sent.get(key) == event["message"]:
-            return
-        self._events_sent[key] = event["message"]
-        log.warning("policy %s: %s", key, event["message"])
-        from kubernetes import client
+    def _raise_events(self, policy: Mapping[str, Any], key: str, status: Mapping[str, Any]) -> None:
+        """A log line and an Event on the policy each time a condition users must hear of
+        (unsteered pods, a refusal by Envoy) changes its message."""
+        for condition in status.get("conditions", []):
+            sent = (key, str(condition.get("type")))
+            event = policy_event(policy, condition, datetime.now(UTC)) if policy else None
+            if event is None:
+                self._events_sent.pop(sent, None)
+                continue
+            if self._events_sent.get(sent) == event["message"]:
+                continue
+            self._events_sent[sent] = event["message"]
+            log.warning("policy %s: %s", key, event["message"])
+            from kubernetes import client
 
-        try:
-            # The client serialises a dict body as is (camelCase keys, as the API has them).
-            client.CoreV1Api(self.api_client).create_namespaced_event(
-                event["metadata"]["namespace"], cast(Any, event)
-            )
-        except Exception as exc:  # events are best effort
-            log.warning("event on policy %s not recorded: %s", key, exc)
+            try:
+                # The client serialises a dict body as is (camelCase keys, as the API has).
+                client.CoreV1Api(self.api_client).create_namespaced_event(
+                    event["metadata"]["namespace"], cast(Any, event)
+                )
+            except Exception as exc:  # events are best effort
+                log.warning("event on policy %s not recorded: %s", key, exc)
 
     async def run(
         self,
@@ -361,6 +413,8 @@ class KubeControlPlane:
                     if set(self.cache.nodes()) - self._rendered_nodes:
                         self.refresh()
                     self._gc.tick()
+                if self.check_pushes():
+                    self.refresh()
                 # ACKs arrive on the xDS streams, not as API events: re-check statuses.
                 await asyncio.to_thread(self.write_statuses)
         finally:

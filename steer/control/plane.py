@@ -18,9 +18,11 @@ from watchfiles import awatch
 
 from steer.atomicfile import write_json_atomic
 from steer.constants import CONTROL_STATUS_FILE, LAB_NODE_NAME, XDS_SOCKET
-from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
+from steer.control.cache import InconsistentSnapshot, PushRejected, Snapshot, SnapshotCache
+from steer.control.quarantine import Quarantine
 from steer.control.xds import serve
 from steer.idlegc import IdleCollector
+from steer.model.policy import HTTPPolicy
 from steer.render.xds import SnapshotRenderer
 from steer.source.local import LocalInputs
 
@@ -43,6 +45,9 @@ class LocalControlPlane:
         # Exceptions the run loop survived (logged with their traceback), for `steer status`.
         self.loop_errors = 0
         self._last_loop_error: tuple[str, str] | None = None
+        self.quarantine = Quarantine()
+        # The policies the node's current snapshot was rendered from.
+        self._pushed: list[HTTPPolicy] = []
 
     def refresh(self) -> bool:
         """Re-render from current inputs; True if the node's snapshot changed."""
@@ -54,7 +59,13 @@ class LocalControlPlane:
         self._loaded_at = time.time()
         reload, pods = self.inputs.load()
         self.errors = [str(e) for e in reload.errors]
-        enforcement, resources = self._renderer.render(reload.policies, pods)
+        admitted = self.quarantine.admit(reload.policies)
+        self.errors += [
+            f"policy {held['policy']} not programmed: Envoy refused it ({held['reason']}); "
+            "fix the policy, and it is tried again"
+            for held in self.quarantine.report()
+        ]
+        enforcement, resources = self._renderer.render(admitted, pods)
         snapshot = Snapshot(resources)
         try:
             changed = self.cache.set_snapshot(self.node_id, snapshot)
@@ -62,6 +73,7 @@ class LocalControlPlane:
             self.errors.append(f"snapshot refused, last good stays: {exc}")
             log.error("snapshot refused, node keeps its last good config: %s", exc)
             return False
+        self._pushed = admitted
         if changed:
             log.info(
                 "snapshot for %s rendered in %.1f ms (%d policies)",
@@ -91,6 +103,7 @@ class LocalControlPlane:
             "policy_digest": self.inputs.policies.digest(),
             "loaded_at": self._loaded_at,
             "loop_errors": self.loop_errors,
+            "quarantined": self.quarantine.report(),
         }
         if document == self._last_status:
             return
@@ -101,7 +114,9 @@ class LocalControlPlane:
         self._survive("initial render", self.refresh)
         server = await serve(self.cache, uds_path=xds_socket)
         try:
-            await asyncio.gather(self._watch_inputs(), self._report_status())
+            await asyncio.gather(
+                self._watch_inputs(), self._report_status(), self._hold_back_refused()
+            )
         finally:
             await server.stop(grace=1)
 
@@ -139,6 +154,34 @@ class LocalControlPlane:
                 log.exception("watching the inputs failed; watching again in 1 s")
             await asyncio.sleep(1.0)
             self._survive("render after the watch restarted", self.refresh)
+
+    async def _hold_back_refused(self) -> None:
+        """After each snapshot: once the node accepts it, note what it holds (and try a
+        held suspect again); if it refuses it, hold back the policies that changed since
+        the last accepted one and push everything else again (steer.control.quarantine)."""
+        while True:
+            generation = self.cache.generation(self.node_id)
+            try:
+                await self.cache.wait_for_ack(self.node_id)
+                if self.cache.generation(self.node_id) == generation and (
+                    self.quarantine.accepted(self._pushed)
+                ):
+                    # A suspect renders to the same snapshot when it selects nothing here:
+                    # then the ACK is already in, and the next suspect goes at once.
+                    self._survive("render with a held policy tried again", self.refresh)
+                    continue
+            except PushRejected as exc:
+                held = self.quarantine.refused(self._pushed, exc.nack.detail)
+                if held:
+                    log.error(
+                        "Envoy refused %s; holding back %s and pushing everything else",
+                        exc.nack.type_url.rsplit(".", 1)[-1],
+                        ", ".join(held),
+                    )
+                    self._survive("render without the refused policies", self.refresh)
+                else:
+                    log.error("Envoy refused a snapshot no policy change explains: %s", exc)
+            await self.cache.wait_for_change(self.node_id, generation)
 
     async def _report_status(self) -> None:
         while True:

@@ -17,7 +17,7 @@ from pathlib import Path
 from watchfiles import watch
 
 from steer.atomicfile import write_json_atomic
-from steer.constants import AGENT_STATUS_FILE
+from steer.constants import AGENT_STATUS_FILE, IPV6_POLICY
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.node.datapath import NodeDatapath, SyncReport
@@ -59,6 +59,7 @@ class LocalAgent:
                 for p in pods
             ],
             "features": asdict(self.datapath.features),
+            "ipv6": IPV6_POLICY,
             # Shallow: asdict deep-copies a thousand pods' datapath reasons on every sync.
             "last_sync": {f.name: getattr(report, f.name) for f in fields(report)},
             "ruleset_digest": self.datapath.iptables.applied_digest,

@@ -11,7 +11,6 @@ neither deny filter matches and both allow filters match (docs/policy-reference.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -46,7 +45,14 @@ from steer.constants import (
 )
 from steer.model.enforce import Enforcement, ManagedPod, ResolvedRule, Resolver, SideRules
 from steer.model.pod import Pod
-from steer.model.policy import Action, HeaderMatch, HTTPMatch, HTTPPolicy, PathMatch
+from steer.model.policy import (
+    Action,
+    HeaderMatch,
+    HTTPMatch,
+    HTTPPolicy,
+    PathMatch,
+    host_regex,
+)
 
 
 def type_url(message: Message | type[Message]) -> str:
@@ -109,12 +115,6 @@ def _string_matcher(
     if prefix is not None:
         return string_pb2.StringMatcher(prefix=prefix)
     return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex))
-
-
-def host_regex(host: str) -> str:
-    """Host names match case-insensitively, with or without a port in the Host header."""
-    name = r"[^.:]+\." + re.escape(host[2:]) if host.startswith("*.") else re.escape(host)
-    return f"(?i){name}(:[0-9]+)?"
 
 
 def _any_of(permissions: Sequence[rbac_pb2.Permission]) -> rbac_pb2.Permission:

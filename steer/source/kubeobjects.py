@@ -162,15 +162,26 @@ def policy_status(
     acked_nodes: Mapping[str, str],
     connected_nodes: int,
     now: str,
+    *,
+    refused: str | None = None,
 ) -> dict[str, Any]:
     """The status subresource steer writes: Accepted (the spec is valid) and Programmed
-    (every node whose Envoy is connected has acknowledged the config with this spec)."""
+    (every node whose Envoy is connected has acknowledged the config with this spec).
+    `refused`: Envoy's message when it refused what this policy rendered to, and the
+    policy is held back (steer.control.quarantine)."""
     old = list((previous or {}).get("conditions") or [])
     accepted = item.policy is not None
     message = "valid" if accepted else "; ".join(f"{e.path}: {e.message}" for e in item.errors)
     programmed = accepted and connected_nodes > 0 and len(acked_nodes) == connected_nodes
     if not accepted:
         programmed_reason, programmed_message = "Invalid", "not programmed: the spec is invalid"
+    elif refused is not None:
+        programmed = False
+        programmed_reason = "RefusedByEnvoy"
+        programmed_message = (
+            f"not programmed: Envoy refused it ({refused}); the other policies are in force; "
+            "fix: change this policy, and it is tried again"
+        )
     elif programmed:
         programmed_reason = "Acknowledged"
         programmed_message = f"acknowledged by all {connected_nodes} connected nodes"

@@ -256,9 +256,11 @@ def test_policy_is_accepted_and_programmed(kube_api: client.ApiClient, steer_up:
         found = {c["type"]: c["status"] for c in got.get("status", {}).get("conditions", [])}
         return found if found.get("Programmed") == "True" else None
 
+    # PodsProtected: every pod the policy selects is steered.
     assert eventually(conditions, "Accepted and Programmed") == {
         "Accepted": "True",
         "Programmed": "True",
+        "PodsProtected": "True",
     }
 
 
@@ -270,7 +272,7 @@ def test_invalid_policy_is_refused_by_the_validating_webhook(
     with pytest.raises(ApiException) as refused:
         custom.create_namespaced_custom_object(API_GROUP, API_VERSION, steer_up, POLICY_PLURAL, bad)
     assert "spec.ingress.rules[0].http.paths[0]" in str(refused.value.body)
-    assert "does not compile" in str(refused.value.body)
+    assert "is refused by RE2" in str(refused.value.body)
 
 
 def test_bad_annotation_is_refused_with_the_fix(kube_api: client.ApiClient, steer_up: str) -> None:

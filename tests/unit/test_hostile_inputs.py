@@ -24,9 +24,8 @@ from steer.control import admission
 from steer.control.plane import LocalControlPlane
 from steer.control.webhook import build_app
 from steer.model.load import PolicyError, parse_policies, validate_policy
-from steer.model.policy import ENVOY_MAX_PROGRAM_SIZE, HTTPPolicy, host_regex
+from steer.model.policy import ENVOY_MAX_PROGRAM_SIZE, HTTPPolicy
 from steer.node.agent import LocalAgent
-from steer.render import xds
 from steer.source.kubeobjects import PolicyValidator, policy_status
 from steer.source.local import LocalInputs, PolicyDirectory
 
@@ -208,11 +207,6 @@ def test_same_rule_name_in_both_sections_is_fine() -> None:
     """Names are unique per section: ingress and egress rules are never rendered together."""
     doc = policy_doc(ingress={"rules": [{"name": "a"}]}, egress={"rules": [{"name": "a"}]})
     assert parse_policies(yaml.safe_dump(doc), SOURCE)[1] == []
-
-
-def test_host_regex_of_the_model_is_the_one_envoy_gets() -> None:
-    for host in ("web.example", "*.example.com", "a-b.c"):
-        assert host_regex(host) == xds.host_regex(host)
 
 
 # --- one bad file never stops the others ---------------------------------------------------

@@ -1,0 +1,80 @@
+"""In a cluster, a policy Envoy refused is held back with Programmed=False (reason
+RefusedByEnvoy, Envoy's message) and an Event, and the other policies keep flowing."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from steer.control.kubeplane import KubeControlPlane
+from steer.render.xds import ROUTE_TYPE
+from tests.unit.test_unprotected_pods import NAMESPACES, PODS, _Recorder, api_policy
+
+NODE = "worker-2"
+REASON = "Proto constraint validation failed (RouteConfigurationValidationError)"
+
+
+def named(name: str, path: str) -> dict[str, Any]:
+    obj = copy.deepcopy(api_policy({"matchLabels": {"app": "web"}}))
+    obj["metadata"]["name"] = name
+    obj["spec"] = {
+        "podSelector": {"matchLabels": {"app": "web"}},
+        "ingress": {"rules": [{"http": {"paths": [{"prefix": path}]}}]},
+    }
+    return obj
+
+
+def accept_everything(plane: KubeControlPlane) -> None:
+    snapshot = plane.cache.get(NODE)
+    assert snapshot is not None
+    for type_url, resources in snapshot.resources.items():
+        if resources:
+            plane.cache.record_ack(NODE, type_url, snapshot.version(type_url))
+
+
+def test_a_refused_policy_is_held_back_with_programmed_false_and_an_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kubernetes.client
+
+    _Recorder.statuses, _Recorder.events = [], []
+    plane = KubeControlPlane(api_client=None)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", _Recorder)
+    plane._custom = _Recorder()
+    plane.reflectors["pods"].items = {f"{i}": p for i, p in enumerate(PODS)}
+    plane.reflectors["namespaces"].items = {n["metadata"]["name"]: n for n in NAMESPACES}
+    policies = plane.reflectors["httppolicies"].items
+    policies.update({"shop/a": named("a", "/a"), "shop/b": named("b", "/b")})
+    plane.cache.stream_opened(NODE)
+    plane.refresh()
+    accept_everything(plane)
+    assert not plane.check_pushes()
+
+    edited = named("b", "/b2")
+    edited["metadata"]["resourceVersion"] = "813"
+    policies["shop/b"] = edited
+    plane.refresh()
+    snapshot = plane.cache.get(NODE)
+    assert snapshot is not None
+    plane.cache.record_nack(NODE, ROUTE_TYPE, snapshot.version(ROUTE_TYPE), REASON)
+    assert plane.check_pushes()
+    assert not plane.check_pushes(), "one NACK is acted on once"
+    plane.refresh()
+    assert [p.key for p in plane._pushed] == ["shop/a"]
+
+    plane.write_statuses()
+    statuses = dict(_Recorder.statuses)
+    [programmed] = [c for c in statuses["b"]["status"]["conditions"] if c["type"] == "Programmed"]
+    assert (programmed["status"], programmed["reason"]) == ("False", "RefusedByEnvoy")
+    assert REASON in programmed["message"]
+    refusals = [e for _, e in _Recorder.events if e["reason"] == "RefusedByEnvoy"]
+    assert [e["involvedObject"]["name"] for e in refusals] == ["b"]
+
+    # Fixed: tried again.
+    fixed = named("b", "/b3")
+    fixed["metadata"]["resourceVersion"] = "814"
+    policies["shop/b"] = fixed
+    plane.refresh()
+    assert [p.key for p in plane._pushed] == ["shop/a", "shop/b"]
