@@ -53,6 +53,8 @@ PODS_PROTECTED: Final = CONDITION_PODS_PROTECTED
 # Pods named in the condition's message (and the Event); the rest are counted. A status is
 # one object in etcd: a selector over thousands of opted-out pods must not bloat it.
 UNPROTECTED_LISTED: Final = 10
+# How long the control loop waits after a step failed, before the next one.
+LOOP_RETRY_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ class KubeControlPlane:
     _pushed: list[HTTPPolicy] = field(default_factory=list)
     _handled_nack: object = None
     _accepted_at: tuple[int, ...] = ()
+    # Loop steps that failed and were survived (logged with their traceback).
+    loop_errors: int = 0
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -375,6 +379,35 @@ class KubeControlPlane:
             except Exception as exc:  # events are best effort
                 log.warning("event on policy %s not recorded: %s", key, exc)
 
+    async def _loop(self, dirty: asyncio.Event) -> None:
+        while True:
+            try:
+                await self._step(dirty)
+            except Exception:
+                # One bad object or a bug it hits must never stop the control plane:
+                # Envoys keep their last snapshot, and the next change tries again.
+                self.loop_errors += 1
+                log.exception("control loop step failed (%d so far)", self.loop_errors)
+                await asyncio.sleep(LOOP_RETRY_S)
+
+    async def _step(self, dirty: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(dirty.wait(), timeout=1.0)
+            await asyncio.sleep(DEBOUNCE_S)  # one render for a burst of events
+            dirty.clear()
+            if all(r.synced.is_set() for r in self.reflectors.values()):
+                with self._gc.change():
+                    self.refresh()
+        except TimeoutError:
+            # A newly connected Envoy needs a snapshot even if no object changed.
+            if set(self.cache.nodes()) - self._rendered_nodes:
+                self.refresh()
+            self._gc.tick()
+        if self.check_pushes():
+            self.refresh()
+        # ACKs arrive on the xDS streams, not as API events: re-check statuses.
+        await asyncio.to_thread(self.write_statuses)
+
     async def run(
         self,
         xds_port: int | None,
@@ -400,23 +433,7 @@ class KubeControlPlane:
         if webhook is not None:
             await webhook()
         try:
-            while True:
-                try:
-                    await asyncio.wait_for(dirty.wait(), timeout=1.0)
-                    await asyncio.sleep(DEBOUNCE_S)  # one render for a burst of events
-                    dirty.clear()
-                    if all(r.synced.is_set() for r in self.reflectors.values()):
-                        with self._gc.change():
-                            self.refresh()
-                except TimeoutError:
-                    # A newly connected Envoy needs a snapshot even if no object changed.
-                    if set(self.cache.nodes()) - self._rendered_nodes:
-                        self.refresh()
-                    self._gc.tick()
-                if self.check_pushes():
-                    self.refresh()
-                # ACKs arrive on the xDS streams, not as API events: re-check statuses.
-                await asyncio.to_thread(self.write_statuses)
+            await self._loop(dirty)
         finally:
             stop.set()
             await server.stop(grace=1)

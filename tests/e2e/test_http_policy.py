@@ -372,6 +372,21 @@ def test_bodies_on_get_and_head_are_refused(
     expect(Response(reply.status, reply.body, reply.headers), outcome, method=method)
 
 
+def test_no_tunnel_past_the_rules(node: PodsNode) -> None:
+    """steer configures no upgrades: Envoy refuses a WebSocket upgrade outright (403,
+    before any rule, allowed path or not) and CONNECT opens nothing, so no tunnel can
+    carry bytes the rules never saw."""
+    apply(node, PUBLIC_ONLY)
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
+    for path in ("/public/x", "/admin"):
+        refused = request(node, path, headers=upgrade)
+        assert (refused.status, refused.body) == (403, b""), refused
+        assert refused.from_envoy and not refused.proxied, refused
+    tunnel = request(node, f"{node.ip('web')}:{HTTP_PORT}", method="CONNECT")
+    assert tunnel.status not in (101, 200), tunnel
+    assert tunnel.from_envoy and not tunnel.proxied, tunnel
+
+
 # --- headers --------------------------------------------------------------------------------
 
 

@@ -110,8 +110,15 @@ async def test_a_refused_policy_is_held_back_alone_and_other_changes_flow(
     await until(lambda: acked(plane), "Envoy accepting everything but b")
     assert not any("default/b/" in n for n in rbac_names(plane))
     assert any("default/a/" in n for n in rbac_names(plane))
-    status = json.loads((tmp_path / "status.json").read_text())
-    assert any("default/b" in e and "Envoy refused" in e for e in status["errors"])
+
+    def reported() -> bool:
+        status = json.loads((tmp_path / "status.json").read_text())
+        return any("default/b" in e and "Envoy refused" in e for e in status["errors"]) and (
+            [h["policy"] for h in status["quarantined"]] == ["default/b"]
+        )
+
+    # The status file is written every 100 ms.
+    await until(reported, "b reported in the control plane's status")
 
     # An unrelated change is not stuck behind the refused policy.
     write_text_atomic(policies / "c.yaml", host_policy("c", "c.example"))

@@ -3,6 +3,7 @@ RefusedByEnvoy, Envoy's message) and an Event, and the other policies keep flowi
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
@@ -78,3 +79,25 @@ def test_a_refused_policy_is_held_back_with_programmed_false_and_an_event(
     policies["shop/b"] = fixed
     plane.refresh()
     assert [p.key for p in plane._pushed] == ["shop/a", "shop/b"]
+
+
+async def test_a_failing_control_loop_step_is_counted_and_survived(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from steer.control import kubeplane
+
+    plane = KubeControlPlane(api_client=None)
+    steps = 0
+
+    async def step(_dirty: object) -> None:
+        nonlocal steps
+        steps += 1
+        if steps == 1:
+            raise RuntimeError("a bug one object hits")
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(plane, "_step", step)
+    monkeypatch.setattr(kubeplane, "LOOP_RETRY_S", 0.0)
+    with pytest.raises(asyncio.CancelledError):
+        await plane._loop(asyncio.Event())
+    assert (steps, plane.loop_errors) == (2, 1)
