@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
 from pyroute2 import Conntrack
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from steer.constants import (
     MARK_ID_MASK,
@@ -47,35 +48,71 @@ def _finished(entry: Any) -> bool:
     return entry.protoinfo is not None and entry.protoinfo.state_name() in _FINISHED_TCP_STATES
 
 
-def _steer_entries(ct: Conntrack) -> Iterator[Flow]:
-    """Live TCP flows that carry a steer verdict."""
-    # One kernel-filtered dump per verdict: mark=0 would mean "no filter" to pyroute2.
-    for verdict in (VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7):
-        for entry in ct.dump_entries(
-            mark=verdict << MARK_VERDICT_SHIFT, mark_mask=MARK_VERDICT_MASK
-        ):
-            orig = entry.tuple_orig
-            if orig.proto != socket.IPPROTO_TCP:
-                continue
-            if _finished(entry):
-                continue
-            mark = int(entry.mark or 0)
-            flow = Flow(
-                IPv4Address(orig.saddr),
-                IPv4Address(orig.daddr),
-                int(orig.sport),
-                int(orig.dport),
-                verdict,
-                (mark & MARK_ID_MASK) >> MARK_ID_SHIFT,
-                entry,
-            )
-            yield flow
+def _flow(entry: Any) -> Flow:
+    orig = entry.tuple_orig
+    mark = int(entry.mark or 0)
+    return Flow(
+        IPv4Address(orig.saddr),
+        IPv4Address(orig.daddr),
+        int(orig.sport),
+        int(orig.dport),
+        (mark & MARK_VERDICT_MASK) >> MARK_VERDICT_SHIFT,
+        (mark & MARK_ID_MASK) >> MARK_ID_SHIFT,
+        entry,
+    )
 
 
-def flows() -> list[Flow]:
-    """Live TCP flows that carry a steer verdict."""
+def _live_tcp(entries: Iterable[Any], marked: bool) -> Iterator[Flow]:
+    for entry in entries:
+        if entry.tuple_orig.proto != socket.IPPROTO_TCP or _finished(entry):
+            continue
+        if bool(int(entry.mark or 0) & MARK_VERDICT_MASK) == marked:
+            yield _flow(entry)
+
+
+# Past this many addresses one full dump is cheaper than a filtered dump per address (each
+# filtered dump still walks the whole table, in the kernel).
+FILTERED_DUMPS_MAX = 64
+
+
+def flows(
+    *,
+    marked: bool = True,
+    sources: Collection[IPv4Address] | None = None,
+    destinations: Collection[IPv4Address] | None = None,
+) -> list[Flow]:
+    """Live TCP flows with a steer verdict mark (`marked`) or without one. Given `sources`
+    and/or `destinations`, only flows from or to those addresses, filtered in the kernel
+    (CTA_FILTER on the original tuple): after a policy change the agent reads the flows
+    of the pods the change touched, not the whole table."""
     with Conntrack() as ct:
-        return list(_steer_entries(ct))
+        if sources is None and destinations is None:
+            if marked:
+                # One kernel-filtered dump per verdict: mark=0 means "no filter" to pyroute2.
+                dumps: Iterable[Any] = (
+                    entry
+                    for verdict in (VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7)
+                    for entry in ct.dump_entries(
+                        mark=verdict << MARK_VERDICT_SHIFT, mark_mask=MARK_VERDICT_MASK
+                    )
+                )
+                return list(_live_tcp(dumps, marked=True))
+            return list(_live_tcp(ct.dump_entries(), marked=False))
+        wanted = [("saddr", ip) for ip in sources or ()]
+        wanted += [("daddr", ip) for ip in destinations or ()]
+        if len(wanted) > FILTERED_DUMPS_MAX:
+            src, dst = set(sources or ()), set(destinations or ())
+            return [
+                f
+                for f in _live_tcp(ct.dump_entries(), marked=marked)
+                if f.src in src or f.dst in dst
+            ]
+        found: dict[tuple[IPv4Address, int, IPv4Address, int], Flow] = {}
+        for field_name, ip in wanted:
+            match = NFCTAttrTuple(proto=socket.IPPROTO_TCP, **{field_name: str(ip)})
+            for flow in _live_tcp(ct.dump_entries(tuple_orig=match), marked=marked):
+                found[(flow.src, flow.sport, flow.dst, flow.dport)] = flow
+        return list(found.values())
 
 
 def delete(flows: Sequence[Flow]) -> list[Flow]:
@@ -91,29 +128,3 @@ def delete(flows: Sequence[Flow]) -> list[Flow]:
                 continue
             deleted.append(flow)
     return deleted
-
-
-def unmarked_flows(sources: Iterable[IPv4Address]) -> list[Flow]:
-    """Live TCP flows from these addresses without a steer verdict: eBPF pods' direct
-    flows, which connect4 decided and iptables let through unmarked."""
-    wanted = set(sources)
-    found = []
-    with Conntrack() as ct:
-        # mark=None: pyroute2 reads mark=0 as "no filter" anyway; filter here instead.
-        for entry in ct.dump_entries():
-            orig = entry.tuple_orig
-            if orig.proto != socket.IPPROTO_TCP or int(entry.mark or 0) & MARK_VERDICT_MASK:
-                continue
-            if IPv4Address(orig.saddr) not in wanted or _finished(entry):
-                continue
-            found.append(
-                Flow(
-                    IPv4Address(orig.saddr),
-                    IPv4Address(orig.daddr),
-                    int(orig.sport),
-                    int(orig.dport),
-                    0,
-                    0,
-                )
-            )
-    return found

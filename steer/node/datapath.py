@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -97,14 +98,55 @@ def apply_ruleset(
     kernel.iptables_verify(ruleset, writes, ipv6=ipv6)
 
 
-def revoke_conntrack(kernel: NodeKernel, decide: Callable[[Flow], int]) -> list[Flow]:
+@dataclass(frozen=True)
+class Touched:
+    """The addresses a change may have changed verdicts for: as a flow's source (the pod
+    or its egress side changed) and as its destination (the pod or its ingress side)."""
+
+    sources: frozenset[IPv4Address]
+    destinations: frozenset[IPv4Address]
+
+    def __bool__(self) -> bool:
+        return bool(self.sources or self.destinations)
+
+
+def touched(before: Enforcement | None, after: Enforcement) -> Touched | None:
+    """What changed between two resolutions, by identity: the Resolver hands back the very
+    same pod and side objects for what did not change. None: everything may have (no
+    previous resolution, as after a restart)."""
+    if before is None:
+        return None
+
+    def differ(
+        old: Mapping[IPv4Address, object], new: Mapping[IPv4Address, object]
+    ) -> set[IPv4Address]:
+        return {ip for ip in old.keys() | new.keys() if old.get(ip) is not new.get(ip)}
+
+    pods = differ({p.ip: p for p in before.pods}, {p.ip: p for p in after.pods})
+    return Touched(
+        frozenset(pods | differ(before.egress, after.egress)),
+        frozenset(pods | differ(before.ingress, after.ingress)),
+    )
+
+
+def revoke_conntrack(
+    kernel: NodeKernel, decide: Callable[[Flow], int], scope: Touched | None = None
+) -> list[Flow]:
     """Delete the entries of every flow whose verdict `decide` now reaches differently.
 
     The flow's next packet then has no conntrack entry, is picked up as new and walks the
     new policy: a denied flow gets a reset, an allowed one carries on. Flows whose verdict
-    stands are left alone, so a policy change disturbs exactly the flows it affects.
+    stands are left alone, so a policy change disturbs exactly the flows it affects; with
+    a `scope`, only the flows of the addresses it names are read at all, so the work is
+    that of the change, not of the conntrack table.
     """
-    changed = [flow for flow in kernel.conntrack_flows() if decide(flow) != flow.verdict]
+    if scope is None:
+        candidates = kernel.conntrack_flows()
+    elif not scope:
+        return []
+    else:
+        candidates = kernel.conntrack_flows(sources=scope.sources, destinations=scope.destinations)
+    changed = [flow for flow in candidates if decide(flow) != flow.verdict]
     return kernel.conntrack_delete(changed) if changed else []
 
 
@@ -127,33 +169,38 @@ class IptablesDatapath:
         self.apply(enforcement, frozenset(), report)
         return report
 
-    def apply(self, enforcement: Enforcement, ebpf: frozenset[str], report: SyncReport) -> None:
+    def apply(self, enforcement: Enforcement, ebpf: frozenset[str], report: SyncReport) -> bool:
+        """True if the rules for `enforcement` are in force (applied now, or already)."""
         self._apply_ipv6(enforcement, report)
         ruleset = render_ruleset(enforcement, ebpf, self._chains)
         report.rules = len(ruleset.rules)
         if ruleset == self.applied:
-            return
+            return True
         started = time.perf_counter()
         try:
             apply_ruleset(self.kernel, ruleset, self.applied)
         except IptablesError as exc:
             report.errors.append(str(exc))
             log.error("rules not applied, previous rules stay in force: %s", exc)
-            return
+            return False
         report.apply_ms = (time.perf_counter() - started) * 1000
         report.applied = True
         self.applied_digest = ruleset.digest(self.applied)
         self.applied = ruleset
+        scope = touched(self.enforcement, enforcement)
         self.enforcement = enforcement
         report.revoked += _guarded(
             report,
             "revoking iptables flows",
             lambda: len(
                 revoke_conntrack(
-                    self.kernel, lambda f: decide_flow(enforcement, f.src, f.dst, f.dport).verdict
+                    self.kernel,
+                    lambda f: decide_flow(enforcement, f.src, f.dst, f.dport).verdict,
+                    scope,
                 )
             ),
         )
+        return True
 
     def _apply_ipv6(self, enforcement: Enforcement, report: SyncReport) -> None:
         """IPv6 first: a new pod's IPv6 TCP is refused before its IPv4 steering exists."""
@@ -188,6 +235,8 @@ class EbpfDatapath:
     bpf: BpfObjects
     envoy_ip: str
     installed: dict[str, tuple[str, int, PodPolicy]] = field(default_factory=dict)
+    # The resolution of the last revocation pass, to tell what the next change touched.
+    enforcement: Enforcement | None = None
     # Pods that left eBPF for iptables: connections they opened under eBPF live on (L7
     # ones through Envoy by connect4's rewrite, L4 ones without a verdict mark), and only
     # this side can revoke them.
@@ -235,6 +284,10 @@ class EbpfDatapath:
         """Abort the connections eBPF pods (and pods that were on eBPF) opened under eBPF
         whose verdict the new policy changes."""
         bpf = self.bpf
+        scope = touched(self.enforcement, enforcement)
+        self.enforcement = enforcement
+        if scope is not None and not scope:
+            return 0
         by_ip = {
             p.ip: p
             for p in enforcement.pods
@@ -242,6 +295,10 @@ class EbpfDatapath:
         }
         revoked = 0
         for client_ip, client_port, orig_ip, orig_port in bpf.steered_flows():
+            if scope is not None and not (
+                client_ip in scope.sources or orig_ip in scope.destinations
+            ):
+                continue
             pod = by_ip.get(client_ip)
             if pod is not None and flow_verdict(enforcement, pod, orig_ip, orig_port) != VERDICT_L7:
                 bpf.kernel.destroy_socket(
@@ -250,9 +307,19 @@ class EbpfDatapath:
                     (self.envoy_ip, ENVOY_OUTBOUND_PORT),
                 )
                 revoked += 1
-        for flow in bpf.kernel.conntrack_unmarked_flows(by_ip.keys()):
-            pod = by_ip[flow.src]
-            if flow_verdict(enforcement, pod, flow.dst, flow.dport) != VERDICT_ALLOW:
+        # Direct flows of eBPF pods carry no verdict mark: read those of the touched
+        # addresses (or, with no scope, of every eBPF pod).
+        direct = bpf.kernel.conntrack_flows(
+            marked=False,
+            sources=by_ip.keys() & scope.sources if scope is not None else by_ip.keys(),
+            destinations=scope.destinations if scope is not None else (),
+        )
+        for flow in direct:
+            pod = by_ip.get(flow.src)
+            if (
+                pod is not None
+                and flow_verdict(enforcement, pod, flow.dst, flow.dport) != VERDICT_ALLOW
+            ):
                 bpf.kernel.destroy_socket(
                     pod.pod.netns, (str(flow.src), flow.sport), (str(flow.dst), flow.dport)
                 )
@@ -337,8 +404,10 @@ class NodeDatapath:
             except (OSError, RuntimeError) as exc:
                 report.errors.append(f"eBPF update failed: {exc}")
                 log.error("eBPF update failed; those pods keep their previous state: %s", exc)
-        self.iptables.apply(enforcement, frozenset(wanted), report)
-        if ebpf is not None and report.applied:
+        in_force = self.iptables.apply(enforcement, frozenset(wanted), report)
+        # Even when the iptables rules stay as they were: an eBPF pod's verdicts live in
+        # its maps. Only what the change touched is read.
+        if ebpf is not None and in_force:
             report.revoked += _guarded(
                 report, "revoking eBPF flows", lambda: ebpf.revoke(enforcement)
             )

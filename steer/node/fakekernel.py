@@ -117,11 +117,23 @@ class RecordingKernel:
         self._record(f"{'ip6tables' if ipv6 else 'iptables'} read-back {len(read)} chains")
 
     # --- conntrack ------------------------------------------------------------------------
-    def conntrack_flows(self) -> list[Flow]:
-        return list(self.flows)
-
-    def conntrack_unmarked_flows(self, sources: Collection[IPv4Address]) -> list[Flow]:
-        return [f for f in self.unmarked if f.src in sources]
+    def conntrack_flows(
+        self,
+        *,
+        marked: bool = True,
+        sources: Collection[IPv4Address] | None = None,
+        destinations: Collection[IPv4Address] | None = None,
+    ) -> list[Flow]:
+        held = self.flows if marked else self.unmarked
+        if sources is None and destinations is None:
+            self._record(f"conntrack dump {'marked' if marked else 'unmarked'}")
+            return list(held)
+        src, dst = sorted(sources or ()), sorted(destinations or ())
+        self._record(
+            f"conntrack dump {'marked' if marked else 'unmarked'}"
+            f" from {[str(a) for a in src]} to {[str(a) for a in dst]}"
+        )
+        return [f for f in held if f.src in src or f.dst in dst]
 
     def conntrack_delete(self, flows: Sequence[Flow]) -> list[Flow]:
         for flow in flows:

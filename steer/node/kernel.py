@@ -67,12 +67,15 @@ class NodeKernel(Protocol):
         ...
 
     # --- conntrack ------------------------------------------------------------------------
-    def conntrack_flows(self) -> list[Flow]:
-        """Live TCP flows with a steer verdict mark."""
-        ...
-
-    def conntrack_unmarked_flows(self, sources: Collection[IPv4Address]) -> list[Flow]:
-        """Live TCP flows from these addresses without a verdict mark."""
+    def conntrack_flows(
+        self,
+        *,
+        marked: bool = True,
+        sources: Collection[IPv4Address] | None = None,
+        destinations: Collection[IPv4Address] | None = None,
+    ) -> list[Flow]:
+        """Live TCP flows with a steer verdict mark (or, `marked=False`, without one); with
+        `sources`/`destinations`, only those from or to these addresses."""
         ...
 
     def conntrack_delete(self, flows: Sequence[Flow]) -> list[Flow]:
@@ -217,11 +220,14 @@ class HostKernel:
             iptables.verify(ruleset, chains)
 
     # --- conntrack ------------------------------------------------------------------------
-    def conntrack_flows(self) -> list[Flow]:
-        return conntrack.flows()
-
-    def conntrack_unmarked_flows(self, sources: Collection[IPv4Address]) -> list[Flow]:
-        return conntrack.unmarked_flows(sources)
+    def conntrack_flows(
+        self,
+        *,
+        marked: bool = True,
+        sources: Collection[IPv4Address] | None = None,
+        destinations: Collection[IPv4Address] | None = None,
+    ) -> list[Flow]:
+        return conntrack.flows(marked=marked, sources=sources, destinations=destinations)
 
     def conntrack_delete(self, flows: Sequence[Flow]) -> list[Flow]:
         return conntrack.delete(flows)

@@ -55,3 +55,28 @@ def test_collection_comes_back_on_when_a_change_fails() -> None:
     with pytest.raises(RuntimeError), collector.change():
         raise RuntimeError("a bad pass")
     assert gc.isenabled()
+
+
+def test_under_endless_churn_cycles_are_still_reclaimed() -> None:
+    """The agent's memory grew without bound when changes never paused for idle_s: every
+    change froze its cyclic garbage, and only an idle collection unfroze it."""
+    collector = IdleCollector(idle_s=3600.0, max_interval_s=3600.0, floor=1_000)
+    alive = []
+    for _ in range(20):
+        with collector.change():
+            garbage = [Node() for _ in range(10_000)]
+        alive.append(weakref.ref(garbage[0]))
+        del garbage
+        collector.tick()  # between changes, as the agent and control plane call it
+    assert collector.collections >= 1, "the frozen set kept growing without a collection"
+    assert alive[0]() is None, "cycles from the first changes were never reclaimed"
+    # Bounded: only the garbage of the changes since the last collection is still held,
+    # never every change's.
+    assert sum(ref() is not None for ref in alive) < len(alive) / 2
+
+
+def test_a_collection_is_due_after_max_interval_even_without_growth() -> None:
+    collector = IdleCollector(idle_s=3600.0, max_interval_s=0.0, floor=10**9)
+    alive = _cycle_from_a_change(collector)
+    collector.tick()
+    assert alive() is None
