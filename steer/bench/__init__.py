@@ -28,6 +28,8 @@ SCENARIOS: dict[str, str] = {
     "render": "render",
     "memory": "memory",
     "l7-rules": "l7rules",
+    "churn": "churn",
+    "faults": "faults",
 }
 
 

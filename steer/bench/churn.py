@@ -1,0 +1,296 @@
+"""`steer bench churn`: memory and latency while policies and pods change without pause.
+
+A local node with 1,000 pods (the lab's real three, the rest modelled as in `steer bench
+memory`), one policy per ten pods, and real traffic: the client pod keeps a keep-alive
+HTTP connection to web busy through the node's Envoy, and opens a new connection every few
+requests. For `minutes`, at least CHANGES_PER_S changes a second, alternately:
+  - a policy edit: one group's policy file is rewritten with another HTTP path;
+  - a pod change: one modelled pod moves to another group (the lab state is rewritten).
+
+For each change: the time from the write until the agent and the control plane have both
+loaded inputs at least that new, the control plane's policy digest is the directory's, and
+Envoy has acknowledged everything sent (change-to-enforcement; polled every 5 ms). A change
+that is not enforced by the next slot delays that slot: `changes` counts what was made.
+Every second: the RSS of the agent and the control plane (VmRSS); and the agent's CPU time
+(utime + stime), for its busy time per change. The RSS slope is a least-squares fit over the
+samples after the first fifth of the run (warm-up), given in MiB per 10 minutes.
+
+Targets: RSS slope <= 1 MiB per 10 minutes after warm-up, p99 change-to-enforcement <= 200 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steer.atomicfile import write_json_atomic
+from steer.bench import BenchOptions
+from steer.bench.memory import PODS_PER_POLICY, modelled_pods, pid_of, policies
+from steer.bench.plots import new_figure, save
+from steer.constants import AGENT_STATUS_FILE, CONTROL_STATUS_FILE, LAB_STATE_FILE
+from steer.lab.localnode import LocalNode, read_status
+from steer.lab.podproc import PodProcess, PodProcessError
+from steer.lab.spec import LabPodJSON, LabStateJSON, default_lab_specs
+from steer.source.local import directory_texts, texts_digest
+
+PODS = 1000
+QUICK_PODS = 40
+MINUTES = 10.0
+QUICK_MINUTES = 0.25
+CHANGES_PER_S = 5.0
+SAMPLE_EVERY_S = 1.0
+POLL_S = 0.005
+ENFORCE_TIMEOUT_S = 5.0
+WARM_UP_FRACTION = 0.2
+HTTP_PORT = 8080
+# The traffic: requests per new connection, and the pause between requests.
+REQUESTS_PER_CONNECTION = 20
+REQUEST_PAUSE_S = 0.01
+TARGET_SLOPE_MB_PER_10_MIN = 1.0
+TARGET_P99_MS = 200.0
+PROCESSES = ("agent", "control")
+WEB_POLICY = (
+    "apiVersion: steer.dev/v1alpha1\nkind: HTTPPolicy\n"
+    "metadata: {name: web, namespace: default}\n"
+    "spec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n    rules:\n"
+    "      - from: [{podSelector: {matchLabels: {app: client}}}]\n"
+    "        ports: [{port: 8080}]\n        http: {paths: [{prefix: /}]}\n"
+)
+
+
+@dataclass
+class Samples:
+    times: list[float] = field(default_factory=list)
+    rss: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PROCESSES})
+    agent_cpu_s: list[float] = field(default_factory=list)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return float(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def slope_mb_per_10_min(times: list[float], values: list[float]) -> float:
+    """Least-squares slope of `values` over `times` (seconds), per 10 minutes."""
+    if len(times) < 2:
+        return 0.0
+    mean_t, mean_v = statistics.fmean(times), statistics.fmean(values)
+    spread = sum((t - mean_t) ** 2 for t in times)
+    if spread == 0:
+        return 0.0
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in zip(times, values, strict=True)) / spread
+    return slope * 600.0
+
+
+def enforced(node: LocalNode, since: float) -> bool:
+    """Agent and control plane have loaded inputs at least as new as `since`, run the
+    directory's policies, and Envoy has acknowledged everything sent."""
+    agent, control = read_status(AGENT_STATUS_FILE), read_status(CONTROL_STATUS_FILE)
+    if agent is None or control is None:
+        return False
+    want = texts_digest(directory_texts(node.policy_dir))
+    return (
+        agent.get("loaded_at", 0) >= since
+        and control.get("loaded_at", 0) >= since
+        and agent.get("policy_digest") == want
+        and control.get("policy_digest") == want
+        and control.get("sent") == control.get("acked")
+    )
+
+
+def _traffic(node: LocalNode, stop: threading.Event, counts: dict[str, int]) -> None:
+    client, web = node.lab.pod("default", "client"), node.lab.pod("default", "web")
+    with (
+        PodProcess.start(web.netns, web.cgroup) as server,
+        PodProcess.start(client.netns, client.cgroup) as worker,
+    ):
+        server.serve_http(web.ip, HTTP_PORT, "web")
+        while not stop.is_set():
+            try:
+                conn = worker.http_open(node.ip("web"), HTTP_PORT)
+                for _ in range(REQUESTS_PER_CONNECTION):
+                    if stop.is_set():
+                        break
+                    reply = worker.http_request(conn, "GET", "/churn")
+                    counts["ok" if reply.status == 200 else "other"] += 1
+                    time.sleep(REQUEST_PAUSE_S)
+                worker.http_close(conn)
+            except PodProcessError:
+                counts["failed"] += 1
+                time.sleep(0.1)
+
+
+def _sampler(pids: dict[str, int], samples: Samples, stop: threading.Event, started: float) -> None:
+    while not stop.wait(SAMPLE_EVERY_S):
+        samples.times.append(time.monotonic() - started)
+        for process, pid in pids.items():
+            samples.rss[process].append(_rss_mb(pid))
+        samples.agent_cpu_s.append(_cpu_s(pids["agent"]))
+
+
+def run(options: BenchOptions) -> dict[str, Any]:
+    total = QUICK_PODS if options.quick else PODS
+    minutes = QUICK_MINUTES if options.quick else MINUTES
+    specs = default_lab_specs()
+    modelled = total - len(specs)
+    groups = -(-modelled // PODS_PER_POLICY)
+    latencies: list[float] = []
+    counts = {"ok": 0, "other": 0, "failed": 0}
+    samples = Samples()
+    with LocalNode.start(specs=specs, policies={"web.yaml": WEB_POLICY}) as node:
+        options.progress(f"adding {modelled} modelled pods and {groups} policies")
+        state = node.lab.to_json()
+        pods = modelled_pods(modelled)
+        state["pods"] += pods
+        write_json_atomic(LAB_STATE_FILE, state)
+        base = policies(modelled)
+        node.write_policies({"web.yaml": WEB_POLICY, "groups.yaml": base})
+        node.wait_synced(timeout=180)
+        pids = {p: pid_of(p) for p in PROCESSES}
+        stop = threading.Event()
+        started = time.monotonic()
+        threads = [
+            threading.Thread(target=_traffic, args=(node, stop, counts), daemon=True),
+            threading.Thread(target=_sampler, args=(pids, samples, stop, started), daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        changes = 0
+        deadline = started + minutes * 60
+        slot = 1.0 / CHANGES_PER_S
+        try:
+            while time.monotonic() < deadline:
+                slot_start = time.monotonic()
+                write = _policy_change if changes % 2 == 0 else _pod_change
+                since = time.time()
+                write(node, changes, state, pods, groups)
+                changes += 1
+                latencies.append(_wait(node, since))
+                options.progress(
+                    f"{changes} changes, last {latencies[-1]:.0f} ms, "
+                    f"{(deadline - time.monotonic()) / 60:.1f} min left"
+                )
+                time.sleep(max(0.0, slot - (time.monotonic() - slot_start)))
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=10)
+        elapsed = time.monotonic() - started
+    result = summarize(samples, latencies, counts, pods=total, minutes=elapsed / 60)
+    result["rounds"] = options.rounds
+    return result
+
+
+def _wait(node: LocalNode, since: float) -> float:
+    """Milliseconds until the change written at `since` is enforced (ENFORCE_TIMEOUT_S at
+    most)."""
+    started = time.monotonic()
+    while not enforced(node, since):
+        if time.monotonic() - started > ENFORCE_TIMEOUT_S:
+            break
+        time.sleep(POLL_S)
+    return (time.monotonic() - started) * 1000
+
+
+def _policy_change(
+    node: LocalNode, index: int, _state: LabStateJSON, _pods: Any, groups: int
+) -> None:
+    documents = policies(groups * PODS_PER_POLICY).split("---\n")
+    group = (index // 2) % len(documents)
+    documents[group] = documents[group].replace("exact: /healthz", f"exact: /healthz-{index}")
+    node.write_policies({"web.yaml": WEB_POLICY, "groups.yaml": "---\n".join(documents)})
+
+
+def _pod_change(
+    _node: LocalNode, index: int, state: LabStateJSON, pods: list[LabPodJSON], groups: int
+) -> None:
+    pod = pods[(index // 2) % len(pods)]
+    pod["labels"]["group"] = f"g{(index // 2) % groups}"
+    write_json_atomic(LAB_STATE_FILE, state)
+
+
+def summarize(
+    samples: Samples,
+    latencies: list[float],
+    counts: dict[str, int],
+    *,
+    pods: int,
+    minutes: float,
+) -> dict[str, Any]:
+    warm = int(len(samples.times) * WARM_UP_FRACTION)
+    after = slice(warm, None)
+    slopes = {
+        p: slope_mb_per_10_min(samples.times[after], samples.rss[p][after]) for p in PROCESSES
+    }
+    ordered = sorted(latencies)
+    cpu = samples.agent_cpu_s
+    busy_ms = (cpu[-1] - cpu[0]) * 1000 / len(latencies) if len(cpu) > 1 and latencies else 0.0
+    result: dict[str, Any] = {
+        "scenario": "churn",
+        "pods": pods,
+        "minutes": minutes,
+        "changes": len(latencies),
+        "changes_per_s": len(latencies) / (minutes * 60) if minutes else 0.0,
+        "p50_ms": statistics.median(ordered) if ordered else 0.0,
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0,
+        "agent_busy_ms_per_change": busy_ms,
+        "requests": counts,
+        "rss_series": {
+            "seconds": samples.times,
+            **{f"{p}_rss_mb": samples.rss[p] for p in PROCESSES},
+        },
+    }
+    for process in PROCESSES:
+        series = samples.rss[process]
+        result[f"{process}_rss_mb_start"] = series[0] if series else 0.0
+        result[f"{process}_rss_mb_end"] = series[-1] if series else 0.0
+        result[f"{process}_rss_slope_mb_per_10_min"] = slopes[process]
+    result["targets"] = {
+        f"rss slope <= {TARGET_SLOPE_MB_PER_10_MIN} MiB/10 min": all(
+            s <= TARGET_SLOPE_MB_PER_10_MIN for s in slopes.values()
+        ),
+        f"p99 change-to-enforcement <= {TARGET_P99_MS:.0f} ms": result["p99_ms"] <= TARGET_P99_MS,
+    }
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['pods']} pods, {result['minutes']:.1f} min, {result['changes']} changes "
+        f"({result['changes_per_s']:.1f}/s); requests {result['requests']}",
+        f"change-to-enforcement p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms; "
+        f"agent busy {result['agent_busy_ms_per_change']:.1f} ms per change",
+    ]
+    lines += [
+        f"{p}: RSS {result[f'{p}_rss_mb_start']:.1f} -> {result[f'{p}_rss_mb_end']:.1f} MiB, "
+        f"slope after warm-up {result[f'{p}_rss_slope_mb_per_10_min']:+.2f} MiB/10 min"
+        for p in PROCESSES
+    ]
+    lines += [
+        f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in result["targets"].items()
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    figure, axes = new_figure(1)
+    series = result["rss_series"]
+    for process in PROCESSES:
+        axes.plot(series["seconds"], series[f"{process}_rss_mb"], label=process)
+    axes.set_xlabel("seconds of churn")
+    axes.set_ylabel("RSS (MiB)")
+    axes.set_title(f"RSS under churn ({result['changes_per_s']:.1f} changes/s)")
+    axes.legend()
+    save(figure, path)
