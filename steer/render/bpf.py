@@ -15,8 +15,9 @@ datapaths cannot disagree:
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
@@ -61,18 +62,32 @@ class TooComplexForBpf(ValueError):
     """The pod's policy needs more port segments than one map entry holds."""
 
 
-def _uncovered_address(prefix: IPv4Network, more_specific: list[IPv4Network]) -> IPv4Address | None:
-    """An address in `prefix` outside every network in `more_specific`, if any."""
-    inside = [n for n in more_specific if n.overlaps(prefix)]
-    if not inside:
-        return prefix.network_address
-    if any(prefix.subnet_of(n) for n in inside):
-        return None
-    for half in prefix.subnets(prefixlen_diff=1):
-        found = _uncovered_address(half, inside)
-        if found is not None:
-            return found
-    return None
+def _uncovered_addresses(prefixes: Sequence[IPv4Network]) -> dict[IPv4Network, IPv4Address | None]:
+    """For each prefix, its lowest address outside every longer prefix of the set (None if
+    they cover it all): where its verdict is its own.
+
+    Two CIDR prefixes are nested or disjoint, so the longer prefixes that matter are the
+    ones that start inside it: one sorted pass over their spans, in integers. (A search
+    that split prefixes in halves and tested every pair cost ~100 ms per eBPF pod per
+    change at 1k pods.)"""
+    spans = sorted(
+        (int(p.network_address), int(p.broadcast_address), p.prefixlen) for p in prefixes
+    )
+    starts = [start for start, _, _ in spans]
+    found: dict[IPv4Network, IPv4Address | None] = {}
+    for prefix in prefixes:
+        if prefix.prefixlen == 32:
+            found[prefix] = prefix.network_address
+            continue
+        lo, hi = int(prefix.network_address), int(prefix.broadcast_address)
+        cursor = lo
+        for start, end, length in spans[bisect_left(starts, lo) :]:
+            if start > hi or start > cursor:
+                break
+            if length > prefix.prefixlen:
+                cursor = max(cursor, end + 1)
+        found[prefix] = IPv4Address(cursor) if cursor <= hi else None
+    return found
 
 
 def _port_boundaries(rules: Iterable[ResolvedRule], excluded: Iterable[int]) -> list[int]:
@@ -242,15 +257,9 @@ def render_pod_policy(
     egress = enforcement.egress.get(src.ip)
     entry = (cache or BpfPolicyCache()).entry
     entries = []
+    uncovered = _uncovered_addresses(prefixes)
     for prefix in prefixes:
-        if prefix.prefixlen == 32:
-            # Nothing is more specific than a /32: no search for an uncovered address
-            # (at 1k pods that search compared every pair of prefixes).
-            at: IPv4Address | None = prefix.network_address
-        else:
-            more_specific = [p for p in prefixes if p.prefixlen > prefix.prefixlen]
-            at = _uncovered_address(prefix, more_specific)
-        if at is not None:
+        if (at := uncovered[prefix]) is not None:
             target = _Prefix(
                 egress, enforcement.ingress.get(at), src, enforcement.pod_by_ip(at), prefix, at
             )
