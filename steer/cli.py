@@ -42,7 +42,13 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from steer.lab.updown import lab_down, lab_status, lab_up
 
     if args.action == "down":
+        from steer.node.bpfobjects import BpfObjects
+        from steer.node.kernel import HostKernel
+
         lab_down(args.lab_state)
+        # The lab's agent pinned its BPF objects node-wide (so that a restart adopts them);
+        # with the lab gone nothing uses them.
+        BpfObjects.unload_all(HostKernel())
         return 0
     if args.action == "up":
         try:
@@ -208,7 +214,11 @@ def _run_kube_control(args: argparse.Namespace) -> int:
     from steer.control.webhook import build_app, kube_namespace_labels, serve_webhook
 
     api = _kube_client(args.kubeconfig)
-    plane = KubeControlPlane(api)
+    leader = _leader_elector(args, api)
+    if isinstance(leader, str):
+        print(f"error: {leader}", file=sys.stderr)
+        return 2
+    plane = KubeControlPlane(api, leader=leader)
     webhook = None
     if args.webhook_cert and args.webhook_key:
 
@@ -235,9 +245,71 @@ def _run_kube_control(args: argparse.Namespace) -> int:
 
         xds_tls = XdsServerTls(*tls_files)
     socket = args.socket if args.socket != XDS_SOCKET else None
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(plane.run(args.xds_port, socket, webhook, xds_tls=xds_tls))
+
+    async def serve() -> None:
+        # SIGTERM (the pod is deleted, drained or rolled) ends the plane cleanly, so a
+        # leader releases its Lease and another replica writes status at once, not only
+        # once the Lease expires.
+        import signal
+
+        task = asyncio.current_task()
+        if task is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await plane.run(args.xds_port, socket, webhook, xds_tls=xds_tls)
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(serve())
     return 0
+
+
+LEASE_FLAGS = (
+    ("--identity", "identity"),
+    ("--lease-name", "lease_name"),
+    ("--lease-namespace", "lease_namespace"),
+    ("--lease-duration", "lease_duration"),
+    ("--renew-deadline", "renew_deadline"),
+    ("--retry-period", "retry_period"),
+)
+
+
+def _leader_elector(args: argparse.Namespace, api: object) -> Any:
+    """The Lease elector `--leader-elect` asks for (None without it), or what is wrong
+    with the flags and its fix."""
+    import socket
+    import uuid
+
+    from steer.constants import LEADER_LEASE_NAME
+    from steer.control.leader import KubeLeaseApi, LeaseElector, LeaseTimings
+
+    if not args.leader_elect:
+        stray = [flag for flag, dest in LEASE_FLAGS if getattr(args, dest) is not None]
+        if stray:
+            return f"{', '.join(stray)} only mean something with --leader-elect; fix: add it"
+        return None
+    given = {
+        field: value
+        for field in ("lease_duration", "renew_deadline", "retry_period")
+        if (value := getattr(args, field)) is not None
+    }
+    timings = LeaseTimings(**given)
+    if problems := timings.problems():
+        return "; ".join(problems)
+    # The pod name (downward API) is unique among replicas and stays the same across a
+    # restart of the container, which then renews its own Lease at once. Outside a pod, a
+    # random suffix keeps two processes on one host apart.
+    identity = (
+        args.identity
+        or os.environ.get("POD_NAME")
+        or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    )
+    namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE") or SYSTEM_NAMESPACE
+    return LeaseElector(
+        KubeLeaseApi(api, timings.renew_deadline),
+        identity,
+        args.lease_name or LEADER_LEASE_NAME,
+        namespace,
+        timings,
+    )
 
 
 def _tls_files(args: argparse.Namespace, *flags: tuple[str, str]) -> list[Path] | str:
@@ -437,43 +509,188 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 1 if loaded.errors else 0
 
 
+# Where `steer status` reads; module-level so tests can point them at temporary files.
+STATUS_AGENT_FILE = AGENT_STATUS_FILE
+STATUS_CONTROL_FILE = CONTROL_STATUS_FILE
+STATUS_XDS_SOCKET = XDS_SOCKET
+AGENT_FIX = (
+    "start the agent: on the local node `steer agent` (or the whole node: "
+    "`steer demo --keep`); in a cluster, look at this node's steer-node pod: "
+    "kubectl -n steer-system get pods -l app.kubernetes.io/component=node -o wide"
+)
+CONTROL_FIX = "start it: `steer control` (or the whole node: `steer demo --keep`)"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    documents = {}
-    for name, path in (("agent", AGENT_STATUS_FILE), ("control", CONTROL_STATUS_FILE)):
-        try:
-            documents[name] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            documents[name] = None
+    """Exit 1 when no agent runs (the agent is what enforces: without it no pod is steered,
+    whatever the control plane does), else 0. A missing local control plane is shown with
+    its fix but does not fail: Envoy keeps enforcing its last config, only changes wait."""
+    agent, agent_problem = _agent_status(STATUS_AGENT_FILE)
+    in_cluster = agent is not None and agent.get("mode") == "kubernetes"
+    # In a cluster the control plane runs in its own pod and writes no file on the node.
+    control, control_problem = (
+        (None, None) if in_cluster else _control_status(STATUS_CONTROL_FILE, STATUS_XDS_SOCKET)
+    )
+    problems = [p for p in (agent_problem, control_problem) if p is not None]
     if args.json:
-        _print_json(documents)
-        return 0
-    agent, control = documents["agent"], documents["control"]
+        _print_json({"agent": agent, "control": control, "problems": problems})
+        return 1 if agent is None else 0
     if agent is None:
-        print("agent: not running (no status file)")
+        print(agent_problem)
     else:
-        print("pods:")
-        for pod in agent["pods"]:
-            print(f"  {pod['namespace']}/{pod['name']:<12} {pod['dataplane']:<9} {pod['reason']}")
-            if counts := pod.get("ebpf_counters"):
-                print("      " + " ".join(f"{name}={value}" for name, value in counts.items()))
-        if ipv6 := agent.get("ipv6"):
-            print(f"  ipv6: {ipv6}")
-        for error in agent["last_sync"]["errors"]:
-            print(f"  error: {error}")
-    if control is None:
-        print("control plane: not running (no status file)")
-    else:
+        _print_agent(agent)
+    if control is not None:
+        _print_control(control)
+    elif in_cluster:
         print(
-            f"control plane: node {control['node']} streams={control['streams']} "
-            f"pushes={control['pushes']} acks={control['acks']} nacks={control['nacks']}"
+            "control plane: in its own pod (steer-control); its push state per node is in each "
+            "policy's status: kubectl get httppolicies -A (Accepted, Programmed)"
         )
-        if control["last_nack"]:
-            print(f"  last NACK: {control['last_nack']['detail']}")
-        for held in control.get("quarantined", []):
-            print(f"  held back: {held['policy']}: Envoy refused it: {held['reason']}")
-        for error in control["errors"]:
-            print(f"  error: {error}")
-    return 0
+    else:
+        print(control_problem)
+    return 1 if agent is None else 0
+
+
+def _read_status_document(path: Path, writer: str) -> tuple[dict[str, Any] | None, str]:
+    """The status document at `path`, or None and what is wrong with it."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, f"no status file {path}"
+    except PermissionError as exc:
+        return None, f"cannot read {path}: {exc.strerror}; fix: run steer status as root"
+    except OSError as exc:
+        return None, (
+            f"cannot read {path}: {exc.strerror or exc}; fix: remove it, the {writer} "
+            "writes it again when it next changes"
+        )
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        document, problem = None, str(exc)
+    else:
+        problem = "not a JSON object"
+    if not isinstance(document, dict):
+        # The writers replace the file whole, so a torn write cannot cause this.
+        return None, (
+            f"{path} is not a status document ({problem}); fix: remove it, the {writer} "
+            "writes it again when it next changes"
+        )
+    return document, ""
+
+
+def _agent_status(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    document, problem = _read_status_document(path, "agent")
+    if document is not None and not isinstance(document.get("pods"), list):
+        document, problem = None, f"{path} has no list of pods; fix: remove it"
+    if document is None:
+        return None, f"agent: not running or unknown ({problem}); fix: {AGENT_FIX}"
+    if _lock_is_free(document.get("lock")):
+        return None, (
+            f"agent: not running ({path} was left by an agent that has stopped; its last sync "
+            f"was {_ago(document.get('loaded_at'))}); fix: {AGENT_FIX}"
+        )
+    return document, None
+
+
+def _control_status(path: Path, socket_path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    document, problem = _read_status_document(path, "control plane")
+    if document is None:
+        return None, f"control plane: not running or unknown ({problem}); fix: {CONTROL_FIX}"
+    if _socket_listens(socket_path) is False:
+        return None, (
+            f"control plane: not running ({path} was left by a control plane that has "
+            f"stopped: nothing listens on {socket_path}); fix: {CONTROL_FIX}"
+        )
+    return document, None
+
+
+def _lock_is_free(lock: object) -> bool:
+    """True if nobody holds the agent's lock: the agent that wrote the file is gone (the
+    kernel drops a lock with its process, kill -9 included). False where that cannot be
+    told (an agent too old to name a lock, a lock file this user cannot open)."""
+    import fcntl
+
+    if not isinstance(lock, str) or not lock:
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        # Shared and non-blocking: held for microseconds, it never stalls the agent.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: the agent holds it
+        return False
+    finally:
+        os.close(fd)  # also releases the shared lock if it was taken
+    return True
+
+
+def _socket_listens(path: Path) -> bool | None:
+    """Whether something accepts connections on the Unix socket; None if it cannot be told
+    (this user may not connect)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError:
+            return None
+    return True
+
+
+def _ago(when: object) -> str:
+    import time
+
+    if not isinstance(when, int | float) or isinstance(when, bool) or when <= 0:
+        return "at an unknown time"
+    seconds = max(0.0, time.time() - when)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+def _print_agent(agent: dict[str, Any]) -> None:
+    where = f"node {agent['node']} (kubernetes)" if agent.get("mode") == "kubernetes" else "local"
+    line = f"agent: running, {where}, last sync {_ago(agent.get('loaded_at'))}"
+    if waiting := agent.get("gates_waiting"):
+        line += f", {waiting} readiness gate(s) waiting"
+    print(line)
+    print("pods:")
+    for pod in agent["pods"]:
+        name = f"{pod.get('namespace')}/{pod.get('name')}"
+        print(f"  {name:<20} {pod.get('dataplane', '?'):<9} {pod.get('reason', '')}")
+        if counts := pod.get("ebpf_counters"):
+            print("      " + " ".join(f"{key}={value}" for key, value in counts.items()))
+        if gate := pod.get("readiness_gate"):
+            print(f"      readiness gate: {gate}")
+    if ipv6 := agent.get("ipv6"):
+        print(f"  ipv6: {ipv6}")
+    for error in (agent.get("last_sync") or {}).get("errors", []):
+        print(f"  error: {error}")
+    if loop_errors := agent.get("loop_errors"):
+        print(f"  {loop_errors} failed sync(s) since the agent started; see its log")
+
+
+def _print_control(control: dict[str, Any]) -> None:
+    print(
+        f"control plane: node {control.get('node')} streams={control.get('streams')} "
+        f"pushes={control.get('pushes')} acks={control.get('acks')} "
+        f"nacks={control.get('nacks')}"
+    )
+    if nack := control.get("last_nack"):
+        print(f"  last NACK: {nack.get('detail')}")
+    for held in control.get("quarantined", []):
+        print(f"  held back: {held['policy']}: Envoy refused it: {held['reason']}")
+    for error in control.get("errors", []):
+        print(f"  error: {error}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -484,6 +701,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _print_json(result.to_json())
     else:
         print(result.table())
+    if args.keep:
+        # stderr with --json, so stdout stays one JSON document.
+        print(
+            "the node keeps running (control plane, agent, Envoy, in the lab's namespaces); "
+            "see it with `steer status`; stop it, BPF programs and maps included, with "
+            "`steer lab down`",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     return 0 if result.ok else 1
 
 
@@ -575,6 +800,19 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument(
         "--xds-client-ca", help="CA whose node client certificates the xDS server accepts"
     )
+    control.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="with --kube: only the holder of a Lease writes policy status and Events",
+    )
+    control.add_argument("--identity", help="this replica's name in the Lease (default: $POD_NAME)")
+    control.add_argument("--lease-name", help="the Lease (default steer-control)")
+    control.add_argument(
+        "--lease-namespace", help="its namespace (default: $POD_NAMESPACE, else steer-system)"
+    )
+    control.add_argument("--lease-duration", type=int, help="seconds (default 15)")
+    control.add_argument("--renew-deadline", type=float, help="seconds (default 10)")
+    control.add_argument("--retry-period", type=float, help="seconds (default 2)")
 
     certs = sub.add_parser("certs", help="a CA and a serving certificate for the webhooks")
     certs.add_argument("--service", default=CONTROL_SERVICE)
@@ -665,6 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
             "render",
             "memory",
             "l7-rules",
+            "churn",
+            "faults",
             "all",
             "report",
         ],

@@ -141,3 +141,13 @@ WEBHOOK_VALIDATE_POLICIES_PATH: Final = "/validate-httppolicies"
 MUTATING_WEBHOOK_NAME: Final = "pods.steer.dev"
 VALIDATING_WEBHOOK_NAME: Final = "httppolicies.steer.dev"
 FIELD_MANAGER: Final = "steer"
+
+# --- control-plane leader election (coordination.k8s.io/v1 Lease) ---------------------------
+# Every replica serves xDS and the webhooks; only the Lease's holder writes policy status
+# and Events. The timings are client-go's defaults: the holder renews every retry period,
+# gives up leading if it could not renew for the renew deadline, and the others take over
+# once the Lease has not changed for the lease duration (as each of them observes it).
+LEADER_LEASE_NAME: Final = "steer-control"
+LEADER_LEASE_DURATION_S: Final = 15
+LEADER_RENEW_DEADLINE_S: Final = 10.0
+LEADER_RETRY_PERIOD_S: Final = 2.0

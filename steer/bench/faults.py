@@ -43,7 +43,7 @@ from typing import Any
 from steer.bench import BenchOptions
 from steer.bench.memory import pid_of
 from steer.bench.plots import new_figure, save
-from steer.constants import ANNOTATION_DATAPLANE, LOG_DIR, POLICY_DIR
+from steer.constants import ANNOTATION_DATAPLANE, LOG_DIR, NODE_NETNS, POLICY_DIR
 from steer.lab.localnode import LocalNode
 from steer.lab.podproc import PodProcess, PodProcessError
 from steer.lab.process import supervised
@@ -164,7 +164,8 @@ def _restart(role: str, stack: ExitStack) -> None:
     os.kill(pid_of(role), signal.SIGKILL)
     time.sleep(1.0)
     argv = [sys.executable, "-m", "steer.cli", role, "--policies", str(POLICY_DIR)]
-    stack.enter_context(supervised(argv, LOG_DIR / f"{role}-restarted.log"))
+    # In the node's namespace, as LocalNode starts it: `steer lab down` then reaches it too.
+    stack.enter_context(supervised(argv, LOG_DIR / f"{role}-restarted.log", netns=NODE_NETNS))
 
 
 def _envoy_pid() -> int:

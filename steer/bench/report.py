@@ -90,6 +90,20 @@ ABOUT = {
         "rules on other destinations, and with 1k rules on the destination itself: a "
         "request is checked only against its own destination's rules."
     ),
+    "churn": (
+        "Continuous policy and pod changes (5 a second, alternating) on a 1k-pod node with "
+        "live traffic: agent and control-plane RSS over time and its slope after warm-up, "
+        "change-to-enforcement (agent, control plane and Envoy all caught up) during "
+        "churn, and the agent's CPU per change."
+    ),
+    "faults": (
+        "Fault drills under steady L7 and L4-only load on both datapaths: kill -9 of the "
+        "agent, of Envoy, a control-plane restart, and a policy tightened under load. "
+        "`failed`: requests steer promised to keep that failed (for envoy-kill, L4-only "
+        "ones; L7 ones fail closed by design), or, for tighten, requests served against the "
+        "new rules after the 1 s revocation deadline; `unchecked`: L7 requests that "
+        "reached a backend without passing Envoy."
+    ),
 }
 
 

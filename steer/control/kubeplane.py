@@ -6,6 +6,9 @@ anywhere) into the same cache local mode uses, served over ADS on TCP. Each poli
 status is written back: Accepted with the validation message, Programmed once every
 connected Envoy has acknowledged it, and PodsProtected, False (with an Event on the policy)
 while its podSelector selects pods that steer does not steer, naming them and why.
+
+With several replicas, each renders and serves its own Envoys, and only the holder of the
+leader Lease (steer.control.leader) writes status and Events.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from steer.constants import (
     POLICY_PLURAL,
 )
 from steer.control.cache import InconsistentSnapshot, Snapshot, SnapshotCache
+from steer.control.leader import LeaseElector
 from steer.control.quarantine import Quarantine
 from steer.control.xds import XdsServerTls, serve
 from steer.idlegc import IdleCollector
@@ -229,6 +233,13 @@ class KubeControlPlane:
     _accepted_at: tuple[int, ...] = ()
     # Loop steps that failed and were survived (logged with their traceback).
     loop_errors: int = 0
+    # With several replicas, only the holder of this Lease writes status and Events; every
+    # replica still renders, quarantines for its own Envoys and serves xDS and webhooks.
+    # None: the only replica, which always writes.
+    leader: LeaseElector | None = None
+    # Status patches and Events this replica wrote (tests see who the writer was).
+    status_writes: int = 0
+    events_written: int = 0
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -328,7 +339,14 @@ class KubeControlPlane:
             self._coverage = (self.policy_objects, self._status_pods, cached)
         return cached
 
+    def writes(self) -> bool:
+        """Whether this replica may write status and Events right now: asked again before
+        every write, so a replica that lost the Lease stops mid-way."""
+        return self.leader is None or self.leader.is_leader()
+
     def write_statuses(self) -> None:
+        if not self.writes():
+            return
         acked, connected = self.acked_nodes()
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         existing = {
@@ -349,10 +367,13 @@ class KubeControlPlane:
             if _same_status(current, wanted):
                 continue
             namespace, name = item.key.split("/", 1)
+            if not self.writes():
+                return
             try:
                 self._custom.patch_namespaced_custom_object_status(
                     API_GROUP, API_VERSION, namespace, POLICY_PLURAL, name, {"status": wanted}
                 )
+                self.status_writes += 1
             except Exception as exc:  # deleted meanwhile, or the API server is away
                 log.warning("status of %s not written: %s", item.key, exc)
 
@@ -367,6 +388,8 @@ class KubeControlPlane:
                 continue
             if self._events_sent.get(sent) == event["message"]:
                 continue
+            if not self.writes():
+                return
             self._events_sent[sent] = event["message"]
             log.warning("policy %s: %s", key, event["message"])
             from kubernetes import client
@@ -376,6 +399,7 @@ class KubeControlPlane:
                 client.CoreV1Api(self.api_client).create_namespaced_event(
                     event["metadata"]["namespace"], cast(Any, event)
                 )
+                self.events_written += 1
             except Exception as exc:  # events are best effort
                 log.warning("event on policy %s not recorded: %s", key, exc)
 
@@ -402,7 +426,8 @@ class KubeControlPlane:
             # A newly connected Envoy needs a snapshot even if no object changed.
             if set(self.cache.nodes()) - self._rendered_nodes:
                 self.refresh()
-            self._gc.tick()
+        # Every step, changed or not: under churn there is never a quiet second.
+        self._gc.tick()
         if self.check_pushes():
             self.refresh()
         # ACKs arrive on the xDS streams, not as API events: re-check statuses.
@@ -429,6 +454,14 @@ class KubeControlPlane:
         for reflector in self.reflectors.values():
             reflector.on_change = changed
             reflector.start(stop)
+        election = None
+        if self.leader is not None:
+            # The election blocks on API calls and sleeps: a thread of its own, never this
+            # loop, which serves xDS and the webhooks.
+            election = threading.Thread(
+                target=self.leader.run, args=(stop,), name="steer-leader", daemon=True
+            )
+            election.start()
         server = await serve(self.cache, uds_path=xds_socket, tcp_port=xds_port, tls=xds_tls)
         if webhook is not None:
             await webhook()
@@ -436,6 +469,10 @@ class KubeControlPlane:
             await self._loop(dirty)
         finally:
             stop.set()
+            if election is not None and self.leader is not None:
+                # Let it release the Lease (release_on_stop) so another replica takes over
+                # now rather than once the Lease expires.
+                await asyncio.to_thread(election.join, self.leader.timings.renew_deadline)
             await server.stop(grace=1)
 
 

@@ -157,7 +157,19 @@ class LocalNode:
                     ("agent", _steer("agent", *policy_arg)),
                     ("envoy", _steer("envoy", "--ads", ads)),
                 ):
-                    stack.enter_context(supervised(argv, LOG_DIR / f"{name}.log"))
+                    # Every process of the node starts in the node's namespace (the agent
+                    # and Envoy would enter it anyway; the control plane needs only its Unix
+                    # socket), so `steer lab down`, which kills what is in the lab's
+                    # namespaces, stops them all, also when this process is gone (--keep,
+                    # or killed outright).
+                    stack.enter_context(
+                        supervised(
+                            argv,
+                            LOG_DIR / f"{name}.log",
+                            netns=lab.node_netns,
+                            outlive_parent=keep,
+                        )
+                    )
                 run_in_netns(lab.node_netns, wait_ready)
                 node.wait_synced()
                 yield node

@@ -8,11 +8,14 @@ restore is atomic per table) and is retried on the next change.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from watchfiles import watch
 
@@ -25,6 +28,109 @@ from steer.source.local import LocalInputs
 
 log = logging.getLogger("steer.agent")
 
+UNSTEERED = ("none", "steer.dev/inject is disabled for this pod or its namespace")
+# How long an agent waits for `steer status` readers to let go of the lock (they hold it
+# for microseconds) before it writes without it.
+_LOCK_WAIT_S = 1.0
+
+
+def status_document(
+    pods: Iterable[Pod],
+    report: SyncReport,
+    datapath: NodeDatapath,
+    *,
+    loaded_at: float,
+    loop_errors: int,
+    pod_fields: Mapping[str, Mapping[str, object]] | None = None,
+    **extra: object,
+) -> dict[str, Any]:
+    """The agent's status for `steer status`, the same shape on the local node and in a
+    cluster: one entry per pod of this node (`pods`: only those), the node's features, the
+    last sync and the applied ruleset's digest. `pod_fields` adds fields to a pod's entry
+    (by pod key), `extra` top-level ones (what only one kind of agent knows).
+
+    Built afresh on every sync and kept flat: at 1k pods this and the compact encoding
+    cost a few milliseconds, where asdict() or an indented encoding cost tens."""
+    counters = datapath.ebpf_counters()
+    more = pod_fields or {}
+    entries = []
+    for p in pods:
+        dataplane, reason = report.dataplanes.get(p.key, UNSTEERED)
+        entry: dict[str, object] = {
+            "name": p.name,
+            "namespace": p.namespace,
+            "ip": p.ip,
+            "dataplane": dataplane,
+            "reason": reason,
+            "ebpf_counters": counters.get(p.key),
+        }
+        if p.key in more:
+            entry.update(more[p.key])
+        entries.append(entry)
+    return {
+        "pods": entries,
+        "features": asdict(datapath.features),
+        "ipv6": IPV6_POLICY,
+        # Shallow: asdict deep-copies a thousand pods' datapath reasons on every sync.
+        "last_sync": {f.name: getattr(report, f.name) for f in fields(report)},
+        "ruleset_digest": datapath.iptables.applied_digest,
+        "loaded_at": loaded_at,
+        "loop_errors": loop_errors,
+        **extra,
+    }
+
+
+class StatusWriter:
+    """Writes the agent's status document whole (a reader sees the old one or the new one),
+    and holds an exclusive lock on `<file>.lock` for as long as the agent lives.
+
+    The document names the lock, so `steer status` can tell the file of a running agent
+    from one left behind by an agent that stopped or crashed: the kernel drops the lock
+    with the process, even after kill -9, and a left-behind file's lock is free. (The local
+    agent writes only when something changes, so the file's age says nothing.)"""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(f"{path.name}.lock")
+        self._lock_fd: int | None = None
+        self._lock_tried = False
+
+    def write(self, document: dict[str, Any]) -> None:
+        if not self._lock_tried:
+            self._lock_tried = True
+            self._lock_fd = _hold_lock(self.lock_path)
+        if self._lock_fd is not None:
+            document["lock"] = str(self.lock_path)
+        write_json_atomic(self.path, document, compact=True)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _hold_lock(path: Path) -> int | None:
+    """An exclusive lock on `path`, kept open (close-on-exec: the agent's children must not
+    keep it after it dies); None if another agent holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+    os.close(fd)
+    log.warning(
+        "another agent holds %s: two agents write the same status file; steer status "
+        "shows whichever wrote last. Fix: stop the other agent",
+        path,
+    )
+    return None
+
 
 @dataclass
 class LocalAgent:
@@ -34,6 +140,7 @@ class LocalAgent:
     _loaded_at: float = 0.0
     # Exceptions the run loop survived (logged with their traceback), for `steer status`.
     loop_errors: int = 0
+    _status: StatusWriter | None = None
 
     def sync(self) -> SyncReport:
         self._loaded_at = time.time()
@@ -44,30 +151,18 @@ class LocalAgent:
         return report
 
     def _write_status(self, pods: Sequence[Pod], report: SyncReport) -> None:
-        unsteered = ("none", "steer.dev/inject is disabled for this pod or its namespace")
-        counters = self.datapath.ebpf_counters()
-        status = {
-            "pods": [
-                {
-                    "name": p.name,
-                    "namespace": p.namespace,
-                    "ip": p.ip,
-                    "dataplane": report.dataplanes.get(p.key, unsteered)[0],
-                    "reason": report.dataplanes.get(p.key, unsteered)[1],
-                    "ebpf_counters": counters.get(p.key),
-                }
-                for p in pods
-            ],
-            "features": asdict(self.datapath.features),
-            "ipv6": IPV6_POLICY,
-            # Shallow: asdict deep-copies a thousand pods' datapath reasons on every sync.
-            "last_sync": {f.name: getattr(report, f.name) for f in fields(report)},
-            "ruleset_digest": self.datapath.iptables.applied_digest,
-            "policy_digest": self.inputs.policies.digest(),
-            "loaded_at": self._loaded_at,
-            "loop_errors": self.loop_errors,
-        }
-        write_json_atomic(self.status_file, status, compact=True)
+        if self._status is None or self._status.path != self.status_file:
+            self._status = StatusWriter(self.status_file)
+        document = status_document(
+            pods,
+            report,
+            self.datapath,
+            loaded_at=self._loaded_at,
+            loop_errors=self.loop_errors,
+            mode="local",
+            policy_digest=self.inputs.policies.digest(),
+        )
+        self._status.write(document)
 
     def run(self) -> None:
         """Sync now and after every change to the inputs, until interrupted.
@@ -90,8 +185,8 @@ class LocalAgent:
                 ):
                     if self.inputs.affected_by(path for _, path in changes):
                         self._survive(collector)
-                    else:
-                        collector.tick()
+                    # Also after a change: under churn there is never a quiet batch.
+                    collector.tick()
                 return
             except Exception:  # the watch itself failed (a watched directory went away)
                 self.loop_errors += 1

@@ -6,7 +6,9 @@ implementations do. Each local pod's cgroup and network namespace are found from
 and container IDs (steer.node.cgroups). Once a pod's steering is installed and the node's
 Envoy holds the route configuration for it, the agent sets the pod's readiness gate
 condition `steer.dev/steered`, so the pod takes no traffic before its policy is in force.
-Failures become Events on the pod.
+Failures become Events on the pod. After each sync it writes the status `steer status`
+reads (the local agent's document, plus the node's name and each pod's readiness gate),
+in the /run/steer the agent and Envoy containers share.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from steer.constants import (
+    AGENT_STATUS_FILE,
     API_GROUP,
     API_VERSION,
     ENVOY_ADMIN_SOCKET,
@@ -32,6 +35,7 @@ from steer.constants import (
 )
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
+from steer.node.agent import StatusWriter, status_document
 from steer.node.cgroups import ResolveError, pod_cgroup, pod_netns
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.envoy import admin_get
@@ -76,11 +80,15 @@ class KubeAgent:
     # Where the datapath and Envoy live when that is not the agent's own namespace (the
     # lab's node): kernel calls and Envoy's admin go there, API calls stay here.
     datapath_netns: str = ""
+    status_file: Path = AGENT_STATUS_FILE
+    # Syncs the run loop survived (logged with their traceback), for `steer status`.
+    loop_errors: int = 0
     reflectors: dict[str, Reflector] = field(default_factory=dict)
     _events_sent: set[tuple[str, str]] = field(default_factory=set)
     _gates_pending: bool = False
     _policies: PolicyValidator = field(default_factory=PolicyValidator)
     _gc: IdleCollector = field(default_factory=IdleCollector)
+    _status: StatusWriter | None = None
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -118,6 +126,7 @@ class KubeAgent:
         return replace(pod, cgroup=str(cgroup or ""), netns=netns or "")
 
     def sync(self) -> SyncReport:
+        loaded_at = time.time()
         objects = {kind: r.snapshot() for kind, r in self.reflectors.items()}
         local_objects = {
             f"{o['metadata']['namespace']}/{o['metadata']['name']}": o
@@ -135,8 +144,40 @@ class KubeAgent:
         for error in report.errors:
             log.error("%s", error)
         self._report_pod_problems(local_objects, report)
-        self._open_readiness_gates(local_objects, report)
+        gates = self._open_readiness_gates(local_objects, report)
+        # As the local agent does: refused policies are listed with the sync's errors (the
+        # control plane also reports them on the policy's Accepted condition).
+        refused = [str(e) for p in policy_objects for e in p.errors]
+        shown = replace(report, errors=refused + report.errors) if refused else report
+        self._write_status([p for p in pods if p.key in local_objects], shown, gates, loaded_at)
         return report
+
+    def _write_status(
+        self,
+        local_pods: list[Pod],
+        report: SyncReport,
+        gates: Mapping[str, str],
+        loaded_at: float,
+    ) -> None:
+        if self._status is None or self._status.path != self.status_file:
+            self._status = StatusWriter(self.status_file)
+        document = status_document(
+            local_pods,
+            report,
+            self.datapath,
+            loaded_at=loaded_at,
+            loop_errors=self.loop_errors,
+            pod_fields={key: {"readiness_gate": state} for key, state in gates.items()},
+            mode="kubernetes",
+            node=self.node_name,
+            gates_waiting=sum(1 for state in gates.values() if state != "True"),
+        )
+        try:
+            self._status.write(document)
+        except OSError as exc:
+            # The node's steering is in force already; failing the sync over its report
+            # would only retry it every second (readiness gates wait on a failed sync).
+            log.warning("status for steer status not written to %s: %s", self.status_file, exc)
 
     def _report_pod_problems(
         self, local_objects: Mapping[str, Mapping[str, Any]], report: SyncReport
@@ -148,27 +189,39 @@ class KubeAgent:
 
     def _open_readiness_gates(
         self, local_objects: Mapping[str, Mapping[str, Any]], report: SyncReport
-    ) -> None:
-        waiting = {
-            key: obj
-            for key, obj in local_objects.items()
-            if has_readiness_gate(obj) and not gate_is_true(obj) and key in report.dataplanes
-        }
+    ) -> dict[str, str]:
+        """Set the gate of every pod whose steering is in force; returns the gate of each
+        local pod that has one: "True", or "waiting: " and what for (for `steer status`)."""
+        gates: dict[str, str] = {}
+        waiting = {}
+        for key, obj in local_objects.items():
+            if not has_readiness_gate(obj):
+                continue
+            if gate_is_true(obj):
+                gates[key] = "True"
+            elif key not in report.dataplanes:
+                gates[key] = "waiting: this agent does not steer the pod"
+            else:
+                waiting[key] = obj
         self._gates_pending = bool(waiting)
         if not waiting:
-            return
+            return gates
         try:
             served = self._in_datapath_netns(lambda: envoy_route_names(self.envoy_admin))
         except OSError as exc:
             log.info("Envoy admin not reachable yet (%s); readiness gates wait", exc)
-            return
+            gates.update(dict.fromkeys(waiting, f"waiting: Envoy's admin is not reachable: {exc}"))
+            return gates
         for key, obj in waiting.items():
             pod = pod_from_object(obj, {})
             if pod is None or route_name(IPv4Network(f"{pod.ip}/32")) not in served:
+                gates[key] = "waiting: Envoy does not serve the pod's routes yet"
                 continue
-            self._set_gate(obj, report.dataplanes[key])
+            set_now = self._set_gate(obj, report.dataplanes[key])
+            gates[key] = "True" if set_now else "waiting: setting the condition failed"
+        return gates
 
-    def _set_gate(self, obj: Mapping[str, Any], dataplane: tuple[str, str]) -> None:
+    def _set_gate(self, obj: Mapping[str, Any], dataplane: tuple[str, str]) -> bool:
         meta = obj["metadata"]
         condition = {
             "type": READINESS_GATE,
@@ -189,6 +242,8 @@ class KubeAgent:
             )
         except Exception as exc:  # the pod went away meanwhile, or the API is away
             log.warning("readiness gate of %s/%s not set: %s", meta["namespace"], meta["name"], exc)
+            return False
+        return True
 
     def _event(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
         meta = obj["metadata"]
@@ -248,8 +303,11 @@ class KubeAgent:
                 try:
                     self.sync()
                 except Exception:  # never die on one bad pass: the next change retries
+                    self.loop_errors += 1
                     log.exception("sync failed; retrying on the next change")
                     self._gates_pending = True
+            # Between changes, so that churn that never pauses still gets collected.
+            self._gc.tick()
 
 
 def _now() -> str:

@@ -101,8 +101,17 @@ def crd(kube_api: client.ApiClient) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
+def agent_status_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the agent writes the status `steer status` reads (not the host's /run/steer)."""
+    return tmp_path_factory.mktemp("steer-agent") / "agent-status.json"
+
+
+@pytest.fixture(scope="module")
 def steer_up(
-    kube_api: client.ApiClient, crd: None, tmp_path_factory: pytest.TempPathFactory
+    kube_api: client.ApiClient,
+    crd: None,
+    tmp_path_factory: pytest.TempPathFactory,
+    agent_status_file: Path,
 ) -> Iterator[str]:
     """Control plane + webhooks + Envoy + agent, wired to the API server. Yields the test
     namespace (opted in)."""
@@ -167,6 +176,7 @@ def steer_up(
                 NodeDatapath(envoy_ip=LAB_GATEWAY_IP),
                 envoy_cgroup=lab.node_cgroup,
                 datapath_netns=NODE_NETNS,
+                status_file=agent_status_file,
             )
             agent_thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
             agent_thread.start()
@@ -304,3 +314,28 @@ def test_pod_is_mutated_and_its_readiness_gate_opens_once_steered(
         return found[0].status if found else None
 
     assert eventually(gate, "the agent to set the readiness gate", timeout=45) == "True"
+
+
+def test_agent_status_shows_its_node_and_pods_with_their_gates(
+    kube_api: client.ApiClient, steer_up: str, agent_status_file: Path
+) -> None:
+    """The status `steer status` reads in the agent's container, written after each sync:
+    this node's pods (the one the previous test made steered and Ready), its gate."""
+    import json
+
+    def web() -> dict[str, Any] | None:
+        try:
+            document = json.loads(agent_status_file.read_text())
+        except FileNotFoundError:  # no sync yet
+            return None
+        found = [p for p in document["pods"] if (p["namespace"], p["name"]) == (steer_up, "web")]
+        return document if found and found[0].get("readiness_gate") == "True" else None
+
+    document = eventually(web, "the agent's status to show web's gate set", timeout=45)
+    assert (document["mode"], document["node"]) == ("kubernetes", NODE)
+    [pod] = [p for p in document["pods"] if p["name"] == "web" and p["namespace"] == steer_up]
+    assert pod["ip"] == POD_IP
+    assert pod["dataplane"] in {"iptables", "ebpf"}
+    assert document["gates_waiting"] == 0
+    assert document["ruleset_digest"]
+    assert document["lock"] == f"{agent_status_file}.lock"

@@ -21,7 +21,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from kubernetes_validate.utils import all_versions, latest_version, major_minor
+from kubernetes_validate.utils import (
+    SchemaNotFoundError,
+    all_versions,
+    latest_version,
+    major_minor,
+)
 
 from steer.constants import (
     ANNOTATION_INJECT,
@@ -31,6 +36,7 @@ from steer.constants import (
     ENVOY_ADMIN_SOCKET,
     ENVOY_INBOUND_PORT,
     ENVOY_OUTBOUND_PORT,
+    LEADER_LEASE_NAME,
     MUTATING_WEBHOOK_NAME,
     POLICY_PLURAL,
     SYSTEM_NAMESPACE,
@@ -194,7 +200,10 @@ def _owner(path: Path) -> Path:
     return next(d for d in path.parents if (d / "kustomization.yaml").exists())
 
 
-@pytest.mark.parametrize("directory", [MANIFESTS, CLEANUP, MANIFESTS / "cert-manager"])
+@pytest.mark.parametrize(
+    "directory",
+    [MANIFESTS, CLEANUP, MANIFESTS / "cert-manager", MANIFESTS / "pdb", MANIFESTS / "pdb-1.20"],
+)
 def test_kustomization_lists_every_manifest(directory: Path) -> None:
     listed = set(load_kustomization(directory)["resources"])
     on_disk = {
@@ -226,7 +235,11 @@ def test_every_container_runs_the_configured_image() -> None:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-@pytest.mark.parametrize("directory", [MANIFESTS, CLEANUP], ids=["base", "cleanup"])
+@pytest.mark.parametrize(
+    "directory",
+    [MANIFESTS, CLEANUP, MANIFESTS / "pdb", MANIFESTS / "pdb-1.20"],
+    ids=["base", "cleanup", "pdb", "pdb-1.20"],
+)
 def test_loader_agrees_with_kustomize(directory: Path) -> None:
     """The tests' own namespace/images transform matches `kubectl kustomize` exactly."""
     built = subprocess.run(
@@ -501,6 +514,79 @@ def test_the_cli_accepts_the_manifests_arguments() -> None:
         parser.parse_args(args)
 
 
+# --- the control plane: high availability ---------------------------------------------------
+
+
+PDB_V1 = load_docs(MANIFESTS / "pdb")
+PDB_1_20 = load_docs(MANIFESTS / "pdb-1.20")
+
+
+def test_control_plane_runs_two_replicas_on_different_nodes_where_possible() -> None:
+    assert CONTROL["spec"]["replicas"] == 2
+    rolling = CONTROL["spec"]["strategy"]["rollingUpdate"]
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (1, 0)
+    pod = CONTROL["spec"]["template"]
+    [term] = pod["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    selector = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+    assert selector == CONTROL["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+
+
+def test_control_plane_elects_a_writer_named_by_the_downward_api() -> None:
+    assert "--leader-elect" in CONTROL_CONTAINER["args"]
+    # The defaults name the Lease the Role grants (no --lease-name override here).
+    assert "--lease-name" not in CONTROL_CONTAINER["args"]
+    env = {e["name"]: e for e in CONTROL_CONTAINER["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_control_plane_probes_ask_the_webhook_server() -> None:
+    healthz = {"path": "/healthz", "port": WEBHOOK_PORT, "scheme": "HTTPS"}
+    assert CONTROL_CONTAINER["readinessProbe"]["httpGet"] == healthz
+    liveness = CONTROL_CONTAINER["livenessProbe"]
+    assert liveness["httpGet"] == healthz
+    # A slow start must not be killed: liveness gives it longer than readiness does.
+    assert liveness["initialDelaySeconds"] >= 15
+
+
+@pytest.mark.parametrize(
+    ("docs", "versions"),
+    [(PDB_V1, ("1.21", SCHEMA_VERSIONS[1])), (PDB_1_20, (OLDEST_SUPPORTED, "1.24"))],
+    ids=["policy-v1", "policy-v1beta1"],
+)
+def test_pod_disruption_budget_keeps_one_control_plane_replica(
+    docs: list[Doc], versions: tuple[str, ...]
+) -> None:
+    [pdb] = [d.obj for d in docs]
+    assert pdb["kind"] == "PodDisruptionBudget"
+    assert pdb["metadata"]["name"] == CONTROL_SERVICE
+    assert pdb["metadata"]["namespace"] == SYSTEM_NAMESPACE
+    assert pdb["spec"] == {
+        "minAvailable": 1,
+        "selector": {"matchLabels": CONTROL["spec"]["selector"]["matchLabels"]},
+    }
+    assert pdb["spec"]["minAvailable"] < CONTROL["spec"]["replicas"], "would block every drain"
+    for version in versions:
+        assert kubernetes_validate.validate(pdb, version, strict=True) == version
+
+
+def test_pod_disruption_budget_api_versions_cover_every_supported_release() -> None:
+    """policy/v1 from 1.21, policy/v1beta1 up to 1.24: between them, every release."""
+    [v1] = [d.obj for d in PDB_V1]
+    [beta] = [d.obj for d in PDB_1_20]
+    assert (v1["apiVersion"], beta["apiVersion"]) == ("policy/v1", "policy/v1beta1")
+    # Neither one alone will do, hence two directories rather than one in the base.
+    with pytest.raises(SchemaNotFoundError):
+        kubernetes_validate.validate(v1, OLDEST_SUPPORTED, strict=True)
+    with pytest.raises(SchemaNotFoundError):
+        kubernetes_validate.validate(beta, "1.25", strict=True)
+    assert {**beta, "apiVersion": "policy/v1"} == v1
+
+
 def test_control_plane_needs_no_privilege() -> None:
     pod = CONTROL["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "steer-control"
@@ -572,7 +658,36 @@ def test_workloads_use_their_own_service_accounts() -> None:
     assert (
         NODE_POD["serviceAccountName"] != CONTROL["spec"]["template"]["spec"]["serviceAccountName"]
     )
-    assert not [d for d in DOCS if d.kind in {"Role", "RoleBinding"}]
+    # The one namespaced grant: the control plane's leader Lease.
+    assert [(d.kind, d.name) for d in DOCS if d.kind in {"Role", "RoleBinding"}] == [
+        ("Role", "steer-control-leader"),
+        ("RoleBinding", "steer-control-leader"),
+    ]
+
+
+def test_control_plane_may_use_only_its_own_lease_in_its_namespace() -> None:
+    role = only("Role", "steer-control-leader")
+    assert role["metadata"]["namespace"] == SYSTEM_NAMESPACE
+    # create cannot be limited by name (there is none yet); get and update are.
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [LEADER_LEASE_NAME],
+            "verbs": ["get", "update"],
+        },
+    ]
+    binding = only("RoleBinding", "steer-control-leader")
+    assert binding["metadata"]["namespace"] == SYSTEM_NAMESPACE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "steer-control-leader",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "steer-control", "namespace": SYSTEM_NAMESPACE}
+    ]
 
 
 # --- webhooks -------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def test_frozen_cycles_survive_until_idle_then_are_collected() -> None:
 
 
 def test_nothing_is_collected_before_the_inputs_are_quiet() -> None:
-    collector = IdleCollector(idle_s=3600.0)
+    # No churn limit can trip, whatever else this test process holds.
+    collector = IdleCollector(idle_s=3600.0, max_interval_s=3600.0, floor=10**12)
     alive = _cycle_from_a_change(collector)
     collector.tick()
     assert alive() is not None
@@ -60,7 +61,9 @@ def test_collection_comes_back_on_when_a_change_fails() -> None:
 def test_under_endless_churn_cycles_are_still_reclaimed() -> None:
     """The agent's memory grew without bound when changes never paused for idle_s: every
     change froze its cyclic garbage, and only an idle collection unfroze it."""
-    collector = IdleCollector(idle_s=3600.0, max_interval_s=3600.0, floor=1_000)
+    # A growth limit small next to what the whole test process holds, so that each change
+    # below trips it however large the rest of the heap is.
+    collector = IdleCollector(idle_s=3600.0, max_interval_s=3600.0, growth=1.001, floor=1_000)
     alive = []
     for _ in range(20):
         with collector.change():
