@@ -11,7 +11,7 @@ import pytest
 
 from steer.control.kubeplane import KubeControlPlane
 from steer.render.xds import ROUTE_TYPE
-from tests.unit.test_unprotected_pods import NAMESPACES, PODS, _Recorder, api_policy
+from tests.unit.test_unprotected_pods import _Recorder, api_policy, recording_plane
 
 NODE = "worker-2"
 REASON = "Proto constraint validation failed (RouteConfigurationValidationError)"
@@ -38,16 +38,8 @@ def accept_everything(plane: KubeControlPlane) -> None:
 def test_a_refused_policy_is_held_back_with_programmed_false_and_an_event(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import kubernetes.client
-
-    _Recorder.statuses, _Recorder.events = [], []
-    plane = KubeControlPlane(api_client=None)
-    monkeypatch.setattr(kubernetes.client, "CoreV1Api", _Recorder)
-    plane._custom = _Recorder()
-    plane.reflectors["pods"].items = {f"{i}": p for i, p in enumerate(PODS)}
-    plane.reflectors["namespaces"].items = {n["metadata"]["name"]: n for n in NAMESPACES}
-    policies = plane.reflectors["httppolicies"].items
-    policies.update({"shop/a": named("a", "/a"), "shop/b": named("b", "/b")})
+    policies = {"shop/a": named("a", "/a"), "shop/b": named("b", "/b")}
+    plane = recording_plane(monkeypatch, policies)
     plane.cache.stream_opened(NODE)
     plane.refresh()
     accept_everything(plane)

@@ -24,7 +24,7 @@ from steer.control.leader import (
     plan,
     record_of,
 )
-from tests.unit.test_unprotected_pods import NAMESPACES, PODS, _Recorder, api_policy
+from tests.unit.test_unprotected_pods import _Recorder, recording_plane
 
 WALL = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)
 T = LeaseTimings(lease_duration=15, renew_deadline=10, retry_period=2)
@@ -302,16 +302,8 @@ class Lead:
 def test_only_the_leader_writes_status_and_events_and_a_follower_still_renders(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import kubernetes.client
-
-    _Recorder.statuses, _Recorder.events = [], []
     lead = Lead(False)
-    plane = KubeControlPlane(api_client=None, leader=lead)  # type: ignore[arg-type]
-    monkeypatch.setattr(kubernetes.client, "CoreV1Api", _Recorder)
-    plane._custom = _Recorder()
-    plane.reflectors["pods"].items = {f"{i}": p for i, p in enumerate(PODS)}
-    plane.reflectors["namespaces"].items = {n["metadata"]["name"]: n for n in NAMESPACES}
-    plane.reflectors["httppolicies"].items = {"shop/web-egress": api_policy({})}
+    plane = recording_plane(monkeypatch, leader=lead)
     plane.cache.stream_opened("worker-2")
     plane.refresh()
     assert plane.cache.get("worker-2") is not None, "a follower still serves its Envoys"
@@ -328,18 +320,10 @@ def test_only_the_leader_writes_status_and_events_and_a_follower_still_renders(
 def test_a_replica_that_loses_the_lease_mid_way_stops_writing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import kubernetes.client
-
-    _Recorder.statuses, _Recorder.events = [], []
     answers = iter([True, True, False])  # the third question comes before the first patch
     lead = Lead(True)
     lead.is_leader = lambda: next(answers, False)  # type: ignore[method-assign]
-    plane = KubeControlPlane(api_client=None, leader=lead)  # type: ignore[arg-type]
-    monkeypatch.setattr(kubernetes.client, "CoreV1Api", _Recorder)
-    plane._custom = _Recorder()
-    plane.reflectors["pods"].items = {f"{i}": p for i, p in enumerate(PODS)}
-    plane.reflectors["namespaces"].items = {n["metadata"]["name"]: n for n in NAMESPACES}
-    plane.reflectors["httppolicies"].items = {"shop/web-egress": api_policy({})}
+    plane = recording_plane(monkeypatch, leader=lead)
     plane.refresh()
     plane.write_statuses()
     # It was leader when it started and when it raised the Event, not when it would patch.

@@ -276,18 +276,31 @@ class _Recorder:
         _Recorder.events.append((namespace, body))
 
 
-def test_control_plane_writes_the_condition_and_one_event_per_change(
+def recording_plane(
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+    policies: dict[str, dict[str, Any]] | None = None,
+    **kwargs: Any,
+) -> KubeControlPlane:
+    """A control plane over these pods and namespaces whose API writes (status patches,
+    Events) go to _Recorder instead of an API server."""
     import kubernetes.client
 
     _Recorder.statuses, _Recorder.events = [], []
-    plane = KubeControlPlane(api_client=None)
+    plane = KubeControlPlane(api_client=None, **kwargs)
     monkeypatch.setattr(kubernetes.client, "CoreV1Api", _Recorder)
     plane._custom = _Recorder()
     plane.reflectors["pods"].items = {f"{i}": p for i, p in enumerate(PODS)}
     plane.reflectors["namespaces"].items = {n["metadata"]["name"]: n for n in NAMESPACES}
-    plane.reflectors["httppolicies"].items = {"shop/web-egress": api_policy({})}
+    plane.reflectors["httppolicies"].items = (
+        policies if policies is not None else {"shop/web-egress": api_policy({})}
+    )
+    return plane
+
+
+def test_control_plane_writes_the_condition_and_one_event_per_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plane = recording_plane(monkeypatch)
     plane.refresh()
     plane.write_statuses()
     [(name, body)] = _Recorder.statuses
