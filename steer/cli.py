@@ -421,12 +421,12 @@ def cmd_unload(args: argparse.Namespace) -> int:
     """eBPF by default: every program, pin and map, and no iptables rule. With --iptables,
     steer's chains and entry jumps in the node, and no BPF object."""
     if args.iptables:
-        from steer.node import iptables
+        from steer.node.datapath import IptablesDatapath
         from steer.node.netns import enter_netns
 
         if args.netns:
             enter_netns(args.netns)
-        iptables.unload()
+        IptablesDatapath().unload()
     else:
         from steer.node.bpfobjects import BpfObjects
         from steer.node.kernel import HostKernel

@@ -26,7 +26,8 @@ SO_ORIGINAL_DST = 80
 
 def _bound_socket(netns: str, ip: str, port: int) -> socket.socket:
     def create() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((ip, port))
         sock.listen(128)

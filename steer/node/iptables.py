@@ -21,10 +21,7 @@ from steer.render.iptables import (
     Jump,
     KernelState,
     Ruleset,
-    chains_to_write,
-    cleanup_text,
     comment_token,
-    restore_text,
 )
 
 log = logging.getLogger("steer.iptables")
@@ -91,19 +88,6 @@ def restore(text: str, binary: str = RESTORE) -> None:
     )
     if proc.returncode != 0:
         raise IptablesError(f"{binary} failed: {proc.stderr.strip()}")
-
-
-def apply(ruleset: Ruleset, previous: Ruleset | None = None) -> None:
-    """Make steer's chains hold `ruleset`; on any error the kernel keeps the old rules.
-
-    With `previous` (what this process applied last), only changed chains are rewritten
-    and read back: python-iptables reads about 10k rules a second, so verifying every
-    chain on every change would dominate a small update at scale.
-    """
-    before = read_state()
-    writes = chains_to_write(ruleset, before, previous)
-    restore(restore_text(ruleset, before, previous))
-    verify(ruleset, writes)
 
 
 def _save(table: str, binary: str) -> str:
@@ -213,13 +197,6 @@ def verify6(ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]]) -> None:
     missing = set(ruleset.jumps) - read_state6().jumps
     if missing:
         raise IptablesError(f"ip6tables entry jumps missing: {sorted(j.target for j in missing)}")
-
-
-def unload() -> None:
-    """Remove steer's jumps and chains, IPv4 and IPv6; other parties' rules stay exactly
-    as they were."""
-    restore(cleanup_text(read_state()))
-    restore(cleanup_text(read_state6()), RESTORE6)
 
 
 def counters(table_name: str, chain_name: str) -> Iterator[RuleCounters]:

@@ -449,6 +449,16 @@ def _admin_get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
+async def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate, then kill if it takes longer than 5 s; without blocking the loop."""
+    proc.terminate()
+    try:
+        await asyncio.to_thread(proc.wait, 5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 5)
+
+
 @contextlib.asynccontextmanager
 async def run_envoy(tmp_path: Path, sock: Path, ads: AdsMode) -> AsyncIterator[Envoy]:
     config = tmp_path / "envoy.json"
@@ -481,12 +491,7 @@ async def run_envoy(tmp_path: Path, sock: Path, ads: AdsMode) -> AsyncIterator[E
         envoy.admin = "http://" + admin_file.read_text().strip()
         yield envoy
     finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 5)
+        await stop(proc)
 
 
 async def wait_ready(envoy: Envoy, timeout: float = 15) -> None:

@@ -48,7 +48,7 @@ from steer.control.xds import XdsServerTls, serve
 from steer.node.envoy import admin_get
 from steer.render.bootstrap import AdsMode, XdsClientTls, bootstrap
 from steer.render.xds import LISTENER_TYPE
-from tests.e2e.test_xds_envoy import free_port, snapshot
+from tests.e2e.test_xds_envoy import free_port, snapshot, stop
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 NODE_A, NODE_B = "node-a", "node-b"
@@ -386,9 +386,4 @@ async def test_envoy_connects_over_mtls_and_its_admin_is_a_private_socket(
         )["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
         assert tcp_listen_ports(proc.pid) == {listener_port}
     finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 5)
+        await stop(proc)

@@ -12,6 +12,7 @@ which is left in place (minus etcd's data) for debugging.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,11 +21,11 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -269,3 +270,21 @@ def running_apiserver(
             yield ApiServer(kubeconfig=kubeconfig, url=url, token=token, version=version)
     finally:
         shutil.rmtree(etcd_data, ignore_errors=True)
+
+
+def eventually(
+    check: Callable[[], Any], what: str, timeout: float = 30, interval: float = 0.2
+) -> Any:
+    """`check()` once it is truthy; API errors in between count as not yet (the object
+    may not exist yet). Raises AssertionError with the last answer after `timeout`."""
+    from kubernetes.client.rest import ApiException
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ApiException):
+            last = check()
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")

@@ -15,7 +15,6 @@ import contextlib
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,23 +42,12 @@ from steer.node.datapath import NodeDatapath
 from steer.node.envoy import wait_ready
 from steer.node.kubeagent import KubeAgent
 from steer.node.netns import run_in_netns
+from tests.k8s.kubeapi import eventually
 
 pytestmark = [pytest.mark.privileged, pytest.mark.envoy]
 CRD = Path(__file__).parents[2] / "manifests" / "crd" / "httppolicies.steer.dev.yaml"
 NODE = "node-it"
 POD_IP = "10.244.7.7"
-
-
-def eventually(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ApiException):
-            last = check()
-            if last:
-                return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from steer.constants import API_GROUP, API_VERSION, LEADER_LEASE_NAME, POLICY_PL
 from steer.control.kubeplane import KubeControlPlane
 from steer.control.leader import KubeLeaseApi, LeaseElector, LeaseTimings
 from steer.render.xds import LISTENER_TYPE
+from tests.k8s import kubeapi
 
 CRD = Path(__file__).parents[2] / "manifests" / "crd" / "httppolicies.steer.dev.yaml"
 # Expiry after 2 s; a leader that cannot renew stops writing after 1.5 s.
@@ -43,15 +44,7 @@ FAST = LeaseTimings(lease_duration=2, renew_deadline=1.5, retry_period=0.25)
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = 15) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ApiException):
-            last = check()
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    return kubeapi.eventually(check, what, timeout, interval=0.05)
 
 
 @dataclass

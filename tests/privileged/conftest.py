@@ -13,7 +13,7 @@ from steer.constants import NODE_NETNS
 from steer.lab.spec import LabState, default_lab_specs
 from steer.lab.updown import lab_down, lab_up
 from steer.model.pod import Pod
-from steer.node import iptables
+from steer.node.datapath import IptablesDatapath
 from steer.node.netns import run_in_netns
 
 
@@ -31,14 +31,19 @@ def lab_state_file(lab: LabState, tmp_path: Path) -> Path:
     return tmp_path
 
 
+def unload_rules() -> None:
+    """steer's iptables and ip6tables rules out of the calling thread's namespace."""
+    IptablesDatapath().unload()
+
+
 @pytest.fixture
 def node_clean(lab: LabState) -> Iterator[None]:
     """Each test starts and ends with no steer rules in the node namespace."""
-    run_in_netns(NODE_NETNS, iptables.unload)
+    run_in_netns(NODE_NETNS, unload_rules)
     try:
         yield
     finally:
-        run_in_netns(NODE_NETNS, iptables.unload)
+        run_in_netns(NODE_NETNS, unload_rules)
 
 
 def lab_pods(

@@ -25,7 +25,7 @@ from steer.node.datapath import IptablesDatapath, SyncReport, apply_ruleset
 from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 from steer.render.iptables import CHAIN_PRE, Rule, Ruleset, render_ruleset
-from tests.privileged.conftest import lab_pods
+from tests.privileged.conftest import lab_pods, unload_rules
 from tests.samples import policy_yaml, sample_policies, tenant_client_policies
 
 pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("node_clean")]
@@ -117,7 +117,10 @@ def _fake_envoy(accepted: list[tuple[str, int]]) -> tuple[socket.socket, threadi
     listener = run_in_netns(NODE_NETNS, create)
 
     def accept_one() -> None:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # closed by the test: nothing connected, `accepted` stays empty
+            return
         with conn:
             accepted.append(original_dst(conn))
 
@@ -183,11 +186,14 @@ def test_an_inbound_exclusion_does_not_skip_another_namespaces_http_rules(
 def test_pod_dialling_envoy_directly_is_refused(lab: LabState) -> None:
     sync(sample_policies(), pods_of(lab), IptablesDatapath())
     accepted: list[tuple[str, int]] = []
-    listener, _ = _fake_envoy(accepted)
+    listener, thread = _fake_envoy(accepted)
     try:
         outcome, _ = time_connect(netns_of(lab, "client"), LAB_GATEWAY_IP, ENVOY_OUTBOUND_PORT)
     finally:
+        # shutdown wakes the blocked accept (close alone would not), so the thread ends here.
+        listener.shutdown(socket.SHUT_RDWR)
         listener.close()
+        thread.join(timeout=3)
     assert outcome == "refused"
     assert accepted == []
 
@@ -307,7 +313,7 @@ def test_unload_leaves_foreign_rules_untouched(lab: LabState) -> None:
         foreign_before = _non_steer_rules()
         sync(sample_policies(), pods_of(lab), IptablesDatapath())
         assert "STEER-PRE" in in_node(["iptables-legacy-save"])
-        run_in_netns(NODE_NETNS, iptables.unload)
+        run_in_netns(NODE_NETNS, unload_rules)
         assert "STEER" not in in_node(["iptables-legacy-save"])
         assert _non_steer_rules() == foreign_before
     finally:
@@ -378,40 +384,12 @@ def ipv6_between(lab: LabState, pods: dict[str, str]) -> Iterator[None]:
         in_node(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"])
 
 
-@contextmanager
-def ipv6_echo(netns: str, address: str, port: int) -> Iterator[None]:
-    def listen() -> socket.socket:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
-        sock.listen(8)
-        return sock
-
-    listener = run_in_netns(netns, listen)
-
-    def serve_forever() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(conn.recv(64))
-
-    thread = threading.Thread(target=serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        listener.close()
-
-
 def test_ipv6_tcp_of_steered_pods_is_refused(lab: LabState) -> None:
     """The attack: a port web denies over IPv4 answered over IPv6. Until steer has IPv6
     policy, steered pods' IPv6 TCP through the node is refused."""
     with (
         ipv6_between(lab, {"client": CLIENT_V6, "web": WEB_V6}),
-        ipv6_echo(netns_of(lab, "web"), WEB_V6, 9090),
+        serve(netns_of(lab, "web"), WEB_V6, 9090, http=False),
     ):
         # Without steer's rules the path exists: the test would pass for the wrong reason
         # if IPv6 simply did not route.
@@ -431,5 +409,5 @@ def test_ipv6_tcp_of_steered_pods_is_refused(lab: LabState) -> None:
 def test_unload_removes_the_ipv6_rules_too(lab: LabState) -> None:
     sync(sample_policies(), pods_of(lab), IptablesDatapath())
     assert "STEER6-FWD" in in_node(["ip6tables-legacy-save", "-t", "filter"])
-    run_in_netns(NODE_NETNS, iptables.unload)
+    run_in_netns(NODE_NETNS, unload_rules)
     assert "STEER6" not in in_node(["ip6tables-legacy-save", "-t", "filter"])
