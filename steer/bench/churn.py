@@ -4,7 +4,8 @@ A local node with 1,000 pods (the lab's real three, the rest modelled as in `ste
 memory`), one policy per ten pods, and real traffic: the client pod keeps a keep-alive
 HTTP connection to web busy through the node's Envoy, and opens a new connection every few
 requests. For `minutes`, at least CHANGES_PER_S changes a second, alternately:
-  - a policy edit: one group's policy file is rewritten with another HTTP path;
+  - a policy edit: one group's policy file (one file per policy) is rewritten with
+    another HTTP path;
   - a pod change: one modelled pod moves to another group (the lab state is rewritten).
 
 For each change: the time from the write until the agent and the control plane have both
@@ -33,7 +34,7 @@ from steer.bench import BenchOptions
 from steer.bench.memory import PODS_PER_POLICY, modelled_pods, pid_of, policies
 from steer.bench.plots import new_figure, save
 from steer.constants import AGENT_STATUS_FILE, CONTROL_STATUS_FILE, LAB_STATE_FILE
-from steer.lab.localnode import LocalNode, read_status
+from steer.lab.localnode import LocalNode, envoy_has_current, read_status
 from steer.lab.podproc import PodProcess, PodProcessError
 from steer.lab.spec import LabPodJSON, LabStateJSON, default_lab_specs
 from steer.source.local import directory_texts, texts_digest
@@ -68,6 +69,17 @@ class Samples:
     times: list[float] = field(default_factory=list)
     rss: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PROCESSES})
     agent_cpu_s: list[float] = field(default_factory=list)
+    # Per enforced change: the agent's last sync by phase, and the control plane's last
+    # reload (load, render, snapshot), in ms.
+    agent_phases_ms: list[dict[str, float]] = field(default_factory=list)
+    control_render_ms: list[float] = field(default_factory=list)
+
+    def note_sync(self) -> None:
+        agent, control = read_status(AGENT_STATUS_FILE), read_status(CONTROL_STATUS_FILE)
+        if agent is not None:
+            self.agent_phases_ms.append(agent.get("last_sync", {}).get("phases_ms", {}))
+        if control is not None:
+            self.control_render_ms.append(float(control.get("render_ms", 0.0)))
 
 
 def _rss_mb(pid: int) -> float:
@@ -106,7 +118,7 @@ def enforced(node: LocalNode, since: float) -> bool:
         and control.get("loaded_at", 0) >= since
         and agent.get("policy_digest") == want
         and control.get("policy_digest") == want
-        and control.get("sent") == control.get("acked")
+        and envoy_has_current(control)
     )
 
 
@@ -155,8 +167,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
         pods = modelled_pods(modelled)
         state["pods"] += pods
         write_json_atomic(LAB_STATE_FILE, state)
-        base = policies(modelled)
-        node.write_policies({"web.yaml": WEB_POLICY, "groups.yaml": base})
+        node.write_policies({"web.yaml": WEB_POLICY, **group_files(policies(modelled))})
         node.wait_synced(timeout=180)
         pids = {p: pid_of(p) for p in PROCESSES}
         stop = threading.Event()
@@ -178,6 +189,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
                 write(node, changes, state, pods, groups)
                 changes += 1
                 latencies.append(_wait(node, since))
+                samples.note_sync()
                 options.progress(
                     f"{changes} changes, last {latencies[-1]:.0f} ms, "
                     f"{(deadline - time.monotonic()) / 60:.1f} min left"
@@ -188,8 +200,14 @@ def run(options: BenchOptions) -> dict[str, Any]:
             for thread in threads:
                 thread.join(timeout=10)
         elapsed = time.monotonic() - started
+        collections = {
+            p: (read_status(f) or {}).get("gc", {})
+            for p, f in (("agent", AGENT_STATUS_FILE), ("control", CONTROL_STATUS_FILE))
+        }
     result = summarize(samples, latencies, counts, pods=total, minutes=elapsed / 60)
     result["rounds"] = options.rounds
+    # Full garbage collections (between changes, never inside one) and the last one's cost.
+    result["gc"] = collections
     return result
 
 
@@ -204,13 +222,19 @@ def _wait(node: LocalNode, since: float) -> float:
     return (time.monotonic() - started) * 1000
 
 
+def group_files(text: str) -> dict[str, str]:
+    """One file per group's policy, as an operator keeps them (and as a cluster changes
+    them: one object at a time)."""
+    return {f"group-{i:04d}.yaml": doc for i, doc in enumerate(text.split("---\n"))}
+
+
 def _policy_change(
     node: LocalNode, index: int, _state: LabStateJSON, _pods: Any, groups: int
 ) -> None:
-    documents = policies(groups * PODS_PER_POLICY).split("---\n")
-    group = (index // 2) % len(documents)
-    documents[group] = documents[group].replace("exact: /healthz", f"exact: /healthz-{index}")
-    node.write_policies({"web.yaml": WEB_POLICY, "groups.yaml": "---\n".join(documents)})
+    files = group_files(policies(groups * PODS_PER_POLICY))
+    name = sorted(files)[(index // 2) % len(files)]
+    text = files[name].replace("exact: /healthz", f"exact: /healthz-{index}")
+    node.write_policies({name: text}, replace=False)
 
 
 def _pod_change(
@@ -246,6 +270,10 @@ def summarize(
         "p50_ms": statistics.median(ordered) if ordered else 0.0,
         "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0,
         "agent_busy_ms_per_change": busy_ms,
+        "agent_phases_ms": _mean_phases(samples.agent_phases_ms),
+        "control_render_ms": statistics.fmean(samples.control_render_ms)
+        if samples.control_render_ms
+        else 0.0,
         "requests": counts,
         "rss_series": {
             "seconds": samples.times,
@@ -266,12 +294,21 @@ def summarize(
     return result
 
 
+def _mean_phases(syncs: list[dict[str, float]]) -> dict[str, float]:
+    """Each phase's mean over the syncs (a phase a sync skipped counts as 0 ms)."""
+    names = sorted({name for sync in syncs for name in sync})
+    return {n: statistics.fmean(s.get(n, 0.0) for s in syncs) for n in names} if syncs else {}
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['pods']} pods, {result['minutes']:.1f} min, {result['changes']} changes "
         f"({result['changes_per_s']:.1f}/s); requests {result['requests']}",
         f"change-to-enforcement p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms; "
         f"agent busy {result['agent_busy_ms_per_change']:.1f} ms per change",
+        "agent sync by phase (mean ms): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in result.get("agent_phases_ms", {}).items()),
+        f"control plane reload (mean): {result.get('control_render_ms', 0.0):.1f} ms",
     ]
     lines += [
         f"{p}: RSS {result[f'{p}_rss_mb_start']:.1f} -> {result[f'{p}_rss_mb_end']:.1f} MiB, "

@@ -414,6 +414,7 @@ class SnapshotCache:
         node = self._node(node_id)
         node.pushes += 1
         node.sent[type_url] = version
+        node.status_changed.fire()
 
     def record_ack(self, node_id: str, type_url: str, version: str) -> None:
         node = self._node(node_id)
@@ -441,6 +442,14 @@ class SnapshotCache:
             nacks=node.nacks,
             streams=node.streams,
         )
+
+    def status_touched(self, node_id: str) -> None:
+        """Something a status writer reports changed outside the cache (a reload)."""
+        self._node(node_id).status_changed.fire()
+
+    async def wait_for_status_change(self, node_id: str) -> None:
+        """Return at the node's next push, ACK, NACK, snapshot or `status_touched`."""
+        await self._node(node_id).status_changed.wait()
 
     async def wait_for_ack(
         self, node_id: str, type_urls: Iterable[str] | None = None

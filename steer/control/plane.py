@@ -8,6 +8,7 @@ last good snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from steer.render.xds import SnapshotRenderer
 from steer.source.local import LocalInputs
 
 log = logging.getLogger("steer.control")
+# With nothing changing, the status is still written this often (the collector's tick).
+STATUS_IDLE_S = 1.0
 
 
 @dataclass
@@ -42,6 +45,7 @@ class LocalControlPlane:
         self._renderer = SnapshotRenderer()
         self._gc = IdleCollector()
         self._loaded_at = 0.0
+        self._render_ms = 0.0
         # Exceptions the run loop survived (logged with their traceback), for `steer status`.
         self.loop_errors = 0
         self._last_loop_error: tuple[str, str] | None = None
@@ -74,11 +78,13 @@ class LocalControlPlane:
             log.error("snapshot refused, node keeps its last good config: %s", exc)
             return False
         self._pushed = admitted
+        self._render_ms = (time.perf_counter() - started) * 1000
+        self.cache.status_touched(self.node_id)
         if changed:
             log.info(
                 "snapshot for %s rendered in %.1f ms (%d policies)",
                 self.node_id,
-                (time.perf_counter() - started) * 1000,
+                self._render_ms,
                 len(reload.policies),
             )
         for warning in enforcement.warnings:
@@ -88,10 +94,19 @@ class LocalControlPlane:
     def write_status(self) -> None:
         """Write the push state for `steer status`, only when it changed."""
         status = self.cache.status(self.node_id)
+        snapshot = self.cache.get(self.node_id)
         document = {
             "node": self.node_id,
             "acked": dict(status.acked),
             "sent": dict(status.sent),
+            # The node's current snapshot: Envoy runs it once `acked` has these versions.
+            "current": {
+                type_url: snapshot.version(type_url)
+                for type_url, resources in snapshot.resources.items()
+                if resources
+            }
+            if snapshot is not None
+            else {},
             "pushes": status.pushes,
             "acks": status.acks,
             "nacks": status.nacks,
@@ -102,6 +117,9 @@ class LocalControlPlane:
             "errors": self.errors,
             "policy_digest": self.inputs.policies.digest(),
             "loaded_at": self._loaded_at,
+            # The last reload's load, render and snapshot, for the churn benchmark.
+            "render_ms": self._render_ms,
+            "gc": self._gc.status(),
             "loop_errors": self.loop_errors,
             "quarantined": self.quarantine.report(),
         }
@@ -184,7 +202,12 @@ class LocalControlPlane:
             await self.cache.wait_for_change(self.node_id, generation)
 
     async def _report_status(self) -> None:
+        """Write the status as soon as it changes: `steer status`, `steer lab` and the
+        benchmarks wait on it, and a fixed 100 ms period added 50 ms to every change's
+        measured enforcement on average."""
         while True:
             self._survive("status write", self.write_status)
             self._gc.tick()
-            await asyncio.sleep(0.1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STATUS_IDLE_S):
+                    await self.cache.wait_for_status_change(self.node_id)

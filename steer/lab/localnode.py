@@ -42,6 +42,15 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def envoy_has_current(control: Mapping[str, Any]) -> bool:
+    """The control plane's status says Envoy ACKed the node's current snapshot: every
+    type's version, not just what was sent (a status written between a reload and its
+    push shows the old snapshot sent and ACKed)."""
+    current = control.get("current") or {}
+    acked = control.get("acked") or {}
+    return bool(current) and all(acked.get(t) == v for t, v in current.items())
+
+
 def read_status(path: Path) -> dict[str, Any] | None:
     try:
         document: dict[str, Any] = json.loads(path.read_text())
@@ -124,8 +133,7 @@ class LocalNode:
             and control.get("loaded_at", 0) >= self._written_at
             and agent.get("ruleset_digest") is not None
             and control.get("policy_digest") == want
-            and bool(control.get("sent"))
-            and control.get("sent") == control.get("acked")
+            and envoy_has_current(control)
         )
 
     def wait_synced(self, timeout: float = 15.0) -> None:

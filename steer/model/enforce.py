@@ -16,7 +16,8 @@ flows a policy change affects. Semantics (docs/policy-reference.md):
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from ipaddress import IPv4Address, IPv4Network
@@ -162,17 +163,44 @@ P = TypeVar("P")
 class _LabelIndex(Generic[P]):
     """Items by namespace and by each label pair, so a selector with matchLabels looks
     at the pods carrying its rarest pair instead of at every pod: resolving 10k rules over
-    1k pods was quadratic without it."""
+    1k pods was quadratic without it. Every list is in pod key order, as a fresh build
+    over pods sorted by key would have it, and a pod change updates only that pod's
+    entries (rebuilding the index took ~15 ms of every pod change at 1k pods)."""
 
     def __init__(self, items: Iterable[P], key: Callable[[P], Pod]) -> None:
-        self.by_namespace: dict[str, list[tuple[P, dict[str, str]]]] = {}
-        self.by_label: dict[tuple[str, str, str], list[tuple[P, dict[str, str]]]] = {}
+        self._key = key
+        self.by_namespace: dict[str, list[tuple[str, P, Mapping[str, str]]]] = {}
+        self.by_label: dict[tuple[str, str, str], list[tuple[str, P, Mapping[str, str]]]] = {}
         for item in items:
-            pod = key(item)
-            entry = (item, dict(pod.labels))
-            self.by_namespace.setdefault(pod.namespace, []).append(entry)
-            for label, value in pod.labels.items():
-                self.by_label.setdefault((pod.namespace, label, value), []).append(entry)
+            self.add(item)
+
+    def _lists(self, pod: Pod) -> Iterator[list[tuple[str, P, Mapping[str, str]]]]:
+        yield self.by_namespace.setdefault(pod.namespace, [])
+        for label, value in pod.labels.items():
+            yield self.by_label.setdefault((pod.namespace, label, value), [])
+
+    def add(self, item: P) -> None:
+        pod = self._key(item)
+        entry = (pod.key, item, pod.labels)
+        for entries in self._lists(pod):
+            if entries and entries[-1][0] < pod.key:
+                entries.append(entry)  # items given in key order: the common case
+            else:
+                entries.insert(bisect_left(entries, pod.key, key=_entry_key), entry)
+
+    def remove(self, item: P) -> None:
+        pod = self._key(item)
+        for entries in self._lists(pod):
+            at = bisect_left(entries, pod.key, key=_entry_key)
+            # By key: the entry may hold an equal, older object for this pod.
+            if at < len(entries) and entries[at][0] == pod.key:
+                del entries[at]
+        # Drop emptied lists, so that label churn does not grow the index.
+        if not self.by_namespace.get(pod.namespace, True):
+            del self.by_namespace[pod.namespace]
+        for label, value in pod.labels.items():
+            if not self.by_label.get((pod.namespace, label, value), True):
+                del self.by_label[(pod.namespace, label, value)]
 
     def select(self, selector: LabelSelector, namespace: str) -> list[P]:
         candidates = self.by_namespace.get(namespace, [])
@@ -180,7 +208,11 @@ class _LabelIndex(Generic[P]):
             narrower = self.by_label.get((namespace, label, value), [])
             if len(narrower) < len(candidates):
                 candidates = narrower
-        return [item for item, labels in candidates if selector.matches(labels)]
+        return [item for _, item, labels in candidates if selector.matches(labels)]
+
+
+def _entry_key(entry: tuple[str, object, object]) -> str:
+    return entry[0]
 
 
 def _resolve_peers(
@@ -223,7 +255,7 @@ class _ResolvedPolicy:
 
     def depends_on(self, pod: Pod) -> bool:
         return pod.namespace == self.policy.metadata.namespace and any(
-            s.matches(dict(pod.labels)) for s in self.selectors
+            s.matches(pod.labels) for s in self.selectors
         )
 
 
@@ -307,14 +339,26 @@ class Resolver:
         ]
         if not changed:
             return
-        self._managed = {
+        managed = {
             key: self._managed[key] if self._pods.get(key) == pod else self._manage(pod)
             for key, pod in by_key.items()
         }
+        for key in {p.key for p in changed}:
+            old, new = self._pods.get(key), by_key.get(key)
+            if old is not None:
+                self._all_pods.remove(old)
+            if new is not None:
+                self._all_pods.add(new)
+            old_managed = self._managed.get(key, (None, ()))[0]
+            new_managed = managed.get(key, (None, ()))[0]
+            if old_managed is not new_managed:
+                if old_managed is not None:
+                    self._steered.remove(old_managed)
+                if new_managed is not None:
+                    self._steered.add(new_managed)
+        self._managed = managed
         self._pods = by_key
-        self._all_pods = _LabelIndex(by_key.values(), lambda p: p)
         self._steered_pods = tuple(m for m, _ in self._managed.values() if m is not None)
-        self._steered = _LabelIndex(self._steered_pods, lambda m: m.pod)
         self._policies = {
             key: entry
             for key, entry in self._policies.items()
@@ -461,4 +505,54 @@ def exclusion_skips_envoy(
         and dst_pod.pod.namespace != src.pod.namespace
         and egress is not None
         and egress.verdict(dst, port)[0] == VERDICT_L7
+    )
+
+
+@dataclass(frozen=True)
+class Touched:
+    """The addresses a change may have changed verdicts for: as a flow's source (the pod
+    or its egress side changed) and as its destination (the pod or its ingress side)."""
+
+    sources: frozenset[IPv4Address]
+    destinations: frozenset[IPv4Address]
+
+    def __bool__(self) -> bool:
+        return bool(self.sources or self.destinations)
+
+
+def touched(before: Enforcement | None, after: Enforcement) -> Touched | None:
+    """What changed between two resolutions, by identity: the Resolver hands back the very
+    same pod and side objects for what did not change. None: everything may have (no
+    previous resolution, as after a restart)."""
+    if before is None:
+        return None
+    # The renderers and both revocation passes ask about the same pair in one sync.
+    last = _last_touched[0]
+    if last is not None and last[0] is before and last[1] is after:
+        return last[2]
+    scope = _touched(before, after)
+    _last_touched[0] = (before, after, scope)  # replaced whole: safe across threads
+    return scope
+
+
+_last_touched: list[tuple[Enforcement, Enforcement, Touched] | None] = [None]
+
+
+def _touched(before: Enforcement, after: Enforcement) -> Touched:
+
+    def differ(
+        old: Mapping[IPv4Address, object], new: Mapping[IPv4Address, object]
+    ) -> set[IPv4Address]:
+        # By the values' ids, which hash a hundred times faster than addresses do; exact
+        # because each value (a pod, a side) holds its own address, so no value moves
+        # from one key to another.
+        old_ids, new_ids = {id(v) for v in old.values()}, {id(v) for v in new.values()}
+        return {ip for ip, v in old.items() if id(v) not in new_ids} | {
+            ip for ip, v in new.items() if id(v) not in old_ids
+        }
+
+    pods = differ(before._by_ip, after._by_ip)
+    return Touched(
+        frozenset(pods | differ(before.egress, after.egress)),
+        frozenset(pods | differ(before.ingress, after.ingress)),
     )

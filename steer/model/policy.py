@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Literal
 
@@ -89,7 +90,7 @@ class LabelSelector(StrictModel):
     match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
     match_expressions: tuple[SelectorRequirement, ...] = Field(default=(), alias="matchExpressions")
 
-    def matches(self, labels: dict[str, str]) -> bool:
+    def matches(self, labels: Mapping[str, str]) -> bool:
         if any(labels.get(k) != v for k, v in self.match_labels.items()):
             return False
         for req in self.match_expressions:

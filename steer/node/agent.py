@@ -141,13 +141,18 @@ class LocalAgent:
     # Exceptions the run loop survived (logged with their traceback), for `steer status`.
     loop_errors: int = 0
     _status: StatusWriter | None = None
+    collector: IdleCollector = field(default_factory=IdleCollector)
 
     def sync(self) -> SyncReport:
         self._loaded_at = time.time()
+        started = time.perf_counter()
         reload, pods = self.inputs.load()
+        loaded = time.perf_counter()
         report = self.datapath.sync(reload.policies, pods, self.inputs.node_cgroup())
+        report.phases_ms["load"] = (loaded - started) * 1000
         report.errors = [str(e) for e in reload.errors] + report.errors
-        self._write_status(pods, report)
+        with report.phase("status"):
+            self._write_status(pods, report)
         return report
 
     def _write_status(self, pods: Sequence[Pod], report: SyncReport) -> None:
@@ -161,6 +166,7 @@ class LocalAgent:
             loop_errors=self.loop_errors,
             mode="local",
             policy_digest=self.inputs.policies.digest(),
+            gc=self.collector.status(),
         )
         self._status.write(document)
 
@@ -170,7 +176,7 @@ class LocalAgent:
         Synchronous on purpose: every kernel call must run on a thread inside the node's
         network namespace, and pyroute2's blocking API cannot run inside an event loop.
         """
-        collector = IdleCollector()
+        collector = self.collector
         self._survive(collector)
         while True:
             try:

@@ -39,7 +39,7 @@ from steer.node.bpfmaps import (
     ip_from_be,
 )
 from steer.node.kernel import NodeKernel
-from steer.render.bpf import PodPolicy
+from steer.render.bpf import PodPolicy, PrefixPolicy
 
 log = logging.getLogger("steer.bpf")
 
@@ -66,6 +66,10 @@ class BpfObjects:
     # keeps its counters and an adopted policy map stays consistent.
     slots: dict[str, int] = field(default_factory=dict)
     adopted: bool = False
+    # slot -> the policy entries this process wrote there, by map key: a change rewrites
+    # only the entries that differ. A slot not here (first write after adopting the pins)
+    # is read back from the kernel once.
+    _written: dict[int, dict[tuple[int, int], PrefixPolicy]] = field(default_factory=dict)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -199,23 +203,32 @@ class BpfObjects:
         self._write_policy(slot, None)
 
     def _write_policy(self, slot: int, policy: PodPolicy | None) -> None:
+        """Make the slot's entries in steer_policy those of `policy`, touching only the
+        entries that differ from what is there: at 1k pods a change alters a handful of a
+        pod's thousand entries, and each write is a syscall."""
         slot_be = int.from_bytes(slot.to_bytes(4, "big"), "little")
-        wanted: dict[tuple[int, int], PolicyVal] = {}  # (prefixlen, addr) -> value
-        for entry in policy.prefixes if policy else ():
-            value = PolicyVal(entry.default, len(entry.segments))
-            for i in range(BPF_MAX_SEGMENTS):
-                # Unused slots get lo > hi: connect4 walks all of them and they never match.
-                seg = entry.segments[i] if i < len(entry.segments) else None
-                value.seg[i] = (
-                    SegmentVal(seg.lo, seg.hi, seg.verdict) if seg else SegmentVal(1, 0, 0)
+        wanted = {
+            (32 + entry.prefix.prefixlen, ip_be(entry.prefix.network_address)): entry
+            for entry in (policy.prefixes if policy else ())
+        }
+        written = self._written.pop(slot, None)
+        if written is None:
+            written = {}
+            for stale in self.policy_keys(slot_be):
+                if (stale.prefixlen, stale.addr) not in wanted:
+                    self.kernel.bpf_delete("steer_policy", stale)
+        else:
+            for key in sorted(written.keys() - wanted.keys()):
+                self.kernel.bpf_delete("steer_policy", PolicyKey(key[0], slot_be, key[1]))
+        # Recorded only once every write went through: after a failure (a full map) the
+        # next change reads the slot back and rewrites it whole.
+        for key, entry in wanted.items():
+            if (old := written.get(key)) is not entry and old != entry:
+                self.kernel.bpf_update(
+                    "steer_policy", PolicyKey(key[0], slot_be, key[1]), _policy_value(entry)
                 )
-            key = (32 + entry.prefix.prefixlen, ip_be(entry.prefix.network_address))
-            wanted[key] = value
-        for stale in self.policy_keys(slot_be):
-            if (stale.prefixlen, stale.addr) not in wanted:
-                self.kernel.bpf_delete("steer_policy", stale)
-        for (prefixlen, addr), value in wanted.items():
-            self.kernel.bpf_update("steer_policy", PolicyKey(prefixlen, slot_be, addr), value)
+        if policy is not None:
+            self._written[slot] = wanted
 
     def policy_keys(self, slot_be: int) -> list[PolicyKey]:
         return [k for k in self.kernel.bpf_keys("steer_policy", PolicyKey) if k.slot == slot_be]
@@ -242,3 +255,12 @@ class BpfObjects:
                     )
                 )
         return flows
+
+
+def _policy_value(entry: PrefixPolicy) -> PolicyVal:
+    value = PolicyVal(entry.default, len(entry.segments))
+    for i in range(BPF_MAX_SEGMENTS):
+        # Unused slots get lo > hi: connect4 walks all of them and they never match.
+        seg = entry.segments[i] if i < len(entry.segments) else None
+        value.seg[i] = SegmentVal(seg.lo, seg.hi, seg.verdict) if seg else SegmentVal(1, 0, 0)
+    return value

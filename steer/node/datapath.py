@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -31,7 +31,7 @@ from steer.constants import (
     VERDICT_ALLOW,
     VERDICT_L7,
 )
-from steer.model.enforce import Enforcement, Resolver, decide_flow, resolve
+from steer.model.enforce import Enforcement, Resolver, Touched, decide_flow, resolve, touched
 from steer.model.pod import Dataplane, Pod
 from steer.model.policy import HTTPPolicy
 from steer.node.bpfbuild import BpfError
@@ -48,6 +48,7 @@ from steer.render.bpf import (
     render_pod_policy,
 )
 from steer.render.iptables import (
+    KernelState,
     Ruleset,
     RulesetCache,
     chains_to_write,
@@ -70,6 +71,18 @@ class SyncReport:
     warnings: list[str] = field(default_factory=list)
     # pod key -> (datapath, why)
     dataplanes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Where the sync's time went, by phase (load, resolve, render, ebpf, iptables, revoke,
+    # status), in ms: for `steer status` and the churn benchmark.
+    phases_ms: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = (time.perf_counter() - started) * 1000
+            self.phases_ms[name] = self.phases_ms.get(name, 0.0) + spent
 
 
 def _guarded(report: SyncReport, what: str, action: Callable[[], int]) -> int:
@@ -88,44 +101,36 @@ def apply_ruleset(
 ) -> None:
     """Make steer's chains hold `ruleset`; on any error the kernel keeps the old rules.
 
-    With `previous` (what this process applied last), only changed chains are rewritten
-    and read back: reading rules back costs far more than writing them, so verifying
-    every chain on every change would dominate a small update at scale.
+    With `previous` (what this process applied last), only the chains that changed are
+    written, and nothing is read back: iptables-legacy-restore commits each table whole
+    and atomically under the xtables lock, so its exit status is the commit's, and reading
+    the written chains back cost twice the write at 1k pods. The chains and entry jumps
+    are still read first, on every change: if they are not what this process left (a
+    flush by another tool, a chain deleted by hand), everything is written again and
+    read back, as on a first apply.
     """
     before = kernel.iptables_state(ipv6=ipv6)
+    if previous is not None and not _holds(before, previous):
+        log.warning(
+            "steer's %s chains are not as this agent left them (changed by another tool?); "
+            "writing all of them again",
+            "ip6tables" if ipv6 else "iptables",
+        )
+        previous = None
     writes = chains_to_write(ruleset, before, previous)
     kernel.iptables_restore(restore_text(ruleset, before, previous), ipv6=ipv6)
-    kernel.iptables_verify(ruleset, writes, ipv6=ipv6)
+    if previous is None:
+        kernel.iptables_verify(ruleset, writes, ipv6=ipv6)
 
 
-@dataclass(frozen=True)
-class Touched:
-    """The addresses a change may have changed verdicts for: as a flow's source (the pod
-    or its egress side changed) and as its destination (the pod or its ingress side)."""
-
-    sources: frozenset[IPv4Address]
-    destinations: frozenset[IPv4Address]
-
-    def __bool__(self) -> bool:
-        return bool(self.sources or self.destinations)
-
-
-def touched(before: Enforcement | None, after: Enforcement) -> Touched | None:
-    """What changed between two resolutions, by identity: the Resolver hands back the very
-    same pod and side objects for what did not change. None: everything may have (no
-    previous resolution, as after a restart)."""
-    if before is None:
-        return None
-
-    def differ(
-        old: Mapping[IPv4Address, object], new: Mapping[IPv4Address, object]
-    ) -> set[IPv4Address]:
-        return {ip for ip in old.keys() | new.keys() if old.get(ip) is not new.get(ip)}
-
-    pods = differ({p.ip: p for p in before.pods}, {p.ip: p for p in after.pods})
-    return Touched(
-        frozenset(pods | differ(before.egress, after.egress)),
-        frozenset(pods | differ(before.ingress, after.ingress)),
+def _holds(state: KernelState, applied: Ruleset) -> bool:
+    """The kernel has exactly the chains of `applied`, and all of its entry jumps."""
+    return (
+        all(
+            state.chains.get(table, frozenset()) == frozenset(chains)
+            for table, chains in applied.chains.items()
+        )
+        and set(applied.jumps) <= state.jumps
     )
 
 
@@ -171,14 +176,17 @@ class IptablesDatapath:
 
     def apply(self, enforcement: Enforcement, ebpf: frozenset[str], report: SyncReport) -> bool:
         """True if the rules for `enforcement` are in force (applied now, or already)."""
-        self._apply_ipv6(enforcement, report)
-        ruleset = render_ruleset(enforcement, ebpf, self._chains)
+        with report.phase("iptables"):
+            self._apply_ipv6(enforcement, report)
+        with report.phase("render"):
+            ruleset = render_ruleset(enforcement, ebpf, self._chains)
         report.rules = len(ruleset.rules)
         if ruleset == self.applied:
             return True
         started = time.perf_counter()
         try:
-            apply_ruleset(self.kernel, ruleset, self.applied)
+            with report.phase("iptables"):
+                apply_ruleset(self.kernel, ruleset, self.applied)
         except IptablesError as exc:
             report.errors.append(str(exc))
             log.error("rules not applied, previous rules stay in force: %s", exc)
@@ -189,17 +197,18 @@ class IptablesDatapath:
         self.applied = ruleset
         scope = touched(self.enforcement, enforcement)
         self.enforcement = enforcement
-        report.revoked += _guarded(
-            report,
-            "revoking iptables flows",
-            lambda: len(
-                revoke_conntrack(
-                    self.kernel,
-                    lambda f: decide_flow(enforcement, f.src, f.dst, f.dport).verdict,
-                    scope,
-                )
-            ),
-        )
+        with report.phase("revoke"):
+            report.revoked += _guarded(
+                report,
+                "revoking iptables flows",
+                lambda: len(
+                    revoke_conntrack(
+                        self.kernel,
+                        lambda f: decide_flow(enforcement, f.src, f.dst, f.dport).verdict,
+                        scope,
+                    )
+                ),
+            )
         return True
 
     def _apply_ipv6(self, enforcement: Enforcement, report: SyncReport) -> None:
@@ -387,9 +396,12 @@ class NodeDatapath:
         # `!=`, not `is not`: a bound method is a new object on every attribute access.
         if self._resolver is None or self._resolver_local != local:
             self._resolver, self._resolver_local = Resolver(local), local
+        started = time.perf_counter()
         enforcement = self._resolver.resolve(policies, pods)
         report = SyncReport(False, 0, 0, 0.0, warnings=list(enforcement.warnings))
-        wanted = self._choose(enforcement, report)
+        report.phases_ms["resolve"] = (time.perf_counter() - started) * 1000
+        with report.phase("render"):
+            wanted = self._choose(enforcement, report)
         ebpf = self._ebpf() if wanted else self.ebpf
         if wanted and ebpf is None:
             # Loading failed just now and turned eBPF off: every pod goes to iptables,
@@ -400,7 +412,8 @@ class NodeDatapath:
             # eBPF first: a pod's verdicts are in its maps before iptables lets its new
             # flows through unexamined.
             try:
-                ebpf.sync(enforcement, wanted, envoy_cgroup)
+                with report.phase("ebpf"):
+                    ebpf.sync(enforcement, wanted, envoy_cgroup)
             except (OSError, RuntimeError) as exc:
                 report.errors.append(f"eBPF update failed: {exc}")
                 log.error("eBPF update failed; those pods keep their previous state: %s", exc)
@@ -408,9 +421,10 @@ class NodeDatapath:
         # Even when the iptables rules stay as they were: an eBPF pod's verdicts live in
         # its maps. Only what the change touched is read.
         if ebpf is not None and in_force:
-            report.revoked += _guarded(
-                report, "revoking eBPF flows", lambda: ebpf.revoke(enforcement)
-            )
+            with report.phase("revoke"):
+                report.revoked += _guarded(
+                    report, "revoking eBPF flows", lambda: ebpf.revoke(enforcement)
+                )
         return report
 
     def unload(self) -> None:

@@ -171,6 +171,7 @@ class KubeAgent:
             mode="kubernetes",
             node=self.node_name,
             gates_waiting=sum(1 for state in gates.values() if state != "True"),
+            gc=self._gc.status(),
         )
         try:
             self._status.write(document)

@@ -31,6 +31,7 @@ from steer.model.enforce import (
     decide_flow,
     decide_sides,
     exclusion_skips_envoy,
+    touched,
 )
 
 ANY = IPv4Network("0.0.0.0/0")
@@ -201,16 +202,31 @@ def _prefix_policy(target: _Prefix, max_segments: int) -> PrefixPolicy:
     return PrefixPolicy(prefix, default, segments)
 
 
-def _relevant_prefixes(enforcement: Enforcement, src: ManagedPod) -> set[IPv4Network]:
-    prefixes = {ANY}
+def _own_prefixes(enforcement: Enforcement, src: ManagedPod) -> frozenset[IPv4Network]:
+    """The prefixes that the source pod itself brings: its egress peers and excluded
+    CIDRs, its own address, and 0.0.0.0/0."""
+    prefixes = {ANY, _host(src.ip)}
     if (egress := enforcement.egress.get(src.ip)) is not None:
         for rule in egress.rules:
             prefixes.update(rule.peers or ())
-    prefixes.update(_host(ip) for ip in enforcement.ingress)
     prefixes.update(IPv4Network(c) for c in src.steering.exclude_outbound_cidrs)
+    return frozenset(prefixes)
+
+
+def _relevant_prefixes(enforcement: Enforcement, own: frozenset[IPv4Network]) -> set[IPv4Network]:
+    prefixes = set(own)
+    prefixes.update(_host(ip) for ip in enforcement.ingress)
     # Destination pods' inbound exclusions depend on the pod, so each gets its own entry.
     prefixes.update(_host(p.ip) for p in enforcement.pods if p.steering.exclude_inbound_ports)
     return prefixes
+
+
+def _destination_needs_host_entry(enforcement: Enforcement, ip: IPv4Address) -> bool:
+    """Whether `_relevant_prefixes` holds ip/32 for the destination's sake."""
+    if ip in enforcement.ingress:
+        return True
+    pod = enforcement.pod_by_ip(ip)
+    return pod is not None and bool(pod.steering.exclude_inbound_ports)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -218,18 +234,52 @@ def _host(ip: IPv4Address) -> IPv4Network:
     return IPv4Network(f"{ip}/32")
 
 
+@dataclass
+class _PodRender:
+    """One source pod's last render, and what it was computed from."""
+
+    enforcement: Enforcement
+    src: ManagedPod
+    egress: SideRules | None
+    max_segments: int
+    policy: PodPolicy
+    own: frozenset[IPv4Network]
+    # Every relevant prefix -> its uncovered address (None: longer prefixes cover it all).
+    uncovered: dict[IPv4Network, IPv4Address | None]
+    entries: dict[IPv4Network, PrefixPolicy]
+
+    def reusable_for(self, enforcement: Enforcement, src: ManagedPod, max_segments: int) -> bool:
+        return (
+            self.src is src
+            and self.egress is enforcement.egress.get(src.ip)
+            and self.max_segments == max_segments
+        )
+
+
 class BpfPolicyCache:
-    """Prefix entries of previous renders, for a caller that renders again and again (the
-    agent). An entry depends only on the source's egress side, the destination's ingress
-    side, the two pods and the prefix; while those are the same objects (as `Resolver`
-    hands back for what did not change) the entry is reused, so a policy change
-    re-renders the prefixes it touches, not a thousand per eBPF pod."""
+    """Renders of previous changes, for a caller that renders again and again (the agent).
+
+    Two levels, both keyed by identity (the `Resolver` hands back the very same pod and
+    side objects for what did not change):
+      - per source pod: when its own pod and egress side are the same objects as at the
+        last change, only the entries of the addresses that change touched are computed
+        again (and host prefixes added or dropped with them), so a change costs each eBPF
+        pod the destinations it touched, not a thousand prefixes;
+      - per prefix entry: a full render (a pod's own rules changed) reuses every entry
+        whose inputs are the same objects.
+    Pure in effect: every render equals one without a cache (tests/unit/
+    test_incremental_render.py walks random changes to hold it to that)."""
 
     def __init__(self) -> None:
         # Keyed by the inputs' ids: each value holds its inputs alive, so no other object
         # can have one of those ids while the entry is here.
         self._entries: dict[tuple[object, ...], tuple[_Prefix, PrefixPolicy]] = {}
         self._used: dict[tuple[object, ...], tuple[_Prefix, PrefixPolicy]] = {}
+        self._pods: dict[str, _PodRender] = {}
+        self._pods_used: dict[str, _PodRender] = {}
+        self._current: Enforcement | None = None
+        self._previous: Enforcement | None = None
+        self._touched: frozenset[IPv4Address] | None = None
 
     def entry(self, target: _Prefix, max_segments: int) -> PrefixPolicy:
         key = (*target.key(), max_segments)
@@ -243,6 +293,134 @@ class BpfPolicyCache:
         """Keep only what the renders since the last call used, so the cache follows the
         node instead of growing with churn."""
         self._entries, self._used = self._used, {}
+        self._pods, self._pods_used = self._pods_used, {}
+
+    def pod_policy(self, enforcement: Enforcement, src: ManagedPod, max_segments: int) -> PodPolicy:
+        if enforcement is not self._current:
+            self._previous, self._current = self._current, enforcement
+            scope = touched(self._previous, enforcement)
+            self._touched = None if scope is None else scope.destinations
+        last = self._pods_used.get(src.pod.key) or self._pods.get(src.pod.key)
+        if last is not None and last.reusable_for(enforcement, src, max_segments):
+            if last.enforcement is enforcement:
+                render = last
+            elif last.enforcement is self._previous and self._touched is not None:
+                render = self._patched(last, enforcement, self._touched)
+            else:
+                render = self._full(enforcement, src, max_segments)
+        else:
+            render = self._full(enforcement, src, max_segments)
+        self._pods_used[src.pod.key] = render
+        return render.policy
+
+    def _target(
+        self, enforcement: Enforcement, render: _PodRender, prefix: IPv4Network, at: IPv4Address
+    ) -> PrefixPolicy:
+        ingress, dst_pod = enforcement.ingress.get(at), enforcement.pod_by_ip(at)
+        target = _Prefix(render.egress, ingress, render.src, dst_pod, prefix, at)
+        return self.entry(target, render.max_segments)
+
+    def _full(self, enforcement: Enforcement, src: ManagedPod, max_segments: int) -> _PodRender:
+        own = _own_prefixes(enforcement, src)
+        prefixes = sorted(_relevant_prefixes(enforcement, own), key=_prefix_order)
+        render = _PodRender(
+            enforcement,
+            src,
+            enforcement.egress.get(src.ip),
+            max_segments,
+            PodPolicy(src.pod.key, src.ip, ()),
+            own,
+            _uncovered_addresses(prefixes),
+            {},
+        )
+        for prefix in prefixes:
+            if (at := render.uncovered[prefix]) is not None:
+                render.entries[prefix] = self._target(enforcement, render, prefix, at)
+        render.policy = PodPolicy(src.pod.key, src.ip, tuple(render.entries.values()))
+        return render
+
+    def _patched(
+        self, last: _PodRender, enforcement: Enforcement, addresses: frozenset[IPv4Address]
+    ) -> _PodRender:
+        """`last`, brought to `enforcement`, which differs from last's only at `addresses`
+        (as destinations): their host entries are computed again, added or dropped.
+
+        The other entries stand. Every address that a prefix's longer prefixes leave
+        uncovered has the same verdict, so a host prefix coming or going changes the
+        enclosing prefix's entry only when it was, or becomes, that prefix's only
+        uncovered address."""
+        uncovered, entries = dict(last.uncovered), dict(last.entries)
+        render = _PodRender(
+            enforcement,
+            last.src,
+            last.egress,
+            last.max_segments,
+            last.policy,
+            last.own,
+            uncovered,
+            {},
+        )
+        reordered = False
+        for ip in addresses:
+            host = _host(ip)
+            wanted = host in last.own or _destination_needs_host_entry(enforcement, ip)
+            had = host in uncovered
+            if wanted != had:
+                reordered = True
+                if wanted:
+                    uncovered[host] = ip
+                else:
+                    del uncovered[host]
+                    entries.pop(host, None)
+                self._reshape_enclosing(enforcement, render, entries, ip)
+            if wanted:
+                entries[host] = self._target(enforcement, render, host, ip)
+        if reordered:
+            entries = {p: entries[p] for p in sorted(entries, key=_prefix_order)}
+        render.entries = entries
+        prefixes = tuple(entries.values())
+        if prefixes != last.policy.prefixes:
+            render.policy = PodPolicy(last.src.pod.key, last.src.ip, prefixes)
+        return render
+
+    def _reshape_enclosing(
+        self,
+        enforcement: Enforcement,
+        render: _PodRender,
+        entries: dict[IPv4Network, PrefixPolicy],
+        ip: IPv4Address,
+    ) -> None:
+        """ip/32 was just added to or dropped from the set: the longest other prefix that
+        holds ip may have gained or lost its last uncovered address."""
+        uncovered = render.uncovered
+        enclosing = max(
+            (p for p in uncovered if p.prefixlen < 32 and ip in p), key=lambda p: p.prefixlen
+        )
+        was = uncovered[enclosing]
+        if _host(ip) in uncovered:  # added: it covers ip now
+            if was == ip:
+                inside = [p for p in uncovered if p.subnet_of(enclosing)]
+                uncovered[enclosing] = _uncovered_addresses(inside)[enclosing]
+        elif was is None:  # dropped: ip is the enclosing prefix's only uncovered address
+            uncovered[enclosing] = ip
+        if uncovered[enclosing] is None:
+            entries.pop(enclosing, None)
+        elif enclosing not in entries:
+            at = uncovered[enclosing]
+            assert at is not None
+            entries[enclosing] = self._target(enforcement, render, enclosing, at)
+        elif was == ip and uncovered[enclosing] != ip:
+            # The entry's verdict stands; only where it is computed from moved.
+            entries[enclosing] = self._target(
+                enforcement,
+                render,
+                enclosing,
+                uncovered[enclosing],  # type: ignore[arg-type]
+            )
+
+
+def _prefix_order(prefix: IPv4Network) -> tuple[int, int]:
+    return (prefix.prefixlen, int(prefix.network_address))
 
 
 def render_pod_policy(
@@ -253,15 +431,4 @@ def render_pod_policy(
 ) -> PodPolicy:
     """Raises TooComplexForBpf if the pod must stay on the iptables datapath. Pure in
     effect: with a cache the result equals a render without one."""
-    prefixes = sorted(_relevant_prefixes(enforcement, src), key=lambda n: (n.prefixlen, n))
-    egress = enforcement.egress.get(src.ip)
-    entry = (cache or BpfPolicyCache()).entry
-    entries = []
-    uncovered = _uncovered_addresses(prefixes)
-    for prefix in prefixes:
-        if (at := uncovered[prefix]) is not None:
-            target = _Prefix(
-                egress, enforcement.ingress.get(at), src, enforcement.pod_by_ip(at), prefix, at
-            )
-            entries.append(entry(target, max_segments))
-    return PodPolicy(src.pod.key, src.ip, tuple(entries))
+    return (cache or BpfPolicyCache()).pod_policy(enforcement, src, max_segments)

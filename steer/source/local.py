@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from steer.lab.spec import LabState
+from steer.lab.spec import LabPod, LabPodCache, LabState
 from steer.model.load import PolicyError, parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
@@ -33,6 +34,9 @@ class PolicyDirectory:
     _good: dict[str, tuple[HTTPPolicy, ...]] = field(default_factory=dict)
     _texts: dict[str, str] = field(default_factory=dict)
     _digest: str | None = None
+    # Every policy file as last read (good or not), with its inode, mtime and size.
+    _read: dict[str, str] = field(default_factory=dict)
+    _stats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def digest(self) -> str:
         """Digest of the files in force (a rejected edit does not count). Computed once per
@@ -51,12 +55,26 @@ class PolicyDirectory:
             log.error("policies unchanged: %s", error)
             return PolicyReload(self._in_force(), (error,), False)
         present: dict[str, str] = {}
-        for file in sorted(self.path.iterdir()):
-            if file.suffix in POLICY_SUFFIXES and file.is_file():
-                try:
-                    present[str(file)] = file.read_text()
-                except (OSError, UnicodeDecodeError) as exc:
-                    errors.append(PolicyError(str(file), "", f"unreadable: {exc}; fix: check it"))
+        stats: dict[str, tuple[int, int, int]] = {}
+        for file in sorted(p for p in self.path.iterdir() if p.suffix in POLICY_SUFFIXES):
+            name = str(file)
+            try:
+                info = file.stat()
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                stats[name] = (info.st_ino, info.st_mtime_ns, info.st_size)
+                # A file that was not replaced or written since the last reload is not read
+                # again: at a hundred files, reading them all was most of a reload.
+                if self._stats.get(name) == stats[name] and name in self._read:
+                    present[name] = self._read[name]
+                else:
+                    present[name] = file.read_text()
+            except FileNotFoundError:  # removed since the directory was listed
+                stats.pop(name, None)
+            except (OSError, UnicodeDecodeError) as exc:
+                stats.pop(name, None)
+                errors.append(PolicyError(name, "", f"unreadable: {exc}; fix: check it"))
+        self._stats, self._read = stats, present
 
         unchanged = [n for n in present if n in self._good and self._texts[n] == present[n]]
         edited = [n for n in present if n not in unchanged]
@@ -114,6 +132,7 @@ class LocalInputs:
     def __post_init__(self) -> None:
         self.policies = PolicyDirectory(self.policy_dir)
         self._pods: list[Pod] = []
+        self._lab_pods = LabPods()
         self._lab_text: str | None = None
         self._node_cgroup = ""
 
@@ -125,7 +144,7 @@ class LocalInputs:
             text = read_lab_state(self.lab_state)
             if text != self._lab_text:
                 # Unchanged text, the very same Pod objects: resolving then skips the pods.
-                self._pods, self._node_cgroup = parse_lab_state(text)
+                self._pods, self._node_cgroup = self._lab_pods.parse(text)
                 self._lab_text = text
         except LabStateError as exc:
             error = PolicyError(str(self.lab_state), "", f"{exc}; fix: steer lab up")
@@ -194,27 +213,51 @@ def read_lab_state(state_file: Path) -> str:
 def parse_lab_state(text: str) -> tuple[list[Pod], str]:
     """The lab's pods and the cgroup of its node's processes ("" if unknown). Raises
     LabStateError if the text is not what `steer lab up` writes."""
-    try:
-        state = LabState.from_text(text)
-    except ValueError as exc:
-        raise LabStateError(str(exc)) from None
-    if state is None:
-        return [], ""
-    pods = [
-        Pod(
-            name=p.name,
-            namespace=p.namespace,
-            ip=p.ip,
-            labels=dict(p.labels),
-            annotations=dict(p.annotations),
-            interface=p.veth,
-            namespace_labels=dict(p.namespace_labels),
-            cgroup=p.cgroup,
-            netns=p.netns,
-        )
-        for p in state.pods
-    ]
-    return pods, state.node_cgroup
+    return LabPods().parse(text)
+
+
+class LabPods:
+    """`parse_lab_state` for a caller that parses again and again (the agent, the control
+    plane): a pod whose entry did not change comes back as the very same Pod object, so
+    the resolver skips it, and only changed entries are parsed."""
+
+    def __init__(self) -> None:
+        self._entries = LabPodCache()
+        self._pods: dict[int, tuple[LabPod, Pod]] = {}
+
+    def parse(self, text: str) -> tuple[list[Pod], str]:
+        try:
+            state = LabState.from_text(text, self._entries)
+        except ValueError as exc:
+            raise LabStateError(str(exc)) from None
+        self._entries.forget_unseen()
+        if state is None:
+            self._pods = {}
+            return [], ""
+        known: dict[int, tuple[LabPod, Pod]] = {}
+        pods = []
+        for entry in state.pods:
+            cached = self._pods.get(id(entry))
+            if cached is None or cached[0] is not entry:
+                cached = (entry, _pod(entry))
+            known[id(entry)] = cached
+            pods.append(cached[1])
+        self._pods = known
+        return pods, state.node_cgroup
+
+
+def _pod(entry: LabPod) -> Pod:
+    return Pod(
+        name=entry.name,
+        namespace=entry.namespace,
+        ip=entry.ip,
+        labels=dict(entry.labels),
+        annotations=dict(entry.annotations),
+        interface=entry.veth,
+        namespace_labels=dict(entry.namespace_labels),
+        cgroup=entry.cgroup,
+        netns=entry.netns,
+    )
 
 
 def load_lab_node_cgroup(state_file: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from google.protobuf.json_format import MessageToDict
@@ -46,8 +47,20 @@ def test_iptables_cleanup_touches_only_steer_chains_and_jumps() -> None:
 def test_iptables_pods_without_policy_get_no_side_chain() -> None:
     enforcement = sample_enforcement((CLIENT, WEB))
     ruleset = render_ruleset(enforcement)
-    # client has egress policy, web has ingress policy; api is absent.
-    assert len(ruleset.chains["mangle"]) == 3
+    # client has egress policy, web has ingress policy; api is absent: STEER-PRE, one
+    # chain per side and the shared chain holding each side's rules.
+    assert len(ruleset.chains["mangle"]) == 5
+
+
+def test_iptables_pods_with_the_same_rules_share_one_chain_of_them() -> None:
+    """Replicas under the same policies: one chain of rules, one jump per pod into it."""
+    replica = replace(WEB, name="web-2", ip="10.244.0.9")
+    ruleset = render_ruleset(sample_enforcement((CLIENT, WEB, replica)))
+    ingress = [c for c in ruleset.chains["mangle"] if c.startswith("STEER-I-")]
+    shared = [c for c in ruleset.chains["mangle"] if c.startswith("STEER-SI-")]
+    assert len(ingress) == 2 and len(shared) == 1
+    for chain in ingress:
+        assert [r.args for r in ruleset.rules_of("mangle", chain)] == [("-j", shared[0])]
 
 
 def test_iptables_every_rule_carries_a_purpose_comment() -> None:

@@ -37,6 +37,7 @@ SHARED_KEYS = {
     "ruleset_digest",
     "loaded_at",
     "loop_errors",
+    "gc",
     "mode",
     "lock",
 }

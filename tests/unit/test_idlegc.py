@@ -83,3 +83,16 @@ def test_a_collection_is_due_after_max_interval_even_without_growth() -> None:
     alive = _cycle_from_a_change(collector)
     collector.tick()
     assert alive() is None
+
+
+def test_a_changes_own_cyclic_garbage_is_reclaimed_as_it_ends() -> None:
+    """Without a full collection: what the change allocated is all the young generation
+    holds, so collecting just that finds it, and it is never frozen."""
+    collector = IdleCollector(idle_s=3600.0, max_interval_s=3600.0, floor=10**12)
+    with collector.change():
+        garbage = Node()
+        alive = weakref.ref(garbage)
+        del garbage
+        assert alive() is not None, "automatic collection ran inside the change"
+    assert alive() is None
+    assert collector.collections == 0

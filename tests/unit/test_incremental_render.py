@@ -9,6 +9,7 @@ rebuilt as equal but new objects), checks that after every step.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
@@ -23,13 +24,28 @@ from steer.model.policy import HTTPPolicy
 from steer.render.bpf import BpfPolicyCache, PodPolicy, TooComplexForBpf, render_pod_policy
 from steer.render.iptables import RulesetCache, render_ruleset
 from steer.render.xds import SnapshotRenderer, render_resources
+from steer.source.local import LabPods, parse_lab_state
 
 NAMESPACES = ("a", "b")
 APPS = ("x", "y", "z")
 
 
-def random_pod(rng: random.Random, index: int) -> Pod:
+# CIDRs over the pods' own addresses, nested and overlapping, so host prefixes come and go
+# inside them (the eBPF render's hardest incremental case), and one beside them.
+CIDRS = ("10.244.0.0/24", "10.244.0.0/28", "10.244.0.2/31", "10.244.0.5/32", "172.16.1.0/24")
+
+
+def random_annotations(rng: random.Random) -> dict[str, str]:
     annotations = {"steer.dev/inject": "disabled"} if rng.random() < 0.15 else {}
+    if rng.random() < 0.15:
+        annotations["steer.dev/exclude-inbound-ports"] = str(rng.choice((80, 8080)))
+    if rng.random() < 0.1:
+        annotations["steer.dev/exclude-outbound-cidrs"] = rng.choice(CIDRS)
+    return annotations
+
+
+def random_pod(rng: random.Random, index: int) -> Pod:
+    annotations = random_annotations(rng)
     return Pod(
         f"p{index}",
         rng.choice(NAMESPACES),
@@ -44,7 +60,7 @@ def random_rule(rng: random.Random, direction: str) -> str:
     if rng.random() < 0.5:
         peer = f"{{podSelector: {{matchLabels: {{app: {rng.choice(APPS)}}}}}}}"
     else:
-        peer = f"{{cidr: 172.16.{rng.randrange(4)}.0/24}}"
+        peer = f"{{cidr: {rng.choice(CIDRS)}}}"
     lines = [
         f"      - action: {rng.choice(('Allow', 'Deny'))}",
         f"        {peer_key}: [{peer}]",
@@ -89,6 +105,7 @@ def mutate(
             "relabel-pod",
             "readdress-pod",
             "opt-out-pod",
+            "annotate-pod",
             "add-pod",
             "remove-pod",
             "rebuild-equal",
@@ -114,10 +131,15 @@ def mutate(
         if kind == "relabel-pod":
             pods[key] = replace(pod, labels={**pod.labels, "app": rng.choice(APPS)})
         elif kind == "readdress-pod":
-            pods[key] = replace(pod, ip=f"10.245.{counter[0] // 200}.{counter[0] % 200 + 2}")
+            taken = {p.ip for p in pods.values()}
+            free = [f"10.244.0.{i}" for i in range(2, 16) if f"10.244.0.{i}" not in taken]
+            far = f"10.245.{counter[0] // 200}.{counter[0] % 200 + 2}"
+            pods[key] = replace(pod, ip=rng.choice(free) if free and rng.random() < 0.5 else far)
         elif kind == "opt-out-pod":
-            inject = "enabled" if pod.annotations else "disabled"
+            inject = "enabled" if pod.annotations.get("steer.dev/inject") else "disabled"
             pods[key] = replace(pod, annotations={"steer.dev/inject": inject})
+        elif kind == "annotate-pod":
+            pods[key] = replace(pod, annotations=random_annotations(rng))
         else:  # equal content, new objects: a reflector relist, a reparsed file
             pods.update({k: replace(p) for k, p in pods.items()})
             policies.update({k: p.model_copy(deep=True) for k, p in policies.items()})
@@ -158,7 +180,8 @@ def test_every_step_equals_a_fresh_render(seed: int) -> None:
         assert ruleset == render_ruleset(fresh), where
         assert ruleset.digest(previous_ruleset) == render_ruleset(fresh).digest(), where
 
-        for pod in enforcement.pods:
+        # As on a node, only some pods are on eBPF, and they change datapath over time.
+        for pod in (p for p in enforcement.pods if rng.random() < 0.8):
             assert _pod_policy(enforcement, pod, maps) == _pod_policy(fresh, pod, None), where
         maps.forget_unused()
 
@@ -215,3 +238,18 @@ def test_a_pod_change_re_resolves_only_the_policies_that_name_it() -> None:
     assert after == resolve(policies, moved)
     assert after.ingress[WEB].rules[0].peers == (IPv4Network("10.244.0.9/32"),)
     assert after.ingress[DB] is before.ingress[DB]
+
+
+def test_a_lab_state_rewritten_for_one_pod_keeps_the_other_pods_objects() -> None:
+    """What lets the resolver skip the pods a lab change did not touch."""
+    entries = [
+        {"name": f"p{i}", "namespace": "a", "ip": f"10.244.0.{i + 2}", "labels": {"app": "x"}}
+        for i in range(3)
+    ]
+    parser = LabPods()
+    before, _ = parser.parse(json.dumps({"pods": entries}))
+    entries[1]["labels"] = {"app": "y"}
+    after, _ = parser.parse(json.dumps({"pods": entries}))
+    assert after == parse_lab_state(json.dumps({"pods": entries}))[0]
+    assert after[0] is before[0] and after[2] is before[2]
+    assert after[1] is not before[1] and after[1].labels == {"app": "y"}

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from ipaddress import IPv4Address
 
-from steer.model.enforce import Resolver
-from steer.node.datapath import Touched, touched
+from steer.model.enforce import Resolver, Touched, touched
 from tests.samples import API, CLIENT, PODS, WEB, sample_policies
 
 
