@@ -281,6 +281,8 @@ class Resolver:
         self._steered: _LabelIndex[ManagedPod] = _LabelIndex((), lambda m: m.pod)
         self._policies: dict[str, _ResolvedPolicy] = {}
         self._sides: dict[_SideKey, tuple[tuple[_ResolvedPolicy, ...], SideRules]] = {}
+        # (direction, the policies on a side) -> a side with them, from the last resolve.
+        self._shapes: dict[tuple[Direction, tuple[_ResolvedPolicy, ...]], SideRules] = {}
         self._pods_given: tuple[Pod, ...] = ()
         self._steered_pods: tuple[ManagedPod, ...] = ()
 
@@ -306,14 +308,23 @@ class Resolver:
         managed = self._steered_pods
         pod_keys = {m.ip: m.pod.key for m in managed}
         sides: dict[_SideKey, tuple[tuple[_ResolvedPolicy, ...], SideRules]] = {}
+        shapes: dict[tuple[Direction, tuple[_ResolvedPolicy, ...]], SideRules] = {}
         for key, entries in members.items():
             on_side = tuple(entries)
             cached = self._sides.get(key)
             if cached is not None and cached[0] == on_side:
                 sides[key] = cached
             else:
-                sides[key] = (on_side, _side(key, on_side, pod_keys, ids))
-        self._sides = sides
+                # Pods under the same policies (a workload's replicas) get sides that
+                # differ only in the pod, sharing one rules tuple: the renderers key their
+                # caches on it and render the rules once, not once per replica.
+                like = shapes.get((key[0], on_side)) or self._shapes.get((key[0], on_side))
+                side = _side(key, on_side, pod_keys, ids)
+                if like is not None and like.rules == side.rules:
+                    side = replace(side, rules=like.rules)
+                sides[key] = (on_side, side)
+            shapes.setdefault((key[0], on_side), sides[key][1])
+        self._sides, self._shapes = sides, shapes
         return Enforcement(
             pods=managed,
             egress={ip: s for (d, ip), (_, s) in sides.items() if d is Direction.EGRESS},
@@ -526,16 +537,20 @@ def touched(before: Enforcement | None, after: Enforcement) -> Touched | None:
     previous resolution, as after a restart)."""
     if before is None:
         return None
-    # The renderers and both revocation passes ask about the same pair in one sync.
-    last = _last_touched[0]
-    if last is not None and last[0] is before and last[1] is after:
-        return last[2]
+    # The renderers and both revocation passes ask about the same pairs in one sync.
+    recent = _recently_touched
+    for last in recent:
+        if last[0] is before and last[1] is after:
+            return last[2]
     scope = _touched(before, after)
-    _last_touched[0] = (before, after, scope)  # replaced whole: safe across threads
+    # Changed in place but atomically (under the GIL), and every entry is an immutable
+    # tuple: a reader on another thread finds a right answer or none.
+    _recently_touched[:] = [(before, after, scope), *recent[:3]]
     return scope
 
 
-_last_touched: list[tuple[Enforcement, Enforcement, Touched] | None] = [None]
+# The last few (before, after, what changed): holding the two keeps their ids unique.
+_recently_touched: list[tuple[Enforcement, Enforcement, Touched]] = []
 
 
 def _touched(before: Enforcement, after: Enforcement) -> Touched:

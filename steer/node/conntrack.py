@@ -119,8 +119,12 @@ def flows(
 ) -> list[Flow]:
     """Live TCP flows with a steer verdict mark (`marked`) or without one. Given `sources`
     and/or `destinations`, only flows from or to those addresses."""
-    listing = _conntrack("-L", "-p", "tcp")
-    return parse(listing, marked=marked, sources=sources, destinations=destinations)
+    return parse(listing(), marked=marked, sources=sources, destinations=destinations)
+
+
+def listing() -> str:
+    """The conntrack table's TCP entries, as `conntrack -L -p tcp` prints them."""
+    return _conntrack("-L", "-p", "tcp")
 
 
 def delete(flows: Sequence[Flow]) -> list[Flow]:

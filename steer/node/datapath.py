@@ -417,14 +417,17 @@ class NodeDatapath:
             except (OSError, RuntimeError) as exc:
                 report.errors.append(f"eBPF update failed: {exc}")
                 log.error("eBPF update failed; those pods keep their previous state: %s", exc)
-        in_force = self.iptables.apply(enforcement, frozenset(wanted), report)
-        # Even when the iptables rules stay as they were: an eBPF pod's verdicts live in
-        # its maps. Only what the change touched is read.
-        if ebpf is not None and in_force:
-            with report.phase("revoke"):
-                report.revoked += _guarded(
-                    report, "revoking eBPF flows", lambda: ebpf.revoke(enforcement)
-                )
+        # Both revocation passes (iptables flows after the rules are in force, then eBPF
+        # flows) read one conntrack listing: each listing walks the kernel's whole table.
+        with self.kernel.one_conntrack_listing():
+            in_force = self.iptables.apply(enforcement, frozenset(wanted), report)
+            # Even when the iptables rules stay as they were: an eBPF pod's verdicts live
+            # in its maps. Only what the change touched is read.
+            if ebpf is not None and in_force:
+                with report.phase("revoke"):
+                    report.revoked += _guarded(
+                        report, "revoking eBPF flows", lambda: ebpf.revoke(enforcement)
+                    )
         return report
 
     def unload(self) -> None:

@@ -13,7 +13,8 @@ import ctypes as ct
 import re
 import socket
 import zlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -117,6 +118,10 @@ class RecordingKernel:
         self._record(f"{'ip6tables' if ipv6 else 'iptables'} read-back {len(read)} chains")
 
     # --- conntrack ------------------------------------------------------------------------
+    @contextmanager
+    def one_conntrack_listing(self) -> Iterator[None]:
+        yield
+
     def conntrack_flows(
         self,
         *,

@@ -21,7 +21,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -80,6 +80,13 @@ class NodeKernel(Protocol):
 
     def conntrack_delete(self, flows: Sequence[Flow]) -> list[Flow]:
         """Delete the flows' entries; returns those deleted."""
+        ...
+
+    def one_conntrack_listing(self) -> AbstractContextManager[None]:
+        """Inside this block, every conntrack_flows call reads the same listing of the
+        table, taken at the first call: for revocation passes that run back to back
+        after a change is in force (a flow set up after the listing was decided under the
+        new rules, so missing it loses nothing)."""
         ...
 
     # --- sockets --------------------------------------------------------------------------
@@ -203,6 +210,8 @@ class HostKernel:
 
     prog_fds: dict[str, int] = field(default_factory=dict)
     map_fds: dict[str, int] = field(default_factory=dict)
+    _listing_held: bool = False
+    _listing: str | None = None
 
     # --- iptables -------------------------------------------------------------------------
     def iptables_state(self, *, ipv6: bool = False) -> KernelState:
@@ -227,7 +236,18 @@ class HostKernel:
         sources: Collection[IPv4Address] | None = None,
         destinations: Collection[IPv4Address] | None = None,
     ) -> list[Flow]:
-        return conntrack.flows(marked=marked, sources=sources, destinations=destinations)
+        if self._listing_held and self._listing is None:
+            self._listing = conntrack.listing()
+        listing = self._listing if self._listing is not None else conntrack.listing()
+        return conntrack.parse(listing, marked=marked, sources=sources, destinations=destinations)
+
+    @contextmanager
+    def one_conntrack_listing(self) -> Iterator[None]:
+        self._listing_held, self._listing = True, None
+        try:
+            yield
+        finally:
+            self._listing_held, self._listing = False, None
 
     def conntrack_delete(self, flows: Sequence[Flow]) -> list[Flow]:
         return conntrack.delete(flows)

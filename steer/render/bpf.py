@@ -148,6 +148,25 @@ class _Prefix:
         ids = (id(self.egress), id(self.ingress), id(self.src), id(self.dst_pod))
         return (*ids, self.prefix, self.at)
 
+    def shape(self, max_segments: int) -> tuple[object, ...] | None:
+        """What the entry's verdicts depend on, when that is not the address: for a source
+        without egress rules or excluded CIDRs, only the destination's ingress rules (as
+        the Resolver shares them between replicas), its inbound exclusions and namespace,
+        and whether it is the source itself. Replicas of a workload then share one
+        computation. None when the address matters."""
+        src, ingress, dst = self.src, self.ingress, self.dst_pod
+        if self.egress is not None or src.steering.exclude_outbound_cidrs:
+            return None
+        rules = (
+            None
+            if ingress is None
+            else (ingress.default_action, ingress.default_policy_id, id(ingress.rules))
+        )
+        destination = (
+            None if dst is None else (dst.pod.namespace, dst.steering.exclude_inbound_ports)
+        )
+        return (id(src), max_segments, rules, destination, self.at == src.ip)
+
 
 def _prefix_policy(target: _Prefix, max_segments: int) -> PrefixPolicy:
     """`flow_verdict` at every port of `at`, as segments. The sides are narrowed to the
@@ -277,6 +296,9 @@ class BpfPolicyCache:
         self._used: dict[tuple[object, ...], tuple[_Prefix, PrefixPolicy]] = {}
         self._pods: dict[str, _PodRender] = {}
         self._pods_used: dict[str, _PodRender] = {}
+        # `_Prefix.shape` -> an entry computed for it (its target holds the ids alive).
+        self._shapes: dict[tuple[object, ...], tuple[_Prefix, PrefixPolicy]] = {}
+        self._shapes_used: dict[tuple[object, ...], tuple[_Prefix, PrefixPolicy]] = {}
         self._current: Enforcement | None = None
         self._previous: Enforcement | None = None
         self._touched: frozenset[IPv4Address] | None = None
@@ -285,7 +307,17 @@ class BpfPolicyCache:
         key = (*target.key(), max_segments)
         cached = self._used.get(key) or self._entries.get(key)
         if cached is None:
-            cached = (target, _prefix_policy(target, max_segments))
+            shape = target.shape(max_segments)
+            like = None
+            if shape is not None:
+                like = self._shapes_used.get(shape) or self._shapes.get(shape)
+            if like is not None:
+                policy = PrefixPolicy(target.prefix, like[1].default, like[1].segments)
+            else:
+                policy = _prefix_policy(target, max_segments)
+            cached = (target, policy)
+            if shape is not None:
+                self._shapes_used[shape] = cached
         self._used[key] = cached
         return cached[1]
 
@@ -294,6 +326,7 @@ class BpfPolicyCache:
         node instead of growing with churn."""
         self._entries, self._used = self._used, {}
         self._pods, self._pods_used = self._pods_used, {}
+        self._shapes, self._shapes_used = self._shapes_used, {}
 
     def pod_policy(self, enforcement: Enforcement, src: ManagedPod, max_segments: int) -> PodPolicy:
         if enforcement is not self._current:

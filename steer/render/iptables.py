@@ -172,6 +172,7 @@ def _comment(text: str) -> str:
     return COMMENT_PREFIX + comment_token(text)
 
 
+@lru_cache(maxsize=1024)
 def _hex(value: int) -> str:
     return f"0x{value:x}"
 
@@ -199,13 +200,16 @@ def _peer_args(peers: tuple[IPv4Network, ...] | None, flag: str) -> list[tuple[s
     return [(flag, str(net)) for net in peers]
 
 
-def _side_rules(side: SideRules) -> tuple[str, tuple[Rule, ...], tuple[Rule, ...]]:
-    """The side's rules, in a chain named by their content and shared by every pod whose
-    side renders the same (the replicas of a workload, under the same policies), plus the
-    pod's own chain, one jump into it. At 1k pods, ten per policy, sharing made the mangle
-    table 6x smaller, and legacy iptables rewrites a whole table on every change.
+def _jump_to_shared(side: SideRules, shared: str) -> tuple[Rule, ...]:
+    return (Rule("mangle", side_chain(side), ("-j", shared), "rules"),)
 
-    Returns (shared chain, its rules, the pod chain's rules)."""
+
+def _shared_chain(side: SideRules) -> tuple[str, tuple[Rule, ...]]:
+    """The side's rules, in a chain named by their content and shared by every pod whose
+    side renders the same (the replicas of a workload, under the same policies); each
+    pod's own chain is one jump into it (`_jump_to_shared`). At 1k pods, ten per policy,
+    sharing made the mangle table 6x smaller, and legacy iptables rewrites a whole table
+    on every change. Depends on the side's direction, default and rules only."""
     shift, field_mask = (
         (EGRESS_SHIFT, EGRESS_FIELD)
         if side.direction is Direction.EGRESS
@@ -240,12 +244,7 @@ def _side_rules(side: SideRules) -> tuple[str, tuple[Rule, ...], tuple[Rule, ...
     content = "\n".join(f"{' '.join(args)} {comment}" for args, comment in body)
     tag = "SE" if side.direction is Direction.EGRESS else "SI"
     shared = f"{CHAIN_PREFIX}-{tag}-{hashlib.sha1(content.encode()).hexdigest()[:10]}"
-    own = side_chain(side)
-    return (
-        shared,
-        tuple(Rule("mangle", shared, args, comment) for args, comment in body),
-        (Rule("mangle", own, ("-j", shared), "rules"),),
-    )
+    return shared, tuple(Rule("mangle", shared, args, comment) for args, comment in body)
 
 
 def _pre_rules(enforcement: Enforcement, ebpf_pods: list[ManagedPod]) -> list[Rule]:
@@ -283,7 +282,8 @@ def _pre_rules(enforcement: Enforcement, ebpf_pods: list[ManagedPod]) -> list[Ru
             "policy-entry",
         ),
     ]
-    for ip, side in sorted(enforcement.egress.items()):
+    # Sorted by the addresses' integers: comparing IPv4Address objects is ten times slower.
+    for ip, side in sorted(enforcement.egress.items(), key=_by_address):
         pod = pods[ip]
         rules.append(
             Rule(
@@ -293,7 +293,7 @@ def _pre_rules(enforcement: Enforcement, ebpf_pods: list[ManagedPod]) -> list[Ru
                 f"egress:{side.pod_key}",
             )
         )
-    for ip, side in sorted(enforcement.ingress.items()):
+    for ip, side in sorted(enforcement.ingress.items(), key=_by_address):
         rules.append(
             Rule(
                 "mangle",
@@ -361,6 +361,10 @@ def _pre_rules(enforcement: Enforcement, ebpf_pods: list[ManagedPod]) -> list[Ru
         ),
     ]
     return rules
+
+
+def _by_address(item: tuple[IPv4Address, object]) -> int:
+    return int(item[0])
 
 
 def _from_pod(pod: ManagedPod) -> tuple[str, ...]:
@@ -545,6 +549,9 @@ class RulesetCache:
     def __init__(self) -> None:
         # pod chain -> (its side, shared chain, shared rules, pod chain rules)
         self._chains: dict[str, tuple[SideRules, str, tuple[Rule, ...], tuple[Rule, ...]]] = {}
+        # (direction, default, default policy id, id of a rules tuple) -> (a side holding
+        # that tuple alive, its shared chain, the chain's rules)
+        self._shared: dict[tuple[object, ...], tuple[SideRules, str, tuple[Rule, ...]]] = {}
         self._node_key: tuple[object, ...] | None = None
         self._node_rules: tuple[tuple[Rule, ...], tuple[Rule, ...], dict[str, tuple[Rule, ...]]] = (
             (),
@@ -557,11 +564,21 @@ class RulesetCache:
     def side_rules(self, sides: Sequence[SideRules]) -> dict[str, tuple[Rule, ...]]:
         """Each pod chain and each shared chain by name, in chain order."""
         chains: dict[str, tuple[SideRules, str, tuple[Rule, ...], tuple[Rule, ...]]] = {}
+        by_content: dict[tuple[object, ...], tuple[SideRules, str, tuple[Rule, ...]]] = {}
         for side in sides:
             name = side_chain(side)
+            # Replicas' sides share their rules tuple (the Resolver sees to it): their
+            # shared chain is rendered once for all of them.
+            content = (side.direction, side.default_action, side.default_policy_id, id(side.rules))
             cached = self._chains.get(name)
-            chains[name] = cached if cached and cached[0] is side else (side, *_side_rules(side))
-        self._chains = chains
+            if cached is None or cached[0] is not side:
+                like = by_content.get(content) or self._shared.get(content)
+                if like is None:
+                    like = (side, *_shared_chain(side))
+                cached = (side, like[1], like[2], _jump_to_shared(side, like[1]))
+            by_content.setdefault(content, (side, cached[1], cached[2]))
+            chains[name] = cached
+        self._chains, self._shared = chains, by_content
         out: dict[str, tuple[Rule, ...]] = {}
         for name, (_, shared, shared_rules, own_rules) in chains.items():
             out[name] = own_rules
@@ -571,12 +588,14 @@ class RulesetCache:
     def node_rules(
         self, enforcement: Enforcement, ebpf: frozenset[str], sides: Sequence[SideRules]
     ) -> tuple[tuple[Rule, ...], tuple[Rule, ...], dict[str, tuple[Rule, ...]]]:
-        """STEER-PRE, the nat chain and the filter chains: they depend on the pods, the
-        eBPF set and which pods have which sides, not on any side's rules."""
+        """STEER-PRE, the nat chain and the filter chains: they depend on the pods'
+        names, addresses, interfaces and steering, the eBPF set and which pods have which
+        sides, not on any side's rules nor on labels (a relabelled pod rebuilt them all)."""
         key = (
-            enforcement.pods,
+            tuple((p.pod.key, p.ip, p.pod.interface, p.steering) for p in enforcement.pods),
             ebpf,
-            tuple((s.direction, s.pod_ip, s.pod_key) for s in sides),
+            # A set: the sides' order follows the policies that select each pod.
+            frozenset((s.direction, s.pod_ip, s.pod_key) for s in sides),
             # The limits on exclusions read the sides' rules; only then do they count.
             tuple(sides) if any(_has_exclusions(p) for p in enforcement.pods) else (),
         )

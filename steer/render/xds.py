@@ -560,8 +560,10 @@ class XdsCache:
     )
     destinations: list[Destination] | None = None
     listeners: list[listener_pb2.Listener] = field(default_factory=list)
-    # The steered pods the destinations were derived from (the Resolver's tuple).
+    # The steered pods the destinations were derived from (the Resolver's tuple), and
+    # their addresses.
     pods: tuple[ManagedPod, ...] | None = None
+    addresses: tuple[IPv4Address, ...] | None = None
     # The last render's routes by name, with the resolution and destinations they are for
     # (never changed in place once handed out).
     named: tuple[Enforcement, list[Destination], dict[str, route_pb2.RouteConfiguration]] | None = (
@@ -581,10 +583,15 @@ class XdsCache:
         self, enforcement: Enforcement
     ) -> tuple[list[Destination], list[listener_pb2.Listener]]:
         if self.destinations is None or enforcement.pods is not self.pods:
-            wanted = destinations(enforcement)
-            if wanted != self.destinations:
-                self.destinations, self.listeners = wanted, listeners(wanted)
+            # Destinations follow the pods' addresses alone: a relabelled pod keeps them.
+            addresses = tuple(p.ip for p in enforcement.pods)
+            if self.destinations is None or addresses != self.addresses:
+                wanted = destinations(enforcement)
+                if wanted != self.destinations:
+                    self.destinations, self.listeners = wanted, listeners(wanted)
+                self.addresses = addresses
             self.pods = enforcement.pods
+        assert self.destinations is not None
         return self.destinations, self.listeners
 
     def start(self, sides: _Sides) -> bool:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
+import pytest
+
 from steer.constants import MARK_ID_SHIFT, MARK_VERDICT_SHIFT, VERDICT_DENY, VERDICT_L7
+from steer.node import conntrack
 from steer.node.conntrack import Flow, parse
+from steer.node.kernel import HostKernel
 
 L7_MARK = (VERDICT_L7 << MARK_VERDICT_SHIFT) | (42 << MARK_ID_SHIFT)
 DENY_MARK = VERDICT_DENY << MARK_VERDICT_SHIFT
@@ -51,3 +55,24 @@ def test_other_protocols_and_noise_are_ignored() -> None:
         "conntrack v1.4.7 (conntrack-tools): 1 flow entries have been shown.\n"
     )
     assert parse(noise) == []
+
+
+def test_revocation_passes_of_one_change_share_one_listing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each listing walks the kernel's whole conntrack table: one per change, not per pass."""
+    listings: list[str] = []
+
+    def listing() -> str:
+        listings.append(LISTING)
+        return LISTING
+
+    monkeypatch.setattr(conntrack, "listing", listing)
+    kernel = HostKernel()
+    with kernel.one_conntrack_listing():
+        assert len(kernel.conntrack_flows(marked=True)) == 2
+        assert len(kernel.conntrack_flows(marked=False, sources=[D])) == 1
+    assert len(listings) == 1
+    kernel.conntrack_flows()  # outside the block: a fresh listing each time
+    kernel.conntrack_flows()
+    assert len(listings) == 3

@@ -96,3 +96,19 @@ def test_a_changes_own_cyclic_garbage_is_reclaimed_as_it_ends() -> None:
         assert alive() is not None, "automatic collection ran inside the change"
     assert alive() is None
     assert collector.collections == 0
+
+
+def test_garbage_made_between_changes_is_reclaimed_at_the_next_change_not_frozen() -> None:
+    """What runs between changes (gRPC streams, status writes) makes cycles too."""
+    collector = IdleCollector(idle_s=3600.0, max_interval_s=3600.0, floor=10**12)
+    gc.disable()  # no automatic collection gets there first
+    try:
+        garbage = Node()
+        alive = weakref.ref(garbage)
+        del garbage
+        with collector.change():
+            pass
+    finally:
+        gc.enable()
+    assert alive() is None
+    assert collector.collections == 0
