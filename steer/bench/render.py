@@ -99,7 +99,6 @@ def _clear_render_caches() -> None:
     from steer.render import xds
 
     enforce._network.cache_clear()
-    xds._rule_policy.cache_clear()
     xds._host.cache_clear()
     xds._cidr.cache_clear()
 
