@@ -341,6 +341,10 @@ def table(result: dict[str, Any]) -> str:
         "agent sync by phase (mean ms): "
         + ", ".join(f"{k} {v:.1f}" for k, v in result.get("agent_phases_ms", {}).items()),
         f"control plane reload (mean): {result.get('control_render_ms', 0.0):.1f} ms",
+        *(
+            f"{kind} changes: p50 {v['p50_ms']:.1f} ms, p99 {v['p99_ms']:.1f} ms"
+            for kind, v in result.get("by_kind", {}).items()
+        ),
     ]
     lines += [
         f"{p}: RSS {result[f'{p}_rss_mb_start']:.1f} -> {result[f'{p}_rss_mb_end']:.1f} MiB, "
