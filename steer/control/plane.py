@@ -163,8 +163,19 @@ class LocalControlPlane:
                 # step: how long to wait for more events once one came; a policy write (temp
                 # file, rename) is over within a millisecond, and every millisecond here is
                 # latency.
-                async for changes in awatch(*paths, debounce=10, step=2, recursive=False):
-                    if self.inputs.affected_by(path for _, path in changes):
+                async for changes in awatch(
+                    *paths,
+                    debounce=10,
+                    step=2,
+                    recursive=False,
+                    rust_timeout=1000,
+                    yield_on_timeout=True,
+                ):
+                    # No event for a second: check by hand, since a write made before the
+                    # watch was set up sends none.
+                    if self.inputs.affected_by(path for _, path in changes) or (
+                        not changes and self.inputs.stale()
+                    ):
                         self._survive("render after a change", self.refresh)
                 return
             except Exception:  # the watch itself failed (a watched directory went away)

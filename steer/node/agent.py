@@ -189,7 +189,11 @@ class LocalAgent:
                     rust_timeout=1000,
                     yield_on_timeout=True,
                 ):
-                    if self.inputs.affected_by(path for _, path in changes):
+                    if self.inputs.affected_by(path for _, path in changes) or (
+                        # No event for a second: check by hand, since a write made before
+                        # the watch was set up sends none.
+                        not changes and self.inputs.stale()
+                    ):
                         self._survive(collector)
                     # Also after a change: under churn there is never a quiet batch.
                     collector.tick()

@@ -72,7 +72,8 @@ class PolicyDirectory:
             except FileNotFoundError:  # removed since the directory was listed
                 stats.pop(name, None)
             except (OSError, UnicodeDecodeError) as exc:
-                stats.pop(name, None)
+                # The stat stays: `stale` must not call for a reload every second over a
+                # file that stays unreadable (it is read again on its next change).
                 errors.append(PolicyError(name, "", f"unreadable: {exc}; fix: check it"))
         self._stats, self._read = stats, present
 
@@ -118,6 +119,10 @@ class PolicyDirectory:
             log.error("policy not applied: %s", error)
         return PolicyReload(self._in_force(), tuple(errors), changed)
 
+    def stats(self) -> dict[str, tuple[int, int, int]]:
+        """Inode, mtime and size of every policy file as the last reload read it."""
+        return dict(self._stats)
+
     def _in_force(self) -> tuple[HTTPPolicy, ...]:
         return tuple(p for name in sorted(self._good) for p in self._good[name])
 
@@ -134,12 +139,18 @@ class LocalInputs:
         self._pods: list[Pod] = []
         self._lab_pods = LabPods()
         self._lab_text: str | None = None
+        self._lab_stat: tuple[int, int, int] | None = None
         self._node_cgroup = ""
 
     def load(self) -> tuple[PolicyReload, list[Pod]]:
         """Current policies and pods. Errors are in the reload's errors; an unreadable lab
         state keeps the last good pods, so a bad write never unsteers the node."""
         reload = self.policies.reload()
+        try:
+            lab = self.lab_state.stat() if self.lab_state.exists() else None
+            self._lab_stat = None if lab is None else (lab.st_ino, lab.st_mtime_ns, lab.st_size)
+        except OSError:
+            self._lab_stat = None
         try:
             text = read_lab_state(self.lab_state)
             if text != self._lab_text:
@@ -161,6 +172,24 @@ class LocalInputs:
     def watch_paths(self) -> list[Path]:
         """Directories to watch, non-recursively (the lab state's holds logs too)."""
         return [p for p in (self.policy_dir, self.lab_state.parent) if p.exists()]
+
+    def stale(self) -> bool:
+        """Whether a policy file or the lab state changed since the last load, by their
+        inode, mtime and size (a hundred stats). For a watcher to call when no event came:
+        a write between a load and the moment the watch is set up sends no event, and
+        the node then ran its old inputs until the next write."""
+        try:
+            files = {
+                str(f): f.stat()
+                for f in self.policy_dir.iterdir()
+                if f.suffix in POLICY_SUFFIXES and f.is_file()
+            }
+            lab = self.lab_state.stat() if self.lab_state.exists() else None
+        except OSError:  # a directory that went away: the watch restarts on it
+            return False
+        seen = {name: (i.st_ino, i.st_mtime_ns, i.st_size) for name, i in files.items()}
+        lab_seen = None if lab is None else (lab.st_ino, lab.st_mtime_ns, lab.st_size)
+        return seen != self.policies.stats() or lab_seen != self._lab_stat
 
     def affected_by(self, changed_paths: Iterable[str]) -> bool:
         """Whether a batch of file events can change what is loaded. Files other than

@@ -274,3 +274,24 @@ def test_only_policy_files_and_the_lab_state_trigger_a_reload(tmp_path: Path) ->
     assert not inputs.affected_by([str(policies / ".web.yaml.swp")])
     assert not inputs.affected_by([str(tmp_path / "run" / "logs" / "agent.log")])
     assert not inputs.affected_by([])
+
+
+def test_a_write_no_watch_event_announced_is_found_by_stat(tmp_path: Path) -> None:
+    """A write between the agent's first load and the moment its watch is set up sends
+    no event: the watcher's once-a-second check must still see it."""
+    policies, lab_state = tmp_path / "policies", tmp_path / "lab.json"
+    policies.mkdir()
+    (policies / "a.yaml").write_text(good("a"))
+    inputs = LocalInputs(policies, lab_state)
+    inputs.load()
+    assert not inputs.stale()
+    (policies / "b.yaml").write_text(good("b"))
+    assert inputs.stale()
+    inputs.load()
+    assert not inputs.stale()
+    lab_state.write_text('{"pods": []}')
+    assert inputs.stale()
+    inputs.load()
+    assert not inputs.stale()
+    (policies / "a.yaml").unlink()
+    assert inputs.stale()
