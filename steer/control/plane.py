@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from watchfiles import awatch
-
 from steer.atomicfile import write_json_atomic
 from steer.constants import CONTROL_STATUS_FILE, LAB_NODE_NAME, XDS_SOCKET
 from steer.control.cache import InconsistentSnapshot, PushRejected, Snapshot, SnapshotCache
@@ -159,23 +157,8 @@ class LocalControlPlane:
     async def _watch_inputs(self) -> None:
         while True:
             try:
-                paths = self.inputs.watch_paths()
-                # step: how long to wait for more events once one came; a policy write (temp
-                # file, rename) is over within a millisecond, and every millisecond here is
-                # latency.
-                async for changes in awatch(
-                    *paths,
-                    debounce=10,
-                    step=2,
-                    recursive=False,
-                    rust_timeout=1000,
-                    yield_on_timeout=True,
-                ):
-                    # No event for a second: check by hand, since a write made before the
-                    # watch was set up sends none.
-                    if self.inputs.affected_by(path for _, path in changes) or (
-                        not changes and self.inputs.stale()
-                    ):
+                async for due in self.inputs.awatch():
+                    if due:
                         self._survive("render after a change", self.refresh)
                 return
             except Exception:  # the watch itself failed (a watched directory went away)

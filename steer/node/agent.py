@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from watchfiles import watch
-
 from steer.atomicfile import write_json_atomic
 from steer.constants import AGENT_STATUS_FILE, IPV6_POLICY
 from steer.idlegc import IdleCollector
@@ -180,20 +178,8 @@ class LocalAgent:
         self._survive(collector)
         while True:
             try:
-                paths = self.inputs.watch_paths()
-                for changes in watch(
-                    *paths,
-                    debounce=10,
-                    step=2,
-                    recursive=False,
-                    rust_timeout=1000,
-                    yield_on_timeout=True,
-                ):
-                    if self.inputs.affected_by(path for _, path in changes) or (
-                        # No event for a second: check by hand, since a write made before
-                        # the watch was set up sends none.
-                        not changes and self.inputs.stale()
-                    ):
+                for due in self.inputs.watch():
+                    if due:
                         self._survive(collector)
                     # Also after a change: under churn there is never a quiet batch.
                     collector.tick()

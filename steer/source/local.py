@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import stat
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypedDict
+
+from watchfiles import Change, awatch, watch
 
 from steer.lab.spec import LabPod, LabPodCache, LabState
 from steer.model.load import PolicyError, parse_policies
@@ -15,6 +18,26 @@ from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
 
 log = logging.getLogger("steer.source")
+
+
+class _WatchOptions(TypedDict):
+    debounce: int
+    step: int
+    recursive: bool
+    rust_timeout: int
+    yield_on_timeout: bool
+
+
+# step: how long to wait for more events once one came; a policy write (temp file, rename)
+# is over within a millisecond, and every millisecond here is latency. A batch comes at
+# least every second (empty when nothing happened), for `LocalInputs.stale`.
+_WATCH_OPTIONS: _WatchOptions = {
+    "debounce": 10,
+    "step": 2,
+    "recursive": False,
+    "rust_timeout": 1000,
+    "yield_on_timeout": True,
+}
 POLICY_SUFFIXES = (".yaml", ".yml")
 
 
@@ -190,6 +213,22 @@ class LocalInputs:
         seen = {name: (i.st_ino, i.st_mtime_ns, i.st_size) for name, i in files.items()}
         lab_seen = None if lab is None else (lab.st_ino, lab.st_mtime_ns, lab.st_size)
         return seen != self.policies.stats() or lab_seen != self._lab_stat
+
+    def watch(self) -> Iterator[bool]:
+        """After every batch of file events, and after each second without one: whether
+        the inputs must be loaded again. Synchronous, for the agent (see `awatch`)."""
+        for changes in watch(*self.watch_paths(), **_WATCH_OPTIONS):
+            yield self._due(changes)
+
+    async def awatch(self) -> AsyncIterator[bool]:
+        """`watch` for an event loop (the control plane)."""
+        async for changes in awatch(*self.watch_paths(), **_WATCH_OPTIONS):
+            yield self._due(changes)
+
+    def _due(self, changes: set[tuple[Change, str]]) -> bool:
+        # No event for a second: check by hand, since a write made before the watch was
+        # set up sends none.
+        return self.affected_by(path for _, path in changes) or (not changes and self.stale())
 
     def affected_by(self, changed_paths: Iterable[str]) -> bool:
         """Whether a batch of file events can change what is loaded. Files other than

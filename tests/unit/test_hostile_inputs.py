@@ -404,13 +404,13 @@ def _deep_review_text(obj: dict[str, Any], depth: int) -> str:
 def test_agent_loop_logs_counts_and_survives_an_exception(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from steer.node import agent as agent_module
+    from steer.source import local as source_module
 
     def changes(*_: Any, **__: Any) -> Iterator[set[tuple[int, str]]]:
         yield {(1, "a")}
         yield {(1, "b")}
 
-    monkeypatch.setattr(agent_module, "watch", changes)
+    monkeypatch.setattr(source_module, "watch", changes)
     inputs = LocalInputs(tmp_path, tmp_path / "none.json")
     monkeypatch.setattr(inputs, "affected_by", lambda _: True)
     agent = LocalAgent(inputs, status_file=tmp_path / "status.json", datapath=object())  # type: ignore[arg-type]
@@ -433,14 +433,14 @@ def test_agent_loop_logs_counts_and_survives_an_exception(
 async def test_control_plane_loop_logs_counts_and_survives_an_exception(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from steer.control import plane as plane_module
+    from steer.source import local as source_module
 
     async def changes(*_: Any, **__: Any) -> AsyncIterator[set[tuple[int, str]]]:
         for name in ("a", "b", "c"):
             await asyncio.sleep(0)
             yield {(1, name)}
 
-    monkeypatch.setattr(plane_module, "awatch", changes)
+    monkeypatch.setattr(source_module, "awatch", changes)
     inputs = LocalInputs(tmp_path, tmp_path / "none.json")
     monkeypatch.setattr(inputs, "affected_by", lambda _: True)
     plane = LocalControlPlane(inputs, status_file=tmp_path / "control.json")
