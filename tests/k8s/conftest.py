@@ -11,14 +11,19 @@ deleted namespaces stay Terminating; tests must not wait for either.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
-from tests.k8s.kubeapi import cached_apiserver, running_apiserver
+from tests.k8s.kubeapi import cached_apiserver, eventually, running_apiserver
+
+CRD = Path(__file__).parents[2] / "manifests" / "crd" / "httppolicies.steer.dev.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +49,20 @@ def kube_api(kubeconfig: Path) -> Iterator[client.ApiClient]:
         yield api
     finally:
         api.close()
+
+
+@pytest.fixture(scope="module")
+def crd(kube_api: client.ApiClient) -> None:
+    """steer's HTTPPolicy CRD, installed from manifests/ and established."""
+    ext = client.ApiextensionsV1Api(kube_api)
+    body = yaml.safe_load(CRD.read_text())
+    with contextlib.suppress(ApiException):
+        ext.create_custom_resource_definition(body)
+
+    def established() -> bool:
+        got = ext.read_custom_resource_definition(body["metadata"]["name"])
+        return any(
+            c.type == "Established" and c.status == "True" for c in got.status.conditions or []
+        )
+
+    eventually(established, "the CRD to be established", timeout=30)

@@ -45,7 +45,6 @@ from steer.node.netns import run_in_netns
 from tests.k8s.kubeapi import eventually
 
 pytestmark = [pytest.mark.privileged, pytest.mark.envoy]
-CRD = Path(__file__).parents[2] / "manifests" / "crd" / "httppolicies.steer.dev.yaml"
 NODE = "node-it"
 POD_IP = "10.244.7.7"
 
@@ -69,23 +68,6 @@ def background_loop(coroutine: Callable[[], Any]) -> Iterator[None]:
     finally:
         loop.call_soon_threadsafe(lambda: task and task[0].cancel())
         thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def crd(kube_api: client.ApiClient) -> Iterator[None]:
-    ext = client.ApiextensionsV1Api(kube_api)
-    body = yaml.safe_load(CRD.read_text())
-    with contextlib.suppress(ApiException):
-        ext.create_custom_resource_definition(body)
-
-    def established() -> bool:
-        got = ext.read_custom_resource_definition(body["metadata"]["name"])
-        return any(
-            c.type == "Established" and c.status == "True" for c in got.status.conditions or []
-        )
-
-    eventually(established, "the CRD to be established")
-    yield
 
 
 @pytest.fixture(scope="module")

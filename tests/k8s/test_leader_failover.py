@@ -26,7 +26,6 @@ from typing import Any
 
 import grpc.aio
 import pytest
-import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from kubernetes import client, config
@@ -38,7 +37,6 @@ from steer.control.leader import KubeLeaseApi, LeaseElector, LeaseTimings
 from steer.render.xds import LISTENER_TYPE
 from tests.k8s import kubeapi
 
-CRD = Path(__file__).parents[2] / "manifests" / "crd" / "httppolicies.steer.dev.yaml"
 # Expiry after 2 s; a leader that cannot renew stops writing after 1.5 s.
 FAST = LeaseTimings(lease_duration=2, renew_deadline=1.5, retry_period=0.25)
 
@@ -67,22 +65,6 @@ class Replica:
         self.loop.call_soon_threadsafe(cancel)
         self.thread.join(timeout=10)
         assert not self.thread.is_alive(), f"replica {self.name} did not stop"
-
-
-@pytest.fixture(scope="module")
-def crd(kube_api: client.ApiClient) -> None:
-    ext = client.ApiextensionsV1Api(kube_api)
-    body = yaml.safe_load(CRD.read_text())
-    with contextlib.suppress(ApiException):
-        ext.create_custom_resource_definition(body)
-
-    def established() -> bool:
-        got = ext.read_custom_resource_definition(body["metadata"]["name"])
-        return any(
-            c.type == "Established" and c.status == "True" for c in got.status.conditions or []
-        )
-
-    eventually(established, "the CRD to be established", timeout=30)
 
 
 @pytest.fixture
