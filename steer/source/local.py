@@ -79,13 +79,13 @@ class PolicyDirectory:
             return PolicyReload(self._in_force(), (error,), False)
         present: dict[str, str] = {}
         stats: dict[str, tuple[int, int, int]] = {}
-        for file in sorted(p for p in self.path.iterdir() if p.suffix in POLICY_SUFFIXES):
+        for file in self._files():
             name = str(file)
             try:
-                info = file.stat()
-                if not stat.S_ISREG(info.st_mode):
+                stamp = _stamp(file)
+                if stamp is None:
                     continue
-                stats[name] = (info.st_ino, info.st_mtime_ns, info.st_size)
+                stats[name] = stamp
                 # A file that was not replaced or written since the last reload is not read
                 # again: at a hundred files, reading them all was most of a reload.
                 if self._stats.get(name) == stats[name] and name in self._read:
@@ -142,9 +142,16 @@ class PolicyDirectory:
             log.error("policy not applied: %s", error)
         return PolicyReload(self._in_force(), tuple(errors), changed)
 
-    def stats(self) -> dict[str, tuple[int, int, int]]:
-        """Inode, mtime and size of every policy file as the last reload read it."""
-        return dict(self._stats)
+    def changed_on_disk(self) -> bool:
+        """Whether a policy file was added, removed or written since the last reload."""
+        try:
+            now = {str(f): _stamp(f) for f in self._files()}
+        except OSError:  # a directory that went away: the watch restarts on it
+            return False
+        return {n: s for n, s in now.items() if s is not None} != self._stats
+
+    def _files(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if p.suffix in POLICY_SUFFIXES)
 
     def _in_force(self) -> tuple[HTTPPolicy, ...]:
         return tuple(p for name in sorted(self._good) for p in self._good[name])
@@ -170,8 +177,7 @@ class LocalInputs:
         state keeps the last good pods, so a bad write never unsteers the node."""
         reload = self.policies.reload()
         try:
-            lab = self.lab_state.stat() if self.lab_state.exists() else None
-            self._lab_stat = None if lab is None else (lab.st_ino, lab.st_mtime_ns, lab.st_size)
+            self._lab_stat = _stamp(self.lab_state)
         except OSError:
             self._lab_stat = None
         try:
@@ -202,17 +208,10 @@ class LocalInputs:
         a write between a load and the moment the watch is set up sends no event, and
         the node then ran its old inputs until the next write."""
         try:
-            files = {
-                str(f): f.stat()
-                for f in self.policy_dir.iterdir()
-                if f.suffix in POLICY_SUFFIXES and f.is_file()
-            }
-            lab = self.lab_state.stat() if self.lab_state.exists() else None
-        except OSError:  # a directory that went away: the watch restarts on it
-            return False
-        seen = {name: (i.st_ino, i.st_mtime_ns, i.st_size) for name, i in files.items()}
-        lab_seen = None if lab is None else (lab.st_ino, lab.st_mtime_ns, lab.st_size)
-        return seen != self.policies.stats() or lab_seen != self._lab_stat
+            lab = _stamp(self.lab_state)
+        except OSError:
+            lab = None
+        return self.policies.changed_on_disk() or lab != self._lab_stat
 
     def watch(self) -> Iterator[bool]:
         """After every batch of file events, and after each second without one: whether
@@ -239,6 +238,16 @@ class LocalInputs:
             or Path(p) == self.lab_state
             for p in changed_paths
         )
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """A regular file's inode, mtime and size: what a rewrite (even by rename) changes.
+    None if it is missing or not a regular file."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size) if stat.S_ISREG(info.st_mode) else None
 
 
 def texts_digest(texts: dict[str, str]) -> str:
