@@ -72,6 +72,8 @@ def status_document(
         # Shallow: asdict deep-copies a thousand pods' datapath reasons on every sync.
         "last_sync": {f.name: getattr(report, f.name) for f in fields(report)},
         "ruleset_digest": datapath.iptables.applied_digest,
+        # Times another tool changed steer's chains and they were written again.
+        "iptables_repairs": datapath.iptables.repairs,
         "loaded_at": loaded_at,
         "loop_errors": loop_errors,
         **extra,
@@ -179,7 +181,7 @@ class LocalAgent:
         while True:
             try:
                 for due in self.inputs.watch():
-                    if due:
+                    if due or self.datapath.drifted():
                         self._survive(collector)
                     # Also after a change: under churn there is never a quiet batch.
                     collector.tick()

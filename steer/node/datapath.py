@@ -60,6 +60,15 @@ from steer.render.iptables import (
 
 log = logging.getLogger("steer.datapath")
 
+# How often the agents read steer's chains back to find what other tools did to them:
+# changes no longer read them (see apply_ruleset). Chain names and entry jumps (a deleted
+# jump or chain, a table flushed by hand) every DRIFT_CHECK_S; every rule of every chain,
+# which costs more at 1k pods, every CONTENT_CHECK_S. kube-proxy checks its canary chains
+# every few seconds, Calico's Felix re-reads its chains every 90 s; a missing jump is a
+# bypass, so these err short.
+DRIFT_CHECK_S = 5.0
+CONTENT_CHECK_S = 30.0
+
 
 @dataclass
 class SyncReport:
@@ -102,30 +111,36 @@ def apply_ruleset(
     """Make steer's chains hold `ruleset`; on any error the kernel keeps the old rules.
 
     With `previous` (what this process applied last), only the chains that changed are
-    written, and nothing is read back: iptables-legacy-restore commits each table whole
-    and atomically under the xtables lock, so its exit status is the commit's, and reading
-    the written chains back cost twice the write at 1k pods. The chains and entry jumps
-    are still read first, on every change: if they are not what this process left (a
-    flush by another tool, a chain deleted by hand), everything is written again and
-    read back, as on a first apply.
+    written, and nothing is read, before or after: iptables-legacy-restore commits each
+    table whole and atomically under the xtables lock, so its exit status is the commit's,
+    and reading steer's chains and jumps cost a third of a change at 1k pods. What another
+    tool does to them in between is found by `IptablesDatapath.drifted()`, which the
+    agents run every DRIFT_CHECK_S; a restore that fails because of it (a chain it relies
+    on is gone) is retried at once as a full rewrite. Without `previous`, every chain is
+    written and read back.
     """
+    if previous is not None:
+        try:
+            assumed = KernelState.left_by(previous)
+            kernel.iptables_restore(restore_text(ruleset, assumed, previous), ipv6=ipv6)
+            return
+        except IptablesError as exc:
+            log.warning(
+                "writing the changed %s chains failed (%s); writing all of them again",
+                "ip6tables" if ipv6 else "iptables",
+                exc,
+            )
     before = kernel.iptables_state(ipv6=ipv6)
-    if previous is not None and not _holds(before, previous):
-        log.warning(
-            "steer's %s chains are not as this agent left them (changed by another tool?); "
-            "writing all of them again",
-            "ip6tables" if ipv6 else "iptables",
-        )
-        previous = None
-    writes = chains_to_write(ruleset, before, previous)
-    kernel.iptables_restore(restore_text(ruleset, before, previous), ipv6=ipv6)
-    if previous is None:
-        kernel.iptables_verify(ruleset, writes, ipv6=ipv6)
+    writes = chains_to_write(ruleset, before)
+    kernel.iptables_restore(restore_text(ruleset, before), ipv6=ipv6)
+    kernel.iptables_verify(ruleset, writes, ipv6=ipv6)
 
 
-def _holds(state: KernelState, applied: Ruleset) -> bool:
-    """The kernel has exactly the chains of `applied`, and all of its entry jumps."""
-    return (
+def changed_by_others(kernel: NodeKernel, applied: Ruleset, *, ipv6: bool = False) -> bool:
+    """The kernel no longer has exactly the chains of `applied`, or misses one of its entry
+    jumps (a flush by another tool, a chain deleted by hand)."""
+    state = kernel.iptables_state(ipv6=ipv6)
+    return not (
         all(
             state.chains.get(table, frozenset()) == frozenset(chains)
             for table, chains in applied.chains.items()
@@ -164,6 +179,8 @@ class IptablesDatapath:
     applied: Ruleset | None = None
     applied_ipv6: Ruleset | None = None
     enforcement: Enforcement | None = None
+    # Times another tool's change to steer's chains was found and written over.
+    repairs: int = 0
     _chains: RulesetCache = field(default_factory=RulesetCache)
     _resolver: Resolver = field(default_factory=Resolver)
 
@@ -210,6 +227,37 @@ class IptablesDatapath:
                 ),
             )
         return True
+
+    def drifted(self, *, every_rule: bool = False) -> bool:
+        """Read steer's chain names and entry jumps back (`every_rule`: also every rule):
+        True if another tool changed them since they were applied. The applied rules are
+        then forgotten, so that the next sync writes all of them and reads them back."""
+        found = []
+        if self.applied is not None and self._differs(self.applied, every_rule, ipv6=False):
+            self.applied = self.applied_digest = None
+            found.append("iptables")
+        if self.applied_ipv6 is not None and self._differs(
+            self.applied_ipv6, every_rule, ipv6=True
+        ):
+            self.applied_ipv6 = None
+            found.append("ip6tables")
+        if found:
+            self.repairs += 1
+            log.warning(
+                "steer's %s chains were changed by another tool; writing them again",
+                " and ".join(found),
+            )
+        return bool(found)
+
+    def _differs(self, applied: Ruleset, every_rule: bool, *, ipv6: bool) -> bool:
+        if changed_by_others(self.kernel, applied, ipv6=ipv6):
+            return True
+        if every_rule:
+            try:
+                self.kernel.iptables_verify(applied, applied.chains, ipv6=ipv6)
+            except IptablesError:
+                return True
+        return False
 
     def _apply_ipv6(self, enforcement: Enforcement, report: SyncReport) -> None:
         """IPv6 first: a new pod's IPv6 TCP is refused before its IPv4 steering exists."""
@@ -347,9 +395,29 @@ class NodeDatapath:
     _resolver: Resolver | None = None
     _resolver_local: Callable[[Pod], bool] | None = None
     _maps: BpfPolicyCache = field(default_factory=BpfPolicyCache)
+    _drift_checked_at: float = field(default_factory=time.monotonic)
+    _content_checked_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.iptables = IptablesDatapath(self.kernel)
+
+    def drifted(self) -> bool:
+        """True if steer's iptables chains must be written again because another tool
+        changed them (the caller then syncs); reads them at most every DRIFT_CHECK_S, and
+        every rule at most every CONTENT_CHECK_S. A failed read is logged and counts as no
+        drift: the next check reads again."""
+        now = time.monotonic()
+        if now - self._drift_checked_at < DRIFT_CHECK_S:
+            return False
+        self._drift_checked_at = now
+        every_rule = now - self._content_checked_at >= CONTENT_CHECK_S
+        if every_rule:
+            self._content_checked_at = now
+        try:
+            return self.iptables.drifted(every_rule=every_rule)
+        except (IptablesError, OSError) as exc:
+            log.warning("reading steer's iptables chains back failed: %s", exc)
+            return False
 
     def _ebpf(self) -> EbpfDatapath | None:
         """Load (or adopt) the BPF objects on first need; a failure turns eBPF off."""

@@ -81,12 +81,15 @@ class RecordingKernel:
     fail_restore: str | None = None
     fail_update: str | None = None
     cookie: int = 4242
+    # iptables_state() calls: what a change reads before it writes.
+    state_reads: int = 0
 
     def _record(self, line: str) -> None:
         self.calls.append(line)
 
     # --- iptables -------------------------------------------------------------------------
     def iptables_state(self, *, ipv6: bool = False) -> KernelState:
+        self.state_reads += 1
         held = self.chains6 if ipv6 else self.chains
         chains = {table: frozenset(names) for table, names in held.items()}
         return KernelState(chains=chains, jumps=frozenset(self.jumps6 if ipv6 else self.jumps))

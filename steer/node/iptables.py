@@ -60,7 +60,10 @@ def _comment_of(rule: iptc.Rule) -> str:
 
 
 def read_state() -> KernelState:
-    return _read_state({name: _table(name) for name in TABLES})
+    try:
+        return _read_state({name: _table(name) for name in TABLES})
+    except iptc.IPTCError as exc:
+        raise IptablesError(f"reading steer's iptables chains failed: {exc}") from exc
 
 
 def _read_state(tables: Mapping[str, iptc.Table]) -> KernelState:

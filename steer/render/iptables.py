@@ -159,6 +159,14 @@ class KernelState:
     chains: Mapping[str, frozenset[str]] = field(default_factory=dict)
     jumps: frozenset[Jump] = frozenset()
 
+    @classmethod
+    def left_by(cls, ruleset: Ruleset) -> KernelState:
+        """What the kernel holds once `ruleset` is applied (and nobody changed it since)."""
+        return cls(
+            chains={table: frozenset(chains) for table, chains in ruleset.chains.items()},
+            jumps=frozenset(ruleset.jumps),
+        )
+
 
 def comment_token(text: str) -> str:
     """The comment as stored in the kernel, minus the prefix.

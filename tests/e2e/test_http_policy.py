@@ -9,6 +9,8 @@ before any filter runs (docs/policy-reference.md "How requests are matched").
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -22,9 +24,11 @@ from steer.constants import (
     API_GROUP_VERSION,
     CONTROL_STATUS_FILE,
     LAB_GATEWAY_IP,
+    NODE_NETNS,
     POLICY_KIND,
 )
 from steer.lab.localnode import read_status, wait_for
+from steer.node.datapath import DRIFT_CHECK_S
 from steer.source.local import directory_texts, texts_digest
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 
@@ -527,6 +531,50 @@ def test_only_flows_with_http_rules_go_through_envoy(
     assert response.from_envoy is proxied, response.headers
     # Envoy connects upstream from the node, so the backend sees the gateway, not the pod.
     assert response.json["peer"] == (LAB_GATEWAY_IP if proxied else node.ip("client"))
+
+
+# --- another tool removes steer's rules ----------------------------------------------------
+
+
+def _delete_steer_jumps() -> int:
+    """As a careless `iptables -F PREROUTING` would: every jump from a built-in chain into
+    steer's chains goes, in the node's namespace."""
+    deleted = 0
+    table = ""
+    for line in _in_node("iptables-legacy-save").splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        words = shlex.split(line)
+        target = words[words.index("-j") + 1] if "-j" in words else ""
+        if words[:1] == ["-A"] and not words[1].startswith("STEER") and target.startswith("STEER"):
+            _in_node("iptables-legacy", "-t", table, "-D", *words[1:])
+            deleted += 1
+    return deleted
+
+
+def _in_node(*argv: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", NODE_NETNS, *argv], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def test_rules_another_tool_removed_are_put_back(node: PodsNode) -> None:
+    apply(node, PUBLIC_ONLY)
+    expect(request(node, "/admin"), DENIED)
+    repairs = (read_status(AGENT_STATUS_FILE) or {}).get("iptables_repairs", 0)
+    assert _delete_steer_jumps() > 0
+    if node.dataplane == "iptables":
+        # The fault is real: with no jump into steer's chains, nothing steers the pod.
+        response = request(node, "/admin")
+        expect(response, ALLOWED)
+        assert not response.proxied
+    wait_for(
+        lambda: (read_status(AGENT_STATUS_FILE) or {}).get("iptables_repairs", 0) > repairs,
+        DRIFT_CHECK_S * 4,
+        "the agent to find the deleted jumps",
+    )
+    wait_for(lambda: "-j STEER" in _in_node("iptables-legacy-save", "-t", "mangle"), 10, "jumps")
+    expect(request(node, "/admin"), DENIED)
 
 
 # --- a bad policy file never changes what is enforced ---------------------------------------

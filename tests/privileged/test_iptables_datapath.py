@@ -295,6 +295,36 @@ def test_read_back_catches_a_chain_changed_behind_our_back(
     run_in_netns(NODE_NETNS, lambda: apply_ruleset(HostKernel(), good))
 
 
+def test_chains_another_tool_changed_are_found_and_written_again(
+    lab: LabState, servers: None
+) -> None:
+    """A change no longer reads steer's chains back, so the agents' periodic drift check
+    must find what another tool did (here: steer's entry jumps deleted, which lets a denied
+    port through; then one rule deleted inside a chain, which only the every-rule check
+    sees), and the next sync writes everything again."""
+    dp = IptablesDatapath()
+    sync(sample_policies(), pods_of(lab), dp)
+    assert dp.applied is not None
+    assert not run_in_netns(NODE_NETNS, lambda: dp.drifted(every_rule=True))
+    for jump in dp.applied.jumps:
+        in_node(["iptables-legacy", "-t", jump.table, "-D", jump.builtin, *jump.spec().split()])
+    assert time_connect(netns_of(lab, "client"), ip_of(lab, "web"), 9090)[0] == "connected"
+
+    assert run_in_netns(NODE_NETNS, dp.drifted)
+    sync(sample_policies(), pods_of(lab), dp)
+    assert time_connect(netns_of(lab, "client"), ip_of(lab, "web"), 9090)[0] == "refused"
+
+    applied = dp.applied
+    assert applied is not None
+    side = next(c for c in applied.chains["mangle"] if c.startswith("STEER-SI-"))
+    in_node(["iptables-legacy", "-t", "mangle", "-D", side, "1"])
+    assert not run_in_netns(NODE_NETNS, dp.drifted), "names and jumps alone cannot see it"
+    assert run_in_netns(NODE_NETNS, lambda: dp.drifted(every_rule=True))
+    sync(sample_policies(), pods_of(lab), dp)
+    run_in_netns(NODE_NETNS, lambda: iptables.verify(applied))
+    assert dp.repairs == 2
+
+
 FOREIGN_RULES = (
     ("filter", "INPUT", "-p", "udp", "--dport", "5353", "-j", "FOREIGN"),
     ("nat", "PREROUTING", "-p", "tcp", "--dport", "1", "-j", "RETURN"),

@@ -35,6 +35,7 @@ SHARED_KEYS = {
     "ipv6",
     "last_sync",
     "ruleset_digest",
+    "iptables_repairs",
     "loaded_at",
     "loop_errors",
     "gc",

@@ -63,7 +63,9 @@ def test_under_endless_churn_cycles_are_still_reclaimed() -> None:
     change froze its cyclic garbage, and only an idle collection unfroze it."""
     # A growth limit small next to what the whole test process holds, so that each change
     # below trips it however large the rest of the heap is.
-    collector = IdleCollector(idle_s=3600.0, max_interval_s=3600.0, growth=1.001, floor=1_000)
+    collector = IdleCollector(
+        idle_s=3600.0, max_interval_s=3600.0, growth=1.001, floor=1_000, growth_check_s=0.0
+    )
     alive = []
     for _ in range(20):
         with collector.change():
@@ -111,4 +113,21 @@ def test_garbage_made_between_changes_is_reclaimed_at_the_next_change_not_frozen
     finally:
         gc.enable()
     assert alive() is None
+    assert collector.collections == 0
+
+
+def test_the_frozen_set_is_measured_at_most_once_per_growth_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gc.get_freeze_count() walks the whole frozen list; tick() runs after every change and
+    every status write, and measuring each time cost a third of the control plane's CPU."""
+    reads = []
+    real = gc.get_freeze_count
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: reads.append(1) or real())
+    collector = IdleCollector(idle_s=3600.0, max_interval_s=3600.0, floor=10**12)
+    for _ in range(50):
+        with collector.change():
+            pass
+        collector.tick()
+    assert len(reads) <= 1
     assert collector.collections == 0
