@@ -107,6 +107,13 @@ class SideRules:
         return default, self.default_policy_id
 
 
+@lru_cache(maxsize=16384)
+def _address(ip: str) -> IPv4Address:
+    """One object per pod address: the caches keyed by address keep the first key object
+    they saw, so a new one per pod change stayed alive beside it."""
+    return IPv4Address(ip)
+
+
 @dataclass(frozen=True)
 class ManagedPod:
     pod: Pod
@@ -381,7 +388,7 @@ class Resolver:
             return None, ()
         # Host network included: such a pod has the node's address, never a boundary of its own.
         steering, errors = steering_of(pod)
-        managed = ManagedPod(pod, IPv4Address(pod.ip), steering) if steering.inject else None
+        managed = ManagedPod(pod, _address(pod.ip), steering) if steering.inject else None
         return managed, tuple(f"pod {pod.key}: {e}" for e in errors)
 
     def _resolve_policy(self, policy: HTTPPolicy, policy_id: int) -> _ResolvedPolicy:

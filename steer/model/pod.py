@@ -245,7 +245,23 @@ def parse_steering(
             )
         )
         out_ports, in_ports, cidrs = frozenset(), frozenset(), ()
-    return PodSteering(inject, dataplane, out_ports, in_ports, cidrs, unsteered), errors
+    return _shared(PodSteering(inject, dataplane, out_ports, in_ports, cidrs, unsteered)), errors
+
+
+# One object per distinct steering: pods mostly carry the same few, and a pod change
+# otherwise left each changed pod with a PodSteering (and two frozensets) of its own where
+# it had shared one, which showed as memory growth over a churn run.
+_STEERINGS: dict[PodSteering, PodSteering] = {}
+_STEERINGS_MAX = 4096
+
+
+def _shared(steering: PodSteering) -> PodSteering:
+    found = _STEERINGS.get(steering)
+    if found is None:
+        if len(_STEERINGS) >= _STEERINGS_MAX:
+            _STEERINGS.clear()
+        found = _STEERINGS[steering] = steering
+    return found
 
 
 def steering_of(pod: Pod) -> tuple[PodSteering, list[AnnotationError]]:

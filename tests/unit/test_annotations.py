@@ -352,3 +352,12 @@ def test_resolve_steers_a_lab_pod_whose_opt_out_is_not_permitted_and_says_why() 
         namespace_labels=MAY_OPT_OUT,
     )
     assert resolve([], [permitted]).pods == ()
+
+
+def test_pods_with_the_same_steering_share_one_object() -> None:
+    """A relabelled pod gets its steering parsed again: it must share the one every other
+    pod with the same annotations has, not keep a copy of its own."""
+    first, _ = parse_steering({"steer.dev/dataplane": "ebpf"}, {})
+    second, _ = parse_steering({"steer.dev/dataplane": "ebpf"}, {})
+    assert first is second
+    assert parse_steering({}, {})[0] is not first
