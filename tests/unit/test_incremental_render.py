@@ -22,10 +22,10 @@ from steer.control.cache import Snapshot
 from steer.model.enforce import Enforcement, ManagedPod, Resolver, resolve
 from steer.model.load import parse_policies
 from steer.model.pod import Pod
+from steer.model.policy import HTTPPolicy
 from steer.node.datapath import NodeDatapath
 from steer.node.fakekernel import RecordingKernel
 from steer.node.features import Features
-from steer.model.policy import HTTPPolicy
 from steer.render.bpf import BpfPolicyCache, PodPolicy, TooComplexForBpf, render_pod_policy
 from steer.render.iptables import RulesetCache, render_ruleset
 from steer.render.xds import SnapshotRenderer, render_resources
