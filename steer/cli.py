@@ -92,11 +92,25 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the process as Ctrl-C does (the loops already stop cleanly on
+    KeyboardInterrupt). In a container the agent and `steer envoy` run as PID 1, which the
+    kernel gives no default action for SIGTERM: without a handler every pod delete or
+    rollout waited out the grace period and ended in SIGKILL, Envoy undrained."""
+    import signal
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from steer.node.agent import LocalAgent
     from steer.node.datapath import NodeDatapath
     from steer.source.local import LocalInputs
 
+    _stop_on_sigterm()
     if args.kube:
         # API calls must leave from the agent's own namespace; only the datapath's kernel
         # calls go into --netns (see KubeAgent.datapath_netns).
@@ -476,7 +490,9 @@ def cmd_envoy(args: argparse.Namespace) -> int:
     from steer.render.bootstrap import XdsClientTls
 
     xds_tls = XdsClientTls(*tls_files) if tls_files else None
-    supervise(args.node_id, xds, args.ads, admin=args.admin_socket, xds_tls=xds_tls)
+    _stop_on_sigterm()
+    with contextlib.suppress(KeyboardInterrupt):  # also between two runs of Envoy
+        supervise(args.node_id, xds, args.ads, admin=args.admin_socket, xds_tls=xds_tls)
     return 0
 
 

@@ -70,6 +70,11 @@ class BpfObjects:
     # only the entries that differ. A slot not here (first write after adopting the pins)
     # is read back from the kernel once.
     _written: dict[int, dict[tuple[int, int], PrefixPolicy]] = field(default_factory=dict)
+    # cgroup path -> the id its steer_pods entry was written under. Removal must use it: by
+    # the time a deleted pod reaches the agent, the kubelet may have removed its cgroup
+    # (the systemd driver, pure cgroup v2), whose id can then no longer be read, and an
+    # entry under an unknown id would stay in steer_pods for good (ids are never reused).
+    cgroup_ids: dict[str, int] = field(default_factory=dict)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -83,10 +88,13 @@ class BpfObjects:
         if state.get("build") == build_hash() and objects._adopt():
             objects.attachments = [Attachment(**a) for a in state.get("attachments", [])]
             objects.slots = {str(k): int(v) for k, v in state.get("slots", {}).items()}
+            objects.cgroup_ids = {
+                str(k): int(v) for k, v in state.get("cgroup_ids", {}).items()
+            }
             objects.adopted = True
             log.debug("adopted pinned BPF objects (build %s)", state["build"])
             return objects
-        if pin_dir.exists() or state:
+        if kernel.bpf_pins_present(pin_dir) or state:
             log.info("pinned BPF objects are stale or incomplete; reloading")
             cls.unload_all(kernel, pin_dir, state_file)
         kernel.bpf_build(pin_dir)
@@ -117,6 +125,7 @@ class BpfObjects:
             "build": build_hash(),
             "attachments": [a.__dict__ for a in self.attachments],
             "slots": self.slots,
+            "cgroup_ids": self.cgroup_ids,
         }
         write_json_atomic(self.state_file, document)
 
@@ -128,7 +137,7 @@ class BpfObjects:
         touched. Works from the pins and the state file alone, after any crash."""
         objects = cls(kernel, pin_dir, state_file)
         state = objects._read_state()
-        if pin_dir.exists() and objects._adopt():
+        if kernel.bpf_pins_present(pin_dir) and objects._adopt():
             for attachment in [Attachment(**a) for a in state.get("attachments", [])]:
                 objects._detach(attachment)
             objects.close()
@@ -190,17 +199,33 @@ class BpfObjects:
         self._write_policy(slot, policy)
         kernel.bpf_update("steer_podips", ct.c_uint32(ip_be(policy.ip)), ct.c_uint32(slot))
         pod = PodVal(slot, ip_be(policy.ip))
-        kernel.bpf_update("steer_pods", ct.c_uint64(kernel.cgroup_id(cgroup)), pod)
+        cgroup_id = kernel.cgroup_id(cgroup)
+        kernel.bpf_update("steer_pods", ct.c_uint64(cgroup_id), pod)
+        written = self.cgroup_ids.get(cgroup)
+        if written != cgroup_id:
+            if written is not None:  # the directory was removed and made again
+                kernel.bpf_delete("steer_pods", ct.c_uint64(written))
+            self.cgroup_ids[cgroup] = cgroup_id
+            self._write_state()
         for program in POD_PROGRAMS:
             self._attach(cgroup, program)
 
     def remove_pod(self, cgroup: str, slot: int, ip: str) -> None:
         """Stop steering new connects; established ones keep their sockets and go on."""
-        for attachment in [a for a in self.attachments if a.cgroup == cgroup]:
-            self._detach(attachment)
-        self.kernel.bpf_delete("steer_pods", ct.c_uint64(self.kernel.cgroup_id(cgroup)))
+        self.forget_cgroup(cgroup)
         self.kernel.bpf_delete("steer_podips", ct.c_uint32(ip_be(ip)))
         self._write_policy(slot, None)
+
+    def forget_cgroup(self, cgroup: str) -> None:
+        """Detach from a cgroup a pod has left, and drop its steer_pods entry."""
+        for attachment in [a for a in self.attachments if a.cgroup == cgroup]:
+            self._detach(attachment)
+        cgroup_id = self.cgroup_ids.pop(cgroup, None)
+        if cgroup_id is None:
+            cgroup_id = self.kernel.cgroup_id(cgroup)
+        else:
+            self._write_state()
+        self.kernel.bpf_delete("steer_pods", ct.c_uint64(cgroup_id))
 
     def _write_policy(self, slot: int, policy: PodPolicy | None) -> None:
         """Make the slot's entries in steer_policy those of `policy`, touching only the

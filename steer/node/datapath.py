@@ -331,10 +331,15 @@ class EbpfDatapath:
         self.former = {k for k in self.former if k in pods and k not in wanted}
         for key, policy in wanted.items():
             cgroup = pods[key].pod.cgroup
-            if self.installed.get(key, ("", 0, None))[0::2] == (cgroup, policy):
+            was = self.installed.get(key, ("", 0, None))
+            if was[0::2] == (cgroup, policy):
                 continue
             slot = bpf.slot_for(key)
             bpf.set_pod(cgroup, slot, policy)
+            if was[0] and was[0] != cgroup:
+                # The pod's cgroup changed (a pod recreated under the same name has a
+                # new UID, and so a new cgroup): the old one keeps no entry and no program.
+                bpf.forget_cgroup(was[0])
             self.installed[key] = (cgroup, slot, policy)
 
     def revoke(self, enforcement: Enforcement) -> int:

@@ -167,6 +167,11 @@ class RecordingKernel:
             raise BpfError(self.fail_build)
         self.pinned = True
 
+    def bpf_pins_present(self, pin_dir: Path) -> bool:
+        # The recorded node's pins, never the host's: goldens must not depend on a lab
+        # running on the same machine.
+        return self.pinned
+
     def bpf_close(self) -> None:
         self._record("bpf close")
 

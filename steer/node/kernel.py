@@ -104,6 +104,10 @@ class NodeKernel(Protocol):
         """Compile, verify and pin into `pin_dir` (in a child); raises BpfError."""
         ...
 
+    def bpf_pins_present(self, pin_dir: Path) -> bool:
+        """Whether anything is pinned under `pin_dir` (complete or not)."""
+        ...
+
     def bpf_close(self) -> None: ...
 
     def bpf_remove_pins(self, pin_dir: Path) -> None:
@@ -318,6 +322,9 @@ class HostKernel:
             os.close(fd)
         self.prog_fds.clear()
         self.map_fds.clear()
+
+    def bpf_pins_present(self, pin_dir: Path) -> bool:
+        return pin_dir.exists()
 
     def bpf_remove_pins(self, pin_dir: Path) -> None:
         for root in steer_cgroup_roots():

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from steer import idlegc
 from steer.idlegc import IdleCollector
 
 
@@ -131,3 +132,20 @@ def test_the_frozen_set_is_measured_at_most_once_per_growth_check(
         collector.tick()
     assert len(reads) <= 1
     assert collector.collections == 0
+
+
+def test_freed_heap_is_handed_back_at_most_once_per_trim_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RSS crept up under churn with flat live objects: glibc kept what changes freed."""
+    trims: list[int] = []
+    monkeypatch.setattr(idlegc, "_TRIM", lambda pad: trims.append(pad) or 0)
+    collector = IdleCollector(idle_s=3600.0, max_interval_s=3600.0, floor=10**12)
+    for _ in range(20):
+        with collector.change():
+            pass
+    assert trims == [0]
+    collector.trim_every_s = 0.0
+    with collector.change():
+        pass
+    assert trims == [0, 0]
