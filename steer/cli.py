@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,17 +93,18 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the process as Ctrl-C does (the loops already stop cleanly on
-    KeyboardInterrupt). In a container the agent and `steer envoy` run as PID 1, which the
-    kernel gives no default action for SIGTERM: without a handler every pod delete or
-    rollout waited out the grace period and ended in SIGKILL, Envoy undrained."""
+def _stop_on_sigterm() -> threading.Event:
+    """An event SIGTERM sets; the loops look at it at least once a second and stop cleanly.
+    In a container the agent and `steer envoy` run as PID 1, which the kernel gives no
+    default action for SIGTERM: without a handler every pod delete or rollout waited out
+    the grace period and ended in SIGKILL, Envoy undrained. (Raising from the handler is
+    not enough: an exception raised while a weakref callback or __del__ runs is printed
+    and dropped, and the process carried on.)"""
     import signal
 
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    return stop
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -110,11 +112,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from steer.node.datapath import NodeDatapath
     from steer.source.local import LocalInputs
 
-    _stop_on_sigterm()
+    stop = _stop_on_sigterm()
     if args.kube:
         # API calls must leave from the agent's own namespace; only the datapath's kernel
         # calls go into --netns (see KubeAgent.datapath_netns).
-        return _run_kube_agent(args)
+        return _run_kube_agent(args, stop)
     if args.netns and (problem := _enter_node_netns(args.netns)):
         print(f"error: {problem}", file=sys.stderr)
         return 1
@@ -128,7 +130,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             print(f"error: {message}", file=sys.stderr)
         return 1 if report.errors else 0
     with contextlib.suppress(KeyboardInterrupt):
-        agent.run()
+        agent.run(stop)
     return 0
 
 
@@ -195,7 +197,7 @@ def _kube_client(kubeconfig: str | None) -> object:
     return client.ApiClient()
 
 
-def _run_kube_agent(args: argparse.Namespace) -> int:
+def _run_kube_agent(args: argparse.Namespace, stop: threading.Event) -> int:
     from steer.node.cgroups import cgroup2_root
     from steer.node.datapath import NodeDatapath
     from steer.node.kubeagent import KubeAgent
@@ -219,7 +221,7 @@ def _run_kube_agent(args: argparse.Namespace) -> int:
         datapath_netns=args.netns,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        agent.run()
+        agent.run(stop)
     return 0
 
 
@@ -490,9 +492,9 @@ def cmd_envoy(args: argparse.Namespace) -> int:
     from steer.render.bootstrap import XdsClientTls
 
     xds_tls = XdsClientTls(*tls_files) if tls_files else None
-    _stop_on_sigterm()
+    stop = _stop_on_sigterm()
     with contextlib.suppress(KeyboardInterrupt):  # also between two runs of Envoy
-        supervise(args.node_id, xds, args.ads, admin=args.admin_socket, xds_tls=xds_tls)
+        supervise(args.node_id, xds, args.ads, admin=args.admin_socket, xds_tls=xds_tls, stop=stop)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -170,8 +171,9 @@ class LocalAgent:
         )
         self._status.write(document)
 
-    def run(self) -> None:
-        """Sync now and after every change to the inputs, until interrupted.
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Sync now and after every change to the inputs, until interrupted or `stop` is
+        set (looked at least once a second).
 
         Synchronous on purpose: every kernel call must run on a thread inside the node's
         network namespace, and pyroute2's blocking API cannot run inside an event loop.
@@ -181,6 +183,8 @@ class LocalAgent:
         while True:
             try:
                 for due in self.inputs.watch():
+                    if stop is not None and stop.is_set():
+                        return
                     if due or self.datapath.drifted():
                         self._survive(collector)
                     # Also after a change: under churn there is never a quiet batch.

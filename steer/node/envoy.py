@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -158,8 +159,11 @@ def supervise(
     *,
     admin: Path = ENVOY_ADMIN_SOCKET,
     xds_tls: XdsClientTls | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
-    """Run Envoy until interrupted, restarting it with backoff if it exits."""
+    """Run Envoy until interrupted or `stop` is set, restarting it with backoff if it
+    exits."""
+    stop = stop or threading.Event()
     config = write_bootstrap(node_id, xds, ads, ENVOY_BOOTSTRAP_FILE, admin=admin, xds_tls=xds_tls)
     admin.parent.mkdir(parents=True, exist_ok=True)
     backoff = 0.5
@@ -170,13 +174,25 @@ def supervise(
         # bootstrap's mode, so there is no moment another user could connect.
         proc = subprocess.Popen(envoy_argv(config, ENVOY_LOG_FILE), umask=0o077)
         try:
-            code = proc.wait()
+            while (code := _exited(proc)) is None and not stop.is_set():
+                pass
         except KeyboardInterrupt:
+            code = None
+        if code is None:
             proc.terminate()
             proc.wait(timeout=10)
             return
         log.error("envoy exited with %s; restarting in %.1fs", code, backoff)
         if time.monotonic() - started > 30:
             backoff = 0.5
-        time.sleep(backoff)
+        if stop.wait(backoff):
+            return
         backoff = min(backoff * 2, 10.0)
+
+
+def _exited(proc: subprocess.Popen[bytes], poll_s: float = 0.5) -> int | None:
+    """Envoy's exit status, or None if it still runs after `poll_s`."""
+    try:
+        return proc.wait(timeout=poll_s)
+    except subprocess.TimeoutExpired:
+        return None

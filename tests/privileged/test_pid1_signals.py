@@ -14,25 +14,20 @@ import pytest
 
 pytestmark = pytest.mark.privileged
 
-# As steer's entry points do: install the handler, then wait in a loop that stops cleanly
-# on KeyboardInterrupt.
+# As steer's entry points do: install the handler, then loop until it says stop.
 PID1 = """
-import sys, time
+import sys, threading
 from steer.cli import _stop_on_sigterm
-{install}
+stop = {install}
 print("ready", flush=True)
-try:
-    time.sleep(60)
-except KeyboardInterrupt:
-    sys.exit(0)
-sys.exit(3)
+sys.exit(0 if stop.wait(60) else 3)
 """
 
 
 def _as_pid1(install: bool) -> subprocess.Popen[str]:
     if os.geteuid() != 0:
         pytest.skip("a PID namespace needs root")
-    code = PID1.format(install="_stop_on_sigterm()" if install else "")
+    code = PID1.format(install="_stop_on_sigterm()" if install else "threading.Event()")
     return subprocess.Popen(
         ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c", code],
         stdout=subprocess.PIPE,
