@@ -84,10 +84,29 @@ static __always_inline enum steer_connect steer_decide(struct bpf_sock_addr *ctx
 	return STEER_CONNECT_REDIRECT;
 }
 
+/* The deepest cgroup level at which a pod's cgroup can be found (the root is level 0).
+ * Real pods sit at level 3 to 5 (kubepods/<qos>/pod<uid>, systemd's slices), a node nested
+ * in a container adds 2 or 3; the agent keeps a pod any deeper on iptables
+ * (steer/node/cgroups.py, MAX_POD_CGROUP_LEVEL, which must equal this). */
+#define STEER_MAX_CGROUP_LEVEL 32
+
+/* The steered pod the calling task belongs to: the first of its cgroup's ancestors (itself
+ * included) that is in steer_pods. The agent registers the pod-level cgroup, but a pod's
+ * processes live in its containers' cgroups below it (pod<uid>/<container id>, crun's
+ * <scope>/container, and `kubectl exec` joins the container's), which get new ids at
+ * every container restart; the pod's own cgroup lives as long as the pod. Pods never
+ * nest, so at most one ancestor matches, and walking from the top finds it. */
 static __always_inline struct steer_pod *steer_pod_of_caller(void)
 {
-	__u64 cgroup = bpf_get_current_cgroup_id();
-	return steer_pods.lookup(&cgroup);
+	for (int level = 1; level <= STEER_MAX_CGROUP_LEVEL; level++) {
+		__u64 cgroup = bpf_get_current_ancestor_cgroup_id(level);
+		if (!cgroup)
+			return 0; /* past the task's own cgroup: not in a steered pod */
+		struct steer_pod *pod = steer_pods.lookup(&cgroup);
+		if (pod)
+			return pod;
+	}
+	return 0;
 }
 
 int steer_connect4(struct bpf_sock_addr *ctx)

@@ -37,6 +37,10 @@ PROC: Final = Path("/proc")
 WALK_MAX_DEPTH: Final = 8
 # A container's own subtree is shallow: crun puts the processes in `<scope>/container`.
 _CONTAINER_MAX_DEPTH: Final = 3
+# connect4.c's STEER_MAX_CGROUP_LEVEL: how deep a pod's cgroup may be for connect4 to find
+# it among a process's ancestors. A pod deeper than that would be attached but never
+# matched, so its connects would go out unsteered; the agent keeps it on iptables instead.
+MAX_POD_CGROUP_LEVEL: Final = 32
 
 # A static pod's mirror on the API server gets a new metadata.uid; the kubelet names the
 # cgroup after the static pod's own UID, which it publishes in this annotation.
@@ -218,15 +222,27 @@ def container_cgroups(pod: Mapping[str, Any], root: Path) -> list[Path]:
     return found
 
 
-def resolve_pod_netns(pod: Mapping[str, Any], root: Path, proc: Path = PROC) -> str:
+def resolve_pod_netns(
+    pod: Mapping[str, Any], root: Path, proc: Path = PROC, pod_dir: Path | None = None
+) -> str:
     """The pod's network namespace as ``<proc>/<pid>/ns/net``, for `nsenter --net=`.
 
     All of a pod's containers share one netns, so any of its processes leads there. The
     sandbox's (pause) cgroup is tried first, because the pause process lives as long as
-    the pod while app containers restart; then each container's. A cgroup's subtree is
-    read too (crun keeps the processes in ``<scope>/container``). Skipped: CRI-O's conmon
-    scopes, pid 0 (a process outside the agent's pid namespace: the agent needs
-    hostPID), and any process in the same netns as ``<proc>/1`` (the node's own).
+    the pod while app containers restart; then each container's, which are read afresh
+    on every call, so a restarted container's new cgroup is found like the first one.
+    Child cgroups with no process (a stopped container's, which runc may leave behind)
+    simply yield nothing. A cgroup's subtree is read too (crun keeps the processes in
+    ``<scope>/container``). Skipped: CRI-O's conmon scopes, pid 0 (a process outside the
+    agent's pid namespace: the agent needs hostPID), any process in the caller's own
+    netns (``<proc>/self``: the agent runs with hostNetwork, so that is the node's), and
+    any whose ``ns/net`` the caller may not open (EACCES: named in the error's ``tried``).
+
+    The node's netns is the caller's own, not ``<proc>/1``'s: PID 1 need not be in the
+    node's netns (a node nested in a container or a namespace of its own, as the test
+    node is), and on some machines no other process may open PID 1's namespaces at all.
+
+    ``pod_dir``: the pod's cgroup, when the caller has resolved it already.
 
     The path is only as stable as the pid: when that process exits, the path is gone,
     and a recycled pid would name another process's netns. So record
@@ -240,25 +256,46 @@ def resolve_pod_netns(pod: Mapping[str, Any], root: Path, proc: Path = PROC) -> 
         raise NotFoundError(
             pod_key(pod), "uses the node's network namespace (spec.hostNetwork); not steered"
         )
-    pod_dir = resolve_pod_cgroup(pod, root)
-    node_netns = netns_inode(proc / "1" / "ns" / "net")
+    if pod_dir is None:
+        pod_dir = resolve_pod_cgroup(pod, root)
+    node_netns = netns_inode(proc / "self" / "ns" / "net")
     tried: list[str] = []
     for cgroup in _netns_cgroup_order(pod, pod_dir):
         tried.append(str(cgroup))
         for pid in _pids_under(cgroup):
             path = proc / str(pid) / "ns" / "net"
-            inode = netns_inode(path)
+            try:
+                inode = netns_inode(path)
+            except PermissionError:
+                # One process the agent may not inspect (a capability it lacks) costs
+                # that process, not the pod: another of the pod's may do.
+                tried.append(f"{path} (permission denied)")
+                continue
             if inode is not None and inode != node_netns:
                 return str(path)
     raise NotFoundError(pod_key(pod), f"no live process in the pod's cgroup {pod_dir}", tried)
 
 
-def pod_netns(pod: Mapping[str, Any], root: Path, proc: Path = PROC) -> str | None:
+def pod_netns(
+    pod: Mapping[str, Any], root: Path, proc: Path = PROC, pod_dir: Path | None = None
+) -> str | None:
     """:func:`resolve_pod_netns`, or None when the pod has no netns to find on this node."""
     try:
-        return resolve_pod_netns(pod, root, proc)
+        return resolve_pod_netns(pod, root, proc, pod_dir)
     except NotFoundError:
         return None
+
+
+def cgroup_level(path: Path) -> int:
+    """How deep ``path`` is in its cgroup v2 hierarchy (the root is 0), as the kernel
+    counts for ``bpf_get_current_ancestor_cgroup_id``. Counted up to the mount's top, so
+    it is right whether the hierarchy is at /sys/fs/cgroup or /sys/fs/cgroup/unified. The
+    agent sees the host's mount (a hostPath), whose top is the real root."""
+    level = 0
+    while _is_cgroup2_dir(path.parent) and path.parent != path:
+        path = path.parent
+        level += 1
+    return level
 
 
 def netns_inode(path: str | os.PathLike[str]) -> int | None:

@@ -36,7 +36,14 @@ from steer.constants import (
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.node.agent import StatusWriter, status_document
-from steer.node.cgroups import ResolveError, pod_cgroup, pod_netns
+from steer.node.cgroups import (
+    MAX_POD_CGROUP_LEVEL,
+    PROC,
+    ResolveError,
+    cgroup_level,
+    pod_cgroup,
+    pod_netns,
+)
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.envoy import admin_get
 from steer.node.netns import run_in_netns
@@ -81,6 +88,8 @@ class KubeAgent:
     # lab's node): kernel calls and Envoy's admin go there, API calls stay here.
     datapath_netns: str = ""
     status_file: Path = AGENT_STATUS_FILE
+    # The process table pods' network namespaces are found through (hostPID: the node's).
+    proc: Path = PROC
     # Syncs the run loop survived (logged with their traceback), for `steer status`.
     loop_errors: int = 0
     reflectors: dict[str, Reflector] = field(default_factory=dict)
@@ -115,13 +124,31 @@ class KubeAgent:
         return pod.node == self.node_name
 
     def _local_pod(self, obj: Mapping[str, Any], pod: Pod) -> Pod:
-        """The pod with its cgroup and netns; without them it stays on iptables, and a
-        pod object the resolver cannot read is reported on the pod, not fatal."""
+        """The pod with its cgroup and netns; without them it stays on iptables. Whatever
+        stops one pod's resolution (a pod object the resolver cannot read, a /proc or
+        cgroup file the agent may not open) is that pod's problem, reported on the pod:
+        the node's other pods are still synced."""
         try:
             cgroup = pod_cgroup(obj, self.cgroup_root)
-            netns = pod_netns(obj, self.cgroup_root)
+            netns = None
+            if cgroup is not None:
+                netns = pod_netns(obj, self.cgroup_root, self.proc, pod_dir=cgroup)
+                level = cgroup_level(cgroup)
+                if level > MAX_POD_CGROUP_LEVEL:
+                    self._event(
+                        obj,
+                        "SteeringCgroupUnknown",
+                        f"pod {pod.key}: cgroup {cgroup} is {level} levels deep, deeper than "
+                        f"the {MAX_POD_CGROUP_LEVEL} the eBPF datapath looks through; "
+                        "steered by iptables",
+                    )
+                    cgroup = None
         except ResolveError as exc:
             self._event(obj, "SteeringCgroupUnknown", str(exc))
+            return pod
+        except OSError as exc:
+            message = f"pod {pod.key}: its cgroup or network namespace cannot be read: {exc}"
+            self._event(obj, "SteeringCgroupUnknown", message)
             return pod
         return replace(pod, cgroup=str(cgroup or ""), netns=netns or "")
 
@@ -293,7 +320,8 @@ class KubeAgent:
             # Readiness gates also wait on Envoy, which sends no API events: while any
             # pod waits, look again every second even without a change.
             woken = changed.wait(timeout=1.0)
-            if not (woken or self._gates_pending):
+            drifted = self._in_datapath_netns(self.datapath.drifted)
+            if not (woken or drifted or self._gates_pending):
                 self._gc.tick()
                 continue
             time.sleep(0.02)  # one sync for a burst of events

@@ -117,6 +117,41 @@ def test_connect_time_deny_is_refused_at_once(
     assert counters("client")["denied"] == 2
 
 
+@pytest.fixture
+def nested_cgroup(lab: LabState) -> Iterator[str]:
+    """A cgroup below the client pod's, as a container's is below its pod's on a real node
+    (and as a pod process that can write its cgroupfs could make, hoping to slip out)."""
+    child = Path(pod(lab, "client").cgroup) / "nested"
+    child.mkdir()
+    try:
+        yield str(child)
+    finally:
+        child.rmdir()
+
+
+def test_a_process_in_a_cgroup_below_the_pods_gets_the_pods_verdicts(
+    node: NodeDatapath, lab: LabState, nested_cgroup: str
+) -> None:
+    """connect4 matched the caller's own cgroup only: every process of a real pod (in its
+    container's cgroup, one level below) went out unsteered, and so could any process that
+    moved itself into a child cgroup."""
+    sync(node, lab)
+    with PodProcess.start(pod(lab, "client").netns, nested_cgroup) as nested:
+        assert nested.connect_outcome(pod(lab, "web").ip, 9090)[0] == "refused"
+        assert counters("client")["denied"] == 1, "refused by connect4, not by a closed port"
+        with PodProcess.start(NODE_NETNS, lab.node_cgroup) as envoy:
+            listener = envoy.listen("0.0.0.0", ENVOY_OUTBOUND_PORT)
+            seen: list[tuple[str, int]] = []
+            accept = threading.Thread(
+                target=lambda: seen.append(envoy.accept_original_dst(listener))
+            )
+            accept.start()
+            conn = nested.open_tcp(pod(lab, "web").ip, 8080)
+            accept.join(timeout=5)
+            nested.tcp_close(conn)
+    assert seen == [(pod(lab, "web").ip, 8080)]
+
+
 def test_v4_mapped_addresses_get_the_ipv4_verdicts(
     node: NodeDatapath, lab: LabState, client: PodProcess
 ) -> None:

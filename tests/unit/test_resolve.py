@@ -9,17 +9,22 @@ in for namespaces.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from steer.node.cgroups import (
+    MAX_POD_CGROUP_LEVEL,
     WALK_MAX_DEPTH,
     NotFoundError,
     ResolveError,
+    cgroup_level,
     container_cgroups,
     netns_inode,
     pod_cgroup,
@@ -27,6 +32,12 @@ from steer.node.cgroups import (
     resolve_pod_cgroup,
     resolve_pod_netns,
 )
+from steer.node.datapath import NodeDatapath
+from steer.node.fakekernel import RecordingKernel
+from steer.node.features import Features
+from steer.node.kubeagent import KubeAgent
+
+REPO = Path(__file__).parents[2]
 
 UID = "5c3b9e2a-8f1d-4c6e-9a7b-2d4f6e8a0b1c"
 UID_ = "5c3b9e2a_8f1d_4c6e_9a7b_2d4f6e8a0b1c"  # as systemd slice names spell it
@@ -43,7 +54,7 @@ MIGRATE_ID = _container_id("migrate")  # finished init container: its cgroup is 
 PROXY_ID = _container_id("proxy")  # native sidecar (init, restartPolicy Always)
 APP_ID = _container_id("app")
 SANDBOX_PID, APP_PID, PROXY_PID, CONMON_PID = 4101, 4102, 4103, 4200
-HOST_NETNS = "net:[4026531840]"
+HOST_NETNS = "net:[4026531840]"  # the node's: the agent's own (hostNetwork) and PID 1's
 POD_NETNS = "net:[4026532310]"
 
 
@@ -143,6 +154,19 @@ LAYOUTS = [
             "{id}",
         ),
         id="nested-node-in-container-cgroupfs",
+    ),
+    # scripts/kube-node.sh's node, as recorded there: kubelet 1.20 with the cgroupfs driver
+    # and --cgroup-root=/steer-kube on a hybrid host; runc 1.1 puts the pod in the unified
+    # hierarchy under the same path, pause and app containers side by side.
+    pytest.param(
+        Layout(
+            "BestEffort",
+            "containerd",
+            f"steer-kube/kubepods/besteffort/pod{UID}",
+            "{id}",
+            v2_mount="unified",
+        ),
+        id="hybrid-cgroupfs-cgroup-root",
     ),
 ]
 
@@ -263,7 +287,7 @@ def make_cgroup(mount: Path, relative: str, pids: tuple[int, ...] = ()) -> Path:
     return path
 
 
-def make_process(proc: Path, pid: int, netns: Path) -> None:
+def make_process(proc: Path, pid: int | str, netns: Path) -> None:
     (proc / str(pid) / "ns").mkdir(parents=True)
     (proc / str(pid) / "ns" / "net").symlink_to(netns)
 
@@ -277,6 +301,8 @@ def build_node(tmp_path: Path, layout: Layout, pod_dir: str | None = None, uid: 
     proc = tmp_path / "proc"
     (nsfs / HOST_NETNS).touch()
     make_process(proc, 1, nsfs / HOST_NETNS)
+    # The agent itself (hostNetwork): the resolver's reference for the node's netns.
+    make_process(proc, "self", nsfs / HOST_NETNS)
 
     relative = pod_dir if pod_dir is not None else layout.pod_dir
     # The neighbour pod has the same layout under another UID, spelled the same way.
@@ -493,8 +519,9 @@ def test_pod_netns_never_uses_conmon(tmp_path: Path) -> None:
     node = build_node(tmp_path, layout)
     for container_id in (SANDBOX_ID, PROXY_ID, APP_ID):
         node.procs(container_id).write_text("")
-    # Even where the node's netns cannot be told apart (no /proc/1), conmon is not the pod.
-    (node.proc / "1" / "ns" / "net").unlink()
+    # Even where the node's netns cannot be told apart (no /proc/self/ns/net), conmon is
+    # not the pod.
+    (node.proc / "self" / "ns" / "net").unlink()
     assert pod_netns(api_pod(layout), node.root, node.proc) is None
 
 
@@ -529,3 +556,236 @@ def test_netns_inode_of_an_exited_process_is_none(tmp_path: Path) -> None:
     assert path is not None
     (node.proc / str(SANDBOX_PID) / "ns" / "net").unlink()
     assert netns_inode(path) is None
+
+
+# --- the node's own netns, and processes the agent may not inspect ------------------------
+
+
+@pytest.fixture
+def unreadable(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[Path]]:
+    """Paths whose stat() fails with EACCES, as /proc/<pid>/ns/net does for a process the
+    agent may not ptrace-read (a capability it lacks). Root in the test process passes
+    every permission check, so the kernel's refusal is stood in for here."""
+    denied: set[Path] = set()
+    real_stat = Path.stat
+
+    def stat(self: Path, *, follow_symlinks: bool = True) -> os.stat_result:
+        if self in denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    yield denied
+
+
+def test_the_nodes_netns_is_the_agents_own_not_pid_1s(tmp_path: Path) -> None:
+    # A node whose PID 1 is in another netns (the machine's init, with the node in a
+    # container or a namespace of its own), and a process in the node's netns inside the
+    # pod's sandbox cgroup: that one is the node's, never the pod's.
+    node = build_node(tmp_path, SYSTEMD_CONTAINERD)
+    machine = tmp_path / "nsfs" / "net:[4026530001]"
+    machine.touch()
+    (node.proc / "1" / "ns" / "net").unlink()
+    (node.proc / "1" / "ns" / "net").symlink_to(machine)
+    make_process(node.proc, 4999, tmp_path / "nsfs" / HOST_NETNS)
+    node.procs(SANDBOX_ID).write_text(f"4999\n{SANDBOX_PID}\n")
+    path = pod_netns(api_pod(SYSTEMD_CONTAINERD), node.root, node.proc)
+    assert path == str(node.proc / str(SANDBOX_PID) / "ns" / "net")
+
+
+def test_pid_1_unreadable_costs_nothing(tmp_path: Path, unreadable: set[Path]) -> None:
+    # This machine's init holds a capability no other process has: even root gets EACCES
+    # on /proc/1/ns/*.
+    node = build_node(tmp_path, SYSTEMD_CONTAINERD)
+    unreadable.add(node.proc / "1" / "ns" / "net")
+    path = pod_netns(api_pod(SYSTEMD_CONTAINERD), node.root, node.proc)
+    assert path == str(node.proc / str(SANDBOX_PID) / "ns" / "net")
+
+
+def test_an_unreadable_process_is_skipped_for_another(
+    tmp_path: Path, unreadable: set[Path]
+) -> None:
+    node = build_node(tmp_path, SYSTEMD_CONTAINERD)
+    unreadable.add(node.proc / str(SANDBOX_PID) / "ns" / "net")
+    path = pod_netns(api_pod(SYSTEMD_CONTAINERD), node.root, node.proc)
+    assert path in {str(node.proc / str(pid) / "ns" / "net") for pid in (APP_PID, PROXY_PID)}
+    assert netns_inode(path) == node.pod_netns.stat().st_ino
+
+
+def test_a_pod_whose_processes_are_all_unreadable_names_them(
+    tmp_path: Path, unreadable: set[Path]
+) -> None:
+    node = build_node(tmp_path, SYSTEMD_CONTAINERD)
+    denied = [node.proc / str(pid) / "ns" / "net" for pid in (SANDBOX_PID, APP_PID, PROXY_PID)]
+    unreadable.update(denied)
+    with pytest.raises(NotFoundError) as raised:
+        resolve_pod_netns(api_pod(SYSTEMD_CONTAINERD), node.root, node.proc)
+    for path in denied:
+        assert f"{path} (permission denied)" in raised.value.tried
+
+
+# --- what a real node leaves behind: stale directories, restarted containers --------------
+
+HYBRID_CGROUP_ROOT = Layout(
+    "BestEffort", "containerd", f"steer-kube/kubepods/besteffort/pod{UID}", "{id}", "", "unified"
+)
+
+
+def test_stale_pod_directories_are_ignored(tmp_path: Path) -> None:
+    # kubelet removes a deleted pod's v1 directories but not the v2 one runc made: the
+    # same pod name re-created (a new UID) sits beside its predecessor's empty directory,
+    # which may even keep a container directory with no process.
+    old_uid = "3f2e1d0c-9b8a-4765-8432-10fedcba9876"
+    node = build_node(tmp_path, HYBRID_CGROUP_ROOT)
+    mount = node.root / "unified"
+    stale = make_cgroup(mount, f"steer-kube/kubepods/besteffort/pod{old_uid}")
+    make_cgroup(mount, f"steer-kube/kubepods/besteffort/pod{old_uid}/{_container_id('old')}")
+    pod = api_pod(HYBRID_CGROUP_ROOT)
+    assert pod_cgroup(pod, node.root) == node.pod_dir
+    assert pod_netns(pod, node.root, node.proc) == str(node.proc / str(SANDBOX_PID) / "ns" / "net")
+    # The deleted pod's object, still in a watch cache for a moment: its directory is
+    # found, but it leads to no netns at all (rather than someone else's).
+    gone = api_pod(HYBRID_CGROUP_ROOT, uid=old_uid)
+    assert pod_cgroup(gone, node.root) == stale
+    assert pod_netns(gone, node.root, node.proc) is None
+
+
+def test_a_restarted_container_is_found_in_the_same_pod(tmp_path: Path) -> None:
+    # Same pod (UID), new container: status carries the new containerID; the old
+    # container's directory may linger, empty, beside the new one.
+    node = build_node(tmp_path, HYBRID_CGROUP_ROOT)
+    pod = api_pod(HYBRID_CGROUP_ROOT)
+    before = pod_netns(pod, node.root, node.proc)
+    restarted_id, restarted_pid = _container_id("app, restarted"), 4321
+    node.procs(APP_ID).write_text("")
+    make_cgroup(node.root / "unified", f"{node.layout.pod_dir}/{restarted_id}", (restarted_pid,))
+    make_process(node.proc, restarted_pid, node.pod_netns)
+    status = pod["status"]["containerStatuses"][0]
+    status["restartCount"] = 1
+    status["lastState"] = {"terminated": {"exitCode": 137, "containerID": status["containerID"]}}
+    status["containerID"] = f"containerd://{restarted_id}"
+
+    assert pod_cgroup(pod, node.root) == node.pod_dir
+    assert container_cgroups(pod, node.root) == [
+        node.container(PROXY_ID),
+        node.pod_dir / restarted_id,
+    ]
+    assert pod_netns(pod, node.root, node.proc) == before
+    # And with the sandbox's process gone too, the new container leads to the same netns.
+    node.procs(SANDBOX_ID).write_text("")
+    node.procs(PROXY_ID).write_text("")
+    path = pod_netns(pod, node.root, node.proc)
+    assert path == str(node.proc / str(restarted_pid) / "ns" / "net")
+    assert netns_inode(path) == node.pod_netns.stat().st_ino
+
+
+# --- how deep connect4 looks for a pod's cgroup --------------------------------------------
+
+
+def test_cgroup_level_counts_from_the_hierarchys_top(node: Node) -> None:
+    assert cgroup_level(node.root / node.layout.v2_mount) == 0
+    assert cgroup_level(node.pod_dir) == len(Path(node.layout.pod_dir).parts)
+
+
+def test_the_agents_bound_is_connect4s() -> None:
+    # connect4 walks a process's ancestors only this deep; the agent keeps deeper pods on
+    # iptables, so the two must agree.
+    source = (REPO / "bpf" / "connect4.c").read_text()
+    found = re.search(r"#define STEER_MAX_CGROUP_LEVEL (\d+)", source)
+    assert found is not None
+    assert int(found.group(1)) == MAX_POD_CGROUP_LEVEL
+
+
+# --- the agent: one pod's resolution problem is that pod's ----------------------------------
+
+EBPF = Features(ebpf=True, skmsg=True, ebpf_reason="probed", skmsg_reason="probed")
+
+
+class _Core:
+    """CoreV1Api as the agent uses it here: records Events."""
+
+    events: ClassVar[list[Any]] = []
+
+    def __init__(self, api_client: object) -> None:
+        pass
+
+    def list_pod_for_all_namespaces(self, **kwargs: Any) -> Any:
+        raise AssertionError("the test feeds the reflectors itself")
+
+    list_namespace = list_pod_for_all_namespaces
+
+    def create_namespaced_event(self, namespace: str, event: Any) -> None:
+        self.events.append(event)
+
+
+def kube_agent(
+    tmp_path: Path, node: Node, monkeypatch: pytest.MonkeyPatch, root: Path | None = None
+) -> KubeAgent:
+    import kubernetes.client
+
+    _Core.events = []
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", _Core)
+    return KubeAgent(
+        None,
+        "worker-2",
+        root or node.root,
+        NodeDatapath(kernel=RecordingKernel(), features=EBPF, bpf_state_file=tmp_path / "b"),
+        envoy_admin=str(tmp_path / "no-envoy.sock"),
+        status_file=tmp_path / "agent-status.json",
+        proc=node.proc,
+    )
+
+
+def feed(agent: KubeAgent, *pods: dict[str, Any]) -> None:
+    namespace = {"metadata": {"name": "shop", "labels": {"steer.dev/inject": "enabled"}}}
+    items = {"local-pods": pods, "pods": pods, "namespaces": [namespace], "httppolicies": []}
+    for kind, objects in items.items():
+        agent.reflectors[kind].items = {str(i): o for i, o in enumerate(objects)}
+
+
+def test_one_pods_unreadable_netns_fails_only_that_pod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = build_node(tmp_path, HYBRID_CGROUP_ROOT)
+    good = api_pod(HYBRID_CGROUP_ROOT)
+    bad = api_pod(HYBRID_CGROUP_ROOT, uid=NEIGHBOUR_UID)
+    bad["metadata"]["name"], bad["status"]["podIP"] = "payments-0", "10.244.2.18"
+    # Every process of the neighbour pod: ns/net an error no retry fixes (a symlink loop
+    # here, ELOOP), neither "gone" nor "permission denied".
+    for pid in (SANDBOX_PID + 1000, APP_PID + 1000, PROXY_PID + 1000):
+        link = node.proc / str(pid) / "ns" / "net"
+        link.unlink()
+        link.symlink_to(link)
+    agent = kube_agent(tmp_path, node, monkeypatch)
+    feed(agent, good, bad)
+
+    report = agent.sync()
+    assert report.dataplanes["shop/checkout-7d4b9c6f5-x2lqp"][0] == "ebpf"
+    dataplane, reason = report.dataplanes["shop/payments-0"]
+    assert (dataplane, reason) == (
+        "iptables",
+        "annotation asks for ebpf, but the pod's cgroup is not known",
+    )
+    [event] = _Core.events
+    assert event.involved_object.name == "payments-0"
+    assert event.reason == "SteeringCgroupUnknown"
+    assert (
+        "cannot be read" in event.message and "Too many levels of symbolic links" in event.message
+    )
+
+
+def test_a_pod_deeper_than_connect4_looks_stays_on_iptables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attached but never matched by connect4, its connects would go out unsteered. The
+    # agent is given the deep kubelet root: levels count from the hierarchy's top.
+    deep = "/".join(f"l{i}" for i in range(MAX_POD_CGROUP_LEVEL - 2))
+    layout = Layout("Burstable", "containerd", f"{deep}/kubepods/burstable/pod{UID}", "{id}")
+    node = build_node(tmp_path, layout)
+    agent = kube_agent(tmp_path, node, monkeypatch, root=node.root / deep)
+    feed(agent, api_pod(layout))
+    assert cgroup_level(node.pod_dir) == MAX_POD_CGROUP_LEVEL + 1
+    report = agent.sync()
+    assert report.dataplanes["shop/checkout-7d4b9c6f5-x2lqp"][0] == "iptables"
+    [event] = _Core.events
+    assert f"deeper than the {MAX_POD_CGROUP_LEVEL}" in event.message
