@@ -88,9 +88,7 @@ class BpfObjects:
         if state.get("build") == build_hash() and objects._adopt():
             objects.attachments = [Attachment(**a) for a in state.get("attachments", [])]
             objects.slots = {str(k): int(v) for k, v in state.get("slots", {}).items()}
-            objects.cgroup_ids = {
-                str(k): int(v) for k, v in state.get("cgroup_ids", {}).items()
-            }
+            objects.cgroup_ids = {str(k): int(v) for k, v in state.get("cgroup_ids", {}).items()}
             objects.adopted = True
             log.debug("adopted pinned BPF objects (build %s)", state["build"])
             return objects
