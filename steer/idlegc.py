@@ -112,18 +112,18 @@ class IdleCollector:
             return
         now = time.monotonic()
         if now - self._settled_at >= self.idle_s:
-            why = "idle"
+            why, frozen = "idle", gc.get_freeze_count()
         elif now - self._collected_at >= self.max_interval_s:
-            why = "interval"
+            why, frozen = "interval", gc.get_freeze_count()
         elif now - self._growth_checked_at >= self.growth_check_s:
             self._growth_checked_at = now
             limit = max(self._survivors * self.growth, self._survivors + self.floor)
-            if gc.get_freeze_count() <= limit:
+            frozen = gc.get_freeze_count()
+            if frozen <= limit:
                 return
             why = "growth"
         else:
             return
-        frozen = gc.get_freeze_count()
         gc.unfreeze()
         gc.collect()
         gc.freeze()
