@@ -14,13 +14,14 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tests import waiting
 
 REPO = Path(__file__).parents[2]
 KUBE_NODE = REPO / "scripts" / "kube-node.sh"
@@ -45,27 +46,17 @@ NODE_CGROUP = Path("/sys/fs/cgroup/unified/steer-kube")
 T = TypeVar("T")
 
 
-class Timeout(AssertionError):
-    pass
-
-
 def eventually(check: Callable[[], T | None], what: str, timeout: float = 60) -> T:
-    """`check()`'s first truthy result, polled until `timeout` seconds have passed; an
-    exception counts as not yet, and the last one is reported if time runs out."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    delay = 0.1
-    while True:
-        try:
-            result = check()
-        except (AssertionError, subprocess.CalledProcessError, OSError, ValueError) as exc:
-            result, last = None, exc
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise Timeout(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
+    """tests.waiting.eventually, where a failed command, a missing file or unparsable
+    output count as not yet."""
+    return waiting.eventually(
+        check,
+        what,
+        timeout,
+        interval=0.1,
+        max_interval=1.0,
+        not_yet=(AssertionError, subprocess.CalledProcessError, OSError, ValueError),
+    )
 
 
 def run(

@@ -12,7 +12,6 @@ which is left in place (minus etcd's data) for debugging.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from steer.lab.process import supervised
+from tests import waiting
 
 KUBE_VERSION = "v1.20.2"
 DEFAULT_CACHE = Path("/var/cache/steer/kube")
@@ -275,16 +275,8 @@ def running_apiserver(
 def eventually(
     check: Callable[[], Any], what: str, timeout: float = 30, interval: float = 0.2
 ) -> Any:
-    """`check()` once it is truthy; API errors in between count as not yet (the object
-    may not exist yet). Raises AssertionError with the last answer after `timeout`."""
+    """tests.waiting.eventually, where API errors count as not yet (the object may not
+    exist yet)."""
     from kubernetes.client.rest import ApiException
 
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ApiException):
-            last = check()
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    return waiting.eventually(check, what, timeout, interval=interval, not_yet=(ApiException,))
