@@ -1,6 +1,10 @@
-/* cgroup/connect4 and cgroup/connect6, attached to each eBPF-steered pod's cgroup.
+/* cgroup/connect4, cgroup/connect6 and cgroup/getpeername4/6, attached to each
+ * eBPF-steered pod's cgroup.
  *
- * Decides the flow's L4 verdict once, at connect time:
+ * A connect to a Service's address (a ClusterIP, or the node's address at a NodePort) is
+ * first balanced to one of its backends, chosen uniformly at random per connect; a Service
+ * without backends refuses it. Then the flow's L4 verdict is decided once, for the
+ * backend, exactly as for a connect dialled to that backend directly:
  *   deny  -> the connect fails with ECONNREFUSED, as a TCP reset would make it;
  *   allow -> the connect goes ahead untouched: no Envoy on the path;
  *   L7    -> the destination is rewritten to Envoy's outbound listener and the original
@@ -10,6 +14,7 @@
  * yet, and a path no policy covers must not be a way around policy.
  */
 #include "steer/common.h"
+#include "steer/service.h"
 
 #define STEER_ECONNREFUSED 111
 
@@ -109,6 +114,39 @@ static __always_inline struct steer_pod *steer_pod_of_caller(void)
 	return 0;
 }
 
+/* A steered pod's connect to *ip:*port_be (IPv4, network order): balanced if it is a
+ * Service's, then decided; on return *ip:*port_be is where the socket is to connect. The
+ * address dialled is remembered for getpeername when it differs. */
+static __always_inline enum steer_connect steer_connect_ip4(struct bpf_sock_addr *ctx,
+							    struct steer_pod *pod,
+							    struct steer_cfg *cfg, __u32 *ip,
+							    __u16 *port_be)
+{
+	struct steer_addr dialled = {.ip = *ip, .port_be = *port_be};
+	enum steer_lb lb = steer_balance(ip, port_be);
+	struct steer_counters *count = steer_count(pod->slot);
+	if (lb == STEER_LB_EMPTY) {
+		if (count)
+			count->svc_empty++;
+		return STEER_CONNECT_REFUSE;
+	}
+	enum steer_connect outcome = steer_decide(ctx, pod, cfg, *ip, *port_be);
+	if (outcome == STEER_CONNECT_REFUSE)
+		return outcome;
+	if (lb == STEER_LB_BACKEND && count)
+		count->svc_balanced++;
+	if (outcome == STEER_CONNECT_REDIRECT) {
+		*ip = cfg->envoy_ip;
+		*port_be = bpf_htons(STEER_OUTBOUND_PORT);
+	}
+	if (lb == STEER_LB_BACKEND || outcome == STEER_CONNECT_REDIRECT) {
+		__u64 cookie = bpf_get_socket_cookie(ctx);
+		/* An LRU map evicts instead of failing; getpeername then shows the real peer. */
+		steer_dialled.update(&cookie, &dialled);
+	}
+	return outcome;
+}
+
 int steer_connect4(struct bpf_sock_addr *ctx)
 {
 	if (ctx->user_family != AF_INET || ctx->type != SOCK_STREAM)
@@ -119,16 +157,14 @@ int steer_connect4(struct bpf_sock_addr *ctx)
 	struct steer_cfg *cfg = steer_config();
 	if (!cfg)
 		return 1;
-	enum steer_connect outcome =
-		steer_decide(ctx, pod, cfg, ctx->user_ip4, (__u16)ctx->user_port);
-	if (outcome == STEER_CONNECT_REFUSE) {
+	__u32 ip = ctx->user_ip4;
+	__u16 port_be = (__u16)ctx->user_port;
+	if (steer_connect_ip4(ctx, pod, cfg, &ip, &port_be) == STEER_CONNECT_REFUSE) {
 		bpf_set_retval(-STEER_ECONNREFUSED);
 		return 0;
 	}
-	if (outcome == STEER_CONNECT_REDIRECT) {
-		ctx->user_ip4 = cfg->envoy_ip;
-		ctx->user_port = bpf_htons(STEER_OUTBOUND_PORT);
-	}
+	ctx->user_ip4 = ip;
+	ctx->user_port = port_be;
 	return 1;
 }
 
@@ -146,15 +182,14 @@ int steer_connect6(struct bpf_sock_addr *ctx)
 	__u32 w3 = ctx->user_ip6[3];
 	if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
 		/* v4-mapped: the same flow as an AF_INET socket's, with the same verdict. */
-		enum steer_connect outcome = steer_decide(ctx, pod, cfg, w3, (__u16)ctx->user_port);
-		if (outcome == STEER_CONNECT_REFUSE) {
+		__u32 ip = w3;
+		__u16 port_be = (__u16)ctx->user_port;
+		if (steer_connect_ip4(ctx, pod, cfg, &ip, &port_be) == STEER_CONNECT_REFUSE) {
 			bpf_set_retval(-STEER_ECONNREFUSED);
 			return 0;
 		}
-		if (outcome == STEER_CONNECT_REDIRECT) {
-			ctx->user_ip6[3] = cfg->envoy_ip;
-			ctx->user_port = bpf_htons(STEER_OUTBOUND_PORT);
-		}
+		ctx->user_ip6[3] = ip;
+		ctx->user_port = port_be;
 		return 1;
 	}
 	/* :: and ::1 stay inside the pod, like 127.0.0.0/8. */
@@ -165,4 +200,32 @@ int steer_connect6(struct bpf_sock_addr *ctx)
 		count->denied++;
 	bpf_set_retval(-STEER_ECONNREFUSED);
 	return 0;
+}
+
+/* getpeername on a socket connect4 sent elsewhere: the address the application dialled. */
+int steer_getpeer4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct steer_addr *dialled = steer_dialled.lookup(&cookie);
+	if (dialled) {
+		ctx->user_ip4 = dialled->ip;
+		ctx->user_port = dialled->port_be;
+	}
+	return 1;
+}
+
+int steer_getpeer6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct steer_addr *dialled = steer_dialled.lookup(&cookie);
+	if (dialled) {
+		/* Only v4-mapped sockets are ever rewritten: the ::ffff:0:0/96 prefix stays. */
+		ctx->user_ip6[3] = dialled->ip;
+		ctx->user_port = dialled->port_be;
+	}
+	return 1;
 }

@@ -1,8 +1,11 @@
 /* cgroup/getsockopt, attached to Envoy's cgroup: answers SO_ORIGINAL_DST for connections
- * connect4 rewrote. For everything else (connections REDIRECTed by iptables) the kernel's
- * own answer from conntrack stands.
+ * connect4 rewrote. For connections iptables REDIRECTed the kernel answers from conntrack;
+ * when that answer is a Service's address (a pod steered by iptables dialled a Service
+ * whose backends have HTTP rules, and was sent to Envoy before kube-proxy could choose a
+ * backend), the backend is chosen here, so Envoy enforces and forwards to that backend.
  */
 #include "steer/common.h"
+#include "steer/service.h"
 
 #define STEER_SO_ORIGINAL_DST 80
 
@@ -22,15 +25,26 @@ int steer_sockopt(struct bpf_sockopt *ctx)
 		.envoy_port = (__u16)sk->src_port,
 	};
 	struct steer_origdst *orig = steer_origdst.lookup(&key);
+	struct sockaddr_in *sin = ctx->optval;
+	if ((void *)(sin + 1) > ctx->optval_end)
+		return 1; /* the caller's buffer is too small: keep the kernel's answer */
 	if (!orig) {
 		struct steer_counters *count = steer_count(0);
+		if (ctx->retval == 0) {
+			__u32 ip = sin->sin_addr.s_addr;
+			__u16 port_be = sin->sin_port;
+			if (steer_balance(&ip, &port_be) == STEER_LB_BACKEND) {
+				sin->sin_addr.s_addr = ip;
+				sin->sin_port = port_be;
+				if (count)
+					count->svc_balanced++;
+				return 1;
+			}
+		}
 		if (count)
 			count->sockopt_miss++;
 		return 1;
 	}
-	struct sockaddr_in *sin = ctx->optval;
-	if ((void *)(sin + 1) > ctx->optval_end)
-		return 1; /* the caller's buffer is too small: keep the kernel's answer */
 	sin->sin_family = AF_INET;
 	sin->sin_port = orig->port_be;
 	sin->sin_addr.s_addr = orig->ip;

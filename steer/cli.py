@@ -39,7 +39,14 @@ def _print_json(document: object) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from steer.lab.spec import LabError, LabPodSpec, default_lab_specs, lab_specs_from_yaml
+    from steer.lab.services import default_lab_services
+    from steer.lab.spec import (
+        LabConfig,
+        LabError,
+        LabPodSpec,
+        default_lab_specs,
+        lab_config_from_yaml,
+    )
     from steer.lab.updown import lab_down, lab_status, lab_up
 
     if args.action == "down":
@@ -53,19 +60,23 @@ def cmd_lab(args: argparse.Namespace) -> int:
         return 0
     if args.action == "up":
         try:
-            specs = (
-                lab_specs_from_yaml(args.config.read_text(), str(args.config))
+            config = (
+                lab_config_from_yaml(args.config.read_text(), str(args.config))
                 if args.config
-                else default_lab_specs()
+                else LabConfig(default_lab_specs(), default_lab_services())
             )
         except (OSError, LabError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        specs += [
+        specs = config.pods + [
             LabPodSpec(name=f"pod-{i}", labels={"app": "filler"})
-            for i in range(max(0, args.pods - len(specs)))
+            for i in range(max(0, args.pods - len(config.pods)))
         ]
-        state = lab_up(specs, args.lab_state)
+        try:
+            state = lab_up(specs, args.lab_state, config.services)
+        except LabError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         found = lab_status(args.lab_state)
         if found is None:
@@ -78,6 +89,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         print(f"node netns {state.node_netns}")
         for pod in state.pods:
             print(f"  {pod.namespace}/{pod.name:<12} {pod.ip:<14} {pod.netns:<28} {pod.veth}")
+        for service in state.services:
+            ports = ", ".join(f"{p.port}->{p.target}" for p in service.ports)
+            address = service.cluster_ip or "None (headless)"
+            print(f"  service {service.key:<20} {address:<14} {ports}")
     return 0
 
 
@@ -691,10 +706,28 @@ def _print_agent(agent: dict[str, Any]) -> None:
             print(f"      readiness gate: {gate}")
     if ipv6 := agent.get("ipv6"):
         print(f"  ipv6: {ipv6}")
+    _print_services(agent.get("services") or [])
     for error in (agent.get("last_sync") or {}).get("errors", []):
         print(f"  error: {error}")
     if loop_errors := agent.get("loop_errors"):
         print(f"  {loop_errors} failed sync(s) since the agent started; see its log")
+
+
+def _print_services(services: list[dict[str, Any]]) -> None:
+    if not services:
+        return
+    print("services:")
+    for service in services:
+        name = f"{service.get('namespace')}/{service.get('name')}"
+        print(f"  {name:<20} {service.get('cluster_ip') or 'None (headless)'}")
+        for frontend in service.get("frontends", []):
+            backends = ", ".join(frontend.get("backends", [])) or "no backend: refused"
+            print(
+                f"      {frontend.get('address')} -> {backends} "
+                f"(balanced by {frontend.get('balanced_by')})"
+            )
+        for problem in service.get("problems", []):
+            print(f"      {problem.get('reason')}: {problem.get('message')}")
 
 
 def _print_control(control: dict[str, Any]) -> None:

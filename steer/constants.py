@@ -77,6 +77,8 @@ BPF_MAX_PREFIXES: Final = 65536  # LPM entries: destination prefixes x source po
 BPF_MAX_SEGMENTS: Final = 16  # port segments per prefix; more falls back to iptables
 BPF_MAX_PENDING: Final = 65536  # connects not yet established
 BPF_MAX_FLOWS: Final = 262144  # steered connections alive
+# Service frontends plus their backends (one entry each): 5,000 Services of 3 backends fit.
+BPF_MAX_SERVICE_ENTRIES: Final = 65536
 
 # What happens to a steered pod's IPv6, for `steer status` and the docs.
 IPV6_POLICY: Final = (
@@ -96,6 +98,8 @@ POD_VETH_PREFIX: Final = "sp"
 POD_IFNAME: Final = "eth0"
 LAB_POD_CIDR: Final = "10.244.0.0/16"
 LAB_GATEWAY_IP: Final = "10.244.0.1"
+# Where `steer lab up` gives Services their ClusterIP (kubeadm's default service CIDR).
+LAB_SERVICE_CIDR: Final = "10.96.0.0/16"
 LAB_NODE_NAME: Final = "lab-node"
 CGROUP_SUBTREE: Final = "steer"
 CGROUP2_CANDIDATES: Final = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))

@@ -10,7 +10,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from importlib import resources
@@ -20,6 +20,7 @@ from typing import Any
 from steer.atomicfile import write_text_atomic
 from steer.constants import AGENT_STATUS_FILE, CONTROL_STATUS_FILE, LOG_DIR, POLICY_DIR
 from steer.lab.process import supervised
+from steer.lab.services import LabService, default_lab_services
 from steer.lab.spec import LabPodSpec, LabState, default_lab_specs
 from steer.lab.updown import lab_down, lab_up
 from steer.node.bpfobjects import BpfObjects
@@ -147,6 +148,7 @@ class LocalNode:
         cls,
         specs: list[LabPodSpec] | None = None,
         policies: Mapping[str, str] | None = None,
+        services: Sequence[LabService] | None = None,
         ads: str = "delta",
         keep: bool = False,
     ) -> Iterator[LocalNode]:
@@ -154,7 +156,7 @@ class LocalNode:
         for stale in (AGENT_STATUS_FILE, CONTROL_STATUS_FILE):
             stale.unlink(missing_ok=True)
         specs = specs if specs is not None else default_lab_specs()
-        lab = lab_up(specs)
+        lab = lab_up(specs, services=services if services is not None else default_lab_services())
         try:
             shutil.rmtree(POLICY_DIR, ignore_errors=True)
             POLICY_DIR.mkdir(parents=True)

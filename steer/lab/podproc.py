@@ -215,6 +215,18 @@ class PodProcess:
     def tcp_close(self, conn: int) -> None:
         self._call("tcp_close", 0.0, conn=conn)
 
+    def open_tcp6(self, ip: str, port: int) -> int:
+        """`open_tcp` from an AF_INET6 socket (a v4-mapped `ip` such as ::ffff:10.0.0.1)."""
+        return _as_int(self._call("open_tcp6", IO_TIMEOUT_S, ip=ip, port=port))
+
+    def peername(self, conn: int) -> tuple[str, int]:
+        """getpeername() of a connection `open_tcp` or `open_tcp6` made: the address the
+        application is told it is talking to."""
+        result = self._call("peername", IO_TIMEOUT_S, conn=conn)
+        if not (isinstance(result, list) and len(result) == 2):
+            raise PodProcessError(f"malformed peer name: {result!r}")
+        return str(result[0]), _as_int(result[1])
+
     def serve_http(self, ip: str, port: int, name: str) -> None:
         """Serve ``steer.lab.servers``' HTTP handler on ip:port (answering as pod
         ``name``) until the worker exits; returns once the socket is listening."""
@@ -465,6 +477,22 @@ class _Worker:
         conn_id = self._conn_id()
         self._tcp[conn_id] = socket.create_connection((ip, port), timeout=IO_TIMEOUT_S)
         return conn_id
+
+    def op_open_tcp6(self, ip: str, port: int) -> int:
+        conn_id = self._conn_id()
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.settimeout(IO_TIMEOUT_S)
+        try:
+            sock.connect((ip, port))
+        except OSError:
+            sock.close()
+            raise
+        self._tcp[conn_id] = sock
+        return conn_id
+
+    def op_peername(self, conn: int) -> tuple[str, int]:
+        peer = self._tcp_conn(conn).getpeername()
+        return str(peer[0]), int(peer[1])
 
     def op_tcp_echo(self, conn: int, payload: str) -> str | None:
         data = base64.b64decode(payload)

@@ -22,10 +22,12 @@ from steer.constants import (
     LAB_GATEWAY_IP,
     LAB_NODE_NAME,
     LAB_POD_CIDR,
+    LAB_SERVICE_CIDR,
     NODE_NETNS,
     POD_NETNS_PREFIX,
     POD_VETH_PREFIX,
 )
+from steer.lab.services import LabService, LabServiceError, LabServiceJSON, parse_lab_service
 
 # Netns names show up in `ip netns list` and cgroup names in `systemd-cgls`, so they
 # stay readable; past this length the tail is replaced by a hash to stay unique.
@@ -85,6 +87,8 @@ class LabPodSpec:
     annotations: Mapping[str, str] = _metadata()
     # The labels of the pod's namespace; the lab has no Namespace objects of its own.
     namespace_labels: Mapping[str, str] = _metadata()
+    # Named container ports (name -> number), for Services whose targetPort is a name.
+    ports: Mapping[str, int] = _metadata()
 
     def __post_init__(self) -> None:
         for what, value in (("name", self.name), ("namespace", self.namespace)):
@@ -93,6 +97,7 @@ class LabPodSpec:
         object.__setattr__(self, "labels", _frozen(self.labels))
         object.__setattr__(self, "annotations", _frozen(self.annotations))
         object.__setattr__(self, "namespace_labels", _frozen(self.namespace_labels))
+        object.__setattr__(self, "ports", MappingProxyType(dict(self.ports)))
 
 
 class LabNodeJSON(TypedDict):
@@ -101,9 +106,10 @@ class LabNodeJSON(TypedDict):
     gateway: str
     pod_cidr: str
     cgroup: str
+    service_cidr: str
 
 
-class LabPodJSON(TypedDict):
+class _LabPodJSONBase(TypedDict):
     name: str
     namespace: str
     netns: str
@@ -115,9 +121,14 @@ class LabPodJSON(TypedDict):
     namespace_labels: dict[str, str]
 
 
+class LabPodJSON(_LabPodJSONBase, total=False):
+    ports: dict[str, int]
+
+
 class LabStateJSON(TypedDict):
     node: LabNodeJSON
     pods: list[LabPodJSON]
+    services: list[LabServiceJSON]
 
 
 def _str_map(value: Any, what: str) -> dict[str, str]:
@@ -125,6 +136,15 @@ def _str_map(value: Any, what: str) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise ValueError(f"{what} must map strings to strings")
+    return dict(value)
+
+
+def _port_map(value: Any, what: str) -> dict[str, int]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536
+        for k, v in value.items()
+    ):
+        raise ValueError(f"{what} must map port names to numbers from 1 to 65535")
     return dict(value)
 
 
@@ -146,13 +166,21 @@ class LabPod:
     labels: Mapping[str, str] = _metadata()
     annotations: Mapping[str, str] = _metadata()
     namespace_labels: Mapping[str, str] = _metadata()
+    ports: Mapping[str, int] = _metadata()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen(self.labels))
         object.__setattr__(self, "annotations", _frozen(self.annotations))
         object.__setattr__(self, "namespace_labels", _frozen(self.namespace_labels))
+        object.__setattr__(self, "ports", MappingProxyType(dict(self.ports)))
 
     def to_json(self) -> LabPodJSON:
+        document = self._json()
+        if self.ports:
+            document["ports"] = dict(self.ports)
+        return document
+
+    def _json(self) -> LabPodJSON:
         return {
             "name": self.name,
             "namespace": self.namespace,
@@ -177,6 +205,7 @@ class LabPod:
             labels=_str_map(data.get("labels", {}), "labels"),
             annotations=_str_map(data.get("annotations", {}), "annotations"),
             namespace_labels=_str_map(data.get("namespace_labels", {}), "namespace_labels"),
+            ports=_port_map(data.get("ports", {}), "ports"),
         )
 
 
@@ -189,6 +218,8 @@ class LabState:
     pods: tuple[LabPod, ...]
     # Where node processes (Envoy, the agent) belong; empty if not recorded.
     node_cgroup: str = ""
+    services: tuple[LabService, ...] = ()
+    service_cidr: str = LAB_SERVICE_CIDR
 
     def pod(self, namespace: str, name: str) -> LabPod:
         for pod in self.pods:
@@ -204,8 +235,10 @@ class LabState:
                 "gateway": self.gateway_ip,
                 "pod_cidr": self.pod_cidr,
                 "cgroup": self.node_cgroup,
+                "service_cidr": self.service_cidr,
             },
             "pods": [pod.to_json() for pod in self.pods],
+            "services": [service.to_json() for service in self.services],
         }
 
     @classmethod
@@ -229,6 +262,8 @@ class LabState:
             pod_cidr=str(node.get("pod_cidr", LAB_POD_CIDR)),
             node_cgroup=str(node.get("cgroup", "")),
             pods=tuple(parse_pod(pod) for pod in pods),
+            services=tuple(LabService.from_json(s) for s in data.get("services", [])),
+            service_cidr=str(node.get("service_cidr", LAB_SERVICE_CIDR)),
         )
 
     @classmethod
@@ -267,8 +302,15 @@ class LabPodCache:
         self._last, self._seen = self._seen, {}
 
 
+# The ports the embedded default's pods name (web serves HTTP on 8080 in the demo).
+_DEFAULT_NAMED_PORTS: Mapping[str, Mapping[str, int]] = {"web": {"http": 8080}}
+
+
 def default_lab_specs() -> list[LabPodSpec]:
-    return [LabPodSpec(name=app, labels={"app": app}) for app in ("client", "web", "api")]
+    return [
+        LabPodSpec(name=app, labels={"app": app}, ports=_DEFAULT_NAMED_PORTS.get(app, {}))
+        for app in ("client", "web", "api")
+    ]
 
 
 def check_unique(specs: Sequence[LabPodSpec]) -> None:
@@ -314,30 +356,46 @@ def plan_ips(current: Sequence[str | None]) -> list[str]:
         raise LabError(f"{LAB_POD_CIDR} has no room for {len(current)} pods") from None
 
 
+@dataclass(frozen=True)
+class LabConfig:
+    pods: list[LabPodSpec]
+    services: list[LabService]
+
+
 def lab_specs_from_yaml(text: str, source: str) -> list[LabPodSpec]:
-    """Pod specs from a lab file:
+    return lab_config_from_yaml(text, source).pods
+
+
+def lab_config_from_yaml(text: str, source: str) -> LabConfig:
+    """Pods and Services from a lab file:
 
     namespaces:             # optional: labels of each namespace
       default: {steer.dev/allow-exclusions: "true"}
     pods:
-      - {name: web, namespace: default, labels: {app: web}, annotations: {...}}
+      - {name: web, namespace: default, labels: {app: web}, annotations: {...},
+         ports: {http: 8080}}
+    services:               # optional: see steer.lab.services
+      - {name: web, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
     """
     try:
         document = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise LabError(f"{source}: malformed YAML: {exc}; fix the syntax") from None
-    if not isinstance(document, dict) or set(document) - {"namespaces", "pods"}:
-        raise LabError(f"{source}: expected a mapping with keys 'namespaces' and 'pods'")
+    if not isinstance(document, dict) or set(document) - {"namespaces", "pods", "services"}:
+        raise LabError(f"{source}: expected a mapping with keys 'namespaces', 'pods', 'services'")
     namespaces = document.get("namespaces") or {}
     pods = document.get("pods") or []
+    services = document.get("services") or []
     if not isinstance(namespaces, dict) or not isinstance(pods, list):
         raise LabError(f"{source}: 'namespaces' must be a mapping and 'pods' a list")
+    if not isinstance(services, list):
+        raise LabError(f"{source}: 'services' must be a list")
     specs = []
     for index, pod in enumerate(pods):
         where = f"{source}: pods[{index}]"
         if not isinstance(pod, dict) or "name" not in pod:
             raise LabError(f"{where}: each pod needs at least a 'name'")
-        unknown = set(pod) - {"name", "namespace", "labels", "annotations"}
+        unknown = set(pod) - {"name", "namespace", "labels", "annotations", "ports"}
         if unknown:
             raise LabError(f"{where}: unknown field(s) {sorted(unknown)}; fix: remove them")
         namespace = str(pod.get("namespace", "default"))
@@ -349,8 +407,30 @@ def lab_specs_from_yaml(text: str, source: str) -> list[LabPodSpec]:
                     labels=_str_map(pod.get("labels", {}), "labels"),
                     annotations=_str_map(pod.get("annotations", {}), "annotations"),
                     namespace_labels=_str_map(namespaces.get(namespace, {}), "namespace labels"),
+                    ports=_port_map(pod.get("ports", {}), "ports"),
                 )
             )
         except ValueError as exc:
             raise LabError(f"{where}: {exc}") from None
-    return specs
+    parsed: list[LabService] = []
+    keys: set[str] = set()
+    node_ports: dict[int, str] = {}
+    for index, raw in enumerate(services):
+        try:
+            service = parse_lab_service(raw, f"services[{index}]")
+        except LabServiceError as exc:
+            raise LabError(f"{source}: {exc}") from None
+        if service.key in keys:
+            raise LabError(f"{source}: services[{index}]: a second Service {service.key}")
+        keys.add(service.key)
+        for port in service.ports:
+            if port.node_port is None:
+                continue
+            if port.node_port in node_ports:
+                raise LabError(
+                    f"{source}: services[{index}]: nodePort {port.node_port} is already "
+                    f"{node_ports[port.node_port]}'s; fix: choose another"
+                )
+            node_ports[port.node_port] = service.key
+        parsed.append(service)
+    return LabConfig(specs, parsed)

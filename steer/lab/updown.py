@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import subprocess
 from collections.abc import Iterator, Sequence
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from steer.atomicfile import write_json_atomic
@@ -30,6 +32,8 @@ from steer.constants import (
     LAB_STATE_FILE,
     NODE_NETNS,
 )
+from steer.lab.kubeproxy import is_kube_proxy_chain, render_kube_proxy
+from steer.lab.services import LabService, LabServiceError, plan_cluster_ips
 from steer.lab.spec import (
     NODE_CGROUP_NAME,
     LabError,
@@ -57,8 +61,9 @@ from steer.lab.wiring import (
     wire_pod,
     write_sysctls,
 )
+from steer.model.service import Frontend, PodPorts, frontends
 from steer.node.cgroups import CgroupError, cgroup2_root
-from steer.node.netns import NETNS_RUN_DIR, netns_path
+from steer.node.netns import NETNS_RUN_DIR, netns_path, run_in_netns
 
 
 @contextlib.contextmanager
@@ -88,14 +93,31 @@ def lab_status(state_file: Path = LAB_STATE_FILE) -> LabState | None:
         raise LabError(f"unreadable lab state {state_file}: {exc}; run lab down") from exc
 
 
-def lab_up(specs: Sequence[LabPodSpec], state_file: Path = LAB_STATE_FILE) -> LabState:
+def lab_up(
+    specs: Sequence[LabPodSpec],
+    state_file: Path = LAB_STATE_FILE,
+    services: Sequence[LabService] | None = None,
+) -> LabState:
     """Create or converge the lab to exactly ``specs`` and record it in ``state_file``.
 
     Idempotent: existing pods are checked and repaired in place and keep their
     addresses, new pods are added, and steer pods not in ``specs`` are removed.
+    ``services``: the lab's Services (None: keep the ones it has); each keeps its ClusterIP
+    across calls, as the apiserver keeps it for a Service's lifetime.
     """
     specs = list(specs)
     check_unique(specs)
+    try:
+        before = lab_status(state_file)
+    except LabError:
+        before = None
+    current_ips = {s.key: s.cluster_ip for s in (before.services if before else ()) if s.cluster_ip}
+    if services is None:
+        services = before.services if before else ()
+    try:
+        planned_services = plan_cluster_ips(services, current_ips)
+    except LabServiceError as exc:
+        raise LabError(str(exc)) from None
     cgroup_base = cgroup2_root() / CGROUP_SUBTREE
     node_cgroup = cgroup_base / NODE_CGROUP_NAME
     state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +170,7 @@ def lab_up(specs: Sequence[LabPodSpec], state_file: Path = LAB_STATE_FILE) -> La
                     labels=spec.labels,
                     annotations=spec.annotations,
                     namespace_labels=spec.namespace_labels,
+                    ports=spec.ports,
                 )
             )
         if sysctls:
@@ -161,9 +184,56 @@ def lab_up(specs: Sequence[LabPodSpec], state_file: Path = LAB_STATE_FILE) -> La
             pod_cidr=LAB_POD_CIDR,
             pods=tuple(pods),
             node_cgroup=str(node_cgroup),
+            services=tuple(planned_services),
         )
+        # After the pods, before steer's agent sees the state: in a cluster kube-proxy's
+        # rules are there before steer's too.
+        apply_lab_kube_proxy(state)
         write_json_atomic(state_file, state.to_json(), sort_keys=True)
     return state
+
+
+def lab_frontends(state: LabState) -> list[Frontend]:
+    """The frontends of the lab's Services, as the agent computes them."""
+    ports = [
+        PodPorts(f"{p.namespace}/{p.name}", p.namespace, IPv4Address(p.ip), p.labels, p.ports)
+        for p in state.pods
+    ]
+    found, _ = frontends(
+        [s.model(ports) for s in state.services],
+        [IPv4Network(state.pod_cidr)],
+        [IPv4Address(state.gateway_ip)],
+    )
+    return found
+
+
+def apply_lab_kube_proxy(state: LabState) -> None:
+    """The lab's stand-in for kube-proxy (steer.lab.kubeproxy): its rules for the lab's
+    Services, in the node's namespace, written over whatever an earlier `lab up` left."""
+
+    def apply() -> None:
+        saved = subprocess.run(
+            ["iptables-legacy-save"], capture_output=True, text=True, check=True
+        ).stdout
+        installed: dict[str, set[str]] = {}
+        table = ""
+        for line in saved.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith(":") and is_kube_proxy_chain(table, line[1:].split()[0]):
+                installed.setdefault(table, set()).add(line[1:].split()[0])
+        text = render_kube_proxy(lab_frontends(state), installed=installed or None)
+        done = subprocess.run(
+            ["iptables-legacy-restore", "--noflush"],
+            input=text,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise LabError(f"the lab's kube-proxy rules were refused: {done.stderr.strip()}")
+
+    run_in_netns(NODE_NETNS, apply)
 
 
 def lab_down(state_file: Path = LAB_STATE_FILE) -> None:

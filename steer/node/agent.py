@@ -15,13 +15,15 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 from steer.atomicfile import write_json_atomic
-from steer.constants import AGENT_STATUS_FILE, IPV6_POLICY
+from steer.constants import AGENT_STATUS_FILE, IPV6_POLICY, LAB_GATEWAY_IP, LAB_POD_CIDR
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
+from steer.model.service import Frontend, Service, ServiceProblem, frontends
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.source.local import LocalInputs
 
@@ -79,6 +81,50 @@ def status_document(
         "loop_errors": loop_errors,
         **extra,
     }
+
+
+def service_status(
+    services: Sequence[Service],
+    found: Sequence[Frontend],
+    problems: Sequence[ServiceProblem],
+    fallbacks: Sequence[str],
+) -> list[dict[str, object]]:
+    """Each Service for `steer status`: its addresses, each port's backends, and what is
+    wrong with it (the same reasons the agent reports as Events in a cluster)."""
+    by_service: dict[str, list[Frontend]] = {}
+    for frontend in found:
+        by_service.setdefault(frontend.service, []).append(frontend)
+    entries: list[dict[str, object]] = []
+    for service in sorted(services, key=lambda s: s.key):
+        mine = by_service.get(service.key, [])
+        entries.append(
+            {
+                "name": service.name,
+                "namespace": service.namespace,
+                "type": service.type.value,
+                "cluster_ip": str(service.cluster_ip) if service.cluster_ip else None,
+                "frontends": [
+                    {
+                        "address": f"{f.ip}:{f.port}",
+                        "port_name": f.port_name,
+                        "node_port": f.node_port,
+                        "backends": [f"{b.ip}:{b.port}" for b in f.backends],
+                        "balanced_by": (
+                            "kube-proxy"
+                            if f"{f.service} {f.ip}:{f.port}" in fallbacks
+                            else "connect4"
+                        ),
+                    }
+                    for f in mine
+                ],
+                "problems": [
+                    {"reason": p.problem.value, "message": p.message}
+                    for p in problems
+                    if p.service == service.key
+                ],
+            }
+        )
+    return entries
 
 
 class StatusWriter:
@@ -143,20 +189,38 @@ class LocalAgent:
     loop_errors: int = 0
     _status: StatusWriter | None = None
     collector: IdleCollector = field(default_factory=IdleCollector)
+    # Service problems already logged: each is logged once, when it appears.
+    _problems_logged: set[ServiceProblem] = field(default_factory=set)
 
     def sync(self) -> SyncReport:
         self._loaded_at = time.time()
         started = time.perf_counter()
         reload, pods = self.inputs.load()
+        services = self.inputs.services()
+        found, problems = frontends(
+            services, [IPv4Network(LAB_POD_CIDR)], [IPv4Address(LAB_GATEWAY_IP)]
+        )
         loaded = time.perf_counter()
-        report = self.datapath.sync(reload.policies, pods, self.inputs.node_cgroup())
+        report = self.datapath.sync(
+            reload.policies, pods, self.inputs.node_cgroup(), services=found
+        )
         report.phases_ms["load"] = (loaded - started) * 1000
         report.errors = [str(e) for e in reload.errors] + report.errors
+        for problem in problems:
+            if problem not in self._problems_logged:
+                log.warning("service %s: %s", problem.service, problem.message)
+        self._problems_logged = set(problems)
         with report.phase("status"):
-            self._write_status(pods, report)
+            self._write_status(
+                pods,
+                report,
+                service_status(services, found, problems, report.service_fallbacks),
+            )
         return report
 
-    def _write_status(self, pods: Sequence[Pod], report: SyncReport) -> None:
+    def _write_status(
+        self, pods: Sequence[Pod], report: SyncReport, services: list[dict[str, object]]
+    ) -> None:
         if self._status is None or self._status.path != self.status_file:
             self._status = StatusWriter(self.status_file)
         document = status_document(
@@ -168,6 +232,7 @@ class LocalAgent:
             mode="local",
             policy_digest=self.inputs.policies.digest(),
             gc=self.collector.status(),
+            services=services,
         )
         self._status.write(document)
 

@@ -33,6 +33,7 @@ SOURCE_FILES = (
     "include/steer/config.h",
     "include/steer/maps.h",
     "include/steer/common.h",
+    "include/steer/service.h",
     "connect4.c",
     "sockops.c",
     "skmsg.c",

@@ -20,6 +20,7 @@ from steer.constants import (
     BPF_MAX_PODS,
     BPF_MAX_PREFIXES,
     BPF_MAX_SEGMENTS,
+    BPF_MAX_SERVICE_ENTRIES,
     ENVOY_INBOUND_PORT,
     ENVOY_OUTBOUND_PORT,
 )
@@ -32,6 +33,7 @@ BUILD_OPTIONS: Final[dict[str, int]] = {
     "STEER_MAX_SEGMENTS": BPF_MAX_SEGMENTS,
     "STEER_MAX_PENDING": BPF_MAX_PENDING,
     "STEER_MAX_FLOWS": BPF_MAX_FLOWS,
+    "STEER_MAX_SERVICE_ENTRIES": BPF_MAX_SERVICE_ENTRIES,
 }
 CFG_SKMSG: Final = 0x1
 
@@ -92,6 +94,18 @@ class FlowKey(ct.Structure):
     )
 
 
+class SvcKey(ct.Structure):
+    _fields_ = (("ip", ct.c_uint32), ("port_be", ct.c_uint16), ("slot", ct.c_uint16))
+
+
+class SvcVal(ct.Structure):
+    _fields_ = (("ip", ct.c_uint32), ("port_be", ct.c_uint16), ("count", ct.c_uint16))
+
+
+class Addr(ct.Structure):
+    _fields_ = (("ip", ct.c_uint32), ("port_be", ct.c_uint16), ("pad", ct.c_uint16))
+
+
 COUNTER_NAMES = (
     "redirects",
     "direct",
@@ -101,6 +115,8 @@ COUNTER_NAMES = (
     "sockopt_hits",
     "sockopt_miss",
     "map_full",
+    "svc_balanced",
+    "svc_empty",
 )
 
 
@@ -124,6 +140,8 @@ MAPS: Final[dict[str, MapLayout]] = {
     "steer_origdst": MapLayout(FlowKey, OrigDst, BPF_MAX_FLOWS),
     "steer_counters": MapLayout(ct.c_uint32, CountersVal, BPF_MAX_PODS),
     "steer_sockhash": MapLayout(None, None, BPF_MAX_FLOWS),
+    "steer_svc": MapLayout(SvcKey, SvcVal, BPF_MAX_SERVICE_ENTRIES),
+    "steer_dialled": MapLayout(ct.c_uint64, Addr, BPF_MAX_FLOWS),
 }
 
 
@@ -137,12 +155,20 @@ class Program:
 PROGRAMS: Final = (
     Program("steer_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
     Program("steer_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
+    Program("steer_getpeer4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME"),
+    Program("steer_getpeer6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_GETPEERNAME"),
     Program("steer_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS"),
     Program("steer_skmsg", "SK_MSG", "SK_MSG_VERDICT"),
     Program("steer_sockopt", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT"),
 )
 PROGRAM_BY_NAME: Final = {p.name: p for p in PROGRAMS}
-POD_PROGRAMS: Final = ("steer_connect4", "steer_connect6", "steer_sockops")
+POD_PROGRAMS: Final = (
+    "steer_connect4",
+    "steer_connect6",
+    "steer_getpeer4",
+    "steer_getpeer6",
+    "steer_sockops",
+)
 ENVOY_PROGRAMS: Final = ("steer_sockops", "steer_sockopt")
 
 

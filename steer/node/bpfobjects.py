@@ -21,6 +21,7 @@ from typing import Any
 
 from steer.atomicfile import write_json_atomic
 from steer.constants import BPF_MAX_PODS, BPF_MAX_SEGMENTS, BPF_PIN_DIR, BPF_STATE_FILE
+from steer.model.service import Frontend
 from steer.node.bpfbuild import BpfError, build_hash
 from steer.node.bpfmaps import (
     CFG_SKMSG,
@@ -35,6 +36,8 @@ from steer.node.bpfmaps import (
     PolicyKey,
     PolicyVal,
     SegmentVal,
+    SvcKey,
+    SvcVal,
     ip_be,
     ip_from_be,
 )
@@ -75,6 +78,9 @@ class BpfObjects:
     # (the systemd driver, pure cgroup v2), whose id can then no longer be read, and an
     # entry under an unknown id would stay in steer_pods for good (ids are never reused).
     cgroup_ids: dict[str, int] = field(default_factory=dict)
+    # (address, port), both as the kernel stores them -> the backends written in slots
+    # 1..n. None until the first write after a load: then what the map holds is read once.
+    _services: dict[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -255,6 +261,101 @@ class BpfObjects:
 
     def policy_keys(self, slot_be: int) -> list[PolicyKey]:
         return [k for k in self.kernel.bpf_keys("steer_policy", PolicyKey) if k.slot == slot_be]
+
+    # --- Services ------------------------------------------------------------------------
+
+    def set_services(self, frontends: list[Frontend]) -> list[Frontend]:
+        """Make steer_svc balance exactly `frontends`, writing only the entries that
+        differ. Returns the frontends that did not fit (a full map): they keep no entry at
+        all, so their connects go on to kube-proxy as if steer knew no Services."""
+        if self._services is None:
+            self._services = self._read_services()
+        written = self._services
+        wanted = {
+            (ip_be(f.ip), socket.htons(f.port)): (
+                f,
+                tuple((ip_be(b.ip), socket.htons(b.port)) for b in f.backends),
+            )
+            for f in frontends
+        }
+        for key in sorted(written.keys() - wanted.keys()):
+            self._remove_frontend(key, written.pop(key))
+        failed = []
+        for key, (frontend, backends) in wanted.items():
+            old = written.get(key)
+            if old == backends:
+                continue
+            try:
+                self._write_frontend(key, backends, old or ())
+                written[key] = backends
+            except BpfError as exc:
+                log.error(
+                    "service %s %s:%d does not fit in steer_svc (%s); kube-proxy serves it. "
+                    "Fix: raise BPF_MAX_SERVICE_ENTRIES",
+                    frontend.service,
+                    frontend.ip,
+                    frontend.port,
+                    exc,
+                )
+                self._remove_frontend(key, backends if len(backends) > len(old or ()) else old)
+                written.pop(key, None)
+                failed.append(frontend)
+        return failed
+
+    def _write_frontend(
+        self,
+        key: tuple[int, int],
+        backends: tuple[tuple[int, int], ...],
+        old: tuple[tuple[int, int], ...] | None,
+    ) -> None:
+        """New slots before the count that reveals them; the count lowered before the slots
+        it hides are deleted (connect4 reads the count, then a slot)."""
+        old = old or ()
+        for slot, backend in enumerate(backends, 1):
+            if slot > len(old) or old[slot - 1] != backend:
+                self.kernel.bpf_update("steer_svc", SvcKey(*key, slot), SvcVal(*backend, 0))
+        self.kernel.bpf_update("steer_svc", SvcKey(*key, 0), SvcVal(0, 0, len(backends)))
+        for slot in range(len(backends) + 1, len(old) + 1):
+            self.kernel.bpf_delete("steer_svc", SvcKey(*key, slot))
+
+    def _remove_frontend(
+        self, key: tuple[int, int], backends: tuple[tuple[int, int], ...] | None
+    ) -> None:
+        self.kernel.bpf_delete("steer_svc", SvcKey(*key, 0))
+        for slot in range(1, len(backends or ()) + 1):
+            self.kernel.bpf_delete("steer_svc", SvcKey(*key, slot))
+
+    def _read_services(self) -> dict[tuple[int, int], tuple[tuple[int, int], ...]]:
+        """What steer_svc holds (after adopting the pins of an earlier agent): each
+        frontend with the backends its count reveals; stray slots are deleted."""
+        slots: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}
+        counts: dict[tuple[int, int], int] = {}
+        for key in self.kernel.bpf_keys("steer_svc", SvcKey):
+            value = SvcVal()
+            if not self.kernel.bpf_lookup("steer_svc", key, value):
+                continue
+            frontend = (key.ip, key.port_be)
+            if key.slot == 0:
+                counts[frontend] = value.count
+            else:
+                slots.setdefault(frontend, {})[key.slot] = (value.ip, value.port_be)
+        found = {}
+        for frontend, count in counts.items():
+            have = slots.pop(frontend, {})
+            if all(slot in have for slot in range(1, count + 1)):
+                found[frontend] = tuple(have[slot] for slot in range(1, count + 1))
+            else:
+                # Torn by a crash mid-write: rewritten in full by the next set_services.
+                self.kernel.bpf_delete("steer_svc", SvcKey(*frontend, 0))
+                for slot in have:
+                    self.kernel.bpf_delete("steer_svc", SvcKey(*frontend, slot))
+                continue
+            for slot in have.keys() - set(range(1, count + 1)):
+                self.kernel.bpf_delete("steer_svc", SvcKey(*frontend, slot))
+        for frontend, have in slots.items():  # slots whose frontend is gone
+            for slot in have:
+                self.kernel.bpf_delete("steer_svc", SvcKey(*frontend, slot))
+        return found
 
     # --- reading -------------------------------------------------------------------------
 

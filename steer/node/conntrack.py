@@ -39,6 +39,9 @@ _FINISHED_TCP_STATES = frozenset({"TIME_WAIT", "CLOSE"})
 _ENTRY = re.compile(
     r"^tcp\s+6\s+\d+\s+(?P<state>[A-Z_]+)\s+"
     r"src=(?P<src>[\d.]+) dst=(?P<dst>[\d.]+) sport=(?P<sport>\d+) dport=(?P<dport>\d+)"
+    # Counters appear here when nf_conntrack_acct is on.
+    r"(?:\s+(?:packets|bytes)=\d+)*\s+(?:\[UNREPLIED\]\s+)?"
+    r"src=(?P<rsrc>[\d.]+) dst=[\d.]+ sport=(?P<rsport>\d+)"
     r".*?\bmark=(?P<mark>\d+)",
     re.MULTILINE,
 )
@@ -56,6 +59,9 @@ class Flow:
     dport: int
     verdict: int
     policy_id: int
+    # Where the flow really goes, when conntrack translated it: the backend kube-proxy's
+    # DNAT chose, or Envoy after a REDIRECT. None when untranslated.
+    reached: tuple[IPv4Address, int] | None = None
 
 
 def _conntrack(*args: str, stdin: str | None = None) -> str:
@@ -95,9 +101,10 @@ def parse(
         if (
             m["state"] in _FINISHED_TCP_STATES
             or (marked is not None and bool(mark & MARK_VERDICT_MASK) != marked)
-            or (by_address and m["src"] not in src and m["dst"] not in dst)
+            or (by_address and m["src"] not in src and m["dst"] not in dst and m["rsrc"] not in dst)
         ):
             continue
+        translated = (m["rsrc"], m["rsport"]) != (m["dst"], m["dport"])
         found.append(
             Flow(
                 IPv4Address(m["src"]),
@@ -106,6 +113,7 @@ def parse(
                 int(m["dport"]),
                 (mark & MARK_VERDICT_MASK) >> MARK_VERDICT_SHIFT,
                 (mark & MARK_ID_MASK) >> MARK_ID_SHIFT,
+                (IPv4Address(m["rsrc"]), int(m["rsport"])) if translated else None,
             )
         )
     return found

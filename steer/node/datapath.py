@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,8 @@ from steer.constants import (
 from steer.model.enforce import Enforcement, Resolver, Touched, decide_flow, resolve, touched
 from steer.model.pod import Dataplane, Pod
 from steer.model.policy import HTTPPolicy
+from steer.model.service import Frontend
+from steer.model.servicepolicy import FrontendKey, envoy_frontends, expected_verdict
 from steer.node.bpfbuild import BpfError
 from steer.node.bpfobjects import BpfObjects
 from steer.node.conntrack import Flow
@@ -51,6 +53,7 @@ from steer.render.iptables import (
     KernelState,
     Ruleset,
     RulesetCache,
+    ServiceSteering,
     chains_to_write,
     cleanup_text,
     render_ipv6_ruleset,
@@ -80,6 +83,9 @@ class SyncReport:
     warnings: list[str] = field(default_factory=list)
     # pod key -> (datapath, why)
     dataplanes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Service frontends the datapath could not hold ("namespace/name address:port"): their
+    # connects go to kube-proxy.
+    service_fallbacks: list[str] = field(default_factory=list)
     # Where the sync's time went, by phase (load, resolve, render, ebpf, iptables, revoke,
     # status), in ms: for `steer status` and the churn benchmark.
     phases_ms: dict[str, float] = field(default_factory=dict)
@@ -170,6 +176,41 @@ def revoke_conntrack(
     return kernel.conntrack_delete(changed) if changed else []
 
 
+@dataclass(frozen=True)
+class ServiceView:
+    """The node's Service frontends as the iptables datapath uses them: which it must
+    know, which go to Envoy before kube-proxy, and how a live flow to one is judged."""
+
+    frontends: Mapping[FrontendKey, Frontend] = field(default_factory=dict)
+    via_envoy: frozenset[FrontendKey] = frozenset()
+
+    @classmethod
+    def of(
+        cls, enforcement: Enforcement, frontends: Sequence[Frontend], envoy_learns_backend: bool
+    ) -> ServiceView:
+        """`envoy_learns_backend`: the getsockopt hook is on Envoy (the eBPF programs are
+        loaded), so a Service flow REDIRECTed before kube-proxy reaches its backend's rules."""
+        return cls(
+            {(f.ip, f.port): f for f in frontends},
+            envoy_frontends(enforcement, frontends) if envoy_learns_backend else frozenset(),
+        )
+
+    @property
+    def steering(self) -> ServiceSteering:
+        return ServiceSteering(tuple(sorted(self.frontends, key=_frontend_order)), self.via_envoy)
+
+    def judge(self, enforcement: Enforcement) -> Callable[[Flow], int]:
+        if not self.frontends:
+            return lambda f: decide_flow(enforcement, f.src, f.dst, f.dport).verdict
+        return lambda f: expected_verdict(
+            enforcement, self.frontends, self.via_envoy, (f.src, f.dst, f.dport), reached=f.reached
+        )
+
+
+def _frontend_order(key: FrontendKey) -> tuple[int, int]:
+    return (int(key[0]), key[1])
+
+
 @dataclass
 class IptablesDatapath:
     """Owns steer's iptables state in the node's network namespace."""
@@ -179,24 +220,38 @@ class IptablesDatapath:
     applied: Ruleset | None = None
     applied_ipv6: Ruleset | None = None
     enforcement: Enforcement | None = None
+    services: ServiceView | None = None
     # Times another tool's change to steer's chains was found and written over.
     repairs: int = 0
     _chains: RulesetCache = field(default_factory=RulesetCache)
     _resolver: Resolver = field(default_factory=Resolver)
 
-    def sync(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> SyncReport:
-        """Everything on iptables: for tests and nodes without eBPF."""
+    def sync(
+        self,
+        policies: Sequence[HTTPPolicy],
+        pods: Sequence[Pod],
+        services: Sequence[Frontend] = (),
+    ) -> SyncReport:
+        """Everything on iptables: for tests and nodes without eBPF (so no Service flow
+        goes to Envoy before kube-proxy: there is no getsockopt hook to name its backend)."""
         enforcement = self._resolver.resolve(policies, pods)
         report = SyncReport(False, 0, 0, 0.0, warnings=list(enforcement.warnings))
-        self.apply(enforcement, frozenset(), report)
+        self.apply(enforcement, frozenset(), report, ServiceView.of(enforcement, services, False))
         return report
 
-    def apply(self, enforcement: Enforcement, ebpf: frozenset[str], report: SyncReport) -> bool:
+    def apply(
+        self,
+        enforcement: Enforcement,
+        ebpf: frozenset[str],
+        report: SyncReport,
+        services: ServiceView | None = None,
+    ) -> bool:
         """True if the rules for `enforcement` are in force (applied now, or already)."""
+        services = services or ServiceView()
         with report.phase("iptables"):
             self._apply_ipv6(enforcement, report)
         with report.phase("render"):
-            ruleset = render_ruleset(enforcement, ebpf, self._chains)
+            ruleset = render_ruleset(enforcement, ebpf, self._chains, services.steering)
         report.rules = len(ruleset.rules)
         if ruleset == self.applied:
             return True
@@ -213,18 +268,15 @@ class IptablesDatapath:
         self.applied_digest = ruleset.digest(self.applied)
         self.applied = ruleset
         scope = touched(self.enforcement, enforcement)
-        self.enforcement = enforcement
+        if services != self.services:
+            # Which flows a Service change affects is not worth working out: read them all.
+            scope = None
+        self.enforcement, self.services = enforcement, services
         with report.phase("revoke"):
             report.revoked += _guarded(
                 report,
                 "revoking iptables flows",
-                lambda: len(
-                    revoke_conntrack(
-                        self.kernel,
-                        lambda f: decide_flow(enforcement, f.src, f.dst, f.dport).verdict,
-                        scope,
-                    )
-                ),
+                lambda: len(revoke_conntrack(self.kernel, services.judge(enforcement), scope)),
             )
         return True
 
@@ -463,9 +515,11 @@ class NodeDatapath:
         pods: Sequence[Pod],
         envoy_cgroup: str = "",
         local: Callable[[Pod], bool] | None = None,
+        services: Sequence[Frontend] = (),
     ) -> SyncReport:
         """`local`: the pods on this node (default: all); the others are only peers. Pass
-        the same `local` every time: the resolver's memory is kept per predicate."""
+        the same `local` every time: the resolver's memory is kept per predicate.
+        `services`: the frontends eBPF pods' connects are balanced over."""
         # `!=`, not `is not`: a bound method is a new object on every attribute access.
         if self._resolver is None or self._resolver_local != local:
             self._resolver, self._resolver_local = Resolver(local), local
@@ -475,7 +529,9 @@ class NodeDatapath:
         report.phases_ms["resolve"] = (time.perf_counter() - started) * 1000
         with report.phase("render"):
             wanted = self._choose(enforcement, report)
-        ebpf = self._ebpf() if wanted else self.ebpf
+        # Services need the programs even with every pod on iptables: the getsockopt hook
+        # names the backend of a Service flow sent to Envoy before kube-proxy.
+        ebpf = self._ebpf() if wanted or services else self.ebpf
         if wanted and ebpf is None:
             # Loading failed just now and turned eBPF off: every pod goes to iptables,
             # with the load error as the reason.
@@ -486,14 +542,19 @@ class NodeDatapath:
             # flows through unexamined.
             try:
                 with report.phase("ebpf"):
+                    # Services before pods: a pod new to eBPF never dials a ClusterIP that
+                    # connect4 does not know yet (it would reach kube-proxy unbalanced).
+                    failed = ebpf.bpf.set_services(list(services))
+                    report.service_fallbacks = [f"{f.service} {f.ip}:{f.port}" for f in failed]
                     ebpf.sync(enforcement, wanted, envoy_cgroup)
             except (OSError, RuntimeError) as exc:
                 report.errors.append(f"eBPF update failed: {exc}")
                 log.error("eBPF update failed; those pods keep their previous state: %s", exc)
         # Both revocation passes (iptables flows after the rules are in force, then eBPF
         # flows) read one conntrack listing: each listing walks the kernel's whole table.
+        view = ServiceView.of(enforcement, services, ebpf is not None)
         with self.kernel.one_conntrack_listing():
-            in_force = self.iptables.apply(enforcement, frozenset(wanted), report)
+            in_force = self.iptables.apply(enforcement, frozenset(wanted), report, view)
             # Even when the iptables rules stay as they were: an eBPF pod's verdicts live
             # in its maps. Only what the change touched is read.
             if ebpf is not None and in_force:

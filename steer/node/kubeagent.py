@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +35,8 @@ from steer.constants import (
 )
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
-from steer.node.agent import StatusWriter, status_document
+from steer.model.service import ServiceProblem, frontends
+from steer.node.agent import StatusWriter, service_status, status_document
 from steer.node.cgroups import (
     MAX_POD_CGROUP_LEVEL,
     PROC,
@@ -56,9 +57,11 @@ from steer.source.kubeobjects import (
     pod_from_object,
     pods_from_objects,
 )
+from steer.source.kubeservices import services_from_objects
 
 log = logging.getLogger("steer.agent")
 T = TypeVar("T")
+ENDPOINT_SLICES = "endpointslices"
 
 
 def envoy_route_names(admin: str = str(ENVOY_ADMIN_SOCKET)) -> set[str]:
@@ -112,6 +115,14 @@ class KubeAgent:
             "pods": (core.list_pod_for_all_namespaces, {}),
             "namespaces": (core.list_namespace, {}),
             "httppolicies": (custom.list_cluster_custom_object, policies),
+            # Services and their endpoints: what connect4 balances over, and the
+            # frontends iptables must decide after kube-proxy (docs/architecture.md).
+            "services": (core.list_service_for_all_namespaces, {}),
+            "endpoints": (core.list_endpoints_for_all_namespaces, {}),
+            ENDPOINT_SLICES: (
+                client.DiscoveryV1Api(self.api_client).list_endpoint_slice_for_all_namespaces,
+                {},
+            ),
         }
         self.reflectors = {
             kind: Reflector(kind, api_list(call, **kwargs), api_watch(call, **kwargs))
@@ -165,9 +176,18 @@ class KubeAgent:
         ]
         policy_objects = self._policies.validate(objects["httppolicies"])
         policies = [p.policy for p in policy_objects if p.policy is not None]
-        report = self._in_datapath_netns(
-            lambda: self.datapath.sync(policies, pods, self.envoy_cgroup, local=self._is_local)
+        parsed = services_from_objects(
+            objects.get("services", []),
+            objects.get("endpoints", []),
+            objects.get(ENDPOINT_SLICES, []),
         )
+        found, problems = frontends(parsed.services, node_ips=[IPv4Address(self.datapath.envoy_ip)])
+        report = self._in_datapath_netns(
+            lambda: self.datapath.sync(
+                policies, pods, self.envoy_cgroup, local=self._is_local, services=found
+            )
+        )
+        self._report_service_problems(objects.get("services", []), parsed.errors, problems)
         for error in report.errors:
             log.error("%s", error)
         self._report_pod_problems(local_objects, report)
@@ -176,8 +196,34 @@ class KubeAgent:
         # control plane also reports them on the policy's Accepted condition).
         refused = [str(e) for p in policy_objects for e in p.errors]
         shown = replace(report, errors=refused + report.errors) if refused else report
-        self._write_status([p for p in pods if p.key in local_objects], shown, gates, loaded_at)
+        self._write_status(
+            [p for p in pods if p.key in local_objects],
+            shown,
+            gates,
+            loaded_at,
+            service_status(parsed.services, found, problems, report.service_fallbacks),
+        )
         return report
+
+    def _report_service_problems(
+        self,
+        objects: list[dict[str, Any]],
+        errors: list[str],
+        problems: list[ServiceProblem],
+    ) -> None:
+        """Each problem once, as a Warning Event on its Service; unreadable parts logged."""
+        for error in errors:
+            if ("", error) not in self._events_sent:
+                self._events_sent.add(("", error))
+                log.warning("%s", error)
+        by_key = {
+            f"{o.get('metadata', {}).get('namespace')}/{o.get('metadata', {}).get('name')}": o
+            for o in objects
+        }
+        for problem in problems:
+            obj = by_key.get(problem.service)
+            if obj is not None:
+                self._event(obj, problem.problem.value, problem.message, kind="Service")
 
     def _write_status(
         self,
@@ -185,6 +231,7 @@ class KubeAgent:
         report: SyncReport,
         gates: Mapping[str, str],
         loaded_at: float,
+        services: list[dict[str, object]],
     ) -> None:
         if self._status is None or self._status.path != self.status_file:
             self._status = StatusWriter(self.status_file)
@@ -199,6 +246,7 @@ class KubeAgent:
             node=self.node_name,
             gates_waiting=sum(1 for state in gates.values() if state != "True"),
             gc=self._gc.status(),
+            services=services,
         )
         try:
             self._status.write(document)
@@ -273,7 +321,9 @@ class KubeAgent:
             return False
         return True
 
-    def _event(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+    def _event(
+        self, obj: Mapping[str, Any], reason: str, message: str, *, kind: str = "Pod"
+    ) -> None:
         meta = obj["metadata"]
         seen = (str(meta.get("uid")), message)
         if seen in self._events_sent:
@@ -287,7 +337,7 @@ class KubeAgent:
             ),
             involved_object=client.V1ObjectReference(
                 api_version="v1",
-                kind="Pod",
+                kind=kind,
                 name=meta["name"],
                 namespace=meta["namespace"],
                 uid=meta.get("uid"),
@@ -310,9 +360,26 @@ class KubeAgent:
 
     # --- loop --------------------------------------------------------------------------
 
+    def _serves_endpoint_slices(self) -> bool:
+        """Whether the API server serves discovery.k8s.io/v1 (Kubernetes 1.21 and later);
+        without it the Endpoints objects give the Services' endpoints."""
+        from kubernetes import client
+
+        try:
+            groups = client.ApisApi(self.api_client).get_api_versions().groups or []
+        except Exception as exc:  # the API is away: Endpoints work everywhere
+            log.warning("API discovery failed (%s); reading Services' Endpoints", exc)
+            return False
+        return any(
+            g.name == "discovery.k8s.io" and any(v.version == "v1" for v in g.versions or ())
+            for g in groups
+        )
+
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         changed = threading.Event()
+        if ENDPOINT_SLICES in self.reflectors and not self._serves_endpoint_slices():
+            del self.reflectors[ENDPOINT_SLICES]
         for reflector in self.reflectors.values():
             reflector.on_change = changed.set
             reflector.start(stop)

@@ -56,6 +56,13 @@ EGRESS_SHIFT = 30
 EGRESS_FIELD = 0x3 << EGRESS_SHIFT
 
 CHAIN_PRE = f"{CHAIN_PREFIX}-PRE"
+# The verdict of a new flow, shared by STEER-PRE (before any NAT) and STEER-DNAT (after
+# kube-proxy's DNAT, in mangle FORWARD).
+CHAIN_DECIDE = f"{CHAIN_PREFIX}-DECIDE"
+CHAIN_DNAT = f"{CHAIN_PREFIX}-DNAT"
+# Steered pods' flows to a Service that may need Envoy at its backend: marked L7 before
+# kube-proxy's DNAT, so that STEER-NAT sends them to Envoy.
+CHAIN_SERVICE_L7 = f"{CHAIN_PREFIX}-SVC7"
 CHAIN_NAT = f"{CHAIN_PREFIX}-NAT"
 CHAIN_FORWARD = f"{CHAIN_PREFIX}-FWD"
 CHAIN_INPUT = f"{CHAIN_PREFIX}-IN"
@@ -102,6 +109,19 @@ class Jump:
 
     def spec(self) -> str:
         return Rule(self.table, self.builtin, self.args, f"enter-{self.target.lower()}").spec()
+
+
+@dataclass(frozen=True)
+class ServiceSteering:
+    """The Service frontends (address, port) the rules must know. Flows to them are
+    decided after kube-proxy's DNAT, on the backend it chose, except steered pods' flows to
+    `via_envoy` frontends, which go to Envoy first (steer.model.servicepolicy)."""
+
+    frontends: tuple[tuple[IPv4Address, int], ...] = ()
+    via_envoy: frozenset[tuple[IPv4Address, int]] = frozenset()
+
+
+NO_SERVICES = ServiceSteering()
 
 
 @dataclass(frozen=True)
@@ -255,37 +275,74 @@ def _shared_chain(side: SideRules) -> tuple[str, tuple[Rule, ...]]:
     return shared, tuple(Rule("mangle", shared, args, comment) for args, comment in body)
 
 
-def _pre_rules(enforcement: Enforcement, ebpf_pods: list[ManagedPod]) -> list[Rule]:
+def _mark_is(value: int, mask: int) -> tuple[str, ...]:
+    return ("-m", "mark", "--mark", f"{_hex(value)}/{_hex(mask)}")
+
+
+def _set_v(verdict: int) -> tuple[str, ...]:
+    value = verdict << MARK_VERDICT_SHIFT
+    return ("-j", "MARK", "--set-xmark", f"{_hex(value)}/{_hex(MARK_VERDICT_MASK)}")
+
+
+_SAVE_VERDICT = (
+    "-j",
+    "CONNMARK",
+    "--save-mark",
+    "--nfmask",
+    _hex(MARK_MASK),
+    "--ctmask",
+    _hex(MARK_MASK),
+)
+_VERDICT_CACHED = (
+    "-m",
+    "connmark",
+    "!",
+    "--mark",
+    f"0x0/{_hex(MARK_VERDICT_MASK)}",
+    "-j",
+    "RETURN",
+)
+_NOT_NEW = ("-m", "conntrack", "!", "--ctstate", "NEW", "-j", "RETURN")
+
+
+def _pre_rules(
+    enforcement: Enforcement, ebpf_pods: list[ManagedPod], services: ServiceSteering
+) -> list[Rule]:
+    rules = [
+        Rule("mangle", CHAIN_PRE, _VERDICT_CACHED, "verdict-cached"),
+        Rule("mangle", CHAIN_PRE, _NOT_NEW, "not-new"),
+        *(
+            Rule("mangle", CHAIN_PRE, (*_from_pod(pod), "-j", "RETURN"), f"ebpf:{pod.pod.key}")
+            for pod in ebpf_pods
+        ),
+    ]
+    for ip, port in services.frontends:
+        to_frontend = ("-d", _host_cidr(ip), "-p", "tcp", "--dport", str(port))
+        if (ip, port) in services.via_envoy:
+            rules.append(
+                Rule(
+                    "mangle",
+                    CHAIN_PRE,
+                    (*to_frontend, "-j", CHAIN_SERVICE_L7),
+                    f"service-via-envoy:{ip}:{port}",
+                )
+            )
+        # Its backend is not known before kube-proxy's DNAT: STEER-DNAT decides it.
+        rules.append(
+            Rule("mangle", CHAIN_PRE, (*to_frontend, "-j", "RETURN"), f"service:{ip}:{port}")
+        )
+    rules.append(Rule("mangle", CHAIN_PRE, ("-j", CHAIN_DECIDE), "decide"))
+    return rules
+
+
+def _decide_rules(enforcement: Enforcement) -> list[Rule]:
     vmask = _hex(MARK_VERDICT_MASK)
-
-    def mark_is(value: int, mask: int) -> tuple[str, ...]:
-        return ("-m", "mark", "--mark", f"{_hex(value)}/{_hex(mask)}")
-
-    def set_v(verdict: int) -> tuple[str, ...]:
-        return ("-j", "MARK", "--set-xmark", f"{_hex(verdict << MARK_VERDICT_SHIFT)}/{vmask}")
-
     deny_v = VERDICT_DENY << MARK_VERDICT_SHIFT
     pods = {p.ip: p for p in enforcement.pods}
     rules = [
         Rule(
             "mangle",
-            CHAIN_PRE,
-            ("-m", "connmark", "!", "--mark", f"0x0/{vmask}", "-j", "RETURN"),
-            "verdict-cached",
-        ),
-        Rule(
-            "mangle",
-            CHAIN_PRE,
-            ("-m", "conntrack", "!", "--ctstate", "NEW", "-j", "RETURN"),
-            "not-new",
-        ),
-        *(
-            Rule("mangle", CHAIN_PRE, (*_from_pod(pod), "-j", "RETURN"), f"ebpf:{pod.pod.key}")
-            for pod in ebpf_pods
-        ),
-        Rule(
-            "mangle",
-            CHAIN_PRE,
+            CHAIN_DECIDE,
             ("-j", "MARK", "--set-xmark", f"0x0/{_hex(EGRESS_FIELD | MARK_MASK)}"),
             "policy-entry",
         ),
@@ -296,7 +353,7 @@ def _pre_rules(enforcement: Enforcement, ebpf_pods: list[ManagedPod]) -> list[Ru
         rules.append(
             Rule(
                 "mangle",
-                CHAIN_PRE,
+                CHAIN_DECIDE,
                 (*_from_pod(pod), "-j", side_chain(side)),
                 f"egress:{side.pod_key}",
             )
@@ -305,7 +362,7 @@ def _pre_rules(enforcement: Enforcement, ebpf_pods: list[ManagedPod]) -> list[Ru
         rules.append(
             Rule(
                 "mangle",
-                CHAIN_PRE,
+                CHAIN_DECIDE,
                 (
                     "-d",
                     _host_cidr(ip),
@@ -323,51 +380,91 @@ def _pre_rules(enforcement: Enforcement, ebpf_pods: list[ManagedPod]) -> list[Ru
     rules += [
         Rule(
             "mangle",
-            CHAIN_PRE,
-            (*mark_is(VERDICT_DENY << EGRESS_SHIFT, EGRESS_FIELD), *set_v(VERDICT_DENY)),
+            CHAIN_DECIDE,
+            (*_mark_is(VERDICT_DENY << EGRESS_SHIFT, EGRESS_FIELD), *_set_v(VERDICT_DENY)),
             "combine-egress-deny",
         ),
         Rule(
             "mangle",
-            CHAIN_PRE,
+            CHAIN_DECIDE,
             (
-                *mark_is(VERDICT_L7 << EGRESS_SHIFT, EGRESS_FIELD),
+                *_mark_is(VERDICT_L7 << EGRESS_SHIFT, EGRESS_FIELD),
                 "-m",
                 "mark",
                 "!",
                 "--mark",
                 f"{_hex(deny_v)}/{vmask}",
-                *set_v(VERDICT_L7),
+                *_set_v(VERDICT_L7),
             ),
             "combine-egress-l7",
         ),
         Rule(
             "mangle",
-            CHAIN_PRE,
-            (*mark_is(0, MARK_VERDICT_MASK), *set_v(VERDICT_ALLOW)),
+            CHAIN_DECIDE,
+            (*_mark_is(0, MARK_VERDICT_MASK), *_set_v(VERDICT_ALLOW)),
             "combine-allow",
         ),
+        Rule("mangle", CHAIN_DECIDE, _SAVE_VERDICT, "save-verdict"),
         Rule(
             "mangle",
-            CHAIN_PRE,
-            (
-                "-j",
-                "CONNMARK",
-                "--save-mark",
-                "--nfmask",
-                _hex(MARK_MASK),
-                "--ctmask",
-                _hex(MARK_MASK),
-            ),
-            "save-verdict",
-        ),
-        Rule(
-            "mangle",
-            CHAIN_PRE,
+            CHAIN_DECIDE,
             ("-j", "MARK", "--set-xmark", f"0x0/{_hex(EGRESS_FIELD)}"),
             "clear-scratch",
         ),
     ]
+    return rules
+
+
+def _dnat_rules() -> list[Rule]:
+    """mangle FORWARD: a new flow kube-proxy translated (to a Service's backend) is decided
+    here, on the backend, with the same chains as any other. An L7 verdict found this late
+    cannot reach Envoy any more (REDIRECT acts only before the DNAT): refused."""
+    l7 = VERDICT_L7 << MARK_VERDICT_SHIFT
+    return [
+        Rule("mangle", CHAIN_DNAT, _VERDICT_CACHED, "verdict-cached"),
+        Rule(
+            "mangle",
+            CHAIN_DNAT,
+            ("-m", "conntrack", "!", "--ctstate", "DNAT", "-j", "RETURN"),
+            "not-translated",
+        ),
+        Rule("mangle", CHAIN_DNAT, _NOT_NEW, "not-new"),
+        Rule("mangle", CHAIN_DNAT, ("-j", CHAIN_DECIDE), "decide-on-backend"),
+        Rule(
+            "mangle",
+            CHAIN_DNAT,
+            (*_mark_is(l7, MARK_VERDICT_MASK), *_set_v(VERDICT_DENY)),
+            "l7-after-dnat-fails-closed",
+        ),
+        Rule(
+            "mangle",
+            CHAIN_DNAT,
+            (*_mark_is(VERDICT_DENY << MARK_VERDICT_SHIFT, MARK_VERDICT_MASK), *_SAVE_VERDICT),
+            "save-fail-closed",
+        ),
+    ]
+
+
+def _service_l7_rules(pods: Sequence[ManagedPod]) -> list[Rule]:
+    """Steered pods' flows to a Service that may need Envoy: L7, before kube-proxy acts."""
+    value = f"{_hex(VERDICT_L7 << MARK_VERDICT_SHIFT)}/{_hex(EGRESS_FIELD | MARK_MASK)}"
+    rules = [
+        Rule(
+            "mangle",
+            CHAIN_SERVICE_L7,
+            (*_from_pod(pod), "-j", "MARK", "--set-xmark", value),
+            f"service-via-envoy:{pod.pod.key}",
+        )
+        for pod in sorted(pods, key=lambda p: int(p.ip))
+    ]
+    rules.append(
+        Rule(
+            "mangle",
+            CHAIN_SERVICE_L7,
+            (*_mark_is(VERDICT_L7 << MARK_VERDICT_SHIFT, MARK_VERDICT_MASK), *_SAVE_VERDICT),
+            "save-verdict",
+        )
+    )
     return rules
 
 
@@ -519,6 +616,22 @@ def _filter_rules(ebpf_pods: list[ManagedPod]) -> list[Rule]:
     # A TCP reset, like REDIRECT, needs an explicit -p tcp in the same rule.
     reset = ("-j", "REJECT", "--reject-with", "tcp-reset")
     return [
+        # A denied flow kube-proxy translated, that came in through a bridge port
+        # (br_netfilter): the kernel sends a TCP reset built here straight out of the
+        # bridge port, past the NAT that would give it the ClusterIP back, so the client
+        # drops it and waits. An ICMP error is translated back like any related packet
+        # and makes connect() fail at once, as kube-proxy's own REJECTs do (ICMP errors
+        # are rate-limited per peer: net.ipv4.icmp_ratelimit). Routed pods get the reset.
+        Rule(
+            "filter",
+            CHAIN_FORWARD,
+            (
+                *("-p", "tcp", "--syn", *deny, "-m", "conntrack", "--ctstate", "DNAT"),
+                *("-m", "physdev", "--physdev-is-in"),
+                *("-j", "REJECT", "--reject-with", "icmp-port-unreachable"),
+            ),
+            "deny-after-dnat",
+        ),
         Rule("filter", CHAIN_FORWARD, ("-p", "tcp", *deny, *reset), "deny"),
         Rule("filter", CHAIN_INPUT, ("-p", "tcp", *deny, *reset), "deny"),
         # A new connection to Envoy's listeners that no REDIRECT produced: a pod dialling
@@ -561,11 +674,7 @@ class RulesetCache:
         # that tuple alive, its shared chain, the chain's rules)
         self._shared: dict[tuple[object, ...], tuple[SideRules, str, tuple[Rule, ...]]] = {}
         self._node_key: tuple[object, ...] | None = None
-        self._node_rules: tuple[tuple[Rule, ...], tuple[Rule, ...], dict[str, tuple[Rule, ...]]] = (
-            (),
-            (),
-            {},
-        )
+        self._node_rules: NodeRules = {}
         self._inputs: tuple[object, ...] | None = None
         self._ruleset: Ruleset | None = None
 
@@ -594,8 +703,12 @@ class RulesetCache:
         return {name: out[name] for name in sorted(out)}
 
     def node_rules(
-        self, enforcement: Enforcement, ebpf: frozenset[str], sides: Sequence[SideRules]
-    ) -> tuple[tuple[Rule, ...], tuple[Rule, ...], dict[str, tuple[Rule, ...]]]:
+        self,
+        enforcement: Enforcement,
+        ebpf: frozenset[str],
+        sides: Sequence[SideRules],
+        services: ServiceSteering = NO_SERVICES,
+    ) -> NodeRules:
         """STEER-PRE, the nat chain and the filter chains: they depend on the pods'
         names, addresses, interfaces and steering, the eBPF set and which pods have which
         sides, not on any side's rules nor on labels (a relabelled pod rebuilt them all)."""
@@ -606,18 +719,23 @@ class RulesetCache:
             frozenset((s.direction, s.pod_ip, s.pod_key) for s in sides),
             # The limits on exclusions read the sides' rules; only then do they count.
             tuple(sides) if any(_has_exclusions(p) for p in enforcement.pods) else (),
+            services,
         )
         if key != self._node_key:
-            self._node_key, self._node_rules = key, _node_rules(enforcement, ebpf)
+            self._node_key, self._node_rules = key, _node_rules(enforcement, ebpf, services)
         return self._node_rules
 
     def ruleset(
-        self, enforcement: Enforcement, ebpf: frozenset[str], sides: tuple[SideRules, ...]
+        self,
+        enforcement: Enforcement,
+        ebpf: frozenset[str],
+        sides: tuple[SideRules, ...],
+        services: ServiceSteering = NO_SERVICES,
     ) -> Ruleset:
-        inputs = (enforcement.pods, ebpf, sides)
+        inputs = (enforcement.pods, ebpf, sides, services)
         if self._ruleset is None or inputs != self._inputs:
-            pre, nat, filtering = self.node_rules(enforcement, ebpf, sides)
-            self._ruleset = _ruleset(pre, self.side_rules(sides), nat, filtering)
+            node = self.node_rules(enforcement, ebpf, sides, services)
+            self._ruleset = _ruleset(node, self.side_rules(sides))
             self._inputs = inputs
         return self._ruleset
 
@@ -631,41 +749,47 @@ def _has_exclusions(pod: ManagedPod) -> bool:
     )
 
 
+# (table, chain) -> rules, for every chain that is not a policy side's.
+NodeRules = dict[tuple[str, str], tuple[Rule, ...]]
+
+
 def _node_rules(
-    enforcement: Enforcement, ebpf: frozenset[str]
-) -> tuple[tuple[Rule, ...], tuple[Rule, ...], dict[str, tuple[Rule, ...]]]:
+    enforcement: Enforcement, ebpf: frozenset[str], services: ServiceSteering
+) -> NodeRules:
     ebpf_pods = [p for p in enforcement.pods if p.pod.key in ebpf]
-    filtering: dict[str, list[Rule]] = {}
-    for rule in _filter_rules(ebpf_pods):
-        filtering.setdefault(rule.chain, []).append(rule)
-    return (
-        tuple(_pre_rules(enforcement, ebpf_pods)),
-        tuple(_nat_rules(enforcement, ebpf)),
-        {chain: tuple(rules) for chain, rules in filtering.items()},
-    )
+    rules: dict[tuple[str, str], list[Rule]] = {}
+    steered = [p for p in enforcement.pods if p.pod.key not in ebpf]
+    for rule in (
+        *_pre_rules(enforcement, ebpf_pods, services),
+        *_decide_rules(enforcement),
+        *_dnat_rules(),
+        *(_service_l7_rules(steered) if services.via_envoy else ()),
+        *_nat_rules(enforcement, ebpf),
+        *_filter_rules(ebpf_pods),
+    ):
+        rules.setdefault((rule.table, rule.chain), []).append(rule)
+    return {key: tuple(chain) for key, chain in rules.items()}
 
 
-def _ruleset(
-    pre: Sequence[Rule],
-    side_rules: Mapping[str, tuple[Rule, ...]],
-    nat: Sequence[Rule],
-    filtering: Mapping[str, tuple[Rule, ...]],
-) -> Ruleset:
+def _ruleset(node: NodeRules, side_rules: Mapping[str, tuple[Rule, ...]]) -> Ruleset:
+    node_mangle = tuple(chain for table, chain in node if table == "mangle")
     chains = {
-        "mangle": (CHAIN_PRE, *side_rules),
+        "mangle": (*node_mangle, *side_rules),
         "nat": (CHAIN_NAT,),
         "filter": (CHAIN_FORWARD, CHAIN_INPUT, CHAIN_ENVOY),
     }
     jumps = (
         Jump("mangle", "PREROUTING", CHAIN_PRE),
+        Jump("mangle", "FORWARD", CHAIN_DNAT),
         Jump("nat", "PREROUTING", CHAIN_NAT),
         Jump("filter", "FORWARD", CHAIN_FORWARD),
         Jump("filter", "INPUT", CHAIN_INPUT),
     )
-    grouped: dict[tuple[str, str], tuple[Rule, ...]] = {("mangle", CHAIN_PRE): tuple(pre)}
+    grouped: dict[tuple[str, str], tuple[Rule, ...]] = {
+        key: rules for key, rules in node.items() if key[0] == "mangle"
+    }
     grouped.update((("mangle", name), rules) for name, rules in side_rules.items())
-    grouped[("nat", CHAIN_NAT)] = tuple(nat)
-    grouped.update((("filter", name), rules) for name, rules in filtering.items())
+    grouped.update((key, rules) for key, rules in node.items() if key[0] != "mangle")
     # Chained in C: at 200k rules a Python-level flatten took 15 ms of every change.
     rules = tuple(itertools.chain.from_iterable(grouped.values()))
     return Ruleset(chains=chains, rules=rules, jumps=jumps, grouped=grouped)
@@ -675,12 +799,14 @@ def render_ruleset(
     enforcement: Enforcement,
     ebpf: frozenset[str] = frozenset(),
     cache: RulesetCache | None = None,
+    services: ServiceSteering = NO_SERVICES,
 ) -> Ruleset:
     """`ebpf`: keys of the pods the eBPF datapath steers. connect4 decided their flows
-    already, so these rules let their new flows through untouched. Pure in effect: with
-    a cache the result equals a render without one."""
+    already, so these rules let their new flows through untouched. `services`: the
+    Service frontends on the node (see ServiceSteering). Pure in effect: with a cache the
+    result equals a render without one."""
     sides = (*enforcement.egress.values(), *enforcement.ingress.values())
-    return (cache or RulesetCache()).ruleset(enforcement, ebpf, sides)
+    return (cache or RulesetCache()).ruleset(enforcement, ebpf, sides, services)
 
 
 def render_ipv6_ruleset(enforcement: Enforcement) -> Ruleset:

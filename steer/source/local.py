@@ -7,6 +7,7 @@ import logging
 import stat
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TypedDict
 
@@ -16,6 +17,7 @@ from steer.lab.spec import LabPod, LabPodCache, LabState
 from steer.model.load import PolicyError, parse_policies
 from steer.model.pod import Pod
 from steer.model.policy import HTTPPolicy
+from steer.model.service import PodPorts, Service
 
 log = logging.getLogger("steer.source")
 
@@ -192,6 +194,10 @@ class LocalInputs:
             reload = replace(reload, errors=(*reload.errors, error))
         return reload, self._pods
 
+    def services(self) -> list[Service]:
+        """The lab's Services as of the last `load`, with their endpoints."""
+        return self._lab_pods.services
+
     def node_cgroup(self) -> str:
         """The cgroup of the node's Envoy, where the eBPF datapath attaches its hooks."""
         if self._lab_text is None:
@@ -301,6 +307,8 @@ class LabPods:
     def __init__(self) -> None:
         self._entries = LabPodCache()
         self._pods: dict[int, tuple[LabPod, Pod]] = {}
+        # The lab's Services, endpoints resolved against its pods, as of the last parse.
+        self.services: list[Service] = []
 
     def parse(self, text: str) -> tuple[list[Pod], str]:
         try:
@@ -310,6 +318,7 @@ class LabPods:
         self._entries.forget_unseen()
         if state is None:
             self._pods = {}
+            self.services = []
             return [], ""
         known: dict[int, tuple[LabPod, Pod]] = {}
         pods = []
@@ -320,6 +329,20 @@ class LabPods:
             known[id(entry)] = cached
             pods.append(cached[1])
         self._pods = known
+        if state.services:
+            ports = [
+                PodPorts(
+                    f"{e.namespace}/{e.name}",
+                    e.namespace,
+                    IPv4Address(e.ip),
+                    e.labels,
+                    e.ports,
+                )
+                for e in state.pods
+            ]
+            self.services = [s.model(ports) for s in state.services]
+        else:
+            self.services = []
         return pods, state.node_cgroup
 
 

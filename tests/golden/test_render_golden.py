@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from ipaddress import IPv4Address
 
 import pytest
 from google.protobuf.json_format import MessageToDict
 
 from steer.model.enforce import resolve
+from steer.model.service import Backend, Frontend
+from steer.model.servicepolicy import envoy_frontends
 from steer.render.bpf import render_pod_policy
-from steer.render.iptables import Jump, KernelState, cleanup_text, render_ruleset, restore_text
+from steer.render.iptables import (
+    Jump,
+    KernelState,
+    ServiceSteering,
+    cleanup_text,
+    render_ruleset,
+    restore_text,
+)
 from steer.render.xds import ROUTE_TYPE, XdsCache, render_resources
 from tests.golden.golden import check_golden
 from tests.samples import API, CLIENT, PODS, WEB, sample_enforcement, sample_policies
@@ -44,12 +54,36 @@ def test_iptables_cleanup_touches_only_steer_chains_and_jumps() -> None:
     assert cleanup_text(KernelState()) == ""
 
 
+def test_iptables_services_are_decided_after_kube_proxy_or_sent_to_envoy_before_it() -> None:
+    """web's ClusterIP port 80 leads to web:8080, where HTTP rules apply: steered pods'
+    flows to it are marked L7 before kube-proxy's DNAT; api's port 7000 (L4 rules only)
+    and a NodePort are left to kube-proxy and decided on the backend in STEER-DNAT."""
+    enforcement = sample_enforcement()
+    web = Frontend(
+        IPv4Address("10.96.0.10"), 80, "default/web", "http", (Backend(IPv4Address(WEB.ip), 8080),)
+    )
+    api = Frontend(
+        IPv4Address("10.96.0.11"), 7000, "default/api", "", (Backend(IPv4Address(API.ip), 7000),)
+    )
+    node_port = replace(web, ip=IPv4Address("10.244.0.1"), port=30080, node_port=True)
+    frontends = [web, api, node_port]
+    via_envoy = envoy_frontends(enforcement, frontends)
+    assert via_envoy == {(web.ip, 80), (node_port.ip, 30080)}
+    services = ServiceSteering(
+        tuple(sorted(((f.ip, f.port) for f in frontends), key=lambda k: (int(k[0]), k[1]))),
+        via_envoy,
+    )
+    ruleset = render_ruleset(enforcement, services=services)
+    check_golden("iptables_services.rules", restore_text(ruleset, KernelState()))
+
+
 def test_iptables_pods_without_policy_get_no_side_chain() -> None:
     enforcement = sample_enforcement((CLIENT, WEB))
     ruleset = render_ruleset(enforcement)
-    # client has egress policy, web has ingress policy; api is absent: STEER-PRE, one
-    # chain per side and the shared chain holding each side's rules.
-    assert len(ruleset.chains["mangle"]) == 5
+    # client has egress policy, web has ingress policy; api is absent: STEER-PRE,
+    # STEER-DECIDE and STEER-DNAT, one chain per side and the shared chain holding each
+    # side's rules.
+    assert len(ruleset.chains["mangle"]) == 7
 
 
 def test_iptables_pods_with_the_same_rules_share_one_chain_of_them() -> None:

@@ -24,7 +24,7 @@ from steer.node import conntrack, iptables
 from steer.node.datapath import IptablesDatapath, SyncReport, apply_ruleset
 from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
-from steer.render.iptables import CHAIN_PRE, Rule, Ruleset, render_ruleset
+from steer.render.iptables import CHAIN_DECIDE, CHAIN_PRE, Rule, Ruleset, render_ruleset
 from tests.privileged.conftest import lab_pods, unload_rules
 from tests.samples import policy_yaml, sample_policies, tenant_client_policies
 
@@ -56,7 +56,14 @@ def in_node(argv: list[str]) -> str:
 
 
 def pre_counters() -> dict[str, int]:
-    rows = run_in_netns(NODE_NETNS, lambda: list(iptables.counters("mangle", CHAIN_PRE)))
+    """Packets per rule of STEER-PRE and of the verdict chain it jumps to."""
+    rows = run_in_netns(
+        NODE_NETNS,
+        lambda: [
+            *iptables.counters("mangle", CHAIN_PRE),
+            *iptables.counters("mangle", CHAIN_DECIDE),
+        ],
+    )
     return {row.comment: row.packets for row in rows}
 
 

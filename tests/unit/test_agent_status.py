@@ -36,6 +36,7 @@ SHARED_KEYS = {
     "last_sync",
     "ruleset_digest",
     "iptables_repairs",
+    "services",
     "loaded_at",
     "loop_errors",
     "gc",
@@ -64,6 +65,8 @@ class _Core:
         raise AssertionError("the test fills the reflectors itself")
 
     list_namespace = list_pod_for_all_namespaces
+    list_service_for_all_namespaces = list_pod_for_all_namespaces
+    list_endpoints_for_all_namespaces = list_pod_for_all_namespaces
 
 
 def web_policy() -> dict[str, Any]:
@@ -179,6 +182,49 @@ def test_kube_agent_status_lists_refused_policies_with_the_sync_errors(
     assert errors and all("broken" in e or "Maybe" in e for e in errors), errors
     # The report itself (what the agent logs as its own errors) is unchanged.
     assert report.errors == []
+
+
+def _service(name: str, cluster_ip: str, target: object) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "shop", "uid": f"uid-{name}"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip,
+            "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80, "targetPort": target, "protocol": "TCP"}],
+        },
+    }
+
+
+def test_kube_agent_lists_services_and_reports_their_problems_as_events(
+    agent: KubeAgent,
+) -> None:
+    agent.reflectors["services"].items = {
+        "web": _service("web", "10.96.0.10", "http"),
+        "idle": _service("idle", "10.96.0.11", 8080),
+    }
+    agent.reflectors["endpoints"].items = {
+        "web": {
+            "metadata": {"name": "web", "namespace": "shop"},
+            "subsets": [
+                {
+                    "addresses": [{"ip": "10.244.2.17"}],
+                    "notReadyAddresses": [{"ip": "10.244.2.18"}],
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                }
+            ],
+        },
+    }
+    agent.sync()
+    services = {s["name"]: s for s in read(agent.status_file)["services"]}
+    assert services["web"]["frontends"][0]["backends"] == ["10.244.2.17:8080"]
+    assert services["web"]["problems"] == []
+    assert [p["reason"] for p in services["idle"]["problems"]] == ["NoReadyEndpoints"]
+    (event,) = [e for e in _Core.events if e.involved_object.kind == "Service"]
+    assert (event.involved_object.name, event.reason) == ("idle", "NoReadyEndpoints")
+    # Reported once, not on every sync.
+    agent.sync()
+    assert len([e for e in _Core.events if e.involved_object.kind == "Service"]) == 1
 
 
 def test_kube_agent_status_is_rewritten_on_every_sync(agent: KubeAgent) -> None:

@@ -39,4 +39,9 @@
 #define STEER_MAX_FLOWS 262144
 #endif
 
+/* Service frontends plus their backends: one steer_svc entry each. */
+#ifndef STEER_MAX_SERVICE_ENTRIES
+#define STEER_MAX_SERVICE_ENTRIES 65536
+#endif
+
 #endif

@@ -95,6 +95,32 @@ struct steer_sock_key {
 };
 BPF_SOCKHASH(steer_sockhash, struct steer_sock_key, STEER_MAX_FLOWS);
 
+/* steer_svc: the Services connect4 balances over. Slot 0 of an address and port is the
+ * frontend, whose count says how many backends follow in slots 1..count. The agent grows
+ * a frontend by writing the new slots before the count, and shrinks it by lowering the
+ * count before deleting slots, so a connect never picks a slot that was never written. */
+struct steer_svc_key {
+	__u32 ip;
+	__u16 port_be;
+	__u16 slot;
+};
+struct steer_svc_val {
+	__u32 ip;      /* backend address (slot > 0) */
+	__u16 port_be; /* backend port (slot > 0) */
+	__u16 count;   /* backends (slot 0) */
+};
+BPF_HASH(steer_svc, struct steer_svc_key, struct steer_svc_val, STEER_MAX_SERVICE_ENTRIES);
+
+/* steer_dialled: socket cookie -> the address the application dialled, for sockets
+ * connect4 sent elsewhere (a Service's backend, Envoy): getpeername hands it back, so the
+ * application sees the peer it asked for. LRU: nothing tells the map a socket closed. */
+struct steer_addr {
+	__u32 ip;
+	__u16 port_be;
+	__u16 pad;
+};
+BPF_TABLE("lru_hash", __u64, struct steer_addr, steer_dialled, STEER_MAX_FLOWS);
+
 /* steer_counters[slot]: per-pod counters; slot 0 counts what belongs to no pod. */
 struct steer_counters {
 	__u64 redirects;    /* connects rewritten to Envoy */
@@ -105,6 +131,8 @@ struct steer_counters {
 	__u64 sockopt_hits; /* SO_ORIGINAL_DST answered from steer_origdst */
 	__u64 sockopt_miss; /* SO_ORIGINAL_DST on a connection not steered by eBPF */
 	__u64 map_full;     /* a map update failed: steering degraded, see the agent log */
+	__u64 svc_balanced; /* connects to a Service sent to one of its backends */
+	__u64 svc_empty;    /* connects to a Service without backends, refused */
 };
 BPF_PERCPU_ARRAY(steer_counters, struct steer_counters, STEER_MAX_PODS);
 

@@ -1,0 +1,67 @@
+"""Services on the real node, next to the real kube-proxy (iptables mode): a request to a
+ClusterIP or to a NodePort gets exactly what a request to the backend pod gets, on both
+datapaths. On eBPF connect4 balances before kube-proxy sees anything; on iptables flows
+are decided after kube-proxy's DNAT, or sent to Envoy before it where the backend has
+HTTP rules (docs/architecture.md, "Services")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cluster.kube import Cluster, eventually
+from tests.cluster.test_policy import DATAPLANES, web_and_client, web_policy
+
+pytestmark = pytest.mark.privileged
+
+
+def web_service(namespace: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": namespace},
+            "spec": {
+                "type": "NodePort",
+                "selector": {"app": "web"},
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": 8080},
+                    {"name": "debug", "port": 9090, "targetPort": 9090},
+                ],
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_clusterip_and_node_port_get_the_backends_verdicts(
+    cluster: Cluster, dataplane: str
+) -> None:
+    namespace, web = web_and_client(cluster, dataplane)
+    cluster.apply(web_service(namespace))
+    cluster.apply(web_policy(namespace))
+    service = cluster.get("-n", namespace, "service", "web")
+    vip = service["spec"]["clusterIP"]
+    node_port = next(p["nodePort"] for p in service["spec"]["ports"] if p["name"] == "http")
+    node_ip = cluster.get("-n", namespace, "pod", "web")["status"]["hostIP"]
+
+    def agent_balances_it() -> bool:
+        listed = {
+            f"{s['namespace']}/{s['name']}": s for s in cluster.agent_status().get("services", [])
+        }
+        entry = listed.get(f"{namespace}/web")
+        return entry is not None and any(f"{web}:8080" in f["backends"] for f in entry["frontends"])
+
+    eventually(agent_balances_it, "the agent to balance the Service over the web pod")
+    eventually(
+        lambda: cluster.http(namespace, "client", f"http://{web}:8080/admin/").status == 403,
+        "the policy to deny /admin/",
+    )
+    for base in (f"http://{vip}:80", f"http://{node_ip}:{node_port}"):
+        assert cluster.http(namespace, "client", f"{base}/admin/").status == 403, base
+        assert cluster.http(namespace, "client", f"{base}/public/").status == 200, base
+    # Port 9090 is denied at L4: refused through the ClusterIP exactly as directly.
+    assert cluster.http(namespace, "client", f"http://{web}:9090/public/").refused
+    through = cluster.http(namespace, "client", f"http://{vip}:9090/public/")
+    assert through.refused, through
