@@ -956,6 +956,7 @@ def build_parser() -> argparse.ArgumentParser:
             "l7-rules",
             "churn",
             "faults",
+            "services",
             "all",
             "report",
         ],

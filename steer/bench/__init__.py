@@ -30,6 +30,7 @@ SCENARIOS: dict[str, str] = {
     "l7-rules": "l7rules",
     "churn": "churn",
     "faults": "faults",
+    "services": "services",
 }
 
 

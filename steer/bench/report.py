@@ -47,6 +47,19 @@ ANALYSIS = """\
   path, dominates; sk_msg removes ~40% of the kernel CPU per request and keeps the
   payload off the veths, but cannot touch the user-space share.
 
+- **services** (connect-time LB >= 1.3x kube-proxy's new-connection rate at 5,000
+  Services, and >= 0.95x its own rate at 10): neither met in this run: 1.05x kube-proxy
+  (5,967 against 5,680 connections/s) and 0.93x its rate at 10 (6,384). What the bench can
+  show is small here: a short connection costs ~290 us of CPU in wrk and the Envoy
+  backends, whatever balances it, while kube-proxy's walk of a 5,000-Service chain (its
+  two rules per Service port, on average half of them) adds ~23 us (CPU per connection
+  314 against 291 us at 10 Services). Balanced by connect4 the CPU per connection stays
+  flat (287 against 286 us): connect4's lookups are O(1), and a flow to a pod's address
+  skips kube-proxy's chain (`steer/to-a-pod-address` in STEER-NAT); before that rule the
+  balanced flows walked the whole chain, since no rule of it matches, and ran at 0.65x
+  their rate at 10 Services. The remaining drop of the rate at 5,000 is within the runs'
+  spread (min-max 5,827-6,201 against 6,060-6,572) and is not CPU in the lab's cgroup.
+  A lighter backend than an HTTP server would make the balancing a larger share.
 - **churn** (RSS slope <= 1 MiB per 10 min after warm-up, p99 change-to-enforcement <= 200
   ms, at 5 changes/s): both met in this run: 5.0 changes/s, p50 100 ms, p99 181 ms (policy
   edits p99 114 ms, pod relabels p99 252 ms); RSS slope +0.66 MiB/10 min for the agent,
@@ -139,6 +152,13 @@ ABOUT = {
         "live traffic: agent and control-plane RSS over time and its slope after warm-up, "
         "change-to-enforcement (agent, control plane and Envoy all caught up) during "
         "churn, and the agent's CPU per change."
+    ),
+    "services": (
+        "Short connections (one request each) to a ClusterIP with two backends, balanced "
+        "by kube-proxy's iptables DNAT (the lab's stand-in, with kube-proxy v1.20's rules) "
+        "from a pod steer does not steer, and by connect4 from a pod on eBPF, with 10 and "
+        "with 5,000 Services on the node; no policy, so only the balancing differs. CPU is "
+        "the whole lab's cgroup subtree per connection; keep-alive p50 is one connection."
     ),
     "faults": (
         "Fault drills under steady L7 and L4-only load on both datapaths: kill -9 of the "

@@ -23,7 +23,7 @@ from steer.atomicfile import write_json_atomic
 from steer.constants import AGENT_STATUS_FILE, IPV6_POLICY, LAB_GATEWAY_IP, LAB_POD_CIDR
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
-from steer.model.service import Frontend, Service, ServiceProblem, frontends
+from steer.model.service import Frontend, Problem, Service, ServiceProblem, frontends
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.source.local import LocalInputs
 
@@ -81,6 +81,20 @@ def status_document(
         "loop_errors": loop_errors,
         **extra,
     }
+
+
+def map_full_problems(found: Sequence[Frontend], fallbacks: Sequence[str]) -> list[ServiceProblem]:
+    """The frontends the eBPF map could not hold, as problems of their Services."""
+    return [
+        ServiceProblem(
+            f.service,
+            Problem.MAP_FULL,
+            f"{f.ip}:{f.port} did not fit in the node's Service map: kube-proxy serves it, "
+            "and flows are decided after its DNAT. Fix: raise BPF_MAX_SERVICE_ENTRIES",
+        )
+        for f in found
+        if f"{f.service} {f.ip}:{f.port}" in fallbacks
+    ]
 
 
 def service_status(
@@ -202,10 +216,15 @@ class LocalAgent:
         )
         loaded = time.perf_counter()
         report = self.datapath.sync(
-            reload.policies, pods, self.inputs.node_cgroup(), services=found
+            reload.policies,
+            pods,
+            self.inputs.node_cgroup(),
+            services=found,
+            pod_cidrs=[IPv4Network(LAB_POD_CIDR)],
         )
         report.phases_ms["load"] = (loaded - started) * 1000
         report.errors = [str(e) for e in reload.errors] + report.errors
+        problems = problems + map_full_problems(found, report.service_fallbacks)
         for problem in problems:
             if problem not in self._problems_logged:
                 log.warning("service %s: %s", problem.service, problem.message)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -183,21 +184,29 @@ class ServiceView:
 
     frontends: Mapping[FrontendKey, Frontend] = field(default_factory=dict)
     via_envoy: frozenset[FrontendKey] = frozenset()
+    pod_cidrs: tuple[IPv4Network, ...] = ()
 
     @classmethod
     def of(
-        cls, enforcement: Enforcement, frontends: Sequence[Frontend], envoy_learns_backend: bool
+        cls,
+        enforcement: Enforcement,
+        frontends: Sequence[Frontend],
+        envoy_learns_backend: bool,
+        pod_cidrs: Sequence[IPv4Network] = (),
     ) -> ServiceView:
         """`envoy_learns_backend`: the getsockopt hook is on Envoy (the eBPF programs are
         loaded), so a Service flow REDIRECTed before kube-proxy reaches its backend's rules."""
         return cls(
             {(f.ip, f.port): f for f in frontends},
             envoy_frontends(enforcement, frontends) if envoy_learns_backend else frozenset(),
+            tuple(sorted(set(pod_cidrs))),
         )
 
     @property
     def steering(self) -> ServiceSteering:
-        return ServiceSteering(tuple(sorted(self.frontends, key=_frontend_order)), self.via_envoy)
+        return ServiceSteering(
+            tuple(sorted(self.frontends, key=_frontend_order)), self.via_envoy, self.pod_cidrs
+        )
 
     def judge(self, enforcement: Enforcement) -> Callable[[Flow], int]:
         if not self.frontends:
@@ -515,11 +524,14 @@ class NodeDatapath:
         pods: Sequence[Pod],
         envoy_cgroup: str = "",
         local: Callable[[Pod], bool] | None = None,
+        *,
         services: Sequence[Frontend] = (),
+        pod_cidrs: Sequence[IPv4Network] = (),
     ) -> SyncReport:
         """`local`: the pods on this node (default: all); the others are only peers. Pass
         the same `local` every time: the resolver's memory is kept per predicate.
-        `services`: the frontends eBPF pods' connects are balanced over."""
+        `services`: the frontends eBPF pods' connects are balanced over. `pod_cidrs`: where
+        pod addresses come from (flows to them skip kube-proxy's rules)."""
         # `!=`, not `is not`: a bound method is a new object on every attribute access.
         if self._resolver is None or self._resolver_local != local:
             self._resolver, self._resolver_local = Resolver(local), local
@@ -552,7 +564,7 @@ class NodeDatapath:
                 log.error("eBPF update failed; those pods keep their previous state: %s", exc)
         # Both revocation passes (iptables flows after the rules are in force, then eBPF
         # flows) read one conntrack listing: each listing walks the kernel's whole table.
-        view = ServiceView.of(enforcement, services, ebpf is not None)
+        view = ServiceView.of(enforcement, services, ebpf is not None, pod_cidrs)
         with self.kernel.one_conntrack_listing():
             in_force = self.iptables.apply(enforcement, frozenset(wanted), report, view)
             # Even when the iptables rules stay as they were: an eBPF pod's verdicts live

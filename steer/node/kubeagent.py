@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +36,7 @@ from steer.constants import (
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.model.service import ServiceProblem, frontends
-from steer.node.agent import StatusWriter, service_status, status_document
+from steer.node.agent import StatusWriter, map_full_problems, service_status, status_document
 from steer.node.cgroups import (
     MAX_POD_CGROUP_LEVEL,
     PROC,
@@ -118,6 +118,8 @@ class KubeAgent:
             # Services and their endpoints: what connect4 balances over, and the
             # frontends iptables must decide after kube-proxy (docs/architecture.md).
             "services": (core.list_service_for_all_namespaces, {}),
+            # The nodes' podCIDRs: flows to pod addresses skip kube-proxy's chains.
+            "nodes": (core.list_node, {}),
             "endpoints": (core.list_endpoints_for_all_namespaces, {}),
             ENDPOINT_SLICES: (
                 client.DiscoveryV1Api(self.api_client).list_endpoint_slice_for_all_namespaces,
@@ -184,9 +186,15 @@ class KubeAgent:
         found, problems = frontends(parsed.services, node_ips=[IPv4Address(self.datapath.envoy_ip)])
         report = self._in_datapath_netns(
             lambda: self.datapath.sync(
-                policies, pods, self.envoy_cgroup, local=self._is_local, services=found
+                policies,
+                pods,
+                self.envoy_cgroup,
+                local=self._is_local,
+                services=found,
+                pod_cidrs=pod_cidrs(objects.get("nodes", [])),
             )
         )
+        problems = problems + map_full_problems(found, report.service_fallbacks)
         self._report_service_problems(objects.get("services", []), parsed.errors, problems)
         for error in report.errors:
             log.error("%s", error)
@@ -404,6 +412,22 @@ class KubeAgent:
                     self._gates_pending = True
             # Between changes, so that churn that never pauses still gets collected.
             self._gc.tick()
+
+
+def pod_cidrs(nodes: list[dict[str, Any]]) -> list[IPv4Network]:
+    """The IPv4 ranges nodes give their pods (spec.podCIDRs, or podCIDR before 1.16); none
+    where the CNI allocates addresses itself, and then no flow skips kube-proxy's chains."""
+    found = set()
+    for node in nodes:
+        spec = node.get("spec") or {}
+        for cidr in spec.get("podCIDRs") or [spec.get("podCIDR")]:
+            try:
+                network = ip_network(str(cidr))
+            except ValueError:
+                continue
+            if isinstance(network, IPv4Network):
+                found.add(network)
+    return sorted(found)
 
 
 def _now() -> str:

@@ -119,6 +119,8 @@ class ServiceSteering:
 
     frontends: tuple[tuple[IPv4Address, int], ...] = ()
     via_envoy: frozenset[tuple[IPv4Address, int]] = frozenset()
+    # Where pods' addresses come from (the lab's range; the nodes' podCIDRs in a cluster).
+    pod_cidrs: tuple[IPv4Network, ...] = ()
 
 
 NO_SERVICES = ServiceSteering()
@@ -498,9 +500,24 @@ def _redirect(port: int) -> tuple[str, ...]:
     return ("-p", "tcp", "-j", "REDIRECT", "--to-ports", str(port))
 
 
-def _nat_rules(enforcement: Enforcement, ebpf: frozenset[str]) -> list[Rule]:
+def _nat_rules(
+    enforcement: Enforcement, ebpf: frozenset[str], services: ServiceSteering
+) -> list[Rule]:
     l7 = f"{_hex(VERDICT_L7 << MARK_VERDICT_SHIFT)}/{_hex(MARK_VERDICT_MASK)}"
     rules = [
+        # To a pod's own address, a flow that is not steer's to redirect needs no NAT from
+        # anyone (a Service's address is never in the pod range): it skips kube-proxy's
+        # KUBE-SERVICES, one rule per Service port walked by every new flow. That is every
+        # flow connect4 balanced to a backend.
+        *(
+            Rule(
+                "nat",
+                CHAIN_NAT,
+                ("-d", str(cidr), "-m", "connmark", "!", "--mark", l7, "-j", "ACCEPT"),
+                "to-a-pod-address",
+            )
+            for cidr in services.pod_cidrs
+        ),
         Rule("nat", CHAIN_NAT, ("-m", "connmark", "!", "--mark", l7, "-j", "RETURN"), "not-l7"),
         *_exclusion_limits(enforcement, ebpf),
     ]
@@ -764,7 +781,7 @@ def _node_rules(
         *_decide_rules(enforcement),
         *_dnat_rules(),
         *(_service_l7_rules(steered) if services.via_envoy else ()),
-        *_nat_rules(enforcement, ebpf),
+        *_nat_rules(enforcement, ebpf, services),
         *_filter_rules(ebpf_pods),
     ):
         rules.setdefault((rule.table, rule.chain), []).append(rule)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from google.protobuf.json_format import MessageToDict
@@ -72,6 +72,7 @@ def test_iptables_services_are_decided_after_kube_proxy_or_sent_to_envoy_before_
     services = ServiceSteering(
         tuple(sorted(((f.ip, f.port) for f in frontends), key=lambda k: (int(k[0]), k[1]))),
         via_envoy,
+        (IPv4Network("10.244.0.0/16"),),
     )
     ruleset = render_ruleset(enforcement, services=services)
     check_golden("iptables_services.rules", restore_text(ruleset, KernelState()))

@@ -67,6 +67,7 @@ class _Core:
     list_namespace = list_pod_for_all_namespaces
     list_service_for_all_namespaces = list_pod_for_all_namespaces
     list_endpoints_for_all_namespaces = list_pod_for_all_namespaces
+    list_node = list_pod_for_all_namespaces
 
 
 def web_policy() -> dict[str, Any]:
