@@ -32,7 +32,7 @@ from steer.node.bpfobjects import BpfObjects
 from steer.node.cgroups import cgroup2_root
 from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
-from steer.render.iptables import CHAIN_PRE
+from steer.render.iptables import CHAIN_DECIDE, CHAIN_PRE
 
 LIVE_CHANGE_BUDGET_MS = 100.0
 TIGHTENED_WEB_RULE = """
@@ -240,7 +240,14 @@ class _Checks:
 
 
 def _iptables_counts() -> dict[str, int]:
-    rows = run_in_netns(NODE_NETNS, lambda: list(iptables.counters("mangle", CHAIN_PRE)))
+    """Packets per rule comment of STEER-PRE and of the verdict chain it jumps to."""
+    rows = run_in_netns(
+        NODE_NETNS,
+        lambda: [
+            *iptables.counters("mangle", CHAIN_PRE),
+            *iptables.counters("mangle", CHAIN_DECIDE),
+        ],
+    )
     return {row.comment: row.packets for row in rows}
 
 

@@ -21,6 +21,8 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from types import MappingProxyType
 
+from steer.constants import ENVOY_INBOUND_PORT, ENVOY_OUTBOUND_PORT
+
 # Backends per frontend that connect4 can choose from (the map's slot index is a u16,
 # and slot 0 is the frontend itself).
 MAX_BACKENDS = 4096
@@ -103,6 +105,7 @@ class Problem(StrEnum):
     PORT_ON_NO_ENDPOINT = "PortOnNoEndpoint"
     ENDPOINT_OUTSIDE_POD_CIDR = "EndpointOutsidePodCIDR"
     TOO_MANY_BACKENDS = "TooManyBackends"
+    ENDPOINT_ON_ENVOY_PORT = "EndpointOnEnvoyPort"
     PROTOCOL_NOT_STEERED = "ProtocolNotSteered"
     # The datapath could not hold the Service (a full map): kube-proxy serves it.
     MAP_FULL = "MapFull"
@@ -183,6 +186,17 @@ def _backends(
     for endpoint in ready:
         number = _resolved_port(endpoint, port)
         if number is None:
+            continue
+        if number in (ENVOY_OUTBOUND_PORT, ENVOY_INBOUND_PORT):
+            # Balanced to Envoy's own listener, a flow would make Envoy proxy to itself.
+            problems.append(
+                ServiceProblem(
+                    service.key,
+                    Problem.ENDPOINT_ON_ENVOY_PORT,
+                    f"{label}: endpoint {endpoint.ip}:{number} is a port of steer's Envoy; "
+                    "it is left out. Fix: point the Service at the workload's own port",
+                )
+            )
             continue
         backends.append(Backend(endpoint.ip, number, endpoint.pod))
         if pod_cidrs and not any(endpoint.ip in cidr for cidr in pod_cidrs):

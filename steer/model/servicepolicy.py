@@ -73,13 +73,24 @@ def expected_verdict(
     REDIRECT), None if untranslated. A flow whose mark differs is revoked: its next packet
     is decided afresh. `flow`: (source, destination, destination port) as dialled."""
     src, dst, port = flow
-    if (dst, port) not in frontends or reached is None:
+    if reached is None:
         return decide_flow(enforcement, src, dst, port).verdict
-    if reached[1] in ENVOY_PORTS:
+    frontend = frontends.get((dst, port))
+    redirected = reached[1] in ENVOY_PORTS and not (
+        frontend is not None and _is_backend(frontend, reached)
+    )
+    if redirected:
+        if frontend is None:
+            return decide_flow(enforcement, src, dst, port).verdict  # an L7 flow, as ever
         # Sent to Envoy before kube-proxy, which decides each request; once the Service
         # no longer needs Envoy, the flow is revoked and decided after kube-proxy instead.
         return VERDICT_L7 if (dst, port) in via_envoy else 0
-    # Decided after kube-proxy's DNAT, on the address it reached (a backend that has
-    # since left the Service is still the flow's peer, and the policy still applies).
+    # Translated by someone else's DNAT (kube-proxy's, for a Service steer may not know):
+    # decided on the address it reached (a backend that has since left its Service is
+    # still the flow's peer, and the policy still applies), as STEER-DNAT decides it.
     verdict = decide_flow(enforcement, src, reached[0], reached[1]).verdict
     return VERDICT_DENY if verdict == VERDICT_L7 else verdict
+
+
+def _is_backend(frontend: Frontend, reached: tuple[IPv4Address, int]) -> bool:
+    return any((b.ip, b.port) == reached for b in frontend.backends)

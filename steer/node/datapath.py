@@ -191,14 +191,15 @@ class ServiceView:
         cls,
         enforcement: Enforcement,
         frontends: Sequence[Frontend],
-        envoy_learns_backend: bool,
+        learnable: Sequence[Frontend] = (),
         pod_cidrs: Sequence[IPv4Network] = (),
     ) -> ServiceView:
-        """`envoy_learns_backend`: the getsockopt hook is on Envoy (the eBPF programs are
-        loaded), so a Service flow REDIRECTed before kube-proxy reaches its backend's rules."""
+        """`learnable`: the frontends whose backend the getsockopt hook can name to Envoy
+        (in steer_svc, the hook on Envoy's cgroup): only those of them whose backends can
+        need Envoy go to it before kube-proxy."""
         return cls(
             {(f.ip, f.port): f for f in frontends},
-            envoy_frontends(enforcement, frontends) if envoy_learns_backend else frozenset(),
+            envoy_frontends(enforcement, learnable),
             tuple(sorted(set(pod_cidrs))),
         )
 
@@ -245,7 +246,7 @@ class IptablesDatapath:
         goes to Envoy before kube-proxy: there is no getsockopt hook to name its backend)."""
         enforcement = self._resolver.resolve(policies, pods)
         report = SyncReport(False, 0, 0, 0.0, warnings=list(enforcement.warnings))
-        self.apply(enforcement, frozenset(), report, ServiceView.of(enforcement, services, False))
+        self.apply(enforcement, frozenset(), report, ServiceView.of(enforcement, services))
         return report
 
     def apply(
@@ -549,6 +550,11 @@ class NodeDatapath:
             # with the load error as the reason.
             report.dataplanes.clear()
             wanted = self._choose(enforcement, report)
+        # The Services whose backends Envoy can learn from the getsockopt hook: those in
+        # steer_svc, once the hook is on Envoy's cgroup. Only they may go to Envoy before
+        # kube-proxy; Envoy would otherwise forward to the ClusterIP, past the backend's
+        # rules.
+        known: list[Frontend] = []
         if ebpf is not None:
             # eBPF first: a pod's verdicts are in its maps before iptables lets its new
             # flows through unexamined.
@@ -559,12 +565,14 @@ class NodeDatapath:
                     failed = ebpf.bpf.set_services(list(services))
                     report.service_fallbacks = [f"{f.service} {f.ip}:{f.port}" for f in failed]
                     ebpf.sync(enforcement, wanted, envoy_cgroup)
+                if envoy_cgroup:
+                    known = [f for f in services if f not in failed]
             except (OSError, RuntimeError) as exc:
                 report.errors.append(f"eBPF update failed: {exc}")
                 log.error("eBPF update failed; those pods keep their previous state: %s", exc)
         # Both revocation passes (iptables flows after the rules are in force, then eBPF
         # flows) read one conntrack listing: each listing walks the kernel's whole table.
-        view = ServiceView.of(enforcement, services, ebpf is not None, pod_cidrs)
+        view = ServiceView.of(enforcement, services, known, pod_cidrs)
         with self.kernel.one_conntrack_listing():
             in_force = self.iptables.apply(enforcement, frozenset(wanted), report, view)
             # Even when the iptables rules stay as they were: an eBPF pod's verdicts live

@@ -224,10 +224,8 @@ class KubeAgent:
             if ("", error) not in self._events_sent:
                 self._events_sent.add(("", error))
                 log.warning("%s", error)
-        by_key = {
-            f"{o.get('metadata', {}).get('namespace')}/{o.get('metadata', {}).get('name')}": o
-            for o in objects
-        }
+        metas = [(o.get("metadata") or {}, o) for o in objects]
+        by_key = {f"{meta.get('namespace')}/{meta.get('name')}": o for meta, o in metas}
         for problem in problems:
             obj = by_key.get(problem.service)
             if obj is not None:

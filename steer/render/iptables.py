@@ -418,12 +418,13 @@ def _decide_rules(enforcement: Enforcement) -> list[Rule]:
 
 
 def _dnat_rules() -> list[Rule]:
-    """mangle FORWARD: a new flow kube-proxy translated (to a Service's backend) is decided
-    here, on the backend, with the same chains as any other. An L7 verdict found this late
-    cannot reach Envoy any more (REDIRECT acts only before the DNAT): refused."""
+    """mangle FORWARD and INPUT: a new flow kube-proxy translated (to a Service's backend,
+    on a pod or on the node itself) is decided here, on the backend, with the same chains
+    as any other. An L7 verdict found this late cannot reach Envoy any more (REDIRECT acts
+    only before the DNAT): refused."""
     l7 = VERDICT_L7 << MARK_VERDICT_SHIFT
+    deny = f"{_hex(VERDICT_DENY << MARK_VERDICT_SHIFT)}/{_hex(MARK_VERDICT_MASK)}"
     return [
-        Rule("mangle", CHAIN_DNAT, _VERDICT_CACHED, "verdict-cached"),
         Rule(
             "mangle",
             CHAIN_DNAT,
@@ -431,6 +432,26 @@ def _dnat_rules() -> list[Rule]:
             "not-translated",
         ),
         Rule("mangle", CHAIN_DNAT, _NOT_NEW, "not-new"),
+        # Whatever was decided before the DNAT was decided on the address dialled, not on
+        # the backend: a Service steer does not know (yet), an externalIP, a hostPort. Only
+        # a deny stands (it is never looser); an L7 mark here means the flow escaped its
+        # REDIRECT (an exclusion): it is decided on the backend like the rest.
+        Rule(
+            "mangle",
+            CHAIN_DNAT,
+            ("-m", "connmark", "--mark", deny, "-j", "RETURN"),
+            "denied-before-translation",
+        ),
+        # steer's own REDIRECT to Envoy (an L7 flow, to a local address): decided already.
+        Rule(
+            "mangle",
+            CHAIN_DNAT,
+            (
+                *("-m", "connmark", "--mark", f"{_hex(l7)}/{_hex(MARK_VERDICT_MASK)}"),
+                *("-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN"),
+            ),
+            "redirected-to-envoy",
+        ),
         Rule("mangle", CHAIN_DNAT, ("-j", CHAIN_DECIDE), "decide-on-backend"),
         Rule(
             "mangle",
@@ -506,14 +527,18 @@ def _nat_rules(
     l7 = f"{_hex(VERDICT_L7 << MARK_VERDICT_SHIFT)}/{_hex(MARK_VERDICT_MASK)}"
     rules = [
         # To a pod's own address, a flow that is not steer's to redirect needs no NAT from
-        # anyone (a Service's address is never in the pod range): it skips kube-proxy's
+        # anyone (a Service's address is never in the pod range; the node's own addresses
+        # in it, a bridge's gateway, may carry NodePorts and hostPorts): it skips kube-proxy's
         # KUBE-SERVICES, one rule per Service port walked by every new flow. That is every
         # flow connect4 balanced to a backend.
         *(
             Rule(
                 "nat",
                 CHAIN_NAT,
-                ("-d", str(cidr), "-m", "connmark", "!", "--mark", l7, "-j", "ACCEPT"),
+                (
+                    *("-d", str(cidr), "-m", "addrtype", "!", "--dst-type", "LOCAL"),
+                    *("-m", "connmark", "!", "--mark", l7, "-j", "ACCEPT"),
+                ),
                 "to-a-pod-address",
             )
             for cidr in services.pod_cidrs
@@ -632,6 +657,7 @@ def _filter_rules(ebpf_pods: list[ManagedPod]) -> list[Rule]:
     )
     # A TCP reset, like REDIRECT, needs an explicit -p tcp in the same rule.
     reset = ("-j", "REJECT", "--reject-with", "tcp-reset")
+    l7_mark = f"{_hex(VERDICT_L7 << MARK_VERDICT_SHIFT)}/{_hex(MARK_VERDICT_MASK)}"
     return [
         # A denied flow kube-proxy translated, that came in through a bridge port
         # (br_netfilter): the kernel sends a TCP reset built here straight out of the
@@ -663,7 +689,9 @@ def _filter_rules(ebpf_pods: list[ManagedPod]) -> list[Rule]:
                 "lo",
                 *_multiport((ENVOY_OUTBOUND_PORT, ENVOY_INBOUND_PORT)),
                 *("-m", "conntrack", "--ctstate", "NEW"),
-                *("-m", "conntrack", "!", "--ctstate", "DNAT"),
+                # Every REDIRECT steer makes is of an L7 flow; a DNAT by anyone else (a
+                # Service whose endpoint is Envoy's port) is not an exemption.
+                *("-m", "connmark", "!", "--mark", l7_mark),
                 "-j",
                 CHAIN_ENVOY,
             ),
@@ -798,6 +826,7 @@ def _ruleset(node: NodeRules, side_rules: Mapping[str, tuple[Rule, ...]]) -> Rul
     jumps = (
         Jump("mangle", "PREROUTING", CHAIN_PRE),
         Jump("mangle", "FORWARD", CHAIN_DNAT),
+        Jump("mangle", "INPUT", CHAIN_DNAT),
         Jump("nat", "PREROUTING", CHAIN_NAT),
         Jump("filter", "FORWARD", CHAIN_FORWARD),
         Jump("filter", "INPUT", CHAIN_INPUT),

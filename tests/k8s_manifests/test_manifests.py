@@ -627,6 +627,8 @@ EXPECTED_GRANTS = {
     | _expand([""], ["pods/status"], ["patch"])
     | _expand([""], ["namespaces"], ["get", "list", "watch"])
     | _expand([API_GROUP], [POLICY_PLURAL], ["list", "watch"])
+    | _expand([""], ["services", "endpoints", "nodes"], ["list", "watch"])
+    | _expand(["discovery.k8s.io"], ["endpointslices"], ["list", "watch"])
     | EVENTS,
 }
 

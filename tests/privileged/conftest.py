@@ -4,16 +4,20 @@ The tests here carry the `privileged` marker; tests/conftest.py skips them when 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from steer.constants import NODE_NETNS
+from steer.constants import ENVOY_OUTBOUND_PORT, NODE_NETNS
+from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabState, default_lab_specs
 from steer.lab.updown import lab_down, lab_up
 from steer.model.pod import Pod
-from steer.node.datapath import IptablesDatapath
+from steer.node.bpfobjects import BpfObjects
+from steer.node.datapath import IptablesDatapath, NodeDatapath
+from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
 
 
@@ -44,6 +48,41 @@ def node_clean(lab: LabState) -> Iterator[None]:
         yield
     finally:
         run_in_netns(NODE_NETNS, unload_rules)
+
+
+def unload_everything() -> None:
+    BpfObjects.unload_all(HostKernel())
+    run_in_netns(NODE_NETNS, lambda: NodeDatapath().unload())
+
+
+@pytest.fixture
+def node(lab: LabState) -> Iterator[NodeDatapath]:
+    """A node datapath that starts and ends with no BPF object and no steer rule."""
+    unload_everything()
+    datapath = NodeDatapath()
+    try:
+        yield datapath
+    finally:
+        datapath.close()
+        unload_everything()
+
+
+def through_envoy(
+    lab: LabState, client: PodProcess, address: str, port: int
+) -> tuple[list[tuple[str, int]], tuple[str, int]]:
+    """Connect from `client` to address:port with a stand-in for Envoy listening on its
+    outbound port in the node: the original destination Envoy would be told, and the
+    peer the client's application sees."""
+    with PodProcess.start(NODE_NETNS, lab.node_cgroup) as envoy:
+        listener = envoy.listen("0.0.0.0", ENVOY_OUTBOUND_PORT)
+        seen: list[tuple[str, int]] = []
+        accept = threading.Thread(target=lambda: seen.append(envoy.accept_original_dst(listener)))
+        accept.start()
+        conn = client.open_tcp(address, port)
+        accept.join(timeout=5)
+        peer = client.peername(conn)
+        client.tcp_close(conn)
+    return seen, peer
 
 
 def lab_pods(

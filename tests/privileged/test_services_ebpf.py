@@ -7,15 +7,13 @@ dials them from a process in the client pod's cgroup."""
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address
-from pathlib import Path
 
 import pytest
 
-from steer.constants import ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, NODE_NETNS
+from steer.constants import LAB_GATEWAY_IP, NODE_NETNS
 from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPod, LabState
 from steer.model.policy import HTTPPolicy
@@ -24,7 +22,8 @@ from steer.node.bpfobjects import BpfObjects
 from steer.node.datapath import NodeDatapath
 from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
-from tests.privileged.test_ebpf_datapath import pods_of, unload_everything
+from tests.privileged.conftest import through_envoy
+from tests.privileged.test_ebpf_datapath import pods_of
 from tests.samples import sample_policies
 
 pytestmark = pytest.mark.privileged
@@ -33,17 +32,6 @@ WEB_VIP = "10.96.0.10"
 API_VIP = "10.96.0.11"
 SPREAD_VIP = "10.96.0.12"
 EMPTY_VIP = "10.96.0.13"
-
-
-@pytest.fixture
-def node(lab: LabState, tmp_path: Path) -> Iterator[NodeDatapath]:
-    unload_everything()
-    datapath = NodeDatapath()
-    try:
-        yield datapath
-    finally:
-        datapath.close()
-        unload_everything()
 
 
 def pod(lab: LabState, name: str) -> LabPod:
@@ -133,16 +121,7 @@ def test_clusterip_gets_exactly_the_backends_verdicts(
     web, api = pod(lab, "web"), pod(lab, "api")
     # L7 at the backend (web:8080 has HTTP rules): Envoy gets the backend as the
     # original destination, and the application still sees the ClusterIP.
-    with PodProcess.start(NODE_NETNS, lab.node_cgroup) as envoy:
-        listener = envoy.listen("0.0.0.0", ENVOY_OUTBOUND_PORT)
-        seen: list[tuple[str, int]] = []
-        accept = threading.Thread(target=lambda: seen.append(envoy.accept_original_dst(listener)))
-        accept.start()
-        conn = client.open_tcp(WEB_VIP, 80)
-        accept.join(timeout=5)
-        assert client.peername(conn) == (WEB_VIP, 80)
-        client.tcp_close(conn)
-    assert seen == [(web.ip, 8080)]
+    assert through_envoy(lab, client, WEB_VIP, 80) == ([(web.ip, 8080)], (WEB_VIP, 80))
     # Denied at the backend (web's debug port): refused, as web:9090 is.
     assert client.connect_outcome(WEB_VIP, 9090)[0] == "refused"
     assert client.connect_outcome(web.ip, 9090)[0] == "refused"
@@ -163,16 +142,8 @@ def test_node_port_on_the_nodes_address_gets_the_same_verdict(
     node: NodeDatapath, lab: LabState, client: PodProcess
 ) -> None:
     sync(node, lab, services_of(lab))
-    with PodProcess.start(NODE_NETNS, lab.node_cgroup) as envoy:
-        listener = envoy.listen("0.0.0.0", ENVOY_OUTBOUND_PORT)
-        seen: list[tuple[str, int]] = []
-        accept = threading.Thread(target=lambda: seen.append(envoy.accept_original_dst(listener)))
-        accept.start()
-        conn = client.open_tcp(LAB_GATEWAY_IP, 30080)
-        accept.join(timeout=5)
-        assert client.peername(conn) == (LAB_GATEWAY_IP, 30080)
-        client.tcp_close(conn)
-    assert seen == [(pod(lab, "web").ip, 8080)]
+    seen, peer = through_envoy(lab, client, LAB_GATEWAY_IP, 30080)
+    assert (seen, peer) == ([(pod(lab, "web").ip, 8080)], (LAB_GATEWAY_IP, 30080))
 
 
 def _spread(client: PodProcess, rounds: int) -> Counter[str]:

@@ -6,15 +6,14 @@ original destination (chosen by the getsockopt hook), never the ClusterIP."""
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
 
-from steer.constants import ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, NODE_NETNS
+from steer.constants import LAB_GATEWAY_IP, NODE_NETNS
 from steer.lab.podproc import PodProcess
 from steer.lab.services import LabService
 from steer.lab.spec import LabPod, LabState, default_lab_specs
@@ -24,13 +23,13 @@ from steer.model.policy import HTTPPolicy
 from steer.model.service import Endpoint, ServicePort, ServiceType
 from steer.node.datapath import NodeDatapath
 from steer.node.netns import run_in_netns
-from tests.privileged.conftest import lab_pods
-from tests.privileged.test_ebpf_datapath import unload_everything
+from tests.privileged.conftest import lab_pods, through_envoy
 from tests.samples import sample_policies
 
 pytestmark = pytest.mark.privileged
 
 WEB_VIP, API_VIP, SPREAD_VIP = "10.96.0.10", "10.96.0.11", "10.96.0.12"
+UNKNOWN_VIP = "10.96.0.13"
 
 
 def lab_services(spread: tuple[str, ...] = ("web", "api")) -> list[LabService]:
@@ -49,9 +48,19 @@ def lab_services(spread: tuple[str, ...] = ("web", "api")) -> list[LabService]:
         LabService(
             "api",
             "default",
-            (ServicePort(7000, 7000),),
+            (ServicePort(7000, 7000, node_port=30700),),
+            type=ServiceType.NODE_PORT,
             cluster_ip=API_VIP,
             selector={"app": "api"},
+        ),
+        # Known to kube-proxy but not (yet) to steer: the test leaves it out of the agent's
+        # view, as a Service created a moment ago would be.
+        LabService(
+            "unknown",
+            "default",
+            (ServicePort(9090, 9090),),
+            cluster_ip=UNKNOWN_VIP,
+            selector={"app": "web"},
         ),
         LabService(
             "spread",
@@ -76,31 +85,30 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
         lab_down(state_file=state_file)
 
 
-@pytest.fixture
-def node(lab: LabState, tmp_path: Path) -> Iterator[NodeDatapath]:
-    unload_everything()
-    datapath = NodeDatapath()
-    try:
-        yield datapath
-    finally:
-        datapath.close()
-        unload_everything()
-
-
 def pod(lab: LabState, name: str) -> LabPod:
     return lab.pod("default", name)
 
 
-def sync(node: NodeDatapath, lab: LabState, policies: list[HTTPPolicy] | None = None) -> None:
+def sync(
+    node: NodeDatapath,
+    lab: LabState,
+    policies: list[HTTPPolicy] | None = None,
+    client_annotations: dict[str, str] | None = None,
+) -> None:
+    """As the agent syncs: every pod on iptables, the lab's Services but `unknown`."""
     iptables = {"steer.dev/dataplane": "iptables"}
-    pods = lab_pods(lab, dict.fromkeys(("client", "web", "api"), iptables))
+    annotations = dict.fromkeys(("client", "web", "api"), iptables)
+    annotations["client"] = {**iptables, **(client_annotations or {})}
+    pods = lab_pods(lab, annotations, {"steer.dev/allow-exclusions": "true"})
+    known = [f for f in lab_frontends(lab) if f.service != "default/unknown"]
     report = run_in_netns(
         NODE_NETNS,
         lambda: node.sync(
             sample_policies() if policies is None else policies,
             pods,
             lab.node_cgroup,
-            services=lab_frontends(lab),
+            services=known,
+            pod_cidrs=[IPv4Network(lab.pod_cidr)],
         ),
     )
     assert report.errors == []
@@ -134,20 +142,10 @@ def test_a_clusterip_whose_backend_has_http_rules_reaches_envoy_with_the_backend
     node: NodeDatapath, lab: LabState, client: PodProcess
 ) -> None:
     sync(node, lab)
-    with PodProcess.start(NODE_NETNS, lab.node_cgroup) as envoy:
-        listener = envoy.listen("0.0.0.0", ENVOY_OUTBOUND_PORT)
-        for address, port in ((WEB_VIP, 80), (LAB_GATEWAY_IP, 30080)):
-            seen: list[tuple[str, int]] = []
-            accept = threading.Thread(
-                target=lambda seen=seen: seen.append(envoy.accept_original_dst(listener))
-            )
-            accept.start()
-            conn = client.open_tcp(address, port)
-            accept.join(timeout=5)
-            # kube-proxy never translated it: the application's peer is what it dialled.
-            assert client.peername(conn) == (address, port)
-            client.tcp_close(conn)
-            assert seen == [(pod(lab, "web").ip, 8080)], (address, port)
+    for address, port in ((WEB_VIP, 80), (LAB_GATEWAY_IP, 30080)):
+        # kube-proxy never translated it: the application's peer is what it dialled.
+        seen, peer = through_envoy(lab, client, address, port)
+        assert (seen, peer) == ([(pod(lab, "web").ip, 8080)], (address, port))
 
 
 def _spread(client: PodProcess, rounds: int) -> Counter[str]:
@@ -237,3 +235,66 @@ def test_a_policy_change_revokes_a_live_flow_through_kube_proxy(
         sync(node, lab, policies=[*others, API_ON_7001])
         assert client.tcp_echo(kept, b"three") is None
         client.tcp_close(kept)
+
+
+def test_a_service_steer_does_not_know_yet_is_decided_on_its_backend(
+    node: NodeDatapath, lab: LabState, client: PodProcess
+) -> None:
+    """kube-proxy already DNATs a Service the agent has not seen: its flow is decided on
+    the backend kube-proxy chose (web's debug port: denied), not on the ClusterIP."""
+    sync(node, lab)
+    web = pod(lab, "web")
+    with PodProcess.start(web.netns, web.cgroup) as server:
+        server.serve_echo(web.ip, 9090)
+        outcome = client.connect_outcome(UNKNOWN_VIP, 9090, timeout=1.0)[0]
+    assert outcome == "refused"
+
+
+def test_a_node_port_on_a_node_address_inside_the_pod_range_still_reaches_kube_proxy(
+    node: NodeDatapath, lab: LabState, client: PodProcess
+) -> None:
+    """The node's address is in the pod range here; flows to it keep kube-proxy's NAT."""
+    sync(node, lab)
+    api = pod(lab, "api")
+    with PodProcess.start(api.netns, api.cgroup) as server:
+        server.serve_http(api.ip, 7000, "api")
+        reply = client.request(LAB_GATEWAY_IP, 30700, "GET", "/x")
+    assert (reply.status, b'"pod": "api"' in reply.body) == (200, True)
+
+
+WEB_DENIES_CLIENT = parse_policies(
+    """
+apiVersion: steer.dev/v1alpha1
+kind: HTTPPolicy
+metadata: {name: web-denies-client, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+    defaultAction: Allow
+    rules:
+      - {name: no-client, action: Deny, from: [{podSelector: {matchLabels: {app: client}}}],
+         ports: [{port: 8080}]}
+      - {name: api-reads, from: [{podSelector: {matchLabels: {app: api}}}],
+         ports: [{port: 8080}], http: {methods: [GET]}}
+""",
+    "web-denies-client.yaml",
+)[0]
+
+
+def test_an_outbound_exclusion_does_not_take_a_service_flow_past_the_backends_deny(
+    node: NodeDatapath, lab: LabState, client: PodProcess
+) -> None:
+    """web's backends have HTTP rules, so steered pods' flows to it are marked for Envoy
+    before kube-proxy; the client's exclusion of port 80 skips that REDIRECT. The flow
+    must still meet web's L4 deny of the client, decided after kube-proxy's DNAT."""
+    sync(
+        node,
+        lab,
+        policies=list(WEB_DENIES_CLIENT),
+        client_annotations={"steer.dev/exclude-outbound-ports": "80"},
+    )
+    web = pod(lab, "web")
+    with PodProcess.start(web.netns, web.cgroup) as server:
+        server.serve_http(web.ip, 8080, "web")
+        assert client.connect_outcome(web.ip, 8080, timeout=1.0)[0] == "refused"
+        assert client.connect_outcome(WEB_VIP, 80, timeout=1.0)[0] == "refused"
