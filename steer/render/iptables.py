@@ -946,7 +946,7 @@ def cleanup_text(current: KernelState) -> str:
             continue
         lines.append(f"*{table}")
         lines += [f":{chain} - [0:0]" for chain in chains]
-        lines += [f"-D {j.builtin} {j.spec()}" for j in sorted(jumps, key=lambda j: j.target)]
+        lines += [f"-D {j.builtin} {j.spec()}" for j in sorted(jumps, key=lambda j: (j.target, j.builtin))]
         lines += [f"-X {chain}" for chain in chains]
         lines.append("COMMIT")
     return "\n".join(lines) + "\n" if lines else ""
