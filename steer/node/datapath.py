@@ -145,7 +145,8 @@ def apply_ruleset(
 
 def changed_by_others(kernel: NodeKernel, applied: Ruleset, *, ipv6: bool = False) -> bool:
     """The kernel no longer has exactly the chains of `applied`, or misses one of its entry
-    jumps (a flush by another tool, a chain deleted by hand)."""
+    jumps (a flush by another tool, a chain deleted by hand), or another tool put a rule
+    ahead of one (kube-proxy prepends its jumps when it starts after steer)."""
     state = kernel.iptables_state(ipv6=ipv6)
     return not (
         all(
@@ -153,6 +154,7 @@ def changed_by_others(kernel: NodeKernel, applied: Ruleset, *, ipv6: bool = Fals
             for table, chains in applied.chains.items()
         )
         and set(applied.jumps) <= state.jumps
+        and not set(applied.jumps) & state.misplaced
     )
 
 

@@ -69,16 +69,23 @@ def read_state() -> KernelState:
 def _read_state(tables: Mapping[str, iptc.Table]) -> KernelState:
     chains: dict[str, frozenset[str]] = {}
     jumps: set[Jump] = set()
+    misplaced: set[Jump] = set()
     for name, table in tables.items():
         owned = frozenset(c.name for c in table.chains if c.name.startswith(CHAIN_PREFIX))
         chains[name] = owned
         for chain in table.chains:
             if not table.builtin_chain(chain.name):
                 continue
+            foreign_ahead = False
             for rule in chain.rules:
                 if rule.target is not None and rule.target.name in owned:
-                    jumps.add(Jump(name, chain.name, rule.target.name))
-    return KernelState(chains=chains, jumps=frozenset(jumps))
+                    jump = Jump(name, chain.name, rule.target.name)
+                    jumps.add(jump)
+                    if foreign_ahead:
+                        misplaced.add(jump)
+                else:
+                    foreign_ahead = True
+    return KernelState(chains=chains, jumps=frozenset(jumps), misplaced=frozenset(misplaced))
 
 
 def restore(text: str, binary: str = RESTORE) -> None:
@@ -158,7 +165,8 @@ def verify(ruleset: Ruleset, chains: Mapping[str, tuple[str, ...]] | None = None
                     f"{table_name}/{chain_name} read back {len(got)} rules, expected "
                     f"{len(want)}; first difference at rule {first}"
                 )
-    missing = set(ruleset.jumps) - _read_state(tables).jumps
+    state = _read_state(tables)
+    missing = (set(ruleset.jumps) - state.jumps) | (set(ruleset.jumps) & state.misplaced)
     if missing:
         raise IptablesError(f"entry jumps missing after apply: {sorted(j.target for j in missing)}")
 

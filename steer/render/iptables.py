@@ -180,6 +180,10 @@ class KernelState:
 
     chains: Mapping[str, frozenset[str]] = field(default_factory=dict)
     jumps: frozenset[Jump] = frozenset()
+    # Entry jumps with another tool's rule ahead of them in their built-in chain: a rule
+    # there can decide a packet before steer does (kube-proxy's KUBE-FORWARD accepts, its
+    # KUBE-SERVICES DNATs before steer's REDIRECT). Moved back to the top on a write.
+    misplaced: frozenset[Jump] = frozenset()
 
     @classmethod
     def left_by(cls, ruleset: Ruleset) -> KernelState:
@@ -922,11 +926,16 @@ def restore_text(ruleset: Ruleset, current: KernelState, previous: Ruleset | Non
     for table in TABLES:
         written = writes.get(table, ())
         stale = sorted(current.chains.get(table, frozenset()) - set(ruleset.chains.get(table, ())))
-        jumps = [j for j in ruleset.jumps if j.table == table and j not in current.jumps]
+        jumps = [
+            j
+            for j in ruleset.jumps
+            if j.table == table and (j not in current.jumps or j in current.misplaced)
+        ]
         if not (written or stale or jumps):
             continue
         lines.append(f"*{table}")
         lines += [f":{chain} - [0:0]" for chain in (*written, *stale)]
+        lines += [f"-D {j.builtin} {j.spec()}" for j in jumps if j in current.misplaced]
         lines += [f"-I {jump.builtin} 1 {jump.spec()}" for jump in jumps]
         lines += [
             f"-A {r.chain} {r.spec()}" for chain in written for r in ruleset.rules_of(table, chain)
@@ -946,7 +955,9 @@ def cleanup_text(current: KernelState) -> str:
             continue
         lines.append(f"*{table}")
         lines += [f":{chain} - [0:0]" for chain in chains]
-        lines += [f"-D {j.builtin} {j.spec()}" for j in sorted(jumps, key=lambda j: (j.target, j.builtin))]
+        lines += [
+            f"-D {j.builtin} {j.spec()}" for j in sorted(jumps, key=lambda j: (j.target, j.builtin))
+        ]
         lines += [f"-X {chain}" for chain in chains]
         lines.append("COMMIT")
     return "\n".join(lines) + "\n" if lines else ""

@@ -332,6 +332,30 @@ def test_chains_another_tool_changed_are_found_and_written_again(
     assert dp.repairs == 2
 
 
+def test_a_rule_another_tool_puts_ahead_of_steers_jump_is_found_and_steer_goes_first(
+    lab: LabState, servers: None
+) -> None:
+    """kube-proxy prepends its own jumps when it starts after steer; its KUBE-FORWARD then
+    accepts packets before steer's denials run. Replayed with a foreign ACCEPT at the top
+    of filter FORWARD: the denied port connects, the drift check finds it, the next sync
+    puts steer's jump back on top, once, and the port is refused again; the foreign rule
+    stays."""
+    dp = IptablesDatapath()
+    sync(sample_policies(), pods_of(lab), dp)
+    foreign = ["-p", "tcp", "-m", "comment", "--comment", "another-tool", "-j", "ACCEPT"]
+    in_node(["iptables-legacy", "-t", "filter", "-I", "FORWARD", "1", *foreign])
+    try:
+        assert time_connect(netns_of(lab, "client"), ip_of(lab, "web"), 9090)[0] == "connected"
+        assert run_in_netns(NODE_NETNS, dp.drifted)
+        sync(sample_policies(), pods_of(lab), dp)
+        assert time_connect(netns_of(lab, "client"), ip_of(lab, "web"), 9090)[0] == "refused"
+        rules = in_node(["iptables-legacy", "-t", "filter", "-S", "FORWARD"]).splitlines()
+        assert [r for r in rules if "STEER-FWD" in r] == [rules[1]], rules
+        assert any("another-tool" in r for r in rules), rules
+    finally:
+        in_node(["iptables-legacy", "-t", "filter", "-D", "FORWARD", *foreign])
+
+
 FOREIGN_RULES = (
     ("filter", "INPUT", "-p", "udp", "--dport", "5353", "-j", "FOREIGN"),
     ("nat", "PREROUTING", "-p", "tcp", "--dport", "1", "-j", "RETURN"),

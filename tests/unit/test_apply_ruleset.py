@@ -89,3 +89,21 @@ def test_a_change_that_fails_on_trust_is_written_again_whole() -> None:
     assert failing.state_reads == 1
     assert set(second.chains["mangle"]) <= set(_restored_chains(failing))
     assert any("read-back" in line for line in failing.calls)
+
+
+def test_a_jump_another_tool_got_ahead_of_is_moved_back_to_the_top() -> None:
+    from steer.render.iptables import KernelState, render_ruleset, restore_text
+    from tests.samples import sample_enforcement
+
+    ruleset = render_ruleset(sample_enforcement())
+    forward = next(j for j in ruleset.jumps if (j.table, j.builtin) == ("filter", "FORWARD"))
+    current = KernelState(
+        chains={t: frozenset(c) for t, c in ruleset.chains.items()},
+        jumps=frozenset(ruleset.jumps),
+        misplaced=frozenset({forward}),
+    )
+    lines = restore_text(ruleset, current).splitlines()
+    delete, insert = f"-D FORWARD {forward.spec()}", f"-I FORWARD 1 {forward.spec()}"
+    assert lines.index(delete) < lines.index(insert)
+    # Only that table is written, and only the misplaced jump moves.
+    assert [line for line in lines if line.startswith(("-D", "-I"))] == [delete, insert]
