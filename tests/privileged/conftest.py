@@ -5,6 +5,7 @@ The tests here carry the `privileged` marker; tests/conftest.py skips them when 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def through_envoy(
         peer = client.peername(conn)
         client.tcp_close(conn)
     return seen, peer
+
+
+def served_by(client: PodProcess, address: str, port: int, rounds: int) -> Counter[str]:
+    """Which pod answered each of `rounds` requests to address:port (the lab's HTTP
+    servers name themselves in their JSON body)."""
+    served: Counter[str] = Counter()
+    for _ in range(rounds):
+        body = client.request(address, port, "GET", "/").body
+        served[body.split(b'"pod": "')[1].split(b'"')[0].decode()] += 1
+    return served
 
 
 def lab_pods(

@@ -18,12 +18,10 @@ from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPod, LabState
 from steer.model.policy import HTTPPolicy
 from steer.model.service import Endpoint, Service, ServicePort, ServiceType, frontends
-from steer.node.bpfobjects import BpfObjects
 from steer.node.datapath import NodeDatapath
-from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
-from tests.privileged.conftest import through_envoy
-from tests.privileged.test_ebpf_datapath import pods_of
+from tests.privileged.conftest import served_by, through_envoy
+from tests.privileged.test_ebpf_datapath import counters, pods_of
 from tests.samples import sample_policies
 
 pytestmark = pytest.mark.privileged
@@ -106,14 +104,6 @@ def client(lab: LabState) -> Iterator[PodProcess]:
         yield worker
 
 
-def counters(name: str) -> dict[str, int]:
-    bpf = BpfObjects.load(HostKernel())
-    try:
-        return bpf.counters(bpf.slots[f"default/{name}"])
-    finally:
-        bpf.close()
-
-
 def test_clusterip_gets_exactly_the_backends_verdicts(
     node: NodeDatapath, lab: LabState, client: PodProcess
 ) -> None:
@@ -147,11 +137,7 @@ def test_node_port_on_the_nodes_address_gets_the_same_verdict(
 
 
 def _spread(client: PodProcess, rounds: int) -> Counter[str]:
-    served: Counter[str] = Counter()
-    for _ in range(rounds):
-        body = client.request(SPREAD_VIP, 80, "GET", "/").body
-        served[body.split(b'"pod": "')[1].split(b'"')[0].decode()] += 1
-    return served
+    return served_by(client, SPREAD_VIP, 80, rounds)
 
 
 def test_backends_spread_and_a_removed_one_gets_no_new_connects(

@@ -23,7 +23,7 @@ from steer.model.policy import HTTPPolicy
 from steer.model.service import Endpoint, ServicePort, ServiceType
 from steer.node.datapath import NodeDatapath
 from steer.node.netns import run_in_netns
-from tests.privileged.conftest import lab_pods, through_envoy
+from tests.privileged.conftest import lab_pods, served_by, through_envoy
 from tests.samples import sample_policies
 
 pytestmark = pytest.mark.privileged
@@ -149,11 +149,7 @@ def test_a_clusterip_whose_backend_has_http_rules_reaches_envoy_with_the_backend
 
 
 def _spread(client: PodProcess, rounds: int) -> Counter[str]:
-    served: Counter[str] = Counter()
-    for _ in range(rounds):
-        body = client.request(SPREAD_VIP, 80, "GET", "/").body
-        served[body.split(b'"pod": "')[1].split(b'"')[0].decode()] += 1
-    return served
+    return served_by(client, SPREAD_VIP, 80, rounds)
 
 
 WEB_TAKES_7100 = parse_policies(
