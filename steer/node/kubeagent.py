@@ -64,6 +64,31 @@ T = TypeVar("T")
 ENDPOINT_SLICES = "endpointslices"
 
 
+def _part(*path: str) -> Callable[[Mapping[str, Any]], object]:
+    def read(obj: Mapping[str, Any]) -> object:
+        value: Any = obj
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        return value
+
+    return read
+
+
+# What the agent reads of these kinds (steer.source.kubeservices, pod_cidrs): anything else
+# changing (status heartbeats, leader-election annotations) triggers no sync.
+RELEVANT: dict[str, Callable[[Mapping[str, Any]], object]] = {
+    "services": _part("spec"),
+    "endpoints": _part("subsets"),
+    ENDPOINT_SLICES: lambda o: (
+        _part("metadata", "labels")(o),
+        o.get("addressType"),
+        o.get("endpoints"),
+        o.get("ports"),
+    ),
+    "nodes": lambda o: (_part("spec", "podCIDR")(o), _part("spec", "podCIDRs")(o)),
+}
+
+
 def envoy_route_names(admin: str = str(ENVOY_ADMIN_SOCKET)) -> set[str]:
     """The route configurations the node's Envoy has accepted and serves. `admin`: its
     admin's Unix socket, or host:port for an admin on TCP."""
@@ -127,7 +152,12 @@ class KubeAgent:
             ),
         }
         self.reflectors = {
-            kind: Reflector(kind, api_list(call, **kwargs), api_watch(call, **kwargs))
+            kind: Reflector(
+                kind,
+                api_list(call, **kwargs),
+                api_watch(call, **kwargs),
+                relevant=RELEVANT.get(kind),
+            )
             for kind, (call, kwargs) in sources.items()
         }
 

@@ -56,6 +56,10 @@ class Reflector:
     list_fn: ListFn
     watch_fn: WatchFn
     on_change: Callable[[], None] = lambda: None
+    # What of an object its consumer reads: a MODIFIED event that leaves it equal is
+    # stored but signals no change (a Node's status heartbeat, a leader-election
+    # annotation renewed on an Endpoints object every 2 s). None: all of it.
+    relevant: Callable[[Object], object] | None = None
     backoff: Backoff = field(default_factory=Backoff)
     sleep: Callable[[float], None] = time.sleep
     items: dict[str, Object] = field(default_factory=dict)
@@ -85,14 +89,22 @@ class Reflector:
                 raise Gone(obj.get("message", "resourceVersion too old"))
             raise RuntimeError(f"watch error: {obj.get('message', obj)}")
         version = obj.get("metadata", {}).get("resourceVersion")
+        unchanged = False
         with self._lock:
             if kind in ("ADDED", "MODIFIED"):
+                before = self.items.get(object_key(obj))
+                unchanged = (
+                    kind == "MODIFIED"
+                    and self.relevant is not None
+                    and before is not None
+                    and self.relevant(before) == self.relevant(obj)
+                )
                 self.items[object_key(obj)] = obj
             elif kind == "DELETED":
                 self.items.pop(object_key(obj), None)
             if version:
                 self.resource_version = version
-        if kind != "BOOKMARK":
+        if kind != "BOOKMARK" and not unchanged:
             self.on_change()
 
     def run_once(self) -> None:

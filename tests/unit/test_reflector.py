@@ -130,3 +130,27 @@ def test_backoff_caps() -> None:
     assert [b.next() for _ in range(5)] == [1, 2, 4, 4, 4]
     b.reset()
     assert b.next() == 1
+
+
+def test_a_change_to_what_the_consumer_does_not_read_signals_nothing() -> None:
+    """A leader-election annotation renewed on an Endpoints object every 2 s, a Node's
+    status heartbeat: stored, so the cache stays current, but no sync for it."""
+    changes: list[str] = []
+    renewed = pod("a", "11", app="web")
+    renewed["metadata"]["annotations"] = {"leader": "renewed"}
+    relabelled = pod("a", "12", app="api")
+    server = Server(
+        [([pod("a", "5", app="web")], "10")],
+        [[{"type": "MODIFIED", "object": renewed}, {"type": "MODIFIED", "object": relabelled}]],
+    )
+    r = Reflector(
+        "pods",
+        server.list,
+        server.watch,
+        on_change=lambda: changes.append(r.resource_version),
+        relevant=lambda o: o["metadata"].get("labels"),
+    )
+    r.run_once()
+    assert changes == ["10", "12"]  # the list, then the relabel; not the annotation
+    assert r.snapshot()[0]["metadata"]["labels"] == {"app": "api"}
+    assert r.resource_version == "12"
