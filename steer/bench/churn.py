@@ -35,7 +35,7 @@ from steer.bench import BenchOptions
 from steer.bench.memory import PODS_PER_POLICY, modelled_pods, pid_of, policies
 from steer.bench.plots import new_figure, save
 from steer.constants import AGENT_STATUS_FILE, CONTROL_STATUS_FILE, LAB_STATE_FILE
-from steer.lab.localnode import LocalNode, envoy_has_current, read_status
+from steer.lab.localnode import LocalNode, envoy_has_current, read_status, wait_for
 from steer.lab.podproc import PodProcess, PodProcessError
 from steer.lab.spec import LabPodJSON, LabStateJSON, default_lab_specs
 from steer.source.local import directory_texts, texts_digest
@@ -194,13 +194,18 @@ def run(options: BenchOptions) -> dict[str, Any]:
         _warm_up(node, state, pods, groups)
         pids = {p: pid_of(p) for p in PROCESSES}
         stop = threading.Event()
+        traffic = threading.Thread(target=_traffic, args=(node, stop, counts), daemon=True)
+        traffic.start()
+        # The clock starts once requests flow: starting the pods' workers and the server
+        # took seconds of a quick run on a cold machine, which then counted no request.
+        wait_for(lambda: counts["ok"] > 0, 60, "the live traffic to get through")
+        counts.update(dict.fromkeys(counts, 0))
         started = time.monotonic()
-        threads = [
-            threading.Thread(target=_traffic, args=(node, stop, counts), daemon=True),
-            threading.Thread(target=_sampler, args=(pids, samples, stop, started), daemon=True),
-        ]
-        for thread in threads:
-            thread.start()
+        sampler = threading.Thread(
+            target=_sampler, args=(pids, samples, stop, started), daemon=True
+        )
+        sampler.start()
+        threads = [traffic, sampler]
         changes = 0
         status = StatusReader()
         deadline = started + minutes * 60
