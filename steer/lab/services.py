@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict
 
 from steer.constants import LAB_SERVICE_CIDR
@@ -151,17 +151,8 @@ class LabService:
             selector=self.selector,
             type=self.type,
         )
-        if self.selector is None:
-            return service
-        return Service(
-            namespace=service.namespace,
-            name=service.name,
-            cluster_ip=service.cluster_ip,
-            ports=service.ports,
-            endpoints=endpoints_from_pods(service, pods),
-            selector=service.selector,
-            type=service.type,
-        )
+        # Without a selector, endpoints_from_pods hands back the endpoints given.
+        return replace(service, endpoints=endpoints_from_pods(service, pods))
 
 
 def _fail(where: str, message: str) -> LabServiceError:

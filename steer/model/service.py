@@ -99,6 +99,11 @@ class Frontend:
     backends: tuple[Backend, ...]
     node_port: bool = False
 
+    @property
+    def label(self) -> str:
+        """ "namespace/name address:port": how status and logs name the frontend."""
+        return f"{self.service} {self.ip}:{self.port}"
+
 
 class Problem(StrEnum):
     NO_READY_ENDPOINTS = "NoReadyEndpoints"

@@ -93,7 +93,7 @@ def map_full_problems(found: Sequence[Frontend], fallbacks: Sequence[str]) -> li
             "and flows are decided after its DNAT. Fix: raise BPF_MAX_SERVICE_ENTRIES",
         )
         for f in found
-        if f"{f.service} {f.ip}:{f.port}" in fallbacks
+        if f.label in fallbacks
     ]
 
 
@@ -123,11 +123,7 @@ def service_status(
                         "port_name": f.port_name,
                         "node_port": f.node_port,
                         "backends": [f"{b.ip}:{b.port}" for b in f.backends],
-                        "balanced_by": (
-                            "kube-proxy"
-                            if f"{f.service} {f.ip}:{f.port}" in fallbacks
-                            else "connect4"
-                        ),
+                        "balanced_by": ("kube-proxy" if f.label in fallbacks else "connect4"),
                     }
                     for f in mine
                 ],

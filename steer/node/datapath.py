@@ -565,7 +565,7 @@ class NodeDatapath:
                     # Services before pods: a pod new to eBPF never dials a ClusterIP that
                     # connect4 does not know yet (it would reach kube-proxy unbalanced).
                     failed = ebpf.bpf.set_services(list(services))
-                    report.service_fallbacks = [f"{f.service} {f.ip}:{f.port}" for f in failed]
+                    report.service_fallbacks = [f.label for f in failed]
                     ebpf.sync(enforcement, wanted, envoy_cgroup)
                 if envoy_cgroup:
                     known = [f for f in services if f not in failed]

@@ -68,6 +68,14 @@ def node(lab: LabState) -> Iterator[NodeDatapath]:
         unload_everything()
 
 
+@pytest.fixture
+def client(lab: LabState) -> Iterator[PodProcess]:
+    """A worker in the lab's client pod (its netns and its cgroup)."""
+    pod = lab.pod("default", "client")
+    with PodProcess.start(pod.netns, pod.cgroup) as worker:
+        yield worker
+
+
 def through_envoy(
     lab: LabState, client: PodProcess, address: str, port: int
 ) -> tuple[list[tuple[str, int]], tuple[str, int]]:

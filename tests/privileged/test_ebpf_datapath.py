@@ -49,12 +49,6 @@ def pod(lab: LabState, name: str) -> LabPod:
     return lab.pod("default", name)
 
 
-@pytest.fixture
-def client(lab: LabState) -> Iterator[PodProcess]:
-    with PodProcess.start(pod(lab, "client").netns, pod(lab, "client").cgroup) as worker:
-        yield worker
-
-
 def counters(name: str) -> dict[str, int]:
     """A pod's eBPF counters, by name in the default namespace or by namespace/name."""
     bpf = BpfObjects.load(HostKernel())

@@ -8,7 +8,7 @@ dials them from a process in the client pod's cgroup."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from ipaddress import IPv4Address
 
 import pytest
@@ -96,12 +96,6 @@ def sync(
     )
     assert report.errors == []
     assert report.service_fallbacks == []
-
-
-@pytest.fixture
-def client(lab: LabState) -> Iterator[PodProcess]:
-    with PodProcess.start(pod(lab, "client").netns, pod(lab, "client").cgroup) as worker:
-        yield worker
 
 
 def test_clusterip_gets_exactly_the_backends_verdicts(

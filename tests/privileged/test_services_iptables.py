@@ -115,12 +115,6 @@ def sync(
     assert {d for d, _ in report.dataplanes.values()} == {"iptables"}
 
 
-@pytest.fixture
-def client(lab: LabState) -> Iterator[PodProcess]:
-    with PodProcess.start(pod(lab, "client").netns, pod(lab, "client").cgroup) as worker:
-        yield worker
-
-
 def test_clusterip_gets_exactly_the_backends_l4_verdict_after_kube_proxy(
     node: NodeDatapath, lab: LabState, client: PodProcess
 ) -> None:
