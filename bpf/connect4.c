@@ -7,8 +7,9 @@
  * backend, exactly as for a connect dialled to that backend directly:
  *   deny  -> the connect fails with ECONNREFUSED, as a TCP reset would make it;
  *   allow -> the connect goes ahead untouched: no Envoy on the path;
- *   L7    -> the destination is rewritten to Envoy's outbound listener and the original
- *            destination is remembered under the socket's cookie.
+ *   L7    -> the destination is rewritten to Envoy's outbound listener (a Service's flow:
+ *            to the Service port's own listener, so Envoy knows the Service dialled) and
+ *            the original destination is remembered under the socket's cookie.
  * An AF_INET6 socket dialling a v4-mapped address (::ffff:a.b.c.d) goes out as IPv4 and
  * gets exactly the IPv4 verdict. Native IPv6 TCP is refused: steer has no IPv6 policy
  * yet, and a path no policy covers must not be a way around policy.
@@ -48,8 +49,9 @@ static __always_inline enum steer_connect steer_decide(struct bpf_sock_addr *ctx
 	 * the iptables datapath, which never sees such traffic. */
 	if ((bpf_ntohl(dst) >> 24) == 127 || dst == pod->ip)
 		return STEER_CONNECT_PASS;
-	if (dst == cfg->envoy_ip && (port == STEER_OUTBOUND_PORT || port == STEER_INBOUND_PORT)) {
-		/* Dialling Envoy's listener directly would make Envoy proxy to itself. */
+	if (dst == cfg->envoy_ip && (steer_is_client_listener(port) || port == STEER_INBOUND_PORT)) {
+		/* Dialling Envoy's listener directly would make Envoy proxy to itself, and a
+		 * Service listener would take the pod for a client of that Service. */
 		if (count)
 			count->denied++;
 		return STEER_CONNECT_REFUSE;
@@ -123,7 +125,8 @@ static __always_inline enum steer_connect steer_connect_ip4(struct bpf_sock_addr
 							    __u16 *port_be)
 {
 	struct steer_addr dialled = {.ip = *ip, .port_be = *port_be};
-	enum steer_lb lb = steer_balance(ip, port_be);
+	__u16 envoy_port_be = 0;
+	enum steer_lb lb = steer_balance(ip, port_be, &envoy_port_be);
 	struct steer_counters *count = steer_count(pod->slot);
 	if (lb == STEER_LB_EMPTY) {
 		if (count)
@@ -137,7 +140,7 @@ static __always_inline enum steer_connect steer_connect_ip4(struct bpf_sock_addr
 		count->svc_balanced++;
 	if (outcome == STEER_CONNECT_REDIRECT) {
 		*ip = cfg->envoy_ip;
-		*port_be = bpf_htons(STEER_OUTBOUND_PORT);
+		*port_be = envoy_port_be ? envoy_port_be : bpf_htons(STEER_OUTBOUND_PORT);
 	}
 	if (lb == STEER_LB_BACKEND || outcome == STEER_CONNECT_REDIRECT) {
 		__u64 cookie = bpf_get_socket_cookie(ctx);

@@ -32,8 +32,8 @@ int steer_sockopt(struct bpf_sockopt *ctx)
 		struct steer_counters *count = steer_count(0);
 		if (ctx->retval == 0) {
 			__u32 ip = sin->sin_addr.s_addr;
-			__u16 port_be = sin->sin_port;
-			if (steer_balance(&ip, &port_be) == STEER_LB_BACKEND) {
+			__u16 port_be = sin->sin_port, envoy_port_be = 0;
+			if (steer_balance(&ip, &port_be, &envoy_port_be) == STEER_LB_BACKEND) {
 				sin->sin_addr.s_addr = ip;
 				sin->sin_port = port_be;
 				if (count)

@@ -93,7 +93,7 @@ int steer_sockops(struct bpf_sock_ops *skops)
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		if (skops->remote_ip4 == cfg->envoy_ip && remote_port == STEER_OUTBOUND_PORT) {
+		if (skops->remote_ip4 == cfg->envoy_ip && steer_is_client_listener(remote_port)) {
 			steer_client_established(skops, cfg);
 		} else if (skops->local_ip4 == cfg->envoy_ip) {
 			/* Envoy's upstream leg to a pod on this node. */
@@ -103,7 +103,7 @@ int steer_sockops(struct bpf_sock_ops *skops)
 		}
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		if (skops->local_ip4 == cfg->envoy_ip && skops->local_port == STEER_OUTBOUND_PORT) {
+		if (skops->local_ip4 == cfg->envoy_ip && steer_is_client_listener(skops->local_port)) {
 			/* Envoy's accepted side of a client leg from a steered pod. */
 			__u32 slot = steer_slot_of_ip(skops->remote_ip4);
 			if (slot)

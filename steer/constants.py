@@ -34,6 +34,11 @@ CONDITION_PODS_PROTECTED: Final = "PodsProtected"
 # --- Envoy ports (Istio's habits) ---------------------------------------------------------
 ENVOY_OUTBOUND_PORT: Final = 15001
 ENVOY_INBOUND_PORT: Final = 15006
+# One listener per Service port whose backends can need Envoy: a flow dialled to the
+# Service is sent to its port, so Envoy knows which Service was dialled
+# (steer.model.servicepolicy.service_listener_ports). Below the ephemeral range, so a
+# listener never finds its port taken by an outgoing connection.
+ENVOY_SERVICE_PORTS: Final = range(15100, 16000)
 ENVOY_ADMIN_PORT: Final = 15000
 XDS_PORT: Final = 15010
 WEBHOOK_PORT: Final = 15017

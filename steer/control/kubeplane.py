@@ -37,6 +37,7 @@ from steer.control.xds import XdsServerTls, serve
 from steer.idlegc import IdleCollector
 from steer.model.pod import UNSTEERED_WHY, Pod, Unsteered, steering_of
 from steer.model.policy import HTTPPolicy
+from steer.model.service import Service
 from steer.render.xds import SnapshotRenderer
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
@@ -46,6 +47,13 @@ from steer.source.kubeobjects import (
     host_network_pods,
     pods_from_objects,
     policy_status,
+)
+from steer.source.kubeservices import (
+    ENDPOINT_SLICES,
+    RELEVANT,
+    serves_endpoint_slices,
+    service_sources,
+    services_of,
 )
 
 log = logging.getLogger("steer.control")
@@ -193,6 +201,7 @@ def render_node_snapshots(
     pods: list[Pod],
     nodes: set[str],
     renderers: dict[str, SnapshotRenderer] | None = None,
+    services: Sequence[Service] = (),
 ) -> dict[str, Snapshot]:
     """One snapshot per node: its own pods are destinations, every pod can be a peer.
     `renderers` (per node) lets a re-render reuse what did not change."""
@@ -203,7 +212,9 @@ def render_node_snapshots(
 
     return {
         node: Snapshot(
-            renderers.setdefault(node, SnapshotRenderer(on(node))).render(policies, pods)[1]
+            renderers.setdefault(node, SnapshotRenderer(on(node))).render(policies, pods, services)[
+                1
+            ]
         )
         for node in sorted(nodes)
     }
@@ -252,9 +263,17 @@ class KubeControlPlane:
             "pods": (core.list_pod_for_all_namespaces, {}),
             "namespaces": (core.list_namespace, {}),
             "httppolicies": (custom.list_cluster_custom_object, policy_args),
+            # Which Service a flow was dialled to reaches Envoy through a listener per
+            # Service port (steer.model.servicepolicy): the agents compute the same ports.
+            **service_sources(self.api_client),
         }
         self.reflectors = {
-            kind: Reflector(kind, api_list(call, **kwargs), api_watch(call, **kwargs))
+            kind: Reflector(
+                kind,
+                api_list(call, **kwargs),
+                api_watch(call, **kwargs),
+                relevant=RELEVANT.get(kind),
+            )
             for kind, (call, kwargs) in sources.items()
         }
 
@@ -276,7 +295,8 @@ class KubeControlPlane:
         changed = False
         for gone in set(self._renderers) - nodes:
             del self._renderers[gone]
-        rendered = render_node_snapshots(policies, pods, nodes, self._renderers)
+        parsed = services_of(objects)
+        rendered = render_node_snapshots(policies, pods, nodes, self._renderers, parsed.services)
         for node, snapshot in rendered.items():
             try:
                 changed |= self.cache.set_snapshot(node, snapshot)
@@ -451,6 +471,10 @@ class KubeControlPlane:
         def changed() -> None:
             loop.call_soon_threadsafe(dirty.set)
 
+        if ENDPOINT_SLICES in self.reflectors and not await asyncio.to_thread(
+            serves_endpoint_slices, self.api_client
+        ):
+            del self.reflectors[ENDPOINT_SLICES]
         for reflector in self.reflectors.values():
             reflector.on_change = changed
             reflector.start(stop)

@@ -67,7 +67,7 @@ class LocalControlPlane:
             "fix the policy, and it is tried again"
             for held in self.quarantine.report()
         ]
-        enforcement, resources = self._renderer.render(admitted, pods)
+        enforcement, resources = self._renderer.render(admitted, pods, self.inputs.services())
         snapshot = Snapshot(resources)
         try:
             changed = self.cache.set_snapshot(self.node_id, snapshot)

@@ -393,6 +393,23 @@ class HTTPMatch(StrictModel):
     paths: tuple[PathMatch, ...] = ()
     hosts: tuple[str, ...] = ()
     headers: tuple[HeaderMatch, ...] = ()
+    # The Service the client dialled ("name" in the policy's namespace, or
+    # "namespace/name"): a request that reached the pod by its own address matches none.
+    services: tuple[str, ...] = ()
+
+    @field_validator("services")
+    @classmethod
+    def _service_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for service in value:
+            parts = service.split("/")
+            if len(parts) > 2 or not all(
+                len(part) <= 63 and _DNS_LABEL.fullmatch(part) for part in parts
+            ):
+                raise ValueError(
+                    f"service {_shown(service)} is not a Service name; fix: write 'name' "
+                    "for a Service in the policy's namespace, or 'namespace/name'"
+                )
+        return value
 
     @field_validator("methods")
     @classmethod
@@ -429,6 +446,11 @@ class HTTPMatch(StrictModel):
                     f"{ENVOY_MAX_PROGRAM_SIZE}; fix: a shorter name, or a '*.'-wildcard"
                 )
         return tuple(h.lower() for h in value)
+
+
+def qualified_service(service: str, namespace: str) -> str:
+    """A `services` entry as "namespace/name", the policy's namespace by default."""
+    return service if "/" in service else f"{namespace}/{service}"
 
 
 def host_regex(host: str) -> str:

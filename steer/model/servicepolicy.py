@@ -14,19 +14,40 @@ of the two can act on a flow. So (docs/architecture.md, "Services"):
   refused: fail closed).
 
 `expected_verdict` is what revocation compares a live flow's verdict mark with.
+
+Envoy learns which Service a flow was dialled to from the port it arrives on: each
+Service port in `envoy_frontends` gets a listener of its own (`service_listener_ports`),
+which both datapaths send that Service's flows to, and which tags every request on it
+with the Service for RBAC and the access log. The agent and the control plane compute
+the same ports from the same Services and policies, each on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from steer.constants import ENVOY_INBOUND_PORT, ENVOY_OUTBOUND_PORT, VERDICT_DENY, VERDICT_L7
+from steer.constants import (
+    ENVOY_INBOUND_PORT,
+    ENVOY_OUTBOUND_PORT,
+    ENVOY_SERVICE_PORTS,
+    VERDICT_DENY,
+    VERDICT_L7,
+)
 from steer.model.enforce import Enforcement, ResolvedRule, decide_flow
 from steer.model.service import Frontend
 
 FrontendKey = tuple[IPv4Address, int]
-ENVOY_PORTS = (ENVOY_OUTBOUND_PORT, ENVOY_INBOUND_PORT)
+# A Service port: ("namespace/name", the port's name). Its ClusterIP and NodePort
+# frontends share one Envoy listener.
+ServicePortKey = tuple[str, str]
+
+
+def is_envoy_port(port: int) -> bool:
+    """A port of Envoy's that steer REDIRECTs to: a flow that reached it went to Envoy."""
+    return port in (ENVOY_OUTBOUND_PORT, ENVOY_INBOUND_PORT) or port in ENVOY_SERVICE_PORTS
 
 
 def _covers(rule: ResolvedRule, peer: IPv4Address | None, port: int) -> bool:
@@ -76,7 +97,7 @@ def expected_verdict(
     if reached is None:
         return decide_flow(enforcement, src, dst, port).verdict
     frontend = frontends.get((dst, port))
-    redirected = reached[1] in ENVOY_PORTS and not (
+    redirected = is_envoy_port(reached[1]) and not (
         frontend is not None and _is_backend(frontend, reached)
     )
     if redirected:
@@ -94,3 +115,55 @@ def expected_verdict(
 
 def _is_backend(frontend: Frontend, reached: tuple[IPv4Address, int]) -> bool:
     return any((b.ip, b.port) == reached for b in frontend.backends)
+
+
+@dataclass(frozen=True)
+class ServiceListener:
+    """Envoy's listener for one Service port: the flows dialled to it arrive here."""
+
+    service: str  # namespace/name
+    port_name: str
+    envoy_port: int
+    # Where its flows may go: a restored destination outside them matches no filter chain
+    # and is closed, so a flow can never be tagged with a Service it did not reach.
+    backends: tuple[IPv4Address, ...]
+
+    @property
+    def name(self) -> str:
+        return f"steer-svc-{self.envoy_port}"
+
+
+def service_listener_ports(
+    keys: Iterable[ServicePortKey], ports: Sequence[int] = ENVOY_SERVICE_PORTS
+) -> dict[ServicePortKey, int]:
+    """Envoy's port for each Service port, from the set of keys alone, so that the agent
+    and the control plane agree without talking. Each key hashes to its own port, taking
+    the next free one on a collision (keys in sorted order), so a Service coming or going
+    moves no other Service's port unless it collided with it. Keys beyond the range get no
+    port: their flows go to Envoy's shared listener, where no `services` rule matches."""
+    taken: dict[int, ServicePortKey] = {}
+    for key in sorted(set(keys)):
+        if len(taken) == len(ports):
+            break
+        index = zlib.crc32(f"{key[0]}:{key[1]}".encode()) % len(ports)
+        while ports[index] in taken:
+            index = (index + 1) % len(ports)
+        taken[ports[index]] = key
+    return {key: port for port, key in taken.items()}
+
+
+def service_listeners(
+    enforcement: Enforcement, frontends: Sequence[Frontend]
+) -> dict[ServicePortKey, ServiceListener]:
+    """The Service listeners of a node: one per Service port some frontend of which is in
+    `envoy_frontends`."""
+    via = envoy_frontends(enforcement, frontends)
+    backends: dict[ServicePortKey, set[IPv4Address]] = {}
+    for frontend in frontends:
+        if (frontend.ip, frontend.port) in via:
+            found = backends.setdefault((frontend.service, frontend.port_name), set())
+            found.update(b.ip for b in frontend.backends)
+    return {
+        key: ServiceListener(key[0], key[1], port, tuple(sorted(backends[key])))
+        for key, port in service_listener_ports(backends).items()
+    }

@@ -14,14 +14,16 @@ import ctypes as ct
 import json
 import logging
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from steer.atomicfile import write_json_atomic
 from steer.constants import BPF_MAX_PODS, BPF_MAX_SEGMENTS, BPF_PIN_DIR, BPF_STATE_FILE
 from steer.model.service import Frontend
+from steer.model.servicepolicy import ServicePortKey
 from steer.node.bpfbuild import BpfError, build_hash
 from steer.node.bpfmaps import (
     CFG_SKMSG,
@@ -45,6 +47,13 @@ from steer.node.kernel import NodeKernel
 from steer.render.bpf import PodPolicy, PrefixPolicy
 
 log = logging.getLogger("steer.bpf")
+
+
+class _FrontendEntry(NamedTuple):
+    """A frontend as steer_svc holds it (network order): slot 0's Envoy port, slots 1..n."""
+
+    envoy_port_be: int
+    backends: tuple[tuple[int, int], ...]
 
 
 @dataclass
@@ -80,7 +89,7 @@ class BpfObjects:
     cgroup_ids: dict[str, int] = field(default_factory=dict)
     # (address, port), both as the kernel stores them -> the backends written in slots
     # 1..n. None until the first write after a load: then what the map holds is read once.
-    _services: dict[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
+    _services: dict[tuple[int, int], _FrontendEntry] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -264,30 +273,38 @@ class BpfObjects:
 
     # --- Services ------------------------------------------------------------------------
 
-    def set_services(self, frontends: list[Frontend]) -> list[Frontend]:
+    def set_services(
+        self, frontends: list[Frontend], envoy_ports: Mapping[ServicePortKey, int] | None = None
+    ) -> list[Frontend]:
         """Make steer_svc balance exactly `frontends`, writing only the entries that
-        differ. Returns the frontends that did not fit (a full map): they keep no entry at
-        all, so their connects go on to kube-proxy as if steer knew no Services."""
+        differ. `envoy_ports`: the Envoy listener of each Service port that has one
+        (steer.model.servicepolicy), where connect4 sends its flows that need Envoy.
+        Returns the frontends that did not fit (a full map): they keep no entry at all, so
+        their connects go on to kube-proxy as if steer knew no Services."""
         if self._services is None:
             self._services = self._read_services()
+        envoy_ports = envoy_ports or {}
         written = self._services
         wanted = {
             (ip_be(f.ip), socket.htons(f.port)): (
                 f,
-                tuple((ip_be(b.ip), socket.htons(b.port)) for b in f.backends),
+                _FrontendEntry(
+                    socket.htons(envoy_ports.get((f.service, f.port_name), 0)),
+                    tuple((ip_be(b.ip), socket.htons(b.port)) for b in f.backends),
+                ),
             )
             for f in frontends
         }
         for key in sorted(written.keys() - wanted.keys()):
-            self._remove_frontend(key, written.pop(key))
+            self._remove_frontend(key, written.pop(key).backends)
         failed = []
-        for key, (frontend, backends) in wanted.items():
+        for key, (frontend, entry) in wanted.items():
             old = written.get(key)
-            if old == backends:
+            if old == entry:
                 continue
             try:
-                self._write_frontend(key, backends, old or ())
-                written[key] = backends
+                self._write_frontend(key, entry, old.backends if old else ())
+                written[key] = entry
             except BpfError as exc:
                 log.error(
                     "service %s %s:%d does not fit in steer_svc (%s); kube-proxy serves it. "
@@ -297,24 +314,26 @@ class BpfObjects:
                     frontend.port,
                     exc,
                 )
-                self._remove_frontend(key, backends if len(backends) > len(old or ()) else old)
+                before = old.backends if old else ()
+                self._remove_frontend(
+                    key, entry.backends if len(entry.backends) > len(before) else before
+                )
                 written.pop(key, None)
                 failed.append(frontend)
         return failed
 
     def _write_frontend(
-        self,
-        key: tuple[int, int],
-        backends: tuple[tuple[int, int], ...],
-        old: tuple[tuple[int, int], ...] | None,
+        self, key: tuple[int, int], entry: _FrontendEntry, old: tuple[tuple[int, int], ...]
     ) -> None:
         """New slots before the count that reveals them; the count lowered before the slots
         it hides are deleted (connect4 reads the count, then a slot)."""
-        old = old or ()
+        backends = entry.backends
         for slot, backend in enumerate(backends, 1):
             if slot > len(old) or old[slot - 1] != backend:
                 self.kernel.bpf_update("steer_svc", SvcKey(*key, slot), SvcVal(*backend, 0))
-        self.kernel.bpf_update("steer_svc", SvcKey(*key, 0), SvcVal(0, 0, len(backends)))
+        self.kernel.bpf_update(
+            "steer_svc", SvcKey(*key, 0), SvcVal(0, entry.envoy_port_be, len(backends))
+        )
         for slot in range(len(backends) + 1, len(old) + 1):
             self.kernel.bpf_delete("steer_svc", SvcKey(*key, slot))
 
@@ -325,25 +344,27 @@ class BpfObjects:
         for slot in range(1, len(backends or ()) + 1):
             self.kernel.bpf_delete("steer_svc", SvcKey(*key, slot))
 
-    def _read_services(self) -> dict[tuple[int, int], tuple[tuple[int, int], ...]]:
+    def _read_services(self) -> dict[tuple[int, int], _FrontendEntry]:
         """What steer_svc holds (after adopting the pins of an earlier agent): each
         frontend with the backends its count reveals; stray slots are deleted."""
         slots: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}
-        counts: dict[tuple[int, int], int] = {}
+        heads: dict[tuple[int, int], tuple[int, int]] = {}
         for key in self.kernel.bpf_keys("steer_svc", SvcKey):
             value = SvcVal()
             if not self.kernel.bpf_lookup("steer_svc", key, value):
                 continue
             frontend = (key.ip, key.port_be)
             if key.slot == 0:
-                counts[frontend] = value.count
+                heads[frontend] = (value.count, value.port_be)
             else:
                 slots.setdefault(frontend, {})[key.slot] = (value.ip, value.port_be)
         found = {}
-        for frontend, count in counts.items():
+        for frontend, (count, envoy_port_be) in heads.items():
             have = slots.pop(frontend, {})
             if all(slot in have for slot in range(1, count + 1)):
-                found[frontend] = tuple(have[slot] for slot in range(1, count + 1))
+                found[frontend] = _FrontendEntry(
+                    envoy_port_be, tuple(have[slot] for slot in range(1, count + 1))
+                )
             else:
                 # Torn by a crash mid-write: rewritten in full by the next set_services.
                 self.kernel.bpf_delete("steer_svc", SvcKey(*frontend, 0))
@@ -364,8 +385,9 @@ class BpfObjects:
         values = self.kernel.bpf_lookup_percpu("steer_counters", ct.c_uint32(slot), CountersVal)
         return {name: sum(getattr(v, name) for v in values) for name in COUNTER_NAMES}
 
-    def steered_flows(self) -> list[tuple[IPv4Address, int, IPv4Address, int]]:
-        """(client ip, client port, original ip, original port) of live L7 connections."""
+    def steered_flows(self) -> list[tuple[IPv4Address, int, int, IPv4Address, int]]:
+        """(client ip, client port, Envoy's port, original ip, original port) of live L7
+        connections."""
         flows = []
         for key in self.kernel.bpf_keys("steer_origdst", FlowKey):
             value = OrigDst()
@@ -374,6 +396,7 @@ class BpfObjects:
                     (
                         ip_from_be(key.client_ip),
                         key.client_port,
+                        key.envoy_port,
                         ip_from_be(value.ip),
                         socket.ntohs(value.port_be),
                     )

@@ -27,7 +27,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from steer.constants import (
     BPF_STATE_FILE,
-    ENVOY_OUTBOUND_PORT,
     LAB_GATEWAY_IP,
     VERDICT_ALLOW,
     VERDICT_L7,
@@ -36,7 +35,13 @@ from steer.model.enforce import Enforcement, Resolver, Touched, decide_flow, res
 from steer.model.pod import Dataplane, Pod
 from steer.model.policy import HTTPPolicy
 from steer.model.service import Frontend
-from steer.model.servicepolicy import FrontendKey, envoy_frontends, expected_verdict
+from steer.model.servicepolicy import (
+    FrontendKey,
+    ServicePortKey,
+    envoy_frontends,
+    expected_verdict,
+    service_listeners,
+)
 from steer.node.bpfbuild import BpfError
 from steer.node.bpfobjects import BpfObjects
 from steer.node.conntrack import Flow
@@ -187,6 +192,8 @@ class ServiceView:
     frontends: Mapping[FrontendKey, Frontend] = field(default_factory=dict)
     via_envoy: frozenset[FrontendKey] = frozenset()
     pod_cidrs: tuple[IPv4Network, ...] = ()
+    # The Envoy listener of each Service port that has one (steer.model.servicepolicy).
+    envoy_ports: Mapping[ServicePortKey, int] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -195,6 +202,7 @@ class ServiceView:
         frontends: Sequence[Frontend],
         learnable: Sequence[Frontend] = (),
         pod_cidrs: Sequence[IPv4Network] = (),
+        envoy_ports: Mapping[ServicePortKey, int] | None = None,
     ) -> ServiceView:
         """`learnable`: the frontends whose backend the getsockopt hook can name to Envoy
         (in steer_svc, the hook on Envoy's cgroup): only those of them whose backends can
@@ -203,13 +211,23 @@ class ServiceView:
             {(f.ip, f.port): f for f in frontends},
             envoy_frontends(enforcement, learnable),
             tuple(sorted(set(pod_cidrs))),
+            envoy_ports or {},
         )
 
     @property
     def steering(self) -> ServiceSteering:
-        return ServiceSteering(
-            tuple(sorted(self.frontends, key=_frontend_order)), self.via_envoy, self.pod_cidrs
+        ordered = tuple(sorted(self.frontends, key=_frontend_order))
+        ports = tuple(
+            (key, port)
+            for key in ordered
+            if key in self.via_envoy
+            and (
+                port := self.envoy_ports.get(
+                    (self.frontends[key].service, self.frontends[key].port_name), 0
+                )
+            )
         )
+        return ServiceSteering(ordered, self.via_envoy, self.pod_cidrs, ports)
 
     def judge(self, enforcement: Enforcement) -> Callable[[Flow], int]:
         if not self.frontends:
@@ -420,7 +438,7 @@ class EbpfDatapath:
             if p.pod.key in self.installed or p.pod.key in self.former
         }
         revoked = 0
-        for client_ip, client_port, orig_ip, orig_port in bpf.steered_flows():
+        for client_ip, client_port, envoy_port, orig_ip, orig_port in bpf.steered_flows():
             if scope is not None and not (
                 client_ip in scope.sources or orig_ip in scope.destinations
             ):
@@ -430,7 +448,7 @@ class EbpfDatapath:
                 bpf.kernel.destroy_socket(
                     pod.pod.netns,
                     (str(client_ip), client_port),
-                    (self.envoy_ip, ENVOY_OUTBOUND_PORT),
+                    (self.envoy_ip, envoy_port),
                 )
                 revoked += 1
         # Direct flows of eBPF pods carry no verdict mark: read those of the touched
@@ -557,6 +575,10 @@ class NodeDatapath:
         # kube-proxy; Envoy would otherwise forward to the ClusterIP, past the backend's
         # rules.
         known: list[Frontend] = []
+        envoy_ports = {
+            key: listener.envoy_port
+            for key, listener in service_listeners(enforcement, services).items()
+        }
         if ebpf is not None:
             # eBPF first: a pod's verdicts are in its maps before iptables lets its new
             # flows through unexamined.
@@ -564,7 +586,7 @@ class NodeDatapath:
                 with report.phase("ebpf"):
                     # Services before pods: a pod new to eBPF never dials a ClusterIP that
                     # connect4 does not know yet (it would reach kube-proxy unbalanced).
-                    failed = ebpf.bpf.set_services(list(services))
+                    failed = ebpf.bpf.set_services(list(services), envoy_ports)
                     report.service_fallbacks = [f.label for f in failed]
                     ebpf.sync(enforcement, wanted, envoy_cgroup)
                 if envoy_cgroup:
@@ -574,7 +596,7 @@ class NodeDatapath:
                 log.error("eBPF update failed; those pods keep their previous state: %s", exc)
         # Both revocation passes (iptables flows after the rules are in force, then eBPF
         # flows) read one conntrack listing: each listing walks the kernel's whole table.
-        view = ServiceView.of(enforcement, services, known, pod_cidrs)
+        view = ServiceView.of(enforcement, services, known, pod_cidrs, envoy_ports)
         with self.kernel.one_conntrack_listing():
             in_force = self.iptables.apply(enforcement, frozenset(wanted), report, view)
             # Even when the iptables rules stay as they were: an eBPF pod's verdicts live

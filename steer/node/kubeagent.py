@@ -57,36 +57,16 @@ from steer.source.kubeobjects import (
     pod_from_object,
     pods_from_objects,
 )
-from steer.source.kubeservices import services_from_objects
+from steer.source.kubeservices import (
+    ENDPOINT_SLICES,
+    RELEVANT,
+    serves_endpoint_slices,
+    service_sources,
+    services_of,
+)
 
 log = logging.getLogger("steer.agent")
 T = TypeVar("T")
-ENDPOINT_SLICES = "endpointslices"
-
-
-def _part(*path: str) -> Callable[[Mapping[str, Any]], object]:
-    def read(obj: Mapping[str, Any]) -> object:
-        value: Any = obj
-        for key in path:
-            value = value.get(key) if isinstance(value, Mapping) else None
-        return value
-
-    return read
-
-
-# What the agent reads of these kinds (steer.source.kubeservices, pod_cidrs): anything else
-# changing (status heartbeats, leader-election annotations) triggers no sync.
-RELEVANT: dict[str, Callable[[Mapping[str, Any]], object]] = {
-    "services": _part("spec"),
-    "endpoints": _part("subsets"),
-    ENDPOINT_SLICES: lambda o: (
-        _part("metadata", "labels")(o),
-        o.get("addressType"),
-        o.get("endpoints"),
-        o.get("ports"),
-    ),
-    "nodes": lambda o: (_part("spec", "podCIDR")(o), _part("spec", "podCIDRs")(o)),
-}
 
 
 def envoy_route_names(admin: str = str(ENVOY_ADMIN_SOCKET)) -> set[str]:
@@ -140,16 +120,11 @@ class KubeAgent:
             "pods": (core.list_pod_for_all_namespaces, {}),
             "namespaces": (core.list_namespace, {}),
             "httppolicies": (custom.list_cluster_custom_object, policies),
-            # Services and their endpoints: what connect4 balances over, and the
-            # frontends iptables must decide after kube-proxy (docs/architecture.md).
-            "services": (core.list_service_for_all_namespaces, {}),
             # The nodes' podCIDRs: flows to pod addresses skip kube-proxy's chains.
             "nodes": (core.list_node, {}),
-            "endpoints": (core.list_endpoints_for_all_namespaces, {}),
-            ENDPOINT_SLICES: (
-                client.DiscoveryV1Api(self.api_client).list_endpoint_slice_for_all_namespaces,
-                {},
-            ),
+            # Services and their endpoints: what connect4 balances over, and the
+            # frontends iptables must decide after kube-proxy (docs/architecture.md).
+            **service_sources(self.api_client),
         }
         self.reflectors = {
             kind: Reflector(
@@ -208,11 +183,7 @@ class KubeAgent:
         ]
         policy_objects = self._policies.validate(objects["httppolicies"])
         policies = [p.policy for p in policy_objects if p.policy is not None]
-        parsed = services_from_objects(
-            objects.get("services", []),
-            objects.get("endpoints", []),
-            objects.get(ENDPOINT_SLICES, []),
-        )
+        parsed = services_of(objects)
         found, problems = frontends(parsed.services, node_ips=[IPv4Address(self.datapath.envoy_ip)])
         report = self._in_datapath_netns(
             lambda: self.datapath.sync(
@@ -396,25 +367,10 @@ class KubeAgent:
 
     # --- loop --------------------------------------------------------------------------
 
-    def _serves_endpoint_slices(self) -> bool:
-        """Whether the API server serves discovery.k8s.io/v1 (Kubernetes 1.21 and later);
-        without it the Endpoints objects give the Services' endpoints."""
-        from kubernetes import client
-
-        try:
-            groups = client.ApisApi(self.api_client).get_api_versions().groups or []
-        except Exception as exc:  # the API is away: Endpoints work everywhere
-            log.warning("API discovery failed (%s); reading Services' Endpoints", exc)
-            return False
-        return any(
-            g.name == "discovery.k8s.io" and any(v.version == "v1" for v in g.versions or ())
-            for g in groups
-        )
-
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         changed = threading.Event()
-        if ENDPOINT_SLICES in self.reflectors and not self._serves_endpoint_slices():
+        if ENDPOINT_SLICES in self.reflectors and not serves_endpoint_slices(self.api_client):
             del self.reflectors[ENDPOINT_SLICES]
         for reflector in self.reflectors.values():
             reflector.on_change = changed.set

@@ -31,6 +31,7 @@ from steer.constants import (
     COMMENT_PREFIX,
     ENVOY_INBOUND_PORT,
     ENVOY_OUTBOUND_PORT,
+    ENVOY_SERVICE_PORTS,
     MARK_ID_MASK,
     MARK_ID_SHIFT,
     MARK_MASK,
@@ -121,6 +122,9 @@ class ServiceSteering:
     via_envoy: frozenset[tuple[IPv4Address, int]] = frozenset()
     # Where pods' addresses come from (the lab's range; the nodes' podCIDRs in a cluster).
     pod_cidrs: tuple[IPv4Network, ...] = ()
+    # The Envoy listener of each via-Envoy frontend's Service port, where it is sent so
+    # that Envoy knows the Service (steer.model.servicepolicy); others go to the shared one.
+    envoy_ports: tuple[tuple[tuple[IPv4Address, int], int], ...] = ()
 
 
 NO_SERVICES = ServiceSteering()
@@ -521,6 +525,13 @@ def _multiport(ports: Iterable[int]) -> tuple[str, ...]:
     return ("-p", "tcp", "-m", "multiport", "--dports", ",".join(str(p) for p in sorted(ports)))
 
 
+# Every port of Envoy's a pod must not dial: the shared listeners and the Service ones.
+_ENVOY_PORTS = (
+    f"{ENVOY_OUTBOUND_PORT},{ENVOY_INBOUND_PORT},"
+    f"{ENVOY_SERVICE_PORTS.start}:{ENVOY_SERVICE_PORTS.stop - 1}"
+)
+
+
 def _redirect(port: int) -> tuple[str, ...]:
     return ("-p", "tcp", "-j", "REDIRECT", "--to-ports", str(port))
 
@@ -585,6 +596,20 @@ def _nat_rules(
                     f"exclude-inbound-ports:{pod.pod.key}",
                 )
             )
+    # Only a steered pod's flow to a via-Envoy frontend gets here (STEER-SVC7 marked it).
+    rules.extend(
+        Rule(
+            "nat",
+            CHAIN_NAT,
+            (
+                *("-d", _host_cidr(ip), "-p", "tcp", "--dport", str(port)),
+                *("-j", "REDIRECT", "--to-ports", str(envoy_port)),
+            ),
+            f"redirect-service:{ip}:{port}",
+        )
+        for (ip, port), envoy_port in services.envoy_ports
+        if (ip, port) in services.via_envoy
+    )
     rules.extend(
         Rule(
             "nat",
@@ -691,7 +716,7 @@ def _filter_rules(ebpf_pods: list[ManagedPod]) -> list[Rule]:
                 "!",
                 "-i",
                 "lo",
-                *_multiport((ENVOY_OUTBOUND_PORT, ENVOY_INBOUND_PORT)),
+                *("-p", "tcp", "-m", "multiport", "--dports", _ENVOY_PORTS),
                 *("-m", "conntrack", "--ctstate", "NEW"),
                 # Every REDIRECT steer makes is of an L7 flow; a DNAT by anyone else (a
                 # Service whose endpoint is Envoy's port) is not an exemption.

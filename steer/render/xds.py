@@ -16,22 +16,31 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    protocol_pb2,
+    substitution_format_string_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.http.set_metadata.v3 import set_metadata_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
+from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
 from envoy.type.v3 import range_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from steer.constants import (
@@ -59,7 +68,10 @@ from steer.model.policy import (
     HTTPPolicy,
     PathMatch,
     host_regex,
+    qualified_service,
 )
+from steer.model.service import Service, frontends
+from steer.model.servicepolicy import ServiceListener, service_listeners
 
 
 def type_url(message: Message | type[Message]) -> str:
@@ -75,6 +87,10 @@ ENDPOINT_TYPE = type_url(endpoint_pb2.ClusterLoadAssignment)
 HCM_TYPE = type_url(hcm_pb2.HttpConnectionManager)
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 BUFFER_FILTER = "envoy.filters.http.buffer"
+SET_METADATA_FILTER = "envoy.filters.http.set_metadata"
+# The dynamic metadata a Service listener puts on each request: RBAC matches `services`
+# on it, and the access log names the Service from it. A client cannot set it.
+SERVICE_METADATA = "steer"
 _ONE_BYTE = wrappers_pb2.UInt32Value(value=1)
 EGRESS_DENY, INGRESS_DENY, EGRESS_ALLOW, INGRESS_ALLOW = RBAC_FILTERS
 DEFAULT_DESTINATION = IPv4Network("0.0.0.0/0")
@@ -161,8 +177,23 @@ def _header_rule_permission(header: HeaderMatch) -> rbac_pb2.Permission:
     return rbac_pb2.Permission(not_rule=permission) if header.negate else permission
 
 
-def http_permissions(match: HTTPMatch) -> list[rbac_pb2.Permission]:
+def _service_permission(service: str) -> rbac_pb2.Permission:
+    return rbac_pb2.Permission(
+        metadata=metadata_pb2.MetadataMatcher(
+            filter=SERVICE_METADATA,
+            path=[metadata_pb2.MetadataMatcher.PathSegment(key="service")],
+            value=value_pb2.ValueMatcher(string_match=_string_matcher(service)),
+        )
+    )
+
+
+def http_permissions(match: HTTPMatch, namespace: str) -> list[rbac_pb2.Permission]:
+    """`namespace`: the policy's, where a `services` entry without one is looked up."""
     parts: list[rbac_pb2.Permission] = []
+    if match.services:
+        parts.append(
+            _any_of([_service_permission(qualified_service(s, namespace)) for s in match.services])
+        )
     if match.methods:
         parts.append(
             _any_of([_header_permission(":method", _string_matcher(m)) for m in match.methods])
@@ -262,7 +293,7 @@ def _rule_policy(
     if rule.ports is not None:
         permission_parts.append(_port_permission(rule.ports))
     if rule.http is not None:
-        permission_parts += http_permissions(rule.http)
+        permission_parts += http_permissions(rule.http, rule.policy_key.split("/", 1)[0])
     if egress:
         # Egress: the subject is the client, the peers are destinations.
         assert subject is not None
@@ -545,20 +576,24 @@ def _filter_chain(
     )
 
 
+def _any_address(port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address="0.0.0.0", port_value=port)
+    )
+
+
+_ORIGINAL_DST = listener_components_pb2.ListenerFilter(
+    name="envoy.filters.listener.original_dst", typed_config=_pack(original_dst_pb2.OriginalDst())
+)
+
+
 def listener(name: str, port: int, wanted: Sequence[Destination]) -> listener_pb2.Listener:
     chains = [_filter_chain(name, d) for d in wanted]
     default = chains.pop()
     return listener_pb2.Listener(
         name=name,
-        address=address_pb2.Address(
-            socket_address=address_pb2.SocketAddress(address="0.0.0.0", port_value=port)
-        ),
-        listener_filters=[
-            listener_components_pb2.ListenerFilter(
-                name="envoy.filters.listener.original_dst",
-                typed_config=_pack(original_dst_pb2.OriginalDst()),
-            )
-        ],
+        address=_any_address(port),
+        listener_filters=[_ORIGINAL_DST],
         filter_chains=chains,
         default_filter_chain=default,
     )
@@ -569,6 +604,74 @@ def listeners(wanted: Sequence[Destination]) -> list[listener_pb2.Listener]:
         listener(OUTBOUND_LISTENER, ENVOY_OUTBOUND_PORT, wanted),
         listener(INBOUND_LISTENER, ENVOY_INBOUND_PORT, wanted),
     ]
+
+
+# A Service listener's access log line per request: the Service the client dialled, the
+# backend chosen at connect time (the restored destination) and what became of it.
+SERVICE_ACCESS_LOG_FORMAT = (
+    "steer-service service=%DYNAMIC_METADATA(steer:service)% "
+    "port=%DYNAMIC_METADATA(steer:port)% backend=%DOWNSTREAM_LOCAL_ADDRESS% "
+    "client=%DOWNSTREAM_REMOTE_ADDRESS% "
+    '"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" '
+    "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS%\n"
+)
+
+
+@lru_cache(maxsize=1)
+def _service_access_log() -> accesslog_pb2.AccessLog:
+    text = substitution_format_string_pb2.SubstitutionFormatString(
+        text_format_source=base_pb2.DataSource(inline_string=SERVICE_ACCESS_LOG_FORMAT)
+    )
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.stdout",
+        typed_config=_pack(stream_pb2.StdoutAccessLog(log_format=text)),
+    )
+
+
+def _service_tag(listener: ServiceListener) -> hcm_pb2.HttpFilter:
+    value = struct_pb2.Struct()
+    value.update({"service": listener.service, "port": listener.port_name})
+    config = set_metadata_pb2.Config(
+        metadata=[set_metadata_pb2.Metadata(metadata_namespace=SERVICE_METADATA, value=value)]
+    )
+    return hcm_pb2.HttpFilter(name=SET_METADATA_FILTER, typed_config=_pack(config))
+
+
+def service_listener(
+    listener: ServiceListener, wanted: Sequence[Destination]
+) -> listener_pb2.Listener:
+    """One Service port's listener. Its chains are its backends', each with the route of
+    the shared listeners (a backend is enforced the same whichever way it was dialled),
+    behind a filter that tags every request with the Service, ahead of RBAC."""
+    routed = {d.prefix for d in wanted}
+    tag = _service_tag(listener)
+    chains = []
+    for ip in listener.backends:
+        prefix = _host(ip)
+        hcm = _http_connection_manager(
+            listener.name, route_name(prefix if prefix in routed else DEFAULT_DESTINATION)
+        )
+        filters = [tag, *hcm.http_filters]
+        del hcm.http_filters[:]
+        hcm.http_filters.extend(filters)
+        hcm.access_log.append(_service_access_log())
+        chains.append(
+            listener_components_pb2.FilterChain(
+                name=f"{listener.name}-{ip}",
+                filter_chain_match=listener_components_pb2.FilterChainMatch(
+                    prefix_ranges=[_cidr(prefix)]
+                ),
+                filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=_pack(hcm))],
+            )
+        )
+    return listener_pb2.Listener(
+        name=listener.name,
+        address=_any_address(listener.envoy_port),
+        listener_filters=[_ORIGINAL_DST],
+        # No default chain: a flow whose backend is not this Service's is closed rather
+        # than tagged with a Service it never dialled.
+        filter_chains=chains,
+    )
 
 
 def original_dst_cluster() -> cluster_pb2.Cluster:
@@ -666,7 +769,11 @@ class XdsCache:
         return routes
 
 
-def render_resources(enforcement: Enforcement, cache: XdsCache | None = None) -> Resources:
+def render_resources(
+    enforcement: Enforcement,
+    cache: XdsCache | None = None,
+    services: Sequence[ServiceListener] = (),
+) -> Resources:
     """Pure in effect: with a cache the result is equal to a render without one."""
     sides = _Sides.of(enforcement, cache.rule_policies if cache is not None else None)
     routes: dict[str, route_pb2.RouteConfiguration]
@@ -678,6 +785,7 @@ def render_resources(enforcement: Enforcement, cache: XdsCache | None = None) ->
         wanted, listener_list = cache.destinations_and_listeners(enforcement)
         routes = cache.routes_of(enforcement, sides, wanted)
         cache.rule_policies.rotate()
+    listener_list = [*listener_list, *(service_listener(s, wanted) for s in services)]
     return {
         LISTENER_TYPE: {r.name: r for r in listener_list},
         ROUTE_TYPE: routes,
@@ -695,7 +803,13 @@ class SnapshotRenderer:
         self._cache = XdsCache()
 
     def render(
-        self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]
+        self,
+        policies: Sequence[HTTPPolicy],
+        pods: Sequence[Pod],
+        services: Sequence[Service] = (),
     ) -> tuple[Enforcement, Resources]:
         enforcement = self._resolver.resolve(policies, pods)
-        return enforcement, render_resources(enforcement, self._cache)
+        found, _ = frontends(services)
+        listeners = service_listeners(enforcement, found)
+        ordered = [listeners[key] for key in sorted(listeners)]
+        return enforcement, render_resources(enforcement, self._cache, ordered)

@@ -13,6 +13,7 @@ that read it, nor hide the Services that are fine.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from ipaddress import IPv4Address, ip_address
@@ -27,6 +28,73 @@ HEADLESS = "None"
 _SERVICE_TYPES = {t.value: t for t in ServiceType}
 # Address families steer does not balance: their slices are left out without a message.
 _OTHER_ADDRESS_TYPES = frozenset({"IPv6", "FQDN"})
+ENDPOINT_SLICES = "endpointslices"
+log = logging.getLogger("steer.source")
+
+
+def _part(*path: str) -> Callable[[Mapping[str, Any]], object]:
+    def read(obj: Mapping[str, Any]) -> object:
+        value: Any = obj
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        return value
+
+    return read
+
+
+# What is read of these kinds (here, and the agent's pod_cidrs): anything else changing
+# (status heartbeats, leader-election annotations renewed every 2 s) triggers no render.
+RELEVANT: dict[str, Callable[[Mapping[str, Any]], object]] = {
+    "services": _part("spec"),
+    "endpoints": _part("subsets"),
+    ENDPOINT_SLICES: lambda o: (
+        _part("metadata", "labels")(o),
+        o.get("addressType"),
+        o.get("endpoints"),
+        o.get("ports"),
+    ),
+    "nodes": lambda o: (_part("spec", "podCIDR")(o), _part("spec", "podCIDRs")(o)),
+}
+
+
+def service_sources(api_client: Any) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+    """The list calls of the kinds `services_from_objects` reads, by reflector name."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    return {
+        "services": (core.list_service_for_all_namespaces, {}),
+        "endpoints": (core.list_endpoints_for_all_namespaces, {}),
+        ENDPOINT_SLICES: (
+            client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,
+            {},
+        ),
+    }
+
+
+def serves_endpoint_slices(api_client: Any) -> bool:
+    """Whether the API server serves discovery.k8s.io/v1 (Kubernetes 1.21 and later);
+    without it the Endpoints objects give the Services' endpoints."""
+    from kubernetes import client
+
+    try:
+        groups = client.ApisApi(api_client).get_api_versions().groups or []
+    except Exception as exc:  # the API is away: Endpoints work everywhere
+        log.warning("API discovery failed (%s); reading Services' Endpoints", exc)
+        return False
+    return any(
+        g.name == "discovery.k8s.io" and any(v.version == "v1" for v in g.versions or ())
+        for g in groups
+    )
+
+
+def services_of(objects: Mapping[str, list[Any]]) -> ServiceParse:
+    """`services_from_objects` over reflector snapshots by the names above."""
+    return services_from_objects(
+        objects.get("services", []),
+        objects.get("endpoints", []),
+        objects.get(ENDPOINT_SLICES, []),
+    )
 
 
 class ServiceParse(NamedTuple):

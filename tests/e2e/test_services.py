@@ -9,9 +9,11 @@ cluster node would."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from steer.constants import AGENT_STATUS_FILE, LAB_GATEWAY_IP
+from steer.constants import AGENT_STATUS_FILE, LAB_GATEWAY_IP, LOG_DIR
 from steer.lab.localnode import read_status
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 from tests.e2e.test_http_policy import (
@@ -22,7 +24,9 @@ from tests.e2e.test_http_policy import (
     Response,
     apply,
     expect,
+    http_rule,
     ingress,
+    prefix,
     request,
 )
 
@@ -109,3 +113,53 @@ def test_status_lists_the_services_with_their_backends(node: PodsNode) -> None:
         )
     ]
     assert web["problems"] == []
+
+
+# --- the Service dialled, as Envoy sees it -------------------------------------------------
+
+VIA_WEB_SERVICE = ingress("web", http_rule(services=["web"]))
+
+
+def test_a_rule_on_the_service_matches_only_requests_dialled_to_it(node: PodsNode) -> None:
+    """web takes requests that came through its Service, by its ClusterIP or its NodePort,
+    and no other: the same backend dialled by its own address is refused."""
+    apply(node, VIA_WEB_SERVICE)
+    expect(via_service(node, "/anything"), ALLOWED)
+    expect(via_service(node, "/anything", address=LAB_GATEWAY_IP, port=NODE_PORT), ALLOWED)
+    expect(request(node, "/anything"), DENIED)
+
+
+def test_a_deny_on_the_service_names_it_with_its_namespace(node: PodsNode) -> None:
+    apply(
+        node,
+        ingress(
+            "web",
+            http_rule("Deny", services=["default/web"], paths=[prefix("/admin")]),
+            default="Allow",
+        ),
+    )
+    expect(via_service(node, "/admin"), DENIED)
+    expect(via_service(node, "/public/page"), ALLOWED)
+    expect(request(node, "/admin"), ALLOWED)
+
+
+def test_envoys_access_log_names_the_service_and_the_backend(node: PodsNode) -> None:
+    apply(node, VIA_WEB_SERVICE)
+    marker = f"/logged/{node.dataplane}"
+    expect(via_service(node, marker), ALLOWED)
+    wanted = (
+        f"steer-service service=default/web port=http backend={node.ip('web')}:{HTTP_PORT} "
+    )
+    deadline = time.monotonic() + 10  # Envoy flushes its access log every second
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        lines = [
+            line
+            for line in (LOG_DIR / "envoy.log").read_text(errors="replace").splitlines()
+            if marker in line
+        ]
+        if lines:
+            break
+        time.sleep(0.2)
+    assert lines, "no access log line for the request"
+    assert lines[-1].startswith(wanted) and f'"GET {marker}" 200 ' in lines[-1], lines[-1]

@@ -11,7 +11,7 @@ from google.protobuf.json_format import MessageToDict
 
 from steer.model.enforce import resolve
 from steer.model.service import Backend, Frontend
-from steer.model.servicepolicy import envoy_frontends
+from steer.model.servicepolicy import envoy_frontends, service_listeners
 from steer.render.bpf import render_pod_policy
 from steer.render.iptables import (
     Jump,
@@ -21,7 +21,7 @@ from steer.render.iptables import (
     render_ruleset,
     restore_text,
 )
-from steer.render.xds import ROUTE_TYPE, XdsCache, render_resources
+from steer.render.xds import LISTENER_TYPE, ROUTE_TYPE, XdsCache, render_resources
 from tests.golden.golden import check_golden
 from tests.samples import API, CLIENT, PODS, WEB, sample_enforcement, sample_policies
 
@@ -69,13 +69,36 @@ def test_iptables_services_are_decided_after_kube_proxy_or_sent_to_envoy_before_
     frontends = [web, api, node_port]
     via_envoy = envoy_frontends(enforcement, frontends)
     assert via_envoy == {(web.ip, 80), (node_port.ip, 30080)}
+    listeners = service_listeners(enforcement, frontends)
+    assert list(listeners) == [("default/web", "http")]
+    envoy_port = listeners["default/web", "http"].envoy_port
     services = ServiceSteering(
         tuple(sorted(((f.ip, f.port) for f in frontends), key=lambda k: (int(k[0]), k[1]))),
         via_envoy,
         (IPv4Network("10.244.0.0/16"),),
+        (((web.ip, 80), envoy_port), ((node_port.ip, 30080), envoy_port)),
     )
     ruleset = render_ruleset(enforcement, services=services)
-    check_golden("iptables_services.rules", restore_text(ruleset, KernelState()))
+    text = restore_text(ruleset, KernelState())
+    # Both ways of dialling web's port 80 reach its Service listener.
+    assert text.count(f"--to-ports {envoy_port}") == 2
+    check_golden("iptables_services.rules", text)
+
+
+def test_xds_service_listener_tags_requests_with_the_service() -> None:
+    """The Service port's own listener: one chain per backend, each with the backend's
+    route, behind a filter that tags every request with the Service; no default chain."""
+    enforcement = sample_enforcement()
+    web = Frontend(
+        IPv4Address("10.96.0.10"), 80, "default/web", "http", (Backend(IPv4Address(WEB.ip), 8080),)
+    )
+    (listener,) = service_listeners(enforcement, [web]).values()
+    resources = render_resources(enforcement, services=[listener])
+    rendered = resources[LISTENER_TYPE][listener.name]
+    check_golden(
+        "xds_service_listener.json",
+        json.dumps(MessageToDict(rendered, preserving_proto_field_name=True), indent=1) + "\n",
+    )
 
 
 def test_iptables_pods_without_policy_get_no_side_chain() -> None:

@@ -16,6 +16,14 @@
 
 #define STEER_REMOTE_PORT(field) bpf_ntohs((__u16)((field) >> 16))
 
+/* A port of Envoy's that connect4 sends steered pods' flows to: the shared outbound
+ * listener, or a Service port's own (host order). */
+static __always_inline int steer_is_client_listener(__u32 port)
+{
+	return port == STEER_OUTBOUND_PORT ||
+	       (port >= STEER_SERVICE_PORT_MIN && port <= STEER_SERVICE_PORT_MAX);
+}
+
 static __always_inline struct steer_counters *steer_count(__u32 slot)
 {
 	__u32 index = slot < STEER_MAX_PODS ? slot : 0;

@@ -16,6 +16,14 @@
 #define STEER_INBOUND_PORT 15006
 #endif
 
+/* Envoy's per-Service listeners (steer.model.servicepolicy): a pod never dials them. */
+#ifndef STEER_SERVICE_PORT_MIN
+#define STEER_SERVICE_PORT_MIN 15100
+#endif
+#ifndef STEER_SERVICE_PORT_MAX
+#define STEER_SERVICE_PORT_MAX 15999
+#endif
+
 /* Pods per node with eBPF steering; slot 0 is reserved for "not a pod". */
 #ifndef STEER_MAX_PODS
 #define STEER_MAX_PODS 4096

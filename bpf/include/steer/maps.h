@@ -106,7 +106,8 @@ struct steer_svc_key {
 };
 struct steer_svc_val {
 	__u32 ip;      /* backend address (slot > 0) */
-	__u16 port_be; /* backend port (slot > 0) */
+	__u16 port_be; /* backend port (slot > 0); slot 0: Envoy's listener for this Service
+	                * port, where its flows that need Envoy go (0: the shared listener) */
 	__u16 count;   /* backends (slot 0) */
 };
 BPF_HASH(steer_svc, struct steer_svc_key, struct steer_svc_val, STEER_MAX_SERVICE_ENTRIES);
