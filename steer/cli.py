@@ -722,9 +722,12 @@ def _print_services(services: list[dict[str, Any]]) -> None:
         print(f"  {name:<20} {service.get('cluster_ip') or 'None (headless)'}")
         for frontend in service.get("frontends", []):
             backends = ", ".join(frontend.get("backends", [])) or "no backend: refused"
+            listener = frontend.get("envoy_listener")
             print(
                 f"      {frontend.get('address')} -> {backends} "
-                f"(balanced by {frontend.get('balanced_by')})"
+                f"(balanced by {frontend.get('balanced_by')}"
+                + (f"; HTTP via Envoy :{listener}" if listener else "")
+                + ")"
             )
         for problem in service.get("problems", []):
             print(f"      {problem.get('reason')}: {problem.get('message')}")

@@ -102,9 +102,13 @@ def service_status(
     found: Sequence[Frontend],
     problems: Sequence[ServiceProblem],
     fallbacks: Sequence[str],
+    listeners: Mapping[str, int] | None = None,
 ) -> list[dict[str, object]]:
-    """Each Service for `steer status`: its addresses, each port's backends, and what is
-    wrong with it (the same reasons the agent reports as Events in a cluster)."""
+    """Each Service for `steer status`: its addresses, each port's backends and Envoy
+    listener (`listeners`: by "namespace/name:port name"), and what is wrong with it
+    (the same reasons the agent reports as Events in a
+    cluster)."""
+    listeners = listeners or {}
     by_service: dict[str, list[Frontend]] = {}
     for frontend in found:
         by_service.setdefault(frontend.service, []).append(frontend)
@@ -124,6 +128,8 @@ def service_status(
                         "node_port": f.node_port,
                         "backends": [f"{b.ip}:{b.port}" for b in f.backends],
                         "balanced_by": ("kube-proxy" if f.label in fallbacks else "connect4"),
+                        # Where its flows that need Envoy arrive, telling Envoy the Service.
+                        "envoy_listener": listeners.get(f"{f.service}:{f.port_name}"),
                     }
                     for f in mine
                 ],
@@ -229,7 +235,9 @@ class LocalAgent:
             self._write_status(
                 pods,
                 report,
-                service_status(services, found, problems, report.service_fallbacks),
+                service_status(
+                    services, found, problems, report.service_fallbacks, report.service_listeners
+                ),
             )
         return report
 

@@ -92,6 +92,9 @@ class SyncReport:
     # Service frontends the datapath could not hold ("namespace/name address:port"): their
     # connects go to kube-proxy.
     service_fallbacks: list[str] = field(default_factory=list)
+    # The Envoy listener of each Service port that has one (steer.model.servicepolicy), by
+    # "namespace/name:port name".
+    service_listeners: dict[str, int] = field(default_factory=dict)
     # Where the sync's time went, by phase (load, resolve, render, ebpf, iptables, revoke,
     # status), in ms: for `steer status` and the churn benchmark.
     phases_ms: dict[str, float] = field(default_factory=dict)
@@ -579,6 +582,7 @@ class NodeDatapath:
             key: listener.envoy_port
             for key, listener in service_listeners(enforcement, services).items()
         }
+        report.service_listeners = {f"{s}:{name}": port for (s, name), port in envoy_ports.items()}
         if ebpf is not None:
             # eBPF first: a pod's verdicts are in its maps before iptables lets its new
             # flows through unexamined.

@@ -210,7 +210,13 @@ class KubeAgent:
             shown,
             gates,
             loaded_at,
-            service_status(parsed.services, found, problems, report.service_fallbacks),
+            service_status(
+                parsed.services,
+                found,
+                problems,
+                report.service_fallbacks,
+                report.service_listeners,
+            ),
         )
         return report
 

@@ -65,3 +65,40 @@ def test_clusterip_and_node_port_get_the_backends_verdicts(
     assert cluster.http(namespace, "client", f"http://{web}:9090/public/").refused
     through = cluster.http(namespace, "client", f"http://{vip}:9090/public/")
     assert through.refused, through
+
+
+def through_the_service_only(namespace: str) -> str:
+    """web takes GETs of /public/ on 8080 only when they came through its Service."""
+    policy = json.loads(web_policy(namespace))
+    policy["spec"]["ingress"]["rules"][0]["http"]["services"] = ["web"]
+    return json.dumps(policy)
+
+
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_envoy_knows_the_service_dialled(cluster: Cluster, dataplane: str) -> None:
+    """The control plane and the agent agree on web's Service listener: a rule naming the
+    Service admits a request through the ClusterIP and the NodePort, not to the pod's own
+    address; the agent shows the listener."""
+    namespace, web = web_and_client(cluster, dataplane)
+    cluster.apply(web_service(namespace))
+    cluster.apply(through_the_service_only(namespace))
+    service = cluster.get("-n", namespace, "service", "web")
+    vip = service["spec"]["clusterIP"]
+    node_port = next(p["nodePort"] for p in service["spec"]["ports"] if p["name"] == "http")
+    node_ip = cluster.get("-n", namespace, "pod", "web")["status"]["hostIP"]
+
+    def listener() -> int | None:
+        for entry in cluster.agent_status().get("services", []):
+            if (entry["namespace"], entry["name"]) == (namespace, "web"):
+                for frontend in entry["frontends"]:
+                    if frontend["port_name"] == "http" and f"{web}:8080" in frontend["backends"]:
+                        return frontend["envoy_listener"]  # type: ignore[no-any-return]
+        return None
+
+    eventually(lambda: listener() is not None, "the agent to give web's port its listener")
+    eventually(
+        lambda: cluster.http(namespace, "client", f"http://{vip}/public/").status == 200,
+        "a request through the Service to be admitted",
+    )
+    assert cluster.http(namespace, "client", f"http://{node_ip}:{node_port}/public/").status == 200
+    assert cluster.http(namespace, "client", f"http://{web}:8080/public/").status == 403

@@ -15,6 +15,7 @@ import pytest
 
 from steer.constants import AGENT_STATUS_FILE, LAB_GATEWAY_IP, LOG_DIR
 from steer.lab.localnode import read_status
+from steer.model.servicepolicy import service_listener_ports
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 from tests.e2e.test_http_policy import (
     ALLOWED,
@@ -99,6 +100,8 @@ def test_status_lists_the_services_with_their_backends(node: PodsNode) -> None:
     web = services["web"]
     assert web["cluster_ip"] == cluster_ip(node, "web")
     backends = [f"{node.ip('web')}:{HTTP_PORT}"]
+    # web:8080 has HTTP rules, so its Service port has a listener of its own.
+    listener = service_listener_ports([("default/web", "http")])["default/web", "http"]
     assert web["frontends"] == [
         {
             "address": address,
@@ -106,6 +109,7 @@ def test_status_lists_the_services_with_their_backends(node: PodsNode) -> None:
             "node_port": node_port,
             "backends": backends,
             "balanced_by": "connect4",
+            "envoy_listener": listener,
         }
         for address, node_port in (
             (f"{cluster_ip(node, 'web')}:80", False),
@@ -147,9 +151,7 @@ def test_envoys_access_log_names_the_service_and_the_backend(node: PodsNode) -> 
     apply(node, VIA_WEB_SERVICE)
     marker = f"/logged/{node.dataplane}"
     expect(via_service(node, marker), ALLOWED)
-    wanted = (
-        f"steer-service service=default/web port=http backend={node.ip('web')}:{HTTP_PORT} "
-    )
+    wanted = f"steer-service service=default/web port=http backend={node.ip('web')}:{HTTP_PORT} "
     deadline = time.monotonic() + 10  # Envoy flushes its access log every second
     lines: list[str] = []
     while time.monotonic() < deadline:

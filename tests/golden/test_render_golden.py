@@ -97,7 +97,10 @@ def test_xds_service_listener_tags_requests_with_the_service() -> None:
     rendered = resources[LISTENER_TYPE][listener.name]
     check_golden(
         "xds_service_listener.json",
-        json.dumps(MessageToDict(rendered, preserving_proto_field_name=True), indent=1) + "\n",
+        json.dumps(
+            MessageToDict(rendered, preserving_proto_field_name=True), indent=1, sort_keys=True
+        )
+        + "\n",
     )
 
 

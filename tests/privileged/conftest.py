@@ -77,13 +77,17 @@ def client(lab: LabState) -> Iterator[PodProcess]:
 
 
 def through_envoy(
-    lab: LabState, client: PodProcess, address: str, port: int
+    lab: LabState,
+    client: PodProcess,
+    address: str,
+    port: int,
+    envoy_port: int = ENVOY_OUTBOUND_PORT,
 ) -> tuple[list[tuple[str, int]], tuple[str, int]]:
-    """Connect from `client` to address:port with a stand-in for Envoy listening on its
-    outbound port in the node: the original destination Envoy would be told, and the
-    peer the client's application sees."""
+    """Connect from `client` to address:port with a stand-in for Envoy listening on
+    `envoy_port` in the node: the original destination Envoy would be told, and the peer
+    the client's application sees."""
     with PodProcess.start(NODE_NETNS, lab.node_cgroup) as envoy:
-        listener = envoy.listen("0.0.0.0", ENVOY_OUTBOUND_PORT)
+        listener = envoy.listen("0.0.0.0", envoy_port)
         seen: list[tuple[str, int]] = []
         accept = threading.Thread(target=lambda: seen.append(envoy.accept_original_dst(listener)))
         accept.start()

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from steer.constants import BPF_PIN_DIR, ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, NODE_NETNS
+from steer.constants import (
+    BPF_PIN_DIR,
+    ENVOY_OUTBOUND_PORT,
+    ENVOY_SERVICE_PORTS,
+    LAB_GATEWAY_IP,
+    NODE_NETNS,
+)
 from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPod, LabState
 from steer.model.pod import Pod
@@ -90,9 +96,11 @@ def test_connect_time_deny_is_refused_at_once(
     sync(node, lab)
     outcome, seconds = client.connect_outcome(pod(lab, "web").ip, 9090)
     assert (outcome, seconds < 0.1) == ("refused", True)
-    # Dialling Envoy's own listener is refused too, rather than looping through Envoy.
+    # Dialling Envoy's own listener is refused too, rather than looping through Envoy, and
+    # so is a Service port's listener, which would take the pod for that Service's client.
     assert client.connect_outcome(LAB_GATEWAY_IP, ENVOY_OUTBOUND_PORT)[0] == "refused"
-    assert counters("client")["denied"] == 2
+    assert client.connect_outcome(LAB_GATEWAY_IP, ENVOY_SERVICE_PORTS[-1])[0] == "refused"
+    assert counters("client")["denied"] == 3
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from steer.constants import ENVOY_OUTBOUND_PORT, LAB_GATEWAY_IP, NODE_NETNS
+from steer.constants import ENVOY_OUTBOUND_PORT, ENVOY_SERVICE_PORTS, LAB_GATEWAY_IP, NODE_NETNS
 from steer.lab.servers import connect, original_dst, serve, time_connect
 from steer.lab.spec import LabState
 from steer.model.enforce import resolve
@@ -113,11 +113,13 @@ def test_without_policy_the_same_ports_connect(lab: LabState, servers: None) -> 
     assert time_connect(netns_of(lab, "client"), ip_of(lab, "web"), 9090)[0] == "connected"
 
 
-def _fake_envoy(accepted: list[tuple[str, int]]) -> tuple[socket.socket, threading.Thread]:
+def _fake_envoy(
+    accepted: list[tuple[str, int]], port: int = ENVOY_OUTBOUND_PORT
+) -> tuple[socket.socket, threading.Thread]:
     def create() -> socket.socket:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", ENVOY_OUTBOUND_PORT))
+        sock.bind(("0.0.0.0", port))
         sock.listen(8)
         return sock
 
@@ -190,12 +192,15 @@ def test_an_inbound_exclusion_does_not_skip_another_namespaces_http_rules(
     assert client_to_web_reaches_envoy(lab) == [(ip_of(lab, "web"), 8080)]
 
 
-def test_pod_dialling_envoy_directly_is_refused(lab: LabState) -> None:
+@pytest.mark.parametrize("port", [ENVOY_OUTBOUND_PORT, ENVOY_SERVICE_PORTS[0]])
+def test_pod_dialling_envoy_directly_is_refused(lab: LabState, port: int) -> None:
+    """Envoy's shared listener, or a Service port's, which would take the pod for a client
+    of that Service."""
     sync(sample_policies(), pods_of(lab), IptablesDatapath())
     accepted: list[tuple[str, int]] = []
-    listener, thread = _fake_envoy(accepted)
+    listener, thread = _fake_envoy(accepted, port)
     try:
-        outcome, _ = time_connect(netns_of(lab, "client"), LAB_GATEWAY_IP, ENVOY_OUTBOUND_PORT)
+        outcome, _ = time_connect(netns_of(lab, "client"), LAB_GATEWAY_IP, port)
     finally:
         # shutdown wakes the blocked accept (close alone would not), so the thread ends here.
         listener.shutdown(socket.SHUT_RDWR)

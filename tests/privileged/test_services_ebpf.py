@@ -18,7 +18,7 @@ from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPod, LabState
 from steer.model.policy import HTTPPolicy
 from steer.model.service import Endpoint, Service, ServicePort, ServiceType, frontends
-from steer.node.datapath import NodeDatapath
+from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.netns import run_in_netns
 from tests.privileged.conftest import served_by, through_envoy
 from tests.privileged.test_ebpf_datapath import counters, pods_of
@@ -83,7 +83,7 @@ def sync(
     lab: LabState,
     services: list[Service],
     policies: list[HTTPPolicy] | None = None,
-) -> None:
+) -> SyncReport:
     found, _ = frontends(services, node_ips=[IPv4Address(LAB_GATEWAY_IP)])
     report = run_in_netns(
         NODE_NETNS,
@@ -96,16 +96,19 @@ def sync(
     )
     assert report.errors == []
     assert report.service_fallbacks == []
+    return report
 
 
 def test_clusterip_gets_exactly_the_backends_verdicts(
     node: NodeDatapath, lab: LabState, client: PodProcess
 ) -> None:
-    sync(node, lab, services_of(lab))
+    report = sync(node, lab, services_of(lab))
     web, api = pod(lab, "web"), pod(lab, "api")
     # L7 at the backend (web:8080 has HTTP rules): Envoy gets the backend as the
-    # original destination, and the application still sees the ClusterIP.
-    assert through_envoy(lab, client, WEB_VIP, 80) == ([(web.ip, 8080)], (WEB_VIP, 80))
+    # original destination, on the listener of web's Service port (which tells Envoy the
+    # Service), and the application still sees the ClusterIP.
+    listener = report.service_listeners["default/web:http"]
+    assert through_envoy(lab, client, WEB_VIP, 80, listener) == ([(web.ip, 8080)], (WEB_VIP, 80))
     # Denied at the backend (web's debug port): refused, as web:9090 is.
     assert client.connect_outcome(WEB_VIP, 9090)[0] == "refused"
     assert client.connect_outcome(web.ip, 9090)[0] == "refused"
@@ -125,8 +128,9 @@ def test_clusterip_gets_exactly_the_backends_verdicts(
 def test_node_port_on_the_nodes_address_gets_the_same_verdict(
     node: NodeDatapath, lab: LabState, client: PodProcess
 ) -> None:
-    sync(node, lab, services_of(lab))
-    seen, peer = through_envoy(lab, client, LAB_GATEWAY_IP, 30080)
+    report = sync(node, lab, services_of(lab))
+    listener = report.service_listeners["default/web:http"]
+    seen, peer = through_envoy(lab, client, LAB_GATEWAY_IP, 30080, listener)
     assert (seen, peer) == ([(pod(lab, "web").ip, 8080)], (LAB_GATEWAY_IP, 30080))
 
 

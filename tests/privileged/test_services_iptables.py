@@ -21,7 +21,7 @@ from steer.lab.updown import lab_down, lab_frontends, lab_up
 from steer.model.load import parse_policies
 from steer.model.policy import HTTPPolicy
 from steer.model.service import Endpoint, ServicePort, ServiceType
-from steer.node.datapath import NodeDatapath
+from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.netns import run_in_netns
 from tests.privileged.conftest import lab_pods, served_by, through_envoy
 from tests.samples import sample_policies
@@ -94,7 +94,7 @@ def sync(
     lab: LabState,
     policies: list[HTTPPolicy] | None = None,
     client_annotations: dict[str, str] | None = None,
-) -> None:
+) -> SyncReport:
     """As the agent syncs: every pod on iptables, the lab's Services but `unknown`."""
     iptables = {"steer.dev/dataplane": "iptables"}
     annotations = dict.fromkeys(("client", "web", "api"), iptables)
@@ -113,6 +113,7 @@ def sync(
     )
     assert report.errors == []
     assert {d for d, _ in report.dataplanes.values()} == {"iptables"}
+    return report
 
 
 def test_clusterip_gets_exactly_the_backends_l4_verdict_after_kube_proxy(
@@ -135,10 +136,11 @@ def test_clusterip_gets_exactly_the_backends_l4_verdict_after_kube_proxy(
 def test_a_clusterip_whose_backend_has_http_rules_reaches_envoy_with_the_backend(
     node: NodeDatapath, lab: LabState, client: PodProcess
 ) -> None:
-    sync(node, lab)
+    listener = sync(node, lab).service_listeners["default/web:http"]
     for address, port in ((WEB_VIP, 80), (LAB_GATEWAY_IP, 30080)):
-        # kube-proxy never translated it: the application's peer is what it dialled.
-        seen, peer = through_envoy(lab, client, address, port)
+        # kube-proxy never translated it: the application's peer is what it dialled, and
+        # Envoy got it on the listener of web's Service port.
+        seen, peer = through_envoy(lab, client, address, port, listener)
         assert (seen, peer) == ([(pod(lab, "web").ip, 8080)], (address, port))
 
 

@@ -474,3 +474,17 @@ def test_metadata_as_the_api_server_returns_it_loads() -> None:
         "labels": {"team": "web"},
     }
     assert load_one(dump(doc)).metadata.labels == {"team": "web"}
+
+
+@pytest.mark.parametrize("service", ["Web", "web/api/x", "web.default", "-web", "a" * 64, ""])
+def test_a_service_that_is_not_a_name_is_refused_with_fix(service: str) -> None:
+    error = only_error(dump(with_http({"services": [service]})))
+    assert_actionable(error, f"{HTTP}.services", "'namespace/name'")
+
+
+@pytest.mark.parametrize("service", ["web", "other/web"])
+def test_a_service_by_name_or_namespace_and_name_loads(service: str) -> None:
+    policy = load_one(dump(with_http({"services": [service]})))
+    assert policy.spec.ingress is not None
+    http = policy.spec.ingress.rules[0].http
+    assert http is not None and http.services == (service,)
