@@ -542,6 +542,77 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 1 if loaded.errors else 0
 
 
+def _pod_and_port(value: str) -> tuple[str, int]:
+    key, _, port = value.rpartition(":")
+    if not key or "/" not in key or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not NAMESPACE/POD:PORT; fix: e.g. default/web:8080"
+        )
+    return key, int(port)
+
+
+def _pod_key(value: str) -> str:
+    if value.count("/") != 1 or value.startswith("/") or value.endswith("/"):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not NAMESPACE/POD; fix: e.g. default/client"
+        )
+    return value
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, sep, header_value = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=VALUE; fix: e.g. x-team=blue")
+    return name, header_value
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ipaddress import IPv4Address
+
+    from steer.model.enforce import resolve
+    from steer.model.explain import HTTPRequest, explain
+    from steer.source.local import LocalInputs
+
+    loaded, pods = LocalInputs(args.policies, args.lab_state).load()
+    for error in loaded.errors:
+        print(f"error: {error}", file=sys.stderr)
+    by_key = {p.key: p for p in pods}
+    dst_key, port = args.to
+    for key in (args.source, dst_key):
+        if key not in by_key:
+            print(
+                f"error: no pod {key} on the node; fix: `steer lab status` lists the pods",
+                file=sys.stderr,
+            )
+            return 2
+    agent = _read_status_document(STATUS_AGENT_FILE, "agent")[0] or {}
+    dataplanes = {
+        f"{p.get('namespace')}/{p.get('name')}": p.get("dataplane") for p in agent.get("pods", [])
+    }
+    request = HTTPRequest(args.method, args.path, args.host, tuple(args.header), args.service)
+    result = explain(
+        resolve(loaded.policies, pods),
+        IPv4Address(by_key[args.source].ip),
+        IPv4Address(by_key[dst_key].ip),
+        port,
+        request,
+        dataplane=dataplanes.get(args.source),
+    )
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(
+            f"{request.method} {request.path} from {args.source} to {dst_key}:{port}\n"
+            f"  datapath  {result.dataplane or 'unknown (no agent status)'}\n"
+            f"  L4        {result.l4}\n"
+            f"  Envoy     {'yes' if result.via_envoy else 'no'}\n"
+            f"  HTTP      {result.http or '-'}\n"
+            f"  decided   {result.policy or '-'} / {result.rule or '-'}\n"
+            f"  why       {result.reason}"
+        )
+    return 1 if loaded.errors else 0
+
+
 # Where `steer status` reads; module-level so tests can point them at temporary files.
 STATUS_AGENT_FILE = AGENT_STATUS_FILE
 STATUS_CONTROL_FILE = CONTROL_STATUS_FILE
@@ -970,6 +1041,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     bench.add_argument("--out", type=Path, help="write SCENARIO.json and SCENARIO.png here")
     bench.set_defaults(func=cmd_bench)
+
+    explain_cmd = sub.add_parser(
+        "explain",
+        help="what happens to one request from a pod to a pod, and which rule decides it",
+    )
+    explain_cmd.add_argument("--from", dest="source", required=True, type=_pod_key)
+    explain_cmd.add_argument("--to", required=True, type=_pod_and_port, metavar="NS/POD:PORT")
+    explain_cmd.add_argument("--method", default="GET")
+    explain_cmd.add_argument("--path", default="/")
+    explain_cmd.add_argument("--host", default="", help="the Host header (default: none)")
+    explain_cmd.add_argument(
+        "--header", action="append", default=[], type=_header, metavar="NAME=VALUE"
+    )
+    explain_cmd.add_argument(
+        "--service", help="NS/NAME: the request was dialled through this Service"
+    )
+    explain_cmd.add_argument("--json", action="store_true")
+    _add_inputs(explain_cmd)
+    explain_cmd.set_defaults(func=cmd_explain)
 
     status = sub.add_parser("status", help="per-pod datapath and control-plane push state")
     status.add_argument("--json", action="store_true")

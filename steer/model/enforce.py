@@ -99,12 +99,17 @@ class SideRules:
         return replace(self, rules=rules)
 
     def verdict(self, peer: IPv4Address, port: int) -> tuple[int, int]:
+        kind, rule = self.deciding(peer, port)
+        return kind, rule.policy_id if rule is not None else self.default_policy_id
+
+    def deciding(self, peer: IPv4Address, port: int) -> tuple[int, ResolvedRule | None]:
+        """This side's verdict for a flow with `peer` at `port`, and the rule that decides
+        it (None: the default action)."""
         for kind in (VERDICT_DENY, VERDICT_L7, VERDICT_ALLOW):
             for rule in self.by_kind(kind):
                 if rule.matches(peer, port):
-                    return kind, rule.policy_id
-        default = VERDICT_ALLOW if self.default_action is Action.ALLOW else VERDICT_DENY
-        return default, self.default_policy_id
+                    return kind, rule
+        return (VERDICT_ALLOW if self.default_action is Action.ALLOW else VERDICT_DENY), None
 
 
 @lru_cache(maxsize=16384)
@@ -463,16 +468,35 @@ def decide_sides(
     port: int,
 ) -> FlowVerdict:
     """`decide_flow` given the source's egress side and the destination's ingress side."""
-    sides: list[tuple[int, int]] = []
+    kind, side, rule = deciding_sides(egress, ingress, src, dst, port)
+    if rule is not None:
+        return FlowVerdict(kind, rule.policy_id)
+    return FlowVerdict(kind, side.default_policy_id if side is not None else 0)
+
+
+def deciding_sides(
+    egress: SideRules | None,
+    ingress: SideRules | None,
+    src: IPv4Address,
+    dst: IPv4Address,
+    port: int,
+) -> tuple[int, SideRules | None, ResolvedRule | None]:
+    """The verdict for a new TCP flow src -> dst:port, the side that decides it and its
+    deciding rule (None: that side's default action; no side: no policy applies). A deny
+    on either side wins, then an L7 verdict, then the allow of the ingress side."""
+    sides: list[tuple[SideRules, int, ResolvedRule | None]] = []
     if egress is not None:
-        sides.append(egress.verdict(dst, port))
+        sides.append((egress, *egress.deciding(dst, port)))
     if ingress is not None:
-        sides.append(ingress.verdict(src, port))
+        sides.append((ingress, *ingress.deciding(src, port)))
     for kind in (VERDICT_DENY, VERDICT_L7):
-        for verdict, policy_id in sides:
+        for side, verdict, rule in sides:
             if verdict == kind:
-                return FlowVerdict(kind, policy_id)
-    return FlowVerdict(VERDICT_ALLOW, sides[-1][1] if sides else 0)
+                return kind, side, rule
+    if not sides:
+        return VERDICT_ALLOW, None, None
+    side, _, rule = sides[-1]
+    return VERDICT_ALLOW, side, rule
 
 
 def l7_port_ranges(side: SideRules, peer: IPv4Address) -> tuple[tuple[int, int], ...] | None:
