@@ -22,6 +22,7 @@ from steer.constants import (
     LAB_NODE_NAME,
     LAB_STATE_FILE,
     NODE_NETNS,
+    OBSERVE_SOCKET,
     POLICY_DIR,
     SYSTEM_NAMESPACE,
     WEBHOOK_PORT,
@@ -613,6 +614,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 1 if loaded.errors else 0
 
 
+# Where `steer observe` reads; module-level so tests can point it elsewhere.
+OBSERVE_PATH = OBSERVE_SOCKET
+
+
+def cmd_observe(args: argparse.Namespace) -> int:
+    from steer.node.observe import matches, one_line, read_events
+
+    filters = {
+        "pod": args.pod,
+        "namespace": args.namespace,
+        "verdict": args.verdict,
+        "dataplane": args.dataplane,
+        "port": args.port,
+        "status": args.status,
+        "policy": args.policy,
+        "layer": args.layer,
+    }
+    try:
+        for event in read_events(args.last, follow=args.follow, path=OBSERVE_PATH):
+            if not matches(event, filters):
+                continue
+            print(json.dumps(event) if args.json else one_line(event), flush=True)
+    except OSError as exc:
+        print(
+            f"error: no agent answers on {OBSERVE_PATH} ({exc.strerror or exc}); fix: start "
+            "the agent (`steer demo --keep`, or `steer agent`); in a cluster, run this in "
+            "the node's steer agent container (kubectl exec)",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 # Where `steer status` reads; module-level so tests can point them at temporary files.
 STATUS_AGENT_FILE = AGENT_STATUS_FILE
 STATUS_CONTROL_FILE = CONTROL_STATUS_FILE
@@ -1060,6 +1096,22 @@ def build_parser() -> argparse.ArgumentParser:
     explain_cmd.add_argument("--json", action="store_true")
     _add_inputs(explain_cmd)
     explain_cmd.set_defaults(func=cmd_explain)
+
+    observe = sub.add_parser(
+        "observe", help="recent requests through Envoy, with their verdicts and rules"
+    )
+    observe.add_argument("--last", type=int, default=20, metavar="N", help="default 20")
+    observe.add_argument("--follow", action="store_true", help="then print new events")
+    observe.add_argument("--json", action="store_true", help="one JSON object per line")
+    observe.add_argument("--pod", help="NAME or NS/NAME: the client pod")
+    observe.add_argument("--namespace")
+    observe.add_argument("--verdict", choices=["allowed", "denied", "audit"])
+    observe.add_argument("--dataplane", choices=["ebpf", "iptables"])
+    observe.add_argument("--layer", choices=["l4", "http"])
+    observe.add_argument("--port", type=int, help="the destination port")
+    observe.add_argument("--status", type=int, help="the HTTP status")
+    observe.add_argument("--policy", help="NS/NAME of the deciding policy")
+    observe.set_defaults(func=cmd_observe)
 
     status = sub.add_parser("status", help="per-pod datapath and control-plane push state")
     status.add_argument("--json", action="store_true")

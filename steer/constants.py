@@ -128,6 +128,14 @@ BPF_PIN_DIR: Final = BPFFS / "steer"
 # cluster use the same path: there the agent and Envoy containers share /run/steer.
 ENVOY_ADMIN_SOCKET: Final = RUN_DIR / "envoy-admin.sock"
 ENVOY_ADMIN_SOCKET_MODE: Final = 0o600
+# Envoy streams every request's access log entry to the agent over gRPC ALS on this socket
+# (no file I/O per request); `steer observe` reads the agent's ring of events from the
+# other. Both owner-only: they show every pod's traffic.
+ALS_SOCKET: Final = RUN_DIR / "als.sock"
+OBSERVE_SOCKET: Final = RUN_DIR / "observe.sock"
+ALS_CLUSTER: Final = "steer-als"
+# Events the agent keeps for `steer observe --last`: the oldest go first.
+OBSERVE_RING_SIZE: Final = 10_000
 
 # --- xDS over TCP: mutual TLS -------------------------------------------------------------
 # A node's identity is this URI SAN in its client certificate, followed by the node name;

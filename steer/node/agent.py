@@ -8,12 +8,13 @@ restore is atomic per table) and is retried on the next change.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -25,6 +26,7 @@ from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.model.service import Frontend, Problem, Service, ServiceProblem, frontends
 from steer.node.datapath import NodeDatapath, SyncReport
+from steer.node.observe import Observability
 from steer.source.local import LocalInputs
 
 log = logging.getLogger("steer.agent")
@@ -195,6 +197,38 @@ def _hold_lock(path: Path) -> int | None:
     return None
 
 
+def observe_view(
+    observability: Observability | None,
+    pods: Sequence[Pod],
+    report: SyncReport,
+    datapath: NodeDatapath,
+) -> None:
+    """After a sync: who is who, for the events of the requests that follow."""
+    if observability is not None:
+        observability.update(
+            pods,
+            {key: dataplane for key, (dataplane, _) in report.dataplanes.items()},
+            datapath.iptables.enforcement,
+        )
+
+
+@contextlib.contextmanager
+def observing() -> Iterator[Observability | None]:
+    """The agent's event servers while it runs. Failing to start them (a socket path that
+    cannot be bound) costs `steer observe`, never steering."""
+    observability = Observability()
+    try:
+        observability.start()
+    except (OSError, RuntimeError) as exc:
+        log.error("steer observe is unavailable: %s", exc)
+        yield None
+        return
+    try:
+        yield observability
+    finally:
+        observability.stop()
+
+
 @dataclass
 class LocalAgent:
     inputs: LocalInputs
@@ -207,6 +241,8 @@ class LocalAgent:
     collector: IdleCollector = field(default_factory=IdleCollector)
     # Service problems already logged: each is logged once, when it appears.
     _problems_logged: set[ServiceProblem] = field(default_factory=set)
+    # Envoy's access log stream and `steer observe`'s socket, from `run`.
+    observability: Observability | None = None
 
     def sync(self) -> SyncReport:
         self._loaded_at = time.time()
@@ -226,6 +262,7 @@ class LocalAgent:
         )
         report.phases_ms["load"] = (loaded - started) * 1000
         report.errors = [str(e) for e in reload.errors] + report.errors
+        observe_view(self.observability, pods, report, self.datapath)
         problems = problems + map_full_problems(found, report.service_fallbacks)
         for problem in problems:
             if problem not in self._problems_logged:
@@ -267,6 +304,10 @@ class LocalAgent:
         network namespace, and pyroute2's blocking API cannot run inside an event loop.
         """
         collector = self.collector
+        with observing() as self.observability:
+            self._run(collector, stop)
+
+    def _run(self, collector: IdleCollector, stop: threading.Event | None) -> None:
         self._survive(collector)
         while True:
             try:

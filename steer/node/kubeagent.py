@@ -36,7 +36,14 @@ from steer.constants import (
 from steer.idlegc import IdleCollector
 from steer.model.pod import Pod
 from steer.model.service import ServiceProblem, frontends
-from steer.node.agent import StatusWriter, map_full_problems, service_status, status_document
+from steer.node.agent import (
+    StatusWriter,
+    map_full_problems,
+    observe_view,
+    observing,
+    service_status,
+    status_document,
+)
 from steer.node.cgroups import (
     MAX_POD_CGROUP_LEVEL,
     PROC,
@@ -48,6 +55,7 @@ from steer.node.cgroups import (
 from steer.node.datapath import NodeDatapath, SyncReport
 from steer.node.envoy import admin_get
 from steer.node.netns import run_in_netns
+from steer.node.observe import Observability
 from steer.render.xds import route_name
 from steer.source.kube import Reflector, api_list, api_watch
 from steer.source.kubeobjects import (
@@ -106,6 +114,8 @@ class KubeAgent:
     _policies: PolicyValidator = field(default_factory=PolicyValidator)
     _gc: IdleCollector = field(default_factory=IdleCollector)
     _status: StatusWriter | None = None
+    # Envoy's access log stream and `steer observe`'s socket, from `run`.
+    observability: Observability | None = None
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -195,6 +205,7 @@ class KubeAgent:
                 pod_cidrs=pod_cidrs(objects.get("nodes", [])),
             )
         )
+        observe_view(self.observability, pods, report, self.datapath)
         problems = problems + map_full_problems(found, report.service_fallbacks)
         self._report_service_problems(objects.get("services", []), parsed.errors, problems)
         for error in report.errors:
@@ -381,6 +392,10 @@ class KubeAgent:
         for reflector in self.reflectors.values():
             reflector.on_change = changed.set
             reflector.start(stop)
+        with observing() as self.observability:
+            self._run(stop, changed)
+
+    def _run(self, stop: threading.Event, changed: threading.Event) -> None:
         while not stop.is_set():
             # Readiness gates also wait on Envoy, which sends no API events: while any
             # pod waits, look again every second even without a change.

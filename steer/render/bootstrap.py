@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from steer.constants import (
+    ALS_CLUSTER,
+    ALS_SOCKET,
     ENVOY_ADMIN_ADDRESS,
     ENVOY_ADMIN_SOCKET,
     ENVOY_ADMIN_SOCKET_MODE,
@@ -81,6 +83,35 @@ def _upstream_tls(tls: XdsClientTls, host: str) -> dict[str, Any]:
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
+def _http2_only() -> dict[str, Any]:
+    """gRPC needs HTTP/2 to the cluster."""
+    options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    return {
+        options: {
+            "@type": f"type.googleapis.com/{options}",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def _als_cluster() -> dict[str, Any]:
+    """Where every listener streams its access log entries: the agent's ALS server on a
+    Unix socket beside Envoy's admin. While the agent is away Envoy drops the entries,
+    never a request."""
+    return {
+        "name": ALS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _http2_only(),
+        "load_assignment": {
+            "cluster_name": ALS_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(ALS_SOCKET)}}}}]}
+            ],
+        },
+    }
+
+
 def bootstrap(
     node_id: str,
     *,
@@ -142,13 +173,7 @@ def bootstrap(
                     "name": XDS_CLUSTER_NAME,
                     "type": discovery,
                     "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
+                    "typed_extension_protocol_options": _http2_only(),
                     "load_assignment": {
                         "cluster_name": XDS_CLUSTER_NAME,
                         "endpoints": [
@@ -156,7 +181,8 @@ def bootstrap(
                         ],
                     },
                     **transport,
-                }
+                },
+                _als_cluster(),
             ]
         },
         # Pods' sockets are many; Envoy's default overload settings would warn on start.

@@ -22,6 +22,7 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    grpc_service_pb2,
     protocol_pb2,
     substitution_format_string_pb2,
 )
@@ -29,6 +30,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as http_grpc_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
@@ -44,6 +46,7 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from steer.constants import (
+    ALS_CLUSTER,
     ENVOY_INBOUND_PORT,
     ENVOY_OUTBOUND_PORT,
     INBOUND_LISTENER,
@@ -515,6 +518,24 @@ def _http_connection_manager(stat_prefix: str, route_name: str) -> hcm_pb2.HttpC
     return hcm
 
 
+def _agent_access_log() -> accesslog_pb2.AccessLog:
+    """Entries go to the agent over gRPC ALS, batched by each worker thread (flushed at
+    least every 200 ms): no file write per request."""
+    config = http_grpc_pb2.HttpGrpcAccessLogConfig(
+        common_config=http_grpc_pb2.CommonGrpcAccessLogConfig(
+            log_name="steer",
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ALS_CLUSTER)
+            ),
+            transport_api_version=config_source_pb2.ApiVersion.V3,
+            buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
+        )
+    )
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.http_grpc", typed_config=_pack(config)
+    )
+
+
 def _build_http_connection_manager(
     stat_prefix: str, route_name: str
 ) -> hcm_pb2.HttpConnectionManager:
@@ -541,6 +562,8 @@ def _build_http_connection_manager(
     )
     return hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
+        # Every request, allowed or not, to the agent for `steer observe`.
+        access_log=[_agent_access_log()],
         codec_type=hcm_pb2.HttpConnectionManager.CodecType.AUTO,
         rds=hcm_pb2.Rds(route_config_name=route_name, config_source=ads),
         http_filters=filters,

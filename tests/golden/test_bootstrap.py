@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from steer.constants import (
+    ALS_CLUSTER,
+    ALS_SOCKET,
     ENVOY_ADMIN_SOCKET,
     LAB_NODE_NAME,
     XDS_NODE_TLS_DIR,
@@ -73,8 +75,15 @@ NODE_TLS = XdsClientTls(
 
 
 def xds_cluster(config: dict[str, Any]) -> dict[str, Any]:
-    [cluster] = config["static_resources"]["clusters"]
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "steer-xds"]
     return cluster  # type: ignore[no-any-return]
+
+
+def test_access_logs_go_to_the_agent_over_a_unix_socket() -> None:
+    clusters = bootstrap(LAB_NODE_NAME, xds_socket=XDS_SOCKET)["static_resources"]["clusters"]
+    [als] = [c for c in clusters if c["name"] == ALS_CLUSTER]
+    [endpoint] = als["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"] == {"pipe": {"path": str(ALS_SOCKET)}}
 
 
 def test_xds_over_tcp_presents_the_node_certificate_and_checks_the_servers_name() -> None:

@@ -1,0 +1,306 @@
+"""The agent's events for `steer observe`: every HTTP request Envoy handled, with its
+verdict and the rule behind it.
+
+Envoy streams its access log entries to the agent over gRPC ALS
+(`envoy.service.accesslog.v3`) on a Unix socket; nothing is written to a file per request.
+The agent turns each entry into an event (`http_event`, pure), naming the client pod, its
+datapath, and the policy and rule that decided: Envoy's own RBAC verdict names a denying
+rule; for an allowed request, and for a section's default, the rule is found with the
+decision code `steer explain` uses. Events go to a bounded ring (the oldest are dropped,
+and counted); `steer observe` reads it over a second owner-only Unix socket, one JSON
+object per line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socketserver
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from steer.constants import ALS_SOCKET, OBSERVE_RING_SIZE, OBSERVE_SOCKET
+from steer.model.enforce import Enforcement
+from steer.model.explain import HTTPRequest, explain
+from steer.model.pod import Pod
+
+log = logging.getLogger("steer.observe")
+Event = dict[str, Any]
+# An RBAC denial names the matched policy: "<pod>:<policy namespace>/<name>/<index>/<rule>"
+# (steer.render.xds.rbac_key), or "none" when an allow filter matched nothing.
+_RBAC_DENIED = re.compile(r"rbac_access_denied_matched_policy\[(.*)\]")
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the agent knew at its last sync: the pods by address, each with its datapath,
+    and the resolved policies."""
+
+    pods: Mapping[str, tuple[Pod, str | None]] = field(default_factory=dict)
+    enforcement: Enforcement | None = None
+
+
+def _address(address: Any) -> tuple[str, int]:
+    socket_address = address.socket_address
+    return socket_address.address, socket_address.port_value
+
+
+def _rule_of(details: str) -> tuple[str, str] | None:
+    """(policy, rule) from an RBAC denial's details, None when no rule is named."""
+    found = _RBAC_DENIED.fullmatch(details)
+    if found is None or ":" not in found.group(1):
+        return None
+    namespace, name, _index, rule = found.group(1).split(":", 1)[1].split("/", 3)
+    return f"{namespace}/{name}", rule
+
+
+def http_event(entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView) -> Event:
+    """One access log entry as a `steer observe` event."""
+    common, request, response = entry.common_properties, entry.request, entry.response
+    src_ip, src_port = _address(common.downstream_remote_address)
+    dst_ip, dst_port = _address(common.downstream_local_address)
+    status = response.response_code.value
+    details = response.response_code_details
+    method = base_pb2.RequestMethod.Name(request.request_method)
+    path = request.original_path or request.path
+    tags = common.metadata.filter_metadata
+    service = (
+        tags["steer"].fields["service"].string_value
+        if "steer" in tags and "service" in tags["steer"].fields
+        else None
+    )
+    client = view.pods.get(src_ip)
+    server = view.pods.get(dst_ip)
+    subject = client or server
+    denied = details.startswith("rbac_access_denied")
+    # Refused before any rule (a steer refusal route, or the connection manager's checks).
+    refused = status == 400 and details != "via_upstream"
+    named = _rule_of(details) if denied else None
+    if named is None and view.enforcement is not None and not refused:
+        decided = explain(
+            view.enforcement,
+            IPv4Address(src_ip),
+            IPv4Address(dst_ip),
+            dst_port,
+            HTTPRequest(method, path, request.authority, service=service),
+        )
+        if decided.policy is not None:
+            named = (decided.policy, decided.rule or "")
+    return {
+        "time": common.start_time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds"),
+        "layer": "http",
+        "verdict": "denied" if denied or refused else "allowed",
+        "pod": subject[0].name if subject else None,
+        "namespace": subject[0].namespace if subject else None,
+        "dst_pod": f"{server[0].namespace}/{server[0].name}" if server else None,
+        # The opener of the client's socket: known to the kernel's flow events, not to
+        # Envoy's access log.
+        "pid": None,
+        "comm": None,
+        "src": f"{src_ip}:{src_port}",
+        "dst": f"{dst_ip}:{dst_port}",
+        "service": service,
+        "dataplane": client[1] if client else None,
+        "policy": named[0] if named else None,
+        "rule": named[1] if named else (details if refused else None),
+        "method": method,
+        "host": request.authority,
+        "path": path,
+        "status": status,
+        "details": details,
+    }
+
+
+class EventRing:
+    """The last `size` events, for `--last`, and a wait for new ones, for `--follow`."""
+
+    def __init__(self, size: int = OBSERVE_RING_SIZE) -> None:
+        self._events: deque[tuple[int, Event]] = deque(maxlen=size)
+        self._changed = threading.Condition()
+        self._seq = 0
+        # Events pushed out of the ring before anyone read them: `--last` is bounded.
+        self.evicted = 0
+
+    def add(self, event: Event) -> None:
+        with self._changed:
+            if len(self._events) == self._events.maxlen:
+                self.evicted += 1
+            self._seq += 1
+            self._events.append((self._seq, event))
+            self._changed.notify_all()
+
+    def last(self, count: int) -> tuple[list[Event], int]:
+        """The newest `count` events, oldest first, and the sequence number to follow from."""
+        with self._changed:
+            chosen = list(self._events)[-count:] if count > 0 else []
+            return [event for _, event in chosen], self._seq
+
+    def after(self, seq: int, timeout: float) -> tuple[list[Event], int]:
+        """The events newer than `seq` (waiting up to `timeout` for one), and the new seq."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._seq > seq, timeout=timeout)
+            newer = [event for number, event in self._events if number > seq]
+            return newer, self._seq
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    def __init__(self, ring: EventRing, view: Callable[[], NodeView]) -> None:
+        self._ring = ring
+        self._view = view
+
+    def StreamAccessLogs(
+        self, request_iterator: Iterator[als_pb2.StreamAccessLogsMessage], context: Any
+    ) -> als_pb2.StreamAccessLogsResponse:
+        for message in request_iterator:
+            view = self._view()
+            for entry in message.http_logs.log_entry:
+                try:
+                    self._ring.add(http_event(entry, view))
+                except Exception:  # one odd entry must not end Envoy's stream
+                    log.exception("access log entry not understood: %s", entry)
+        return als_pb2.StreamAccessLogsResponse()
+
+
+def _bind_path(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+
+
+class _ObserveServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    ring: EventRing
+
+
+class _ObserveHandler(socketserver.StreamRequestHandler):
+    """One request line {"last": N, "follow": bool}; then events, one JSON line each."""
+
+    server: _ObserveServer
+
+    def handle(self) -> None:
+        try:
+            query = json.loads(self.rfile.readline() or b"{}")
+            last, follow = int(query.get("last", 20)), bool(query.get("follow", False))
+        except (ValueError, AttributeError, TypeError):
+            self.wfile.write(b'{"error": "bad request; fix: send {\\"last\\": N}"}\n')
+            return
+        ring = self.server.ring
+        events, seq = ring.last(last)
+        try:
+            self._send(events)
+            while follow:
+                events, seq = ring.after(seq, timeout=1.0)
+                self._send(events)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the reader went away (Ctrl-C on `steer observe --follow`)
+
+    def _send(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self.wfile.write(json.dumps(event).encode() + b"\n")
+        self.wfile.flush()
+
+
+@dataclass
+class Observability:
+    """The agent's event plumbing: the ring, the ALS server Envoy streams to, and the
+    socket `steer observe` reads. `view` is swapped whole after each sync."""
+
+    als_socket: Path = ALS_SOCKET
+    observe_socket: Path = OBSERVE_SOCKET
+    ring: EventRing = field(default_factory=EventRing)
+    view: NodeView = field(default_factory=NodeView)
+    _grpc: grpc.Server | None = None
+    _observe: _ObserveServer | None = None
+
+    def update(self, pods: Sequence[Pod], dataplanes: Mapping[str, str], enforcement: Any) -> None:
+        self.view = NodeView({p.ip: (p, dataplanes.get(p.key)) for p in pods}, enforcement)
+
+    def start(self) -> None:
+        _bind_path(self.als_socket)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            _AccessLogs(self.ring, lambda: self.view), server
+        )
+        # Owner-only from the start: the umask covers the moment before a chmod could.
+        old = os.umask(0o077)
+        try:
+            server.add_insecure_port(f"unix:{self.als_socket}")
+            server.start()
+            _bind_path(self.observe_socket)
+            observe = _ObserveServer(str(self.observe_socket), _ObserveHandler)
+        finally:
+            os.umask(old)
+        observe.ring = self.ring
+        threading.Thread(target=observe.serve_forever, name="steer-observe", daemon=True).start()
+        self._grpc, self._observe = server, observe
+
+    def stop(self) -> None:
+        if self._observe is not None:
+            self._observe.shutdown()
+            self._observe.server_close()
+        if self._grpc is not None:
+            self._grpc.stop(grace=None)
+
+
+def read_events(last: int, *, follow: bool = False, path: Path = OBSERVE_SOCKET) -> Iterator[Event]:
+    """The agent's events, oldest first: the last `last`, then (with `follow`) new ones as
+    they come. Raises OSError when no agent listens."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"last": last, "follow": follow}).encode() + b"\n")
+        with sock.makefile("rb") as lines:
+            for line in lines:
+                yield json.loads(line)
+
+
+def matches(event: Event, filters: Mapping[str, Any]) -> bool:
+    """`steer observe`'s filters: every one given must hold."""
+    for key, wanted in filters.items():
+        if wanted is None:
+            continue
+        if key == "pod":
+            if wanted not in (event.get("pod"), f"{event.get('namespace')}/{event.get('pod')}"):
+                return False
+        elif key == "port":
+            if not str(event.get("dst", "")).endswith(f":{wanted}"):
+                return False
+        elif str(event.get(key)) != str(wanted):
+            return False
+    return True
+
+
+def one_line(event: Event) -> str:
+    """The readable default of `steer observe`: one line per event."""
+    when = event.get("time", "")
+    with contextlib.suppress(ValueError):
+        when = datetime.fromisoformat(when).strftime("%H:%M:%S.%f")[:-3]
+    who = f"{event.get('namespace')}/{event.get('pod')}" if event.get("pod") else event["src"]
+    decided = f"{event.get('policy')}/{event.get('rule')}" if event.get("policy") else "-"
+    service = f" via {event['service']}" if event.get("service") else ""
+    return (
+        f"{when} {event.get('verdict', '?').upper():<7} {event.get('layer')} "
+        f"{who} -> {event.get('dst')}{service} {event.get('method')} {event.get('path')} "
+        f"{event.get('status')} [{event.get('dataplane') or '-'}] {decided}"
+    )

@@ -1,0 +1,111 @@
+"""Access log entries as `steer observe` events, the ring, and the filters (pure parts of
+steer.node.observe; the real stream from Envoy is tested in tests/e2e/test_observe.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import wrappers_pb2
+
+from steer.node.observe import EventRing, NodeView, http_event, matches
+from tests.samples import CLIENT, WEB, sample_enforcement
+
+VIEW = NodeView({CLIENT.ip: (CLIENT, "ebpf"), WEB.ip: (WEB, "iptables")}, sample_enforcement())
+
+
+def entry(
+    path: str, status: int, details: str, *, service: str | None = None
+) -> accesslog_pb2.HTTPAccessLogEntry:
+    message = accesslog_pb2.HTTPAccessLogEntry()
+    common = message.common_properties
+    common.downstream_remote_address.CopyFrom(
+        address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=CLIENT.ip, port_value=40000)
+        )
+    )
+    common.downstream_local_address.CopyFrom(
+        address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=WEB.ip, port_value=8080)
+        )
+    )
+    if service is not None:
+        common.metadata.filter_metadata["steer"].update({"service": service})
+    message.request.request_method = base_pb2.RequestMethod.GET
+    message.request.path = path
+    message.response.response_code.CopyFrom(wrappers_pb2.UInt32Value(value=status))
+    message.response.response_code_details = details
+    return message
+
+
+def test_a_denial_is_named_by_envoys_rbac_verdict() -> None:
+    details = "rbac_access_denied_matched_policy[default/web:default/web/1/no-debug-port]"
+    event = http_event(entry("/x", 403, details), VIEW)
+    assert {k: event[k] for k in ("verdict", "policy", "rule", "status", "layer")} == {
+        "verdict": "denied",
+        "policy": "default/web",
+        "rule": "no-debug-port",
+        "status": 403,
+        "layer": "http",
+    }
+    assert (event["pod"], event["namespace"], event["dataplane"]) == ("client", "default", "ebpf")
+    assert (event["src"], event["dst"], event["dst_pod"]) == (
+        f"{CLIENT.ip}:40000",
+        f"{WEB.ip}:8080",
+        "default/web",
+    )
+    assert (event["pid"], event["comm"]) == (None, None)
+
+
+def test_a_default_deny_and_an_allow_are_named_by_the_decision_code() -> None:
+    denied = http_event(entry("/admin", 403, "rbac_access_denied_matched_policy[none]"), VIEW)
+    assert (denied["policy"], denied["rule"]) == ("default/web", "default-deny")
+    allowed = http_event(entry("/public/a", 200, "via_upstream"), VIEW)
+    assert (allowed["verdict"], allowed["policy"], allowed["rule"]) == (
+        "allowed",
+        "default/web",
+        "public-read",
+    )
+
+
+def test_a_refusal_before_any_rule_names_envoys_reason() -> None:
+    event = http_event(entry("/a%2Fb", 400, "path_normalization_failed"), VIEW)
+    assert (event["verdict"], event["policy"], event["rule"]) == (
+        "denied",
+        None,
+        "path_normalization_failed",
+    )
+
+
+def test_the_service_tag_and_unknown_addresses() -> None:
+    event = http_event(entry("/public/a", 200, "via_upstream", service="default/web"), VIEW)
+    assert event["service"] == "default/web"
+    stranger = http_event(entry("/", 200, "via_upstream"), NodeView())
+    assert (stranger["pod"], stranger["dataplane"], stranger["policy"]) == (None, None, None)
+
+
+def test_the_ring_keeps_the_newest_and_counts_what_it_drops() -> None:
+    ring = EventRing(size=3)
+    for number in range(5):
+        ring.add({"n": number})
+    events, seq = ring.last(10)
+    assert ([e["n"] for e in events], seq, ring.evicted) == ([2, 3, 4], 5, 2)
+    ring.add({"n": 5})
+    assert ring.after(seq, timeout=0.1) == ([{"n": 5}], 6)
+    assert ring.after(6, timeout=0.01) == ([], 6)
+
+
+def test_filters() -> None:
+    event: dict[str, Any] = {
+        "pod": "client",
+        "namespace": "default",
+        "dst": "10.244.0.3:8080",
+        "status": 403,
+        "verdict": "denied",
+    }
+    assert matches(event, {"pod": "client", "port": 8080, "status": 403, "verdict": None})
+    assert matches(event, {"pod": "default/client"})
+    assert not matches(event, {"pod": "other/client"})
+    assert not matches(event, {"port": 80})
+    assert not matches(event, {"verdict": "allowed"})
