@@ -568,37 +568,33 @@ def _header(value: str) -> tuple[str, str]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ipaddress import IPv4Address
-
-    from steer.model.enforce import resolve
-    from steer.model.explain import HTTPRequest, explain
+    from steer.model.explain import HTTPRequest, UnknownPod, explain_pods
     from steer.source.local import LocalInputs
 
     loaded, pods = LocalInputs(args.policies, args.lab_state).load()
     for error in loaded.errors:
         print(f"error: {error}", file=sys.stderr)
-    by_key = {p.key: p for p in pods}
     dst_key, port = args.to
-    for key in (args.source, dst_key):
-        if key not in by_key:
-            print(
-                f"error: no pod {key} on the node; fix: `steer lab status` lists the pods",
-                file=sys.stderr,
-            )
-            return 2
     agent = _read_status_document(STATUS_AGENT_FILE, "agent")[0] or {}
     dataplanes = {
         f"{p.get('namespace')}/{p.get('name')}": p.get("dataplane") for p in agent.get("pods", [])
     }
     request = HTTPRequest(args.method, args.path, args.host, tuple(args.header), args.service)
-    result = explain(
-        resolve(loaded.policies, pods),
-        IPv4Address(by_key[args.source].ip),
-        IPv4Address(by_key[dst_key].ip),
-        port,
-        request,
-        dataplane=dataplanes.get(args.source),
-    )
+    try:
+        result = explain_pods(
+            loaded.policies,
+            pods,
+            args.source,
+            args.to,
+            request,
+            dataplane=dataplanes.get(args.source),
+        )
+    except UnknownPod as exc:
+        print(
+            f"error: no pod {exc.args[0]} on the node; fix: `steer lab status` lists the pods",
+            file=sys.stderr,
+        )
+        return 2
     if args.json:
         print(json.dumps(result.to_json()))
     else:

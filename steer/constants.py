@@ -43,6 +43,9 @@ ENVOY_ADMIN_PORT: Final = 15000
 XDS_PORT: Final = 15010
 WEBHOOK_PORT: Final = 15017
 METRICS_PORT: Final = 15020
+# The control plane's metrics (Istio's istiod monitoring port): in the local node it shares
+# the node's network namespace with the agent.
+CONTROL_METRICS_PORT: Final = 15014
 ENVOY_ADMIN_ADDRESS: Final = "127.0.0.1"
 
 # --- xDS names ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 from steer.constants import (
     ANNOTATION_DATAPLANE,
@@ -23,16 +24,20 @@ from steer.constants import (
     LAB_STATE_FILE,
     NODE_NETNS,
     POD_NETNS_PREFIX,
+    POLICY_DIR,
 )
 from steer.lab.localnode import LocalNode
 from steer.lab.podproc import PodProcess
 from steer.lab.spec import default_lab_specs
+from steer.model.explain import HTTPRequest, explain_pods
 from steer.node import iptables
 from steer.node.bpfobjects import BpfObjects
 from steer.node.cgroups import cgroup2_root
 from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
+from steer.node.observe import one_line, read_events
 from steer.render.iptables import CHAIN_DECIDE, CHAIN_PRE
+from steer.source.local import LocalInputs
 
 LIVE_CHANGE_BUDGET_MS = 100.0
 TIGHTENED_WEB_RULE = """
@@ -101,6 +106,8 @@ class _Checks:
     def run_common(self) -> None:
         self.run("allowed-path-200", self.allowed_path)
         self.run("denied-path-403", self.denied_path)
+        self.run("observe-names-the-rules", self.observed)
+        self.run("explain-agrees", self.explained)
         self.run("l4-deny-refused", self.l4_denied)
         self.run("verdict-once-per-flow", self.verdict_once)
         self.run("l4-only-without-envoy", self.l4_only_direct)
@@ -127,6 +134,47 @@ class _Checks:
         ok = all(status in (400, 403) and server == "envoy" for _, status, server in outcomes)
         ok = ok and outcomes[0][1] == 403
         return ok, ", ".join(f"{p} -> {s}" for p, s, _ in outcomes)
+
+    # The two requests above as `steer observe` must show them: (verdict, status, rule).
+    OBSERVED: ClassVar[dict[str, tuple[str, int, str]]] = {
+        "/public/hello": ("allowed", 200, "public-read"),
+        "/admin": ("denied", 403, "default-deny"),
+    }
+
+    def observed(self) -> tuple[bool, str]:
+        """The requests above, in `steer observe`: client, its datapath, web's policy and the
+        deciding rule. The detail is the excerpt `steer observe` prints."""
+        latest: dict[str, dict[str, object]] = {}
+        deadline = time.monotonic() + 5  # Envoy flushes its access log every 200 ms
+        while len(latest) < len(self.OBSERVED) and time.monotonic() < deadline:
+            for event in read_events(200):
+                if event.get("dataplane") == self.dataplane and event.get("path") in self.OBSERVED:
+                    latest[str(event["path"])] = event
+            time.sleep(0.2)
+        ok = len(latest) == len(self.OBSERVED) and all(
+            (e["verdict"], e["status"], e["rule"], e["policy"], e["pod"])
+            == (*self.OBSERVED[path], "default/web", "client")
+            for path, e in latest.items()
+        )
+        return ok, " | ".join(one_line(e) for e in latest.values()) or "no events"
+
+    def explained(self) -> tuple[bool, str]:
+        """`steer explain` predicts what the client got: 200, 403 and a refused connect."""
+        policies, pods = LocalInputs(POLICY_DIR, LAB_STATE_FILE).load()
+        cases = {("/public/hello", 8080): 200, ("/admin", 8080): 403, ("/", 9090): None}
+        seen = []
+        for (path, port), status in cases.items():
+            result = explain_pods(
+                policies.policies,
+                pods,
+                "default/client",
+                ("default/web", port),
+                HTTPRequest(path=path),
+            )
+            seen.append((f"{path}:{port}", result.status, result.rule))
+            if result.status != status:
+                return False, f"explain {path} on {port}: {result.to_json()}"
+        return True, ", ".join(f"{w} -> {s or 'refused'} ({r})" for w, s, r in seen)
 
     def l4_denied(self) -> tuple[bool, str]:
         outcome, seconds = self.client.connect_outcome(self.ip("web"), 9090)

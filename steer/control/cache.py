@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -356,11 +356,18 @@ class _Node:
     acks: int = 0
     nacks: int = 0
     streams: int = 0
+    # When the current snapshot was installed, and the last generation the node accepted
+    # whole: for the propagation time.
+    installed_at: float = 0.0
+    propagated: int = 0
 
 
 class SnapshotCache:
     def __init__(self) -> None:
         self._nodes: dict[str, _Node] = {}
+        # Called with (node, seconds) once a node has accepted every type of a snapshot,
+        # seconds after it was installed.
+        self.on_propagated: Callable[[str, float], None] | None = None
 
     def _node(self, node_id: str) -> _Node:
         return self._nodes.setdefault(node_id, _Node())
@@ -378,6 +385,7 @@ class SnapshotCache:
                 return False
         node.snapshot = snapshot
         node.generation += 1
+        node.installed_at = time.monotonic()
         node.changed.fire()
         # The target of wait_for_ack moved, so its waiters must re-evaluate.
         node.status_changed.fire()
@@ -421,6 +429,19 @@ class SnapshotCache:
         node.acks += 1
         node.acked[type_url] = version
         node.status_changed.fire()
+        snap = node.snapshot
+        if (
+            self.on_propagated is not None
+            and snap is not None
+            and node.propagated != node.generation
+            and all(
+                node.acked.get(t) == snap.version(t)
+                for t, byname in snap.resources.items()
+                if byname
+            )
+        ):
+            node.propagated = node.generation
+            self.on_propagated(node_id, time.monotonic() - node.installed_at)
 
     def record_nack(
         self, node_id: str, type_url: str, version_attempted: str, error_detail: str

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from steer.control.leader import LeaseElector
 from steer.control.quarantine import Quarantine
 from steer.control.xds import XdsServerTls, serve
 from steer.idlegc import IdleCollector
+from steer.metrics import ControlMetrics, serve_control_metrics
 from steer.model.pod import UNSTEERED_WHY, Pod, Unsteered, steering_of
 from steer.model.policy import HTTPPolicy
 from steer.model.service import Service
@@ -255,6 +257,7 @@ class KubeControlPlane:
     def __post_init__(self) -> None:
         from kubernetes import client
 
+        self.metrics = ControlMetrics(self.cache)
         core = client.CoreV1Api(self.api_client)
         custom = client.CustomObjectsApi(self.api_client)
         self._custom = custom
@@ -296,7 +299,9 @@ class KubeControlPlane:
         for gone in set(self._renderers) - nodes:
             del self._renderers[gone]
         parsed = services_of(objects)
+        started = time.perf_counter()
         rendered = render_node_snapshots(policies, pods, nodes, self._renderers, parsed.services)
+        self.metrics.render_seconds.observe(time.perf_counter() - started)
         for node, snapshot in rendered.items():
             try:
                 changed |= self.cache.set_snapshot(node, snapshot)
@@ -487,11 +492,14 @@ class KubeControlPlane:
             )
             election.start()
         server = await serve(self.cache, uds_path=xds_socket, tcp_port=xds_port, tls=xds_tls)
+        stop_metrics = serve_control_metrics(self.metrics)
         if webhook is not None:
             await webhook()
         try:
             await self._loop(dirty)
         finally:
+            if stop_metrics is not None:
+                stop_metrics()
             stop.set()
             if election is not None and self.leader is not None:
                 # Let it release the Lease (release_on_stop) so another replica takes over

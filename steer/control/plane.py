@@ -21,6 +21,7 @@ from steer.control.cache import InconsistentSnapshot, PushRejected, Snapshot, Sn
 from steer.control.quarantine import Quarantine
 from steer.control.xds import serve
 from steer.idlegc import IdleCollector
+from steer.metrics import ControlMetrics, serve_control_metrics
 from steer.model.policy import HTTPPolicy
 from steer.render.xds import SnapshotRenderer
 from steer.source.local import LocalInputs
@@ -50,6 +51,7 @@ class LocalControlPlane:
         self.quarantine = Quarantine()
         # The policies the node's current snapshot was rendered from.
         self._pushed: list[HTTPPolicy] = []
+        self.metrics = ControlMetrics(self.cache)
 
     def refresh(self) -> bool:
         """Re-render from current inputs; True if the node's snapshot changed."""
@@ -77,6 +79,7 @@ class LocalControlPlane:
             return False
         self._pushed = admitted
         self._render_ms = (time.perf_counter() - started) * 1000
+        self.metrics.render_seconds.observe(self._render_ms / 1000)
         self.cache.status_touched(self.node_id)
         if changed:
             log.info(
@@ -129,11 +132,14 @@ class LocalControlPlane:
     async def run(self, xds_socket: Path = XDS_SOCKET) -> None:
         self._survive("initial render", self.refresh)
         server = await serve(self.cache, uds_path=xds_socket)
+        stop_metrics = serve_control_metrics(self.metrics)
         try:
             await asyncio.gather(
                 self._watch_inputs(), self._report_status(), self._hold_back_refused()
             )
         finally:
+            if stop_metrics is not None:
+                stop_metrics()
             await server.stop(grace=1)
 
     def _survive(self, what: str, step: Callable[[], object]) -> None:

@@ -27,11 +27,14 @@ from steer.model.enforce import (
     SideRules,
     deciding_sides,
     exclusion_skips_envoy,
+    resolve,
 )
+from steer.model.pod import Pod
 from steer.model.policy import (
     Action,
     HeaderMatch,
     HTTPMatch,
+    HTTPPolicy,
     PathMatch,
     host_regex,
     qualified_service,
@@ -153,6 +156,36 @@ def explain(
         http=DENIED if http.denied else ALLOWED,
         **_named(http.decided, policy_keys),
         reason=http.reason,
+    )
+
+
+class UnknownPod(KeyError):
+    pass
+
+
+def explain_pods(
+    policies: Sequence[HTTPPolicy],
+    pods: Sequence[Pod],
+    source: str,
+    to: tuple[str, int],
+    request: HTTPRequest,
+    *,
+    dataplane: str | None = None,
+) -> Explanation:
+    """`explain` from the pod `source` to the pod and port `to`, pods named
+    "namespace/name"; UnknownPod for a name that is none of `pods`."""
+    destination, port = to
+    by_key = {p.key: p for p in pods}
+    for key in (source, destination):
+        if key not in by_key:
+            raise UnknownPod(key)
+    return explain(
+        resolve(policies, pods),
+        IPv4Address(by_key[source].ip),
+        IPv4Address(by_key[destination].ip),
+        port,
+        request,
+        dataplane=dataplane,
     )
 
 

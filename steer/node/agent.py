@@ -21,11 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from steer.atomicfile import write_json_atomic
-from steer.constants import AGENT_STATUS_FILE, IPV6_POLICY, LAB_GATEWAY_IP, LAB_POD_CIDR
+from steer.constants import (
+    AGENT_STATUS_FILE,
+    ENVOY_ADMIN_SOCKET,
+    IPV6_POLICY,
+    LAB_GATEWAY_IP,
+    LAB_POD_CIDR,
+    METRICS_PORT,
+)
 from steer.idlegc import IdleCollector
+from steer.metrics import AgentMetrics, ReadAtScrape, ebpf_metrics, serve_metrics
 from steer.model.pod import Pod
 from steer.model.service import Frontend, Problem, Service, ServiceProblem, frontends
 from steer.node.datapath import NodeDatapath, SyncReport
+from steer.node.envoy import admin_get
 from steer.node.observe import Observability
 from steer.source.local import LocalInputs
 
@@ -213,20 +222,39 @@ def observe_view(
 
 
 @contextlib.contextmanager
-def observing() -> Iterator[Observability | None]:
-    """The agent's event servers while it runs. Failing to start them (a socket path that
-    cannot be bound) costs `steer observe`, never steering."""
-    observability = Observability()
+def observing(
+    metrics: AgentMetrics, datapath: NodeDatapath, envoy_admin: str
+) -> Iterator[Observability | None]:
+    """The agent's event servers and metrics endpoint while it runs. Failing to start one
+    (a socket path or a port that cannot be bound) costs `steer observe` or the metrics,
+    never steering."""
+    observability: Observability | None = None
     try:
-        observability.start()
+        started = Observability(on_event=metrics.observe_event)
+        started.start()
+        observability = started
     except (OSError, RuntimeError) as exc:
         log.error("steer observe is unavailable: %s", exc)
-        yield None
-        return
+    ring = observability.ring if observability is not None else None
+    metrics.registry.register(
+        ReadAtScrape(lambda: ebpf_metrics(datapath.ebpf_counters(), ring.evicted if ring else 0))
+    )
+    stop_metrics = None
+    try:
+        stop_metrics = serve_metrics(
+            metrics.registry,
+            METRICS_PORT,
+            envoy_stats=lambda: admin_get("/stats/prometheus", envoy_admin),
+        )
+    except OSError as exc:
+        log.error("metrics are unavailable on port %d: %s", METRICS_PORT, exc)
     try:
         yield observability
     finally:
-        observability.stop()
+        if stop_metrics is not None:
+            stop_metrics()
+        if observability is not None:
+            observability.stop()
 
 
 @dataclass
@@ -243,6 +271,8 @@ class LocalAgent:
     _problems_logged: set[ServiceProblem] = field(default_factory=set)
     # Envoy's access log stream and `steer observe`'s socket, from `run`.
     observability: Observability | None = None
+    metrics: AgentMetrics = field(default_factory=AgentMetrics)
+    envoy_admin: str = str(ENVOY_ADMIN_SOCKET)
 
     def sync(self) -> SyncReport:
         self._loaded_at = time.time()
@@ -263,6 +293,7 @@ class LocalAgent:
         report.phases_ms["load"] = (loaded - started) * 1000
         report.errors = [str(e) for e in reload.errors] + report.errors
         observe_view(self.observability, pods, report, self.datapath)
+        self.metrics.observe_sync(time.perf_counter() - started, report.revoked, len(report.errors))
         problems = problems + map_full_problems(found, report.service_fallbacks)
         for problem in problems:
             if problem not in self._problems_logged:
@@ -304,7 +335,7 @@ class LocalAgent:
         network namespace, and pyroute2's blocking API cannot run inside an event loop.
         """
         collector = self.collector
-        with observing() as self.observability:
+        with observing(self.metrics, self.datapath, self.envoy_admin) as self.observability:
             self._run(collector, stop)
 
     def _run(self, collector: IdleCollector, stop: threading.Event | None) -> None:

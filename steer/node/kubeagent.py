@@ -34,6 +34,7 @@ from steer.constants import (
     READINESS_GATE,
 )
 from steer.idlegc import IdleCollector
+from steer.metrics import AgentMetrics
 from steer.model.pod import Pod
 from steer.model.service import ServiceProblem, frontends
 from steer.node.agent import (
@@ -116,6 +117,7 @@ class KubeAgent:
     _status: StatusWriter | None = None
     # Envoy's access log stream and `steer observe`'s socket, from `run`.
     observability: Observability | None = None
+    metrics: AgentMetrics = field(default_factory=AgentMetrics)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -206,6 +208,7 @@ class KubeAgent:
             )
         )
         observe_view(self.observability, pods, report, self.datapath)
+        self.metrics.observe_sync(time.time() - loaded_at, report.revoked, len(report.errors))
         problems = problems + map_full_problems(found, report.service_fallbacks)
         self._report_service_problems(objects.get("services", []), parsed.errors, problems)
         for error in report.errors:
@@ -392,7 +395,7 @@ class KubeAgent:
         for reflector in self.reflectors.values():
             reflector.on_change = changed.set
             reflector.start(stop)
-        with observing() as self.observability:
+        with observing(self.metrics, self.datapath, self.envoy_admin) as self.observability:
             self._run(stop, changed)
 
     def _run(self, stop: threading.Event, changed: threading.Event) -> None:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import socket
 import socketserver
 import threading
 from collections import deque
@@ -165,9 +166,12 @@ class EventRing:
 
 
 class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, ring: EventRing, view: Callable[[], NodeView]) -> None:
+    def __init__(
+        self, ring: EventRing, view: Callable[[], NodeView], on_event: Callable[[Event], None]
+    ) -> None:
         self._ring = ring
         self._view = view
+        self._on_event = on_event
 
     def StreamAccessLogs(
         self, request_iterator: Iterator[als_pb2.StreamAccessLogsMessage], context: Any
@@ -176,15 +180,26 @@ class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
             view = self._view()
             for entry in message.http_logs.log_entry:
                 try:
-                    self._ring.add(http_event(entry, view))
+                    event = http_event(entry, view)
+                    self._ring.add(event)
+                    self._on_event(event)
                 except Exception:  # one odd entry must not end Envoy's stream
                     log.exception("access log entry not understood: %s", entry)
         return als_pb2.StreamAccessLogsResponse()
 
 
 def _bind_path(path: Path) -> None:
+    """Make way for a socket at `path`: a stale one is removed, a live one (another agent's)
+    is left alone and raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
+    if path.exists():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink(missing_ok=True)
+            else:
+                raise OSError(f"another process serves {path}; fix: stop the other agent")
 
 
 class _ObserveServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -229,6 +244,8 @@ class Observability:
     observe_socket: Path = OBSERVE_SOCKET
     ring: EventRing = field(default_factory=EventRing)
     view: NodeView = field(default_factory=NodeView)
+    # Called with every event (the agent's metrics count them).
+    on_event: Callable[[Event], None] = lambda event: None
     _grpc: grpc.Server | None = None
     _observe: _ObserveServer | None = None
 
@@ -239,7 +256,7 @@ class Observability:
         _bind_path(self.als_socket)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            _AccessLogs(self.ring, lambda: self.view), server
+            _AccessLogs(self.ring, lambda: self.view, self.on_event), server
         )
         # Owner-only from the start: the umask covers the moment before a chmod could.
         old = os.umask(0o077)
@@ -265,8 +282,6 @@ class Observability:
 def read_events(last: int, *, follow: bool = False, path: Path = OBSERVE_SOCKET) -> Iterator[Event]:
     """The agent's events, oldest first: the last `last`, then (with `follow`) new ones as
     they come. Raises OSError when no agent listens."""
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(path))
         sock.sendall(json.dumps({"last": last, "follow": follow}).encode() + b"\n")

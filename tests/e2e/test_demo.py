@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.privileged, pytest.mark.envoy]
 COMMON_CHECKS = (
     "allowed-path-200",
     "denied-path-403",
+    "observe-names-the-rules",
+    "explain-agrees",
     "l4-deny-refused",
     "verdict-once-per-flow",
     "l4-only-without-envoy",

@@ -8,11 +8,15 @@ import contextlib
 import io
 import json
 import time
+import urllib.request
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from steer.cli import main
+from steer.constants import CONTROL_METRICS_PORT, LAB_NODE_NAME, METRICS_PORT, NODE_NETNS
+from steer.node.netns import run_in_netns
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 from tests.e2e.test_http_policy import (
     ALLOWED,
@@ -104,3 +108,45 @@ def test_filters_select_events(node: PodsNode) -> None:
     by_pod = observe("--last", "500", "--pod", "default/client", "--port", str(HTTP_PORT))
     assert {f"/public/{tag}", f"/admin/{tag}"} <= {e["path"] for e in by_pod}
     assert observe("--last", "500", "--pod", "nobody") == []
+
+
+def scrape(port: int, path: str = "/metrics") -> str:
+    """A scrape from inside the node's namespace, where the agent and control plane run."""
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return str(reply.read().decode())
+
+    return run_in_netns(NODE_NETNS, get)
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
+                return float(found.value)
+    return 0.0
+
+
+def test_metrics_count_requests_syncs_and_xds_and_expose_envoys_stats(node: PodsNode) -> None:
+    apply(node, WEB_PUBLIC)
+    denied = {"verdict": "denied", "dataplane": node.dataplane, "policy": "default/web-ingress"}
+    before = sample(scrape(METRICS_PORT), "steer_http_requests_total", **denied)
+    tag = f"{node.dataplane}-{time.monotonic_ns()}"
+    for _ in range(3):
+        expect(request(node, f"/admin/{tag}"), DENIED)
+    observed(f"/admin/{tag}", count=3)
+    agent = scrape(METRICS_PORT)
+    assert sample(agent, "steer_http_requests_total", **denied) == before + 3
+    assert sample(agent, "steer_agent_syncs_total", result="ok") >= 1
+    assert sample(agent, "steer_agent_sync_seconds_count") >= 1
+    if node.dataplane == "ebpf":
+        assert sample(agent, "steer_ebpf_connects_total", verdict="l7") >= 1
+    control = scrape(CONTROL_METRICS_PORT)
+    assert sample(control, "steer_xds_acks_total", node=LAB_NODE_NAME) >= 1
+    assert sample(control, "steer_xds_nacks_total", node=LAB_NODE_NAME) == 0
+    assert sample(control, "steer_policy_propagation_seconds_count") >= 1
+    # Envoy's own stats, through the agent: the admin socket stays private.
+    envoy = scrape(METRICS_PORT, "/stats/prometheus")
+    assert "envoy_http_downstream_rq_total" in envoy

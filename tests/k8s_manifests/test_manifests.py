@@ -32,11 +32,13 @@ from steer.constants import (
     ANNOTATION_INJECT,
     API_GROUP,
     API_VERSION,
+    CONTROL_METRICS_PORT,
     CONTROL_SERVICE,
     ENVOY_ADMIN_SOCKET,
     ENVOY_INBOUND_PORT,
     ENVOY_OUTBOUND_PORT,
     LEADER_LEASE_NAME,
+    METRICS_PORT,
     MUTATING_WEBHOOK_NAME,
     POLICY_PLURAL,
     SYSTEM_NAMESPACE,
@@ -432,6 +434,13 @@ def test_node_container_args_follow_the_cli_contract() -> None:
         assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
 
 
+def test_agent_serves_metrics_on_the_reserved_port() -> None:
+    agent = container(NODE, "agent")
+    assert [p["containerPort"] for p in agent["ports"]] == [METRICS_PORT]
+    annotations = NODE["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+
+
 def test_envoy_ports_and_readiness_match_constants() -> None:
     envoy = container(NODE, "envoy")
     assert {p["containerPort"] for p in envoy["ports"]} == {
@@ -465,7 +474,9 @@ def test_control_plane_ports_match_constants() -> None:
     assert int(arg_value(args, "--xds-port")) == XDS_PORT
     assert int(arg_value(args, "--webhook-port")) == WEBHOOK_PORT
     ports = {p["name"]: p["containerPort"] for p in CONTROL_CONTAINER["ports"]}
-    assert sorted(ports.values()) == sorted([XDS_PORT, WEBHOOK_PORT])
+    assert sorted(ports.values()) == sorted([XDS_PORT, WEBHOOK_PORT, CONTROL_METRICS_PORT])
+    annotations = CONTROL["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(CONTROL_METRICS_PORT)
 
     probe = CONTROL_CONTAINER["readinessProbe"]["httpGet"]
     assert probe == {"path": "/healthz", "port": WEBHOOK_PORT, "scheme": "HTTPS"}
@@ -622,6 +633,9 @@ EXPECTED_GRANTS = {
     | _expand([API_GROUP], [f"{POLICY_PLURAL}/status"], ["update", "patch"])
     | _expand([""], ["pods"], ["list", "watch"])
     | _expand([""], ["namespaces"], ["get", "list", "watch"])
+    # Services: each Service port with HTTP rules behind it gets an Envoy listener.
+    | _expand([""], ["services", "endpoints"], ["list", "watch"])
+    | _expand(["discovery.k8s.io"], ["endpointslices"], ["list", "watch"])
     | EVENTS,
     "steer-node": _expand([""], ["pods"], ["get", "list", "watch"])
     | _expand([""], ["pods/status"], ["patch"])
