@@ -33,6 +33,7 @@ from steer.model.policy import (
     HTTPPolicy,
     IngressRule,
     LabelSelector,
+    Mode,
     Peer,
 )
 
@@ -53,6 +54,9 @@ class ResolvedRule:
     # that is unique by construction (rule names are checked for duplicates at load, but a
     # rendered key must never depend on that).
     index: int = 0
+    # mode: Audit. An HTTP rule (so its flows still reach Envoy) that enforces nothing:
+    # Envoy evaluates it in its shadow rules only.
+    audit: bool = False
 
     def matches(self, peer: IPv4Address, port: int) -> bool:
         if self.peers is not None and not any(peer in net for net in self.peers):
@@ -419,6 +423,7 @@ class Resolver:
                     None if rule.ports is None else tuple(p.range for p in rule.ports),
                     rule.http,
                     index,
+                    rule.mode is Mode.AUDIT,
                 )
                 for index, rule in enumerate(section_rules)
             )

@@ -313,7 +313,8 @@ def _first(
     side: SideRules, action: Action, peer: IPv4Address, port: int, request: _Normal
 ) -> ResolvedRule | None:
     for rule in side.rules:
-        if rule.action is action and rule.matches(peer, port):
+        # An audited rule enforces nothing (steer observe records what it would deny).
+        if rule.action is action and not rule.audit and rule.matches(peer, port):
             namespace = rule.policy_key.split("/", 1)[0]
             if rule.http is None or _http_matches(rule.http, request, namespace):
                 return rule

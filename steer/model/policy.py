@@ -461,11 +461,36 @@ def host_regex(host: str) -> str:
     return f"(?i){name}(:[0-9]+)?"
 
 
+class Mode(StrEnum):
+    ENFORCE = "Enforce"
+    # Enforces nothing: Envoy evaluates the rule beside the enforced ones, and a request
+    # whose outcome it would change is let through and recorded as `audit`.
+    AUDIT = "Audit"
+
+
 class _RuleBase(StrictModel):
     name: str | None = None
     action: Action = Action.ALLOW
+    mode: Mode = Mode.ENFORCE
     ports: tuple[PortSpec, ...] | None = None
     http: HTTPMatch | None = None
+
+    @model_validator(mode="after")
+    def _audit_is_an_http_deny(self) -> _RuleBase:
+        if self.mode is not Mode.AUDIT:
+            return self
+        if self.action is not Action.DENY:
+            raise ValueError(
+                "mode Audit is for Deny rules: it records the requests the rule would deny; "
+                "fix: make it `action: Deny`, or drop `mode`"
+            )
+        if self.http is None:
+            raise ValueError(
+                "mode Audit needs an `http` match: only Envoy records what a rule would "
+                "deny, L4 verdicts are not audited yet; fix: add `http: {}` to audit every "
+                "request the rule covers, or drop `mode`"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

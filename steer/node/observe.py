@@ -39,6 +39,7 @@ from steer.constants import ALS_SOCKET, OBSERVE_RING_SIZE, OBSERVE_SOCKET
 from steer.model.enforce import Enforcement
 from steer.model.explain import HTTPRequest, explain
 from steer.model.pod import Pod
+from steer.render.xds import AUDIT_PREFIXES, RBAC_METADATA
 
 log = logging.getLogger("steer.observe")
 Event = dict[str, Any]
@@ -73,6 +74,20 @@ def _rule_of(details: str) -> tuple[str, str] | None:
     return f"{namespace}/{name}", rule
 
 
+def _audited(tags: Any) -> tuple[str, str] | None:
+    """(policy, rule) of a rule of mode Audit that would have denied the request: the deny
+    filters' shadow evaluation (steer.render.xds._rbac), which Envoy reports as metadata."""
+    if RBAC_METADATA not in tags:
+        return None
+    fields = tags[RBAC_METADATA].fields
+    for prefix in AUDIT_PREFIXES.values():
+        result = f"{prefix}shadow_engine_result"
+        if result in fields and fields[result].string_value == "denied":
+            policy_id = fields[f"{prefix}shadow_effective_policy_id"].string_value
+            return _rule_of(f"rbac_access_denied_matched_policy[{policy_id}]")
+    return None
+
+
 def http_event(entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView) -> Event:
     """One access log entry as a `steer observe` event."""
     common, request, response = entry.common_properties, entry.request, entry.response
@@ -95,6 +110,9 @@ def http_event(entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView) -> Event
     # Refused before any rule (a steer refusal route, or the connection manager's checks).
     refused = status == 400 and details != "via_upstream"
     named = _rule_of(details) if denied else None
+    audited = None if denied or refused else _audited(tags)
+    if audited is not None:
+        named = audited
     if named is None and view.enforcement is not None and not refused:
         decided = explain(
             view.enforcement,
@@ -108,7 +126,7 @@ def http_event(entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView) -> Event
     return {
         "time": common.start_time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds"),
         "layer": "http",
-        "verdict": "denied" if denied or refused else "allowed",
+        "verdict": "denied" if denied or refused else "audit" if audited else "allowed",
         "pod": subject[0].name if subject else None,
         "namespace": subject[0].namespace if subject else None,
         "dst_pod": f"{server[0].namespace}/{server[0].name}" if server else None,

@@ -322,12 +322,37 @@ def rbac_key(pod_key: str, rule: ResolvedRule) -> str:
 _RBAC_DISABLED = _pack(rbac_filter_pb2.RBACPerRoute())
 
 
-def _rbac(action: int, policies: Mapping[str, rbac_pb2.Policy] | None) -> any_pb2.Any:
-    """Per-route RBAC; None disables the filter on this route (no restriction applies)."""
+# Envoy reports the shadow (audit) evaluation of every RBAC filter as dynamic metadata of
+# this one namespace, keyed `<prefix>shadow_engine_result` and
+# `<prefix>shadow_effective_policy_id`: a prefix per filter keeps the two deny filters'
+# results apart.
+RBAC_METADATA = "envoy.filters.http.rbac"
+AUDIT_PREFIXES = {EGRESS_DENY: "audit_egress_", INGRESS_DENY: "audit_ingress_"}
+
+
+def _rbac(
+    action: int,
+    policies: Mapping[str, rbac_pb2.Policy] | None,
+    audited: Mapping[str, rbac_pb2.Policy] | None = None,
+    audit_prefix: str = "",
+) -> any_pb2.Any:
+    """Per-route RBAC; None disables the filter on this route (no restriction applies).
+    `audited`: rules of mode Audit, evaluated with the enforced ones in Envoy's shadow rules
+    only, where a match is recorded (under `audit_prefix`) and enforces nothing."""
     if policies is None:
         return _RBAC_DISABLED
-    rules = rbac_pb2.RBAC(action=action, policies=dict(policies))
-    return _pack(rbac_filter_pb2.RBACPerRoute(rbac=rbac_filter_pb2.RBAC(rules=rules)))
+    config = rbac_filter_pb2.RBAC(rules=rbac_pb2.RBAC(action=action, policies=dict(policies)))
+    if audited:
+        config.shadow_rules.CopyFrom(rbac_pb2.RBAC(action=action, policies={**policies, **audited}))
+        config.shadow_rules_stat_prefix = audit_prefix
+    return _pack(rbac_filter_pb2.RBACPerRoute(rbac=config))
+
+
+@dataclass
+class _SidePolicies:
+    deny: dict[str, rbac_pb2.Policy] = field(default_factory=dict)
+    allow: dict[str, rbac_pb2.Policy] = field(default_factory=dict)
+    audited_deny: dict[str, rbac_pb2.Policy] = field(default_factory=dict)
 
 
 def _side_policies(
@@ -336,9 +361,8 @@ def _side_policies(
     rule_policies: RulePolicies,
     *,
     egress: bool,
-) -> tuple[dict[str, rbac_pb2.Policy], dict[str, rbac_pb2.Policy]]:
-    deny: dict[str, rbac_pb2.Policy] = {}
-    allow: dict[str, rbac_pb2.Policy] = {}
+) -> _SidePolicies:
+    found = _SidePolicies()
     for side in sides:
         for rule in side.rules:
             if (
@@ -350,16 +374,19 @@ def _side_policies(
             policy = rule_policies.get(rule, side.pod_ip if egress else None, egress=egress)
             if policy is None:
                 continue
-            target = deny if rule.action is Action.DENY else allow
+            if rule.audit:
+                target = found.audited_deny
+            else:
+                target = found.deny if rule.action is Action.DENY else found.allow
             target[rbac_key(side.pod_key, rule)] = policy
         if side.default_action is Action.ALLOW:
             principal = (
                 _ip_principal([_host(side.pod_ip)]) if egress else rbac_pb2.Principal(any=True)
             )
-            allow[f"{side.pod_key}:default-allow"] = rbac_pb2.Policy(
+            found.allow[f"{side.pod_key}:default-allow"] = rbac_pb2.Policy(
                 permissions=[rbac_pb2.Permission(any=True)], principals=[principal]
             )
-    return deny, allow
+    return found
 
 
 @dataclass(frozen=True)
@@ -402,20 +429,26 @@ def _per_filter_config(sides: _Sides, destination: Destination) -> dict[str, any
     allow_action = rbac_pb2.RBAC.Action.ALLOW
     deny_action = rbac_pb2.RBAC.Action.DENY
 
-    egress_deny, egress_allow = _side_policies(
-        sides.egress, destination, sides.rule_policies, egress=True
-    )
+    egress = _side_policies(sides.egress, destination, sides.rule_policies, egress=True)
     if sides.unrestricted_clients is not None:
-        egress_allow["unrestricted-clients"] = sides.unrestricted_clients
+        egress.allow["unrestricted-clients"] = sides.unrestricted_clients
     ingress_sides = sides.ingress_of(destination)
-    ingress_deny, ingress_allow = _side_policies(
-        ingress_sides, destination, sides.rule_policies, egress=False
-    )
+    ingress = _side_policies(ingress_sides, destination, sides.rule_policies, egress=False)
     return {
-        EGRESS_DENY: _rbac(deny_action, egress_deny if sides.egress else None),
-        INGRESS_DENY: _rbac(deny_action, ingress_deny if ingress_sides else None),
-        EGRESS_ALLOW: _rbac(allow_action, egress_allow if sides.egress else None),
-        INGRESS_ALLOW: _rbac(allow_action, ingress_allow if ingress_sides else None),
+        EGRESS_DENY: _rbac(
+            deny_action,
+            egress.deny if sides.egress else None,
+            egress.audited_deny,
+            AUDIT_PREFIXES[EGRESS_DENY],
+        ),
+        INGRESS_DENY: _rbac(
+            deny_action,
+            ingress.deny if ingress_sides else None,
+            ingress.audited_deny,
+            AUDIT_PREFIXES[INGRESS_DENY],
+        ),
+        EGRESS_ALLOW: _rbac(allow_action, egress.allow if sides.egress else None),
+        INGRESS_ALLOW: _rbac(allow_action, ingress.allow if ingress_sides else None),
     }
 
 

@@ -150,3 +150,35 @@ def test_metrics_count_requests_syncs_and_xds_and_expose_envoys_stats(node: Pods
     # Envoy's own stats, through the agent: the admin socket stays private.
     envoy = scrape(METRICS_PORT, "/stats/prometheus")
     assert "envoy_http_downstream_rq_total" in envoy
+
+
+def test_audit_mode_lets_a_request_through_and_records_it(node: PodsNode) -> None:
+    """A Deny rule of mode Audit on /admin: the request gets the server's 200, and steer
+    observe and the metrics show it as `audit`, naming the rule."""
+    apply(
+        node,
+        ingress(
+            "web",
+            {
+                "name": "would-block-admin",
+                "mode": "Audit",
+                **http_rule("Deny", paths=[prefix("/admin")]),
+            },
+            default="Allow",
+        ),
+    )
+    audited = {"verdict": "audit", "dataplane": node.dataplane, "policy": "default/web-ingress"}
+    before = sample(scrape(METRICS_PORT), "steer_http_requests_total", **audited)
+    tag = f"{node.dataplane}-{time.monotonic_ns()}"
+    expect(request(node, f"/admin/{tag}"), ALLOWED)
+    expect(request(node, f"/other/{tag}"), ALLOWED)
+    (event,) = observed(f"/admin/{tag}")
+    assert (event["verdict"], event["status"], event["policy"], event["rule"]) == (
+        "audit",
+        200,
+        "default/web-ingress",
+        "would-block-admin",
+    )
+    (other,) = observed(f"/other/{tag}")
+    assert other["verdict"] == "allowed"
+    assert sample(scrape(METRICS_PORT), "steer_http_requests_total", **audited) == before + 1
