@@ -18,6 +18,7 @@ from steer.constants import (
     CONTROL_SERVICE,
     CONTROL_STATUS_FILE,
     ENVOY_ADMIN_SOCKET,
+    ENVOY_LOG_FILE,
     LAB_GATEWAY_IP,
     LAB_NODE_NAME,
     LAB_STATE_FILE,
@@ -30,6 +31,7 @@ from steer.constants import (
     XDS_PORT,
     XDS_SOCKET,
 )
+from steer.logformat import JsonFormatter
 
 if TYPE_CHECKING:
     from steer.source.local import LocalInputs
@@ -510,7 +512,16 @@ def cmd_envoy(args: argparse.Namespace) -> int:
     xds_tls = XdsClientTls(*tls_files) if tls_files else None
     stop = _stop_on_sigterm()
     with contextlib.suppress(KeyboardInterrupt):  # also between two runs of Envoy
-        supervise(args.node_id, xds, args.ads, admin=args.admin_socket, xds_tls=xds_tls, stop=stop)
+        supervise(
+            args.node_id,
+            xds,
+            args.ads,
+            admin=args.admin_socket,
+            xds_tls=xds_tls,
+            stop=stop,
+            log_path=None if str(args.log_path) == "-" else args.log_path,
+            json_logs=args.log_format == "json",
+        )
     return 0
 
 
@@ -922,6 +933,13 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("STEER_LOG_FORMAT", "text"),
+        help="log lines as text or as one JSON object each (Envoy's too, under steer "
+        "envoy); default $STEER_LOG_FORMAT, else text",
+    )
     parser.add_argument("--version", action="version", version=f"steer {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -1043,6 +1061,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Envoy's admin Unix socket (mode 0600)",
     )
     envoy.add_argument("--lab-state", type=Path, default=LAB_STATE_FILE)
+    envoy.add_argument(
+        "--log-path",
+        type=Path,
+        default=ENVOY_LOG_FILE,
+        help="Envoy's own log; - for stderr (a container's log)",
+    )
     envoy.set_defaults(func=cmd_envoy)
 
     render = sub.add_parser("render", help="print what would be programmed")
@@ -1119,6 +1143,16 @@ def build_parser() -> argparse.ArgumentParser:
 NEEDS_ROOT = frozenset({"demo", "lab", "control", "agent", "dataplane", "envoy", "bench"})
 
 
+def configure_logging(log_format: str, *, verbose: bool = False) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # In a cluster the control plane only talks to the API server and Envoys: no root.
@@ -1130,10 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    configure_logging(args.log_format, verbose=args.verbose)
     # watchfiles logs every batch of changes at INFO; steer logs what it did about them.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     code: int = args.func(args)

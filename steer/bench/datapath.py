@@ -44,11 +44,23 @@ from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPod, LabPodSpec
 from steer.node.bpfobjects import BpfObjects
 from steer.node.cgroups import cgroup2_root
-from steer.node.envoy import envoy_binary
+from steer.node.envoy import admin_post, envoy_binary
 from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
+from steer.render.xds import ACCESS_LOG_RUNTIME_KEY
 
-CONFIGS = ("direct", "iptables", "ebpf", "ebpf_skmsg", "l4_direct")
+CONFIGS = (
+    "direct",
+    "iptables",
+    "ebpf",
+    "ebpf_skmsg",
+    "l4_direct",
+    "iptables_observed",
+    "ebpf_skmsg_observed",
+)
+# The same pods as their base config, with Envoy's access log to the agent (steer observe)
+# on; every other config runs with it off (Envoy runtime, steer.render.xds).
+OBSERVED = {"iptables_observed": "iptables", "ebpf_skmsg_observed": "ebpf_skmsg"}
 FIGURES = ("p50_ms_c1", "p99_ms_c1", "rps_c16", "cpu_user_s_per_10k", "cpu_sys_s_per_10k")
 PORT = 8080
 # (client pod, server pod, client annotations, server annotations)
@@ -221,7 +233,7 @@ class DatapathBench:
         self.cgroup_root = cgroup2_root() / "steer"
 
     def _wrk(self, config: str, connections: int) -> str:
-        server = PAIRS[config][1]
+        server = PAIRS[OBSERVED.get(config, config)][1]
         threads = min(2, connections)
         argv = [
             "wrk",
@@ -231,7 +243,8 @@ class DatapathBench:
             "--latency",
             f"http://{self.node.ip(server)}:{PORT}/",
         ]
-        code, out, err = self.clients[config].run(argv, timeout=self.seconds + 30)
+        client = self.clients[OBSERVED.get(config, config)]
+        code, out, err = client.run(argv, timeout=self.seconds + 30)
         if code != 0:
             raise RuntimeError(f"wrk for {config} failed: {err or out}")
         return out
@@ -246,8 +259,14 @@ class DatapathBench:
 
         run_in_netns(NODE_NETNS, set_flag)
 
+    def _access_log(self, on: bool) -> None:
+        status, body = admin_post(f"/runtime_modify?{ACCESS_LOG_RUNTIME_KEY}={100 if on else 0}")
+        if status != 200:
+            raise RuntimeError(f"Envoy's runtime refused the access log setting: {body}")
+
     def measure(self, config: str, into: Samples) -> None:
-        self._skmsg(config == "ebpf_skmsg")
+        self._skmsg(OBSERVED.get(config, config) == "ebpf_skmsg")
+        self._access_log(config in OBSERVED)
         latency = self._wrk(config, 1)
         user0, sys0 = _cpu_usec(self.cgroup_root)
         load = self._wrk(config, 16)
@@ -288,7 +307,51 @@ TARGETS = {
     ),
     "rps_c16 ebpf_skmsg/iptables >= 1.2": ("vs_iptables", "ebpf_skmsg", "rps_c16", 1.2, "ge"),
     "rps_c16 l4_direct/direct >= 0.95": ("vs_direct", "l4_direct", "rps_c16", 0.95, "ge"),
+    # Observing (the access log streamed to the agent) against the same path unobserved.
+    "rps_c16 iptables_observed/iptables >= 0.95": (
+        "vs_unobserved",
+        "iptables_observed",
+        "rps_c16",
+        0.95,
+        "ge",
+    ),
+    "cpu_s_per_10k iptables_observed/iptables <= 1.10": (
+        "vs_unobserved",
+        "iptables_observed",
+        "cpu_s_per_10k",
+        1.10,
+        "le",
+    ),
+    "rps_c16 ebpf_skmsg_observed/ebpf_skmsg >= 0.95": (
+        "vs_unobserved",
+        "ebpf_skmsg_observed",
+        "rps_c16",
+        0.95,
+        "ge",
+    ),
+    "cpu_s_per_10k ebpf_skmsg_observed/ebpf_skmsg <= 1.10": (
+        "vs_unobserved",
+        "ebpf_skmsg_observed",
+        "cpu_s_per_10k",
+        1.10,
+        "le",
+    ),
 }
+
+
+def unobserved_ratios(result: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each observed config against its base: rps, and CPU per request (user + sys)."""
+
+    def cpu(figures: dict[str, Any]) -> float:
+        return float(figures["cpu_user_s_per_10k"]) + float(figures["cpu_sys_s_per_10k"])
+
+    return {
+        observed: {
+            "rps_c16": float(result[observed]["rps_c16"]) / float(result[base]["rps_c16"]),
+            "cpu_s_per_10k": cpu(result[observed]) / cpu(result[base]),
+        }
+        for observed, base in OBSERVED.items()
+    }
 
 
 def run(options: BenchOptions) -> dict[str, Any]:
@@ -331,7 +394,11 @@ def bench_datapath(
                 progress(f"[{step}/{len(order)}] {config}")
             bench.measure(config, samples[config])
     result = {config: s.summary() for config, s in samples.items()}
-    comparisons = {"vs_iptables": ratios(result, "iptables"), "vs_direct": ratios(result, "direct")}
+    comparisons = {
+        "vs_iptables": ratios(result, "iptables"),
+        "vs_direct": ratios(result, "direct"),
+        "vs_unobserved": unobserved_ratios(result),
+    }
     met = {
         name: (comparisons[table][config][figure] <= bound)
         if how == "le"

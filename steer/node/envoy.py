@@ -61,6 +61,17 @@ def admin_get(
     "host:port" for an Envoy whose admin is on TCP (one a test runs itself). Raises OSError
     when nothing answers there.
     """
+    return _admin_call("GET", path, admin, timeout)
+
+
+def admin_post(
+    path: str, admin: Path | str = ENVOY_ADMIN_SOCKET, timeout: float = 2.0
+) -> tuple[int, str]:
+    """POST to Envoy's admin (what changes state, e.g. "/runtime_modify?key=value")."""
+    return _admin_call("POST", path, admin, timeout)
+
+
+def _admin_call(method: str, path: str, admin: Path | str, timeout: float) -> tuple[int, str]:
     target = str(admin)
     conn: http.client.HTTPConnection
     if target.startswith("/"):
@@ -68,7 +79,7 @@ def admin_get(
     else:
         conn = http.client.HTTPConnection(target, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request(method, path)
         response = conn.getresponse()
         return response.status, response.read().decode(errors="replace")
     except http.client.HTTPException as exc:
@@ -109,7 +120,13 @@ def write_bootstrap(
     return path
 
 
-def envoy_argv(config: Path, log_path: Path) -> list[str]:
+# Envoy's own log lines as JSON objects (spdlog pattern; %j escapes the message for JSON),
+# with the keys steer's processes use (steer.logformat).
+ENVOY_JSON_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"envoy.%n","message":"%j"}'
+
+
+def envoy_argv(config: Path, log_path: Path | None, *, json_logs: bool = False) -> list[str]:
+    """`log_path` None: Envoy logs to stderr (a container's log, for `kubectl logs`)."""
     return [
         envoy_binary(),
         "-c",
@@ -118,8 +135,8 @@ def envoy_argv(config: Path, log_path: Path) -> list[str]:
         str(ENVOY_BASE_ID),
         "--log-level",
         "warning",
-        "--log-path",
-        str(log_path),
+        *(("--log-path", str(log_path)) if log_path is not None else ()),
+        *(("--log-format", ENVOY_JSON_LOG_FORMAT) if json_logs else ()),
         "--drain-time-s",
         "1",
     ]
@@ -160,6 +177,8 @@ def supervise(
     admin: Path = ENVOY_ADMIN_SOCKET,
     xds_tls: XdsClientTls | None = None,
     stop: threading.Event | None = None,
+    log_path: Path | None = ENVOY_LOG_FILE,
+    json_logs: bool = False,
 ) -> None:
     """Run Envoy until interrupted or `stop` is set, restarting it with backoff if it
     exits."""
@@ -172,7 +191,7 @@ def supervise(
         _remove_stale_socket(admin)
         # umask 077: the admin socket is created owner-only, before Envoy's chmod to the
         # bootstrap's mode, so there is no moment another user could connect.
-        proc = subprocess.Popen(envoy_argv(config, ENVOY_LOG_FILE), umask=0o077)
+        proc = subprocess.Popen(envoy_argv(config, log_path, json_logs=json_logs), umask=0o077)
         try:
             while (code := _exited(proc)) is None and not stop.is_set():
                 pass

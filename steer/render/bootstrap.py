@@ -191,7 +191,10 @@ def bootstrap(
                 {
                     "name": "static",
                     "static_layer": {"overload": {"global_downstream_max_connections": 100000}},
-                }
+                },
+                # Changes through the admin's /runtime_modify (such as the share of requests
+                # logged to the agent, steer.access_log_percent) override the above.
+                {"name": "admin", "admin_layer": {}},
             ]
         },
     }

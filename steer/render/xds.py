@@ -41,7 +41,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
-from envoy.type.v3 import range_pb2
+from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
@@ -551,9 +551,14 @@ def _http_connection_manager(stat_prefix: str, route_name: str) -> hcm_pb2.HttpC
     return hcm
 
 
+# The share of requests Envoy logs to the agent, in percent: an Envoy runtime key, so an
+# operator (or the benchmark) can sample or stop access logging without a config push.
+ACCESS_LOG_RUNTIME_KEY = "steer.access_log_percent"
+
+
 def _agent_access_log() -> accesslog_pb2.AccessLog:
     """Entries go to the agent over gRPC ALS, batched by each worker thread (flushed at
-    least every 200 ms): no file write per request."""
+    least every 200 ms): no file write per request. All requests by default."""
     config = http_grpc_pb2.HttpGrpcAccessLogConfig(
         common_config=http_grpc_pb2.CommonGrpcAccessLogConfig(
             log_name="steer",
@@ -564,8 +569,15 @@ def _agent_access_log() -> accesslog_pb2.AccessLog:
             buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
         )
     )
+    sampled = accesslog_pb2.AccessLogFilter(
+        runtime_filter=accesslog_pb2.RuntimeFilter(
+            runtime_key=ACCESS_LOG_RUNTIME_KEY,
+            percent_sampled=percent_pb2.FractionalPercent(numerator=100),
+            use_independent_randomness=True,
+        )
+    )
     return accesslog_pb2.AccessLog(
-        name="envoy.access_loggers.http_grpc", typed_config=_pack(config)
+        name="envoy.access_loggers.http_grpc", filter=sampled, typed_config=_pack(config)
     )
 
 

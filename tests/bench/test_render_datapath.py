@@ -34,7 +34,16 @@ def test_render_reports_render_ms_and_apply_s_by_rule_count(tmp_path: Path) -> N
 
 def test_datapath_reports_every_config(tmp_path: Path) -> None:
     result = scenario("datapath").run(BenchOptions(rounds=1, quick=True))
-    assert set(result["configs"]) == {"direct", "iptables", "ebpf", "ebpf_skmsg", "l4_direct"}
+    assert set(result["configs"]) == {
+        "direct",
+        "iptables",
+        "ebpf",
+        "ebpf_skmsg",
+        "l4_direct",
+        "iptables_observed",
+        "ebpf_skmsg_observed",
+    }
+    assert set(result["ratios"]["vs_unobserved"]) == {"iptables_observed", "ebpf_skmsg_observed"}
     for figures in result["configs"].values():
         for key in ("p50_ms_c1", "p99_ms_c1", "rps_c16", "cpu_user_s_per_10k", "cpu_sys_s_per_10k"):
             assert figures[key] > 0

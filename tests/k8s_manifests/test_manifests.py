@@ -416,6 +416,7 @@ def test_node_container_args_follow_the_cli_contract() -> None:
     envoy = container(NODE, "envoy")
     assert envoy["args"] == [
         "envoy",
+        *("--log-path", "-"),  # Envoy's own log to the container's: kubectl logs
         "--netns",
         "",
         "--xds-address",
