@@ -50,6 +50,7 @@ class AgentMetrics:
             ["result"],
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str, str], Any] = {}
         self.sync_seconds = Histogram(
             "steer_agent_sync_seconds",
             "Time from reading a change to the node's datapath enforcing it",
@@ -58,11 +59,15 @@ class AgentMetrics:
         )
 
     def observe_event(self, event: dict[str, Any]) -> None:
-        self.http_requests.labels(
+        labels = (
             event.get("verdict") or "unknown",
             event.get("dataplane") or "none",
             event.get("policy") or "none",
-        ).inc()
+        )
+        child = self._children.get(labels)
+        if child is None:  # looking a child up costs more than counting
+            child = self._children[labels] = self.http_requests.labels(*labels)
+        child.inc()
 
     def observe_sync(self, seconds: float, revoked: int, errors: int) -> None:
         self.syncs.labels("error" if errors else "ok").inc()

@@ -45,7 +45,17 @@ ANALYSIS = """\
   sit at the thresholds (p50 0.69-0.86x for <= 0.70x, rps 1.12-1.20x for >= 1.2x) and move
   between runs. Envoy's user-space work, about 1 s of CPU per 10k requests on every L7
   path, dominates; sk_msg removes ~40% of the kernel CPU per request and keeps the
-  payload off the veths, but cannot touch the user-space share.
+  payload off the veths, but cannot touch the user-space share. (This machine ran slower
+  in the last run, for every path alike: direct ~17k rps against ~38k before; the ratios
+  are what compare.)
+- **datapath, observed** (issue 14: >= 0.95x rps and <= 1.10x CPU per request of the same
+  path unobserved): not met for rps. With every request streamed to the agent over gRPC
+  ALS, iptables ran at 0.87x the rps and 1.07x the CPU per request (met), eBPF + sk_msg at
+  0.80x and 1.13x. The cost is Envoy serialising and sending one entry per request, and
+  the agent turning each into an event: ~10-14 us of Python per request once the rule an
+  allowed request matched is cached per request shape (the first version explained every
+  request afresh, ~100 us, and ran at 0.66x). Envoy's share can be sampled at run time
+  (`steer.access_log_percent`, [observability](observability.md#access-log-sampling)).
 
 - **services** (connect-time LB >= 1.3x kube-proxy's new-connection rate at 5,000
   Services, and >= 0.95x its own rate at 10): neither met in this run: 1.05x kube-proxy

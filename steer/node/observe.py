@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ Event = dict[str, Any]
 # An RBAC denial names the matched policy: "<pod>:<policy namespace>/<name>/<index>/<rule>"
 # (steer.render.xds.rbac_key), or "none" when an allow filter matched nothing.
 _RBAC_DENIED = re.compile(r"rbac_access_denied_matched_policy\[(.*)\]")
+_EXPLAINED_MAX = 4096
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -58,6 +60,29 @@ class NodeView:
 
     pods: Mapping[str, tuple[Pod, str | None]] = field(default_factory=dict)
     enforcement: Enforcement | None = None
+    # What explain found for a request, by everything it depends on: a node sees the same
+    # few requests over and over, and explaining one costs ~80 us. Lives as long as the
+    # view, which each sync replaces.
+    explained: dict[tuple[object, ...], tuple[str, str] | None] = field(
+        default_factory=dict, compare=False
+    )
+
+    def rule_for(
+        self, src: str, dst: str, port: int, request: HTTPRequest
+    ) -> tuple[str, str] | None:
+        """(policy, rule) that decides `request`, as `steer explain` finds it."""
+        key = (src, dst, port, request)
+        if key in self.explained:
+            return self.explained[key]
+        found = None
+        if self.enforcement is not None:
+            decided = explain(self.enforcement, IPv4Address(src), IPv4Address(dst), port, request)
+            if decided.policy is not None:
+                found = (decided.policy, decided.rule or "")
+        if len(self.explained) >= _EXPLAINED_MAX:
+            self.explained.clear()
+        self.explained[key] = found
+        return found
 
 
 def _address(address: Any) -> tuple[str, int]:
@@ -65,6 +90,7 @@ def _address(address: Any) -> tuple[str, int]:
     return socket_address.address, socket_address.port_value
 
 
+@lru_cache(maxsize=4096)
 def _rule_of(details: str) -> tuple[str, str] | None:
     """(policy, rule) from an RBAC denial's details, None when no rule is named."""
     found = _RBAC_DENIED.fullmatch(details)
@@ -113,18 +139,13 @@ def http_event(entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView) -> Event
     audited = None if denied or refused else _audited(tags)
     if audited is not None:
         named = audited
-    if named is None and view.enforcement is not None and not refused:
-        decided = explain(
-            view.enforcement,
-            IPv4Address(src_ip),
-            IPv4Address(dst_ip),
-            dst_port,
-            HTTPRequest(method, path, request.authority, service=service),
+    if named is None and not refused:
+        named = view.rule_for(
+            src_ip, dst_ip, dst_port, HTTPRequest(method, path, request.authority, service=service)
         )
-        if decided.policy is not None:
-            named = (decided.policy, decided.rule or "")
     return {
-        "time": common.start_time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds"),
+        # Seconds since the epoch; an ISO 8601 string once the event is read (`_readable`).
+        "time": common.start_time.seconds + common.start_time.nanos / 1e9,
         "layer": "http",
         "verdict": "denied" if denied or refused else "audit" if audited else "allowed",
         "pod": subject[0].name if subject else None,
@@ -249,8 +270,18 @@ class _ObserveHandler(socketserver.StreamRequestHandler):
 
     def _send(self, events: Sequence[Event]) -> None:
         for event in events:
-            self.wfile.write(json.dumps(event).encode() + b"\n")
+            self.wfile.write(json.dumps(_readable(event)).encode() + b"\n")
         self.wfile.flush()
+
+
+def _readable(event: Event) -> Event:
+    """The event as `steer observe` shows it: its time as UTC ISO 8601. Formatting is left
+    to the reader, off the path of every request."""
+    when = event.get("time")
+    if not isinstance(when, float):
+        return event
+    stamp = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
+    return {**event, "time": stamp}
 
 
 @dataclass
