@@ -116,6 +116,47 @@ static __always_inline struct steer_pod *steer_pod_of_caller(void)
 	return 0;
 }
 
+/* The flow's record for `steer observe`: sent now if the connect is refused, else kept
+ * under the socket's cookie until sockops sees it close. A full ring buffer is counted. */
+static __always_inline void steer_record(struct bpf_sock_addr *ctx, struct steer_pod *pod,
+					 struct steer_addr *dialled, __u32 dst, __u16 dst_port_be,
+					 __u8 verdict)
+{
+	struct steer_flow flow = {
+		.start_ns = bpf_ktime_get_ns(),
+		.tgid = (__u32)(bpf_get_current_pid_tgid() >> 32),
+		.slot = pod->slot,
+		.dialled_ip = dialled->ip,
+		.dst_ip = dst,
+		.dialled_port_be = dialled->port_be,
+		.dst_port_be = dst_port_be,
+		.verdict = verdict,
+	};
+	bpf_get_current_comm(&flow.comm, sizeof(flow.comm));
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	if (verdict != STEER_VERDICT_DENY && verdict != STEER_VERDICT_NO_BACKEND) {
+		steer_flows.update(&cookie, &flow);
+		return;
+	}
+	struct steer_flow_event *event = steer_events.ringbuf_reserve(sizeof(*event));
+	if (!event) {
+		struct steer_counters *count = steer_count(pod->slot);
+		if (count)
+			count->events_lost++;
+		return;
+	}
+	__builtin_memcpy(&event->flow, &flow, sizeof(flow));
+	event->cookie = cookie;
+	event->end_ns = flow.start_ns;
+	event->bytes_sent = 0;
+	event->bytes_received = 0;
+	event->src_ip = pod->ip;
+	event->src_port = 0;
+	event->kind = STEER_FLOW_REFUSED;
+	event->end_state = 0;
+	steer_events.ringbuf_submit(event, 0);
+}
+
 /* A steered pod's connect to *ip:*port_be (IPv4, network order): balanced if it is a
  * Service's, then decided; on return *ip:*port_be is where the socket is to connect. The
  * address dialled is remembered for getpeername when it differs. */
@@ -131,9 +172,16 @@ static __always_inline enum steer_connect steer_connect_ip4(struct bpf_sock_addr
 	if (lb == STEER_LB_EMPTY) {
 		if (count)
 			count->svc_empty++;
+		steer_record(ctx, pod, &dialled, *ip, *port_be, STEER_VERDICT_NO_BACKEND);
 		return STEER_CONNECT_REFUSE;
 	}
 	enum steer_connect outcome = steer_decide(ctx, pod, cfg, *ip, *port_be);
+	/* Loopback and the pod's own address are not flows steer decides. */
+	if ((bpf_ntohl(*ip) >> 24) != 127 && *ip != pod->ip)
+		steer_record(ctx, pod, &dialled, *ip, *port_be,
+			     outcome == STEER_CONNECT_REFUSE    ? STEER_VERDICT_DENY
+			     : outcome == STEER_CONNECT_REDIRECT ? STEER_VERDICT_L7
+								 : STEER_VERDICT_ALLOW);
 	if (outcome == STEER_CONNECT_REFUSE)
 		return outcome;
 	if (lb == STEER_LB_BACKEND && count)

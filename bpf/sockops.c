@@ -65,11 +65,41 @@ static __always_inline void steer_client_established(struct bpf_sock_ops *skops,
 	steer_add_sock(skops, cfg, value.slot);
 }
 
+/* A pod's flow that connect4 recorded closed: its record goes to the ring buffer, with
+ * the bytes each way and the state it closed from. */
+static __always_inline void steer_flow_closed(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct steer_flow *flow = steer_flows.lookup(&cookie);
+	if (!flow)
+		return;
+	struct steer_flow_event *event = steer_events.ringbuf_reserve(sizeof(*event));
+	if (!event) {
+		struct steer_counters *count = steer_count(flow->slot);
+		if (count)
+			count->events_lost++;
+		steer_flows.delete(&cookie);
+		return;
+	}
+	__builtin_memcpy(&event->flow, flow, sizeof(*flow));
+	event->cookie = cookie;
+	event->end_ns = bpf_ktime_get_ns();
+	event->bytes_sent = skops->bytes_acked;
+	event->bytes_received = skops->bytes_received;
+	event->src_ip = skops->local_ip4;
+	event->src_port = (__u16)skops->local_port;
+	event->kind = STEER_FLOW_CLOSED;
+	event->end_state = (__u8)skops->args[0];
+	steer_events.ringbuf_submit(event, 0);
+	steer_flows.delete(&cookie);
+}
+
 static __always_inline void steer_closed(struct bpf_sock_ops *skops, struct steer_cfg *cfg)
 {
 	struct steer_flow_key key = {};
 	steer_flow_key_of(skops, cfg, &key);
 	steer_origdst.delete(&key);
+	steer_flow_closed(skops);
 }
 
 /* An AF_INET6 socket connected to a v4-mapped address runs IPv4 underneath: its ip4
@@ -92,7 +122,11 @@ int steer_sockops(struct bpf_sock_ops *skops)
 	__u32 remote_port = STEER_REMOTE_PORT(skops->remote_port);
 
 	switch (skops->op) {
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		/* A flow connect4 recorded: its close is to be seen. */
+		__u64 cookie = bpf_get_socket_cookie(skops);
+		if (steer_flows.lookup(&cookie))
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		if (skops->remote_ip4 == cfg->envoy_ip && steer_is_client_listener(remote_port)) {
 			steer_client_established(skops, cfg);
 		} else if (skops->local_ip4 == cfg->envoy_ip) {
@@ -102,6 +136,7 @@ int steer_sockops(struct bpf_sock_ops *skops)
 				steer_add_sock(skops, cfg, slot);
 		}
 		break;
+	}
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		if (skops->local_ip4 == cfg->envoy_ip && steer_is_client_listener(skops->local_port)) {
 			/* Envoy's accepted side of a client leg from a steered pod. */

@@ -116,6 +116,7 @@ class _Checks:
     def run_ebpf_only(self) -> None:
         self.run("skmsg-counters-grew", self.skmsg_counters)
         self.run("veth-carries-no-payload", self.veth_quiet)
+        self.run("flow-events-name-the-process", self.flow_events)
 
     def allowed_path(self) -> tuple[bool, str]:
         reply = self.client.request(self.ip("web"), 8080, "GET", "/public/hello")
@@ -157,6 +158,29 @@ class _Checks:
             for path, e in latest.items()
         )
         return ok, " | ".join(one_line(e) for e in latest.values()) or "no events"
+
+    def flow_events(self) -> tuple[bool, str]:
+        """The connect to web:9090 refused above, as a flow event from the kernel: the
+        client worker's pid and comm, and the rule that refused it."""
+        target = f"{self.ip('web')}:9090"
+        found: list[dict[str, object]] = []
+        deadline = time.monotonic() + 5
+        while not found and time.monotonic() < deadline:
+            found = [
+                e
+                for e in read_events(1000)
+                if e.get("layer") == "l4" and e.get("dst") == target and e["pid"] == self.client.pid
+            ]
+            time.sleep(0.2)
+        if not found:
+            return False, f"no flow event for {target}"
+        event = found[-1]
+        ok = (event["verdict"], event["end"], event["rule"]) == (
+            "denied",
+            "refused",
+            "no-debug-port",
+        )
+        return ok, one_line(event)
 
     def explained(self) -> tuple[bool, str]:
         """`steer explain` predicts what the client got: 200, 403 and a refused connect."""

@@ -159,6 +159,17 @@ def explain(
     )
 
 
+def l4_decision(
+    enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, port: int
+) -> tuple[str | None, str | None]:
+    """(policy, rule) that decides the flow src -> dst:port at L4, as `explain` names them."""
+    policy_keys = {pid: key for key, pid in enforcement.policy_ids.items()}
+    egress, ingress = enforcement.egress.get(src), enforcement.ingress.get(dst)
+    _, side, rule = deciding_sides(egress, ingress, src, dst, port)
+    named = _named(_Decided(side, rule), policy_keys)
+    return named["policy"], named["rule"]
+
+
 class UnknownPod(KeyError):
     pass
 

@@ -214,10 +214,12 @@ def observe_view(
 ) -> None:
     """After a sync: who is who, for the events of the requests that follow."""
     if observability is not None:
+        installed = datapath.ebpf.installed if datapath.ebpf is not None else {}
         observability.update(
             pods,
             {key: dataplane for key, (dataplane, _) in report.dataplanes.items()},
             datapath.iptables.enforcement,
+            {slot: key for key, (_, slot, _) in installed.items()},
         )
 
 

@@ -26,6 +26,10 @@ from steer.constants import (
     ENVOY_SERVICE_PORTS,
 )
 
+# The flow events' ring buffer (steer_events), in pages of 4 KiB: ~12k events.
+EVENT_PAGES: Final = 256
+PAGE_SIZE: Final = 4096
+
 BUILD_OPTIONS: Final[dict[str, int]] = {
     "STEER_OUTBOUND_PORT": ENVOY_OUTBOUND_PORT,
     "STEER_INBOUND_PORT": ENVOY_INBOUND_PORT,
@@ -37,6 +41,7 @@ BUILD_OPTIONS: Final[dict[str, int]] = {
     "STEER_MAX_PENDING": BPF_MAX_PENDING,
     "STEER_MAX_FLOWS": BPF_MAX_FLOWS,
     "STEER_MAX_SERVICE_ENTRIES": BPF_MAX_SERVICE_ENTRIES,
+    "STEER_EVENT_PAGES": EVENT_PAGES,
 }
 CFG_SKMSG: Final = 0x1
 
@@ -120,11 +125,50 @@ COUNTER_NAMES = (
     "map_full",
     "svc_balanced",
     "svc_empty",
+    "events_lost",
 )
 
 
 class CountersVal(ct.Structure):
     _fields_ = tuple((name, ct.c_uint64) for name in COUNTER_NAMES)
+
+
+class Flow(ct.Structure):
+    """`struct steer_flow`: what connect4 knew of a flow (bpf/include/steer/maps.h)."""
+
+    _fields_ = (
+        ("start_ns", ct.c_uint64),
+        ("tgid", ct.c_uint32),
+        ("slot", ct.c_uint32),
+        ("dialled_ip", ct.c_uint32),
+        ("dst_ip", ct.c_uint32),
+        ("dialled_port_be", ct.c_uint16),
+        ("dst_port_be", ct.c_uint16),
+        ("verdict", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+        ("comm", ct.c_char * 16),
+    )
+
+
+class FlowEvent(ct.Structure):
+    """`struct steer_flow_event`, as the ring buffer hands it over."""
+
+    _fields_ = (
+        ("flow", Flow),
+        ("cookie", ct.c_uint64),
+        ("end_ns", ct.c_uint64),
+        ("bytes_sent", ct.c_uint64),
+        ("bytes_received", ct.c_uint64),
+        ("src_ip", ct.c_uint32),
+        ("src_port", ct.c_uint16),
+        ("kind", ct.c_uint8),
+        ("end_state", ct.c_uint8),
+    )
+
+
+FLOW_REFUSED: Final = 1
+FLOW_CLOSED: Final = 2
+VERDICT_NO_BACKEND: Final = 4
 
 
 @dataclass(frozen=True)
@@ -145,6 +189,9 @@ MAPS: Final[dict[str, MapLayout]] = {
     "steer_sockhash": MapLayout(None, None, BPF_MAX_FLOWS),
     "steer_svc": MapLayout(SvcKey, SvcVal, BPF_MAX_SERVICE_ENTRIES),
     "steer_dialled": MapLayout(ct.c_uint64, Addr, BPF_MAX_FLOWS),
+    "steer_flows": MapLayout(ct.c_uint64, Flow, BPF_MAX_FLOWS),
+    # A ring buffer: no key or value, its size in bytes.
+    "steer_events": MapLayout(None, None, EVENT_PAGES * PAGE_SIZE),
 }
 
 

@@ -21,6 +21,7 @@ import re
 import socket
 import socketserver
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
@@ -36,10 +37,19 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from steer.constants import ALS_SOCKET, OBSERVE_RING_SIZE, OBSERVE_SOCKET
+from steer.constants import (
+    ALS_SOCKET,
+    BPF_PIN_DIR,
+    OBSERVE_RING_SIZE,
+    OBSERVE_SOCKET,
+    VERDICT_DENY,
+    VERDICT_L7,
+)
 from steer.model.enforce import Enforcement
-from steer.model.explain import HTTPRequest, explain
+from steer.model.explain import HTTPRequest, explain, l4_decision
 from steer.model.pod import Pod
+from steer.node import libbpf
+from steer.node.bpfmaps import FLOW_CLOSED, VERDICT_NO_BACKEND, FlowEvent, ip_from_be
 from steer.render.xds import AUDIT_PREFIXES, RBAC_METADATA
 
 log = logging.getLogger("steer.observe")
@@ -60,12 +70,24 @@ class NodeView:
 
     pods: Mapping[str, tuple[Pod, str | None]] = field(default_factory=dict)
     enforcement: Enforcement | None = None
+    # eBPF pods by their slot in the maps (the flow events name pods by slot).
+    slots: Mapping[int, Pod] = field(default_factory=dict)
     # What explain found for a request, by everything it depends on: a node sees the same
     # few requests over and over, and explaining one costs ~80 us. Lives as long as the
     # view, which each sync replaces.
-    explained: dict[tuple[object, ...], tuple[str, str] | None] = field(
-        default_factory=dict, compare=False
-    )
+    explained: dict[tuple[object, ...], Any] = field(default_factory=dict, compare=False)
+
+    def l4_rule_for(self, src: str, dst: str, port: int) -> tuple[str | None, str | None]:
+        key = ("l4", src, dst, port)
+        if key not in self.explained:
+            if len(self.explained) >= _EXPLAINED_MAX:
+                self.explained.clear()
+            self.explained[key] = (
+                l4_decision(self.enforcement, IPv4Address(src), IPv4Address(dst), port)
+                if self.enforcement is not None
+                else None
+            )
+        return self.explained[key] or (None, None)
 
     def rule_for(
         self, src: str, dst: str, port: int, request: HTTPRequest
@@ -73,7 +95,8 @@ class NodeView:
         """(policy, rule) that decides `request`, as `steer explain` finds it."""
         key = (src, dst, port, request)
         if key in self.explained:
-            return self.explained[key]
+            cached: tuple[str, str] | None = self.explained[key]
+            return cached
         found = None
         if self.enforcement is not None:
             decided = explain(self.enforcement, IPv4Address(src), IPv4Address(dst), port, request)
@@ -167,6 +190,100 @@ def http_event(entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView) -> Event
         "status": status,
         "details": details,
     }
+
+
+# The TCP state a flow closed from (include/net/tcp_states.h) -> how it ended.
+_ENDED_BY = {1: "reset", 2: "refused", 3: "reset", 8: "reset"}  # ESTABLISHED, SYN_*, CLOSE_WAIT
+
+
+def _monotonic_to_epoch() -> float:
+    """What to add to a bpf_ktime_get_ns() time (CLOCK_MONOTONIC) for wall-clock time."""
+    return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None) -> Event:
+    """One flow of an eBPF-steered pod, as connect4 and sockops recorded it."""
+    flow = raw.flow
+    offset = _monotonic_to_epoch() if epoch_offset is None else epoch_offset
+    pod = view.slots.get(flow.slot)
+    dst_ip, dst_port = str(ip_from_be(flow.dst_ip)), socket.ntohs(flow.dst_port_be)
+    dialled = f"{ip_from_be(flow.dialled_ip)}:{socket.ntohs(flow.dialled_port_be)}"
+    denied = flow.verdict in (VERDICT_DENY, VERDICT_NO_BACKEND)
+    policy, rule = (None, None)
+    if pod is not None and flow.verdict != VERDICT_NO_BACKEND:
+        policy, rule = view.l4_rule_for(pod.ip, dst_ip, dst_port)
+    closed = raw.kind == FLOW_CLOSED
+    return {
+        "time": flow.start_ns / 1e9 + offset,
+        "layer": "l4",
+        "verdict": "denied" if denied else "allowed",
+        "pod": pod.name if pod else None,
+        "namespace": pod.namespace if pod else None,
+        "pid": flow.tgid,
+        "comm": flow.comm.decode(errors="replace"),
+        "src": f"{ip_from_be(raw.src_ip)}:{raw.src_port}"
+        if closed
+        else str(ip_from_be(raw.src_ip)),
+        "dst": dialled,
+        "backend": f"{dst_ip}:{dst_port}",
+        "dataplane": "ebpf",
+        "via_envoy": flow.verdict == VERDICT_L7,
+        "policy": policy,
+        "rule": "no-backend" if flow.verdict == VERDICT_NO_BACKEND else rule,
+        "method": None,
+        "path": None,
+        "status": None,
+        "bytes_sent": raw.bytes_sent,
+        "bytes_received": raw.bytes_received,
+        "duration_ms": round((raw.end_ns - flow.start_ns) / 1e6, 3),
+        "end": _ENDED_BY.get(raw.end_state, "fin") if closed else "refused",
+    }
+
+
+class FlowReader:
+    """Reads the eBPF datapath's flow events from its ring buffer (pinned by the agent's
+    BPF build), once the datapath is loaded; each becomes an event."""
+
+    def __init__(
+        self, pin: Path, on_event: Callable[[Event], None], view: Callable[[], NodeView]
+    ) -> None:
+        self._pin = pin
+        self._on_event = on_event
+        self._view = view
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steer-flows", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _handle(self, data: bytes) -> None:
+        self._on_event(flow_event(FlowEvent.from_buffer_copy(data), self._view()))
+
+    def _run(self) -> None:
+        ring: libbpf.RingBuffer | None = None
+        while not self._stop.is_set():
+            if ring is None:
+                fd = libbpf.obj_get(self._pin)
+                if fd < 0:  # the datapath has not loaded its programs (yet)
+                    self._stop.wait(1.0)
+                    continue
+                try:
+                    ring = libbpf.RingBuffer(fd, self._handle)
+                except OSError as exc:
+                    log.error("flow events unavailable: %s", exc)
+                    os.close(fd)
+                    self._stop.wait(5.0)
+                    continue
+            if ring.poll(200) < 0:
+                log.warning("reading flow events failed; opening the ring buffer again")
+                ring.close()
+                ring = None
+        if ring is not None:
+            ring.close()
 
 
 class EventRing:
@@ -293,13 +410,30 @@ class Observability:
     observe_socket: Path = OBSERVE_SOCKET
     ring: EventRing = field(default_factory=EventRing)
     view: NodeView = field(default_factory=NodeView)
+    flow_events: Path = BPF_PIN_DIR / "steer_events"
     # Called with every event (the agent's metrics count them).
     on_event: Callable[[Event], None] = lambda event: None
     _grpc: grpc.Server | None = None
     _observe: _ObserveServer | None = None
+    _flows: FlowReader | None = None
 
-    def update(self, pods: Sequence[Pod], dataplanes: Mapping[str, str], enforcement: Any) -> None:
-        self.view = NodeView({p.ip: (p, dataplanes.get(p.key)) for p in pods}, enforcement)
+    def update(
+        self,
+        pods: Sequence[Pod],
+        dataplanes: Mapping[str, str],
+        enforcement: Any,
+        slots: Mapping[int, str] | None = None,
+    ) -> None:
+        by_key = {p.key: p for p in pods}
+        self.view = NodeView(
+            {p.ip: (p, dataplanes.get(p.key)) for p in pods},
+            enforcement,
+            {slot: by_key[key] for slot, key in (slots or {}).items() if key in by_key},
+        )
+
+    def _add(self, event: Event) -> None:
+        self.ring.add(event)
+        self.on_event(event)
 
     def start(self) -> None:
         _bind_path(self.als_socket)
@@ -319,8 +453,12 @@ class Observability:
         observe.ring = self.ring
         threading.Thread(target=observe.serve_forever, name="steer-observe", daemon=True).start()
         self._grpc, self._observe = server, observe
+        self._flows = FlowReader(self.flow_events, self._add, lambda: self.view)
+        self._flows.start()
 
     def stop(self) -> None:
+        if self._flows is not None:
+            self._flows.stop()
         if self._observe is not None:
             self._observe.shutdown()
             self._observe.server_close()
@@ -358,13 +496,29 @@ def matches(event: Event, filters: Mapping[str, Any]) -> bool:
 def one_line(event: Event) -> str:
     """The readable default of `steer observe`: one line per event."""
     when = event.get("time", "")
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, TypeError):
         when = datetime.fromisoformat(when).strftime("%H:%M:%S.%f")[:-3]
     who = f"{event.get('namespace')}/{event.get('pod')}" if event.get("pod") else event["src"]
     decided = f"{event.get('policy')}/{event.get('rule')}" if event.get("policy") else "-"
+    head = f"{when} {event.get('verdict', '?').upper():<7} {event.get('layer')}"
+    if event.get("layer") == "l4":
+        process = f"{event.get('comm')}[{event.get('pid')}]"
+        backend = event.get("backend")
+        dst = str(event.get("dst"))
+        to = dst + (f" ({backend})" if backend and backend != dst else "")
+        via = " via Envoy" if event.get("via_envoy") else ""
+        traffic = (
+            f" {event.get('bytes_sent')}B/{event.get('bytes_received')}B "
+            f"{event.get('duration_ms')}ms"
+            if event.get("end") != "refused"
+            else ""
+        )
+        return (
+            f"{head} {who} {process} -> {to}{via} {event.get('end')}{traffic} "
+            f"[{event.get('dataplane') or '-'}] {decided}"
+        )
     service = f" via {event['service']}" if event.get("service") else ""
     return (
-        f"{when} {event.get('verdict', '?').upper():<7} {event.get('layer')} "
-        f"{who} -> {event.get('dst')}{service} {event.get('method')} {event.get('path')} "
+        f"{head} {who} -> {event.get('dst')}{service} {event.get('method')} {event.get('path')} "
         f"{event.get('status')} [{event.get('dataplane') or '-'}] {decided}"
     )

@@ -28,7 +28,7 @@ COMMON_CHECKS = (
     "l4-only-without-envoy",
     "live-policy-change",
 )
-EBPF_CHECKS = ("skmsg-counters-grew", "veth-carries-no-payload")
+EBPF_CHECKS = ("skmsg-counters-grew", "veth-carries-no-payload", "flow-events-name-the-process")
 CHECK_FIELDS = {"name": str, "dataplane": str, "ok": bool, "detail": str}
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -182,3 +183,48 @@ def test_audit_mode_lets_a_request_through_and_records_it(node: PodsNode) -> Non
     (other,) = observed(f"/other/{tag}")
     assert other["verdict"] == "allowed"
     assert sample(scrape(METRICS_PORT), "steer_http_requests_total", **audited) == before + 1
+
+
+def test_l4_flows_name_the_process_behind_them(node: PodsNode) -> None:
+    """A connect refused at L4 and a direct flow, each an event with the client worker's
+    pid and comm, the deciding rule, and for the flow its bytes and how it ended."""
+    if node.dataplane != "ebpf":
+        pytest.skip("flow events come from the eBPF hooks (connect4, sockops) only for now")
+    apply(
+        node,
+        ingress(
+            "web",
+            {"name": "public", "ports": [{"port": HTTP_PORT}], **http_rule(paths=[prefix("/")])},
+            {"name": "no-debug", "action": "Deny", "ports": [{"port": 9090}]},
+        ),
+    )
+    client = node.workers["client"]
+    comm = Path(f"/proc/{client.pid}/comm").read_text().strip()
+    assert client.connect_outcome(node.ip("web"), 9090)[0] == "refused"
+    reply = client.request(node.ip("api"), HTTP_PORT, "GET", f"/flow/{time.monotonic_ns()}")
+    assert reply.status == 200
+    deadline = time.monotonic() + 10
+    while True:
+        flows = [e for e in observe("--last", "1000", "--layer", "l4") if e["pid"] == client.pid]
+        refused = [e for e in flows if e["dst"] == f"{node.ip('web')}:9090"]
+        direct = [e for e in flows if e["dst"] == f"{node.ip('api')}:{HTTP_PORT}"]
+        if (refused and direct) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert refused and direct, flows
+    denied, served = refused[-1], direct[-1]
+    assert (denied["verdict"], denied["end"], denied["comm"], denied["pod"]) == (
+        "denied",
+        "refused",
+        comm,
+        "client",
+    )
+    assert (denied["policy"], denied["rule"]) == ("default/web-ingress", "no-debug")
+    assert (served["verdict"], served["via_envoy"], served["comm"], served["end"]) == (
+        "allowed",
+        False,
+        comm,
+        "fin",
+    )
+    assert served["bytes_sent"] > 0 and served["bytes_received"] > 0
+    assert served["src"].startswith(f"{node.ip('client')}:")

@@ -3,13 +3,17 @@ steer.node.observe; the real stream from Envoy is tested in tests/e2e/test_obser
 
 from __future__ import annotations
 
+import socket
+from dataclasses import replace
 from typing import Any
 
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
-from steer.node.observe import EventRing, NodeView, http_event, matches
+from steer.constants import VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
+from steer.node.bpfmaps import FLOW_CLOSED, FLOW_REFUSED, FlowEvent, ip_be
+from steer.node.observe import EventRing, NodeView, flow_event, http_event, matches
 from tests.samples import CLIENT, WEB, sample_enforcement
 
 VIEW = NodeView({CLIENT.ip: (CLIENT, "ebpf"), WEB.ip: (WEB, "iptables")}, sample_enforcement())
@@ -109,3 +113,61 @@ def test_filters() -> None:
     assert not matches(event, {"pod": "other/client"})
     assert not matches(event, {"port": 80})
     assert not matches(event, {"verdict": "allowed"})
+
+
+def flow(verdict: int, kind: int, end_state: int = 0) -> FlowEvent:
+    raw = FlowEvent()
+    raw.flow.start_ns = 1_000_000_000
+    raw.flow.tgid = 4242
+    raw.flow.slot = 1
+    raw.flow.dialled_ip = ip_be("10.96.0.10")
+    raw.flow.dialled_port_be = socket.htons(80)
+    raw.flow.dst_ip = ip_be(WEB.ip)
+    raw.flow.dst_port_be = socket.htons(9090)
+    raw.flow.verdict = verdict
+    raw.flow.comm = b"curl"
+    raw.kind = kind
+    raw.end_state = end_state
+    raw.end_ns = 1_250_000_000
+    raw.src_ip = ip_be(CLIENT.ip)
+    raw.src_port = 40000
+    raw.bytes_sent, raw.bytes_received = 120, 4096
+    return raw
+
+
+SLOTTED = replace(VIEW, slots={1: CLIENT})
+
+
+def test_a_refused_connect_is_an_l4_denial_with_its_process_and_rule() -> None:
+    event = flow_event(flow(VERDICT_DENY, FLOW_REFUSED), SLOTTED, epoch_offset=0.0)
+    assert {k: event[k] for k in ("layer", "verdict", "pod", "pid", "comm", "end")} == {
+        "layer": "l4",
+        "verdict": "denied",
+        "pod": "client",
+        "pid": 4242,
+        "comm": "curl",
+        "end": "refused",
+    }
+    assert (event["dst"], event["backend"], event["src"]) == (
+        "10.96.0.10:80",
+        f"{WEB.ip}:9090",
+        CLIENT.ip,
+    )
+    assert (event["policy"], event["rule"]) == ("default/web", "no-debug-port")
+    assert event["time"] == 1.0
+
+
+def test_a_closed_flow_carries_its_bytes_duration_and_ending() -> None:
+    event = flow_event(flow(VERDICT_ALLOW, FLOW_CLOSED, end_state=9), SLOTTED, epoch_offset=0.0)
+    assert (event["verdict"], event["end"], event["src"]) == (
+        "allowed",
+        "fin",
+        f"{CLIENT.ip}:40000",
+    )
+    assert (event["bytes_sent"], event["bytes_received"], event["duration_ms"]) == (
+        120,
+        4096,
+        250.0,
+    )
+    reset = flow_event(flow(VERDICT_L7, FLOW_CLOSED, end_state=1), SLOTTED, epoch_offset=0.0)
+    assert (reset["end"], reset["via_envoy"]) == ("reset", True)

@@ -52,4 +52,9 @@
 #define STEER_MAX_SERVICE_ENTRIES 65536
 #endif
 
+/* The flow events' ring buffer, in 4 KiB pages (a power of two). */
+#ifndef STEER_EVENT_PAGES
+#define STEER_EVENT_PAGES 256
+#endif
+
 #endif

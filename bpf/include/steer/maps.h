@@ -134,7 +134,41 @@ struct steer_counters {
 	__u64 map_full;     /* a map update failed: steering degraded, see the agent log */
 	__u64 svc_balanced; /* connects to a Service sent to one of its backends */
 	__u64 svc_empty;    /* connects to a Service without backends, refused */
+	__u64 events_lost;  /* flow events the ring buffer had no room for */
 };
 BPF_PERCPU_ARRAY(steer_counters, struct steer_counters, STEER_MAX_PODS);
+
+/* Flow events for `steer observe`: one record per flow a steered pod opens, sent when it
+ * closes, or at connect when connect4 refused it. What connect4 knew (the opener, the
+ * verdict) waits in steer_flows under the socket's cookie until sockops sees the close. */
+#define STEER_FLOW_REFUSED 1
+#define STEER_FLOW_CLOSED 2
+#define STEER_VERDICT_NO_BACKEND 4 /* a Service without backends: refused */
+struct steer_flow {
+	__u64 start_ns;
+	__u32 tgid;            /* the process that called connect() */
+	__u32 slot;
+	__u32 dialled_ip;      /* what the application dialled (a ClusterIP, say) */
+	__u32 dst_ip;          /* where the flow goes: the backend, even when Envoy is between */
+	__u16 dialled_port_be;
+	__u16 dst_port_be;
+	__u8 verdict;          /* STEER_VERDICT_* */
+	__u8 pad[3];
+	char comm[16];
+};
+BPF_TABLE("lru_hash", __u64, struct steer_flow, steer_flows, STEER_MAX_FLOWS);
+
+struct steer_flow_event {
+	struct steer_flow flow;
+	__u64 cookie;
+	__u64 end_ns;
+	__u64 bytes_sent;     /* acknowledged by the peer */
+	__u64 bytes_received;
+	__u32 src_ip;
+	__u16 src_port;
+	__u8 kind;            /* STEER_FLOW_* */
+	__u8 end_state;       /* the TCP state the socket closed from */
+};
+BPF_RINGBUF_OUTPUT(steer_events, STEER_EVENT_PAGES);
 
 #endif
