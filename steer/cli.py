@@ -1087,6 +1087,7 @@ def build_parser() -> argparse.ArgumentParser:
             "churn",
             "faults",
             "services",
+            "flows",
             "all",
             "report",
         ],

@@ -39,6 +39,13 @@ class AgentMetrics:
             ["verdict", "dataplane", "policy"],
             registry=self.registry,
         )
+        self.flows = Counter(
+            "steer_flows",
+            "TCP flows opened by steered pods, by verdict, datapath and deciding policy "
+            "(each counted once, when its event reaches the agent)",
+            ["verdict", "dataplane", "policy"],
+            registry=self.registry,
+        )
         self.revocations = Counter(
             "steer_revocations",
             "Live flows cut because a policy change changed their verdict",
@@ -50,7 +57,7 @@ class AgentMetrics:
             ["result"],
             registry=self.registry,
         )
-        self._children: dict[tuple[str, str, str], Any] = {}
+        self._children: dict[tuple[str, str, str, str], Any] = {}
         self.sync_seconds = Histogram(
             "steer_agent_sync_seconds",
             "Time from reading a change to the node's datapath enforcing it",
@@ -64,9 +71,11 @@ class AgentMetrics:
             event.get("dataplane") or "none",
             event.get("policy") or "none",
         )
-        child = self._children.get(labels)
+        layer = str(event.get("layer"))
+        child = self._children.get((layer, *labels))
         if child is None:  # looking a child up costs more than counting
-            child = self._children[labels] = self.http_requests.labels(*labels)
+            family = self.flows if layer == "l4" else self.http_requests
+            child = self._children[(layer, *labels)] = family.labels(*labels)
         child.inc()
 
     def observe_sync(self, seconds: float, revoked: int, errors: int) -> None:
@@ -118,6 +127,11 @@ def ebpf_metrics(counters: dict[str, dict[str, int]], evicted: int) -> list[Metr
             "steer_ebpf_service_balanced",
             "Connects to a Service balanced to a backend by connect4",
             value=totals.get("svc_balanced", 0),
+        ),
+        CounterMetricFamily(
+            "steer_ebpf_events_lost",
+            "Flow events the kernel's ring buffer had no room for (counted, never silent)",
+            value=totals.get("events_lost", 0),
         ),
         CounterMetricFamily(
             "steer_observe_events_evicted",

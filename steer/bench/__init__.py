@@ -31,6 +31,7 @@ SCENARIOS: dict[str, str] = {
     "churn": "churn",
     "faults": "faults",
     "services": "services",
+    "flows": "flows",
 }
 
 
