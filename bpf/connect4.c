@@ -138,23 +138,12 @@ static __always_inline void steer_record(struct bpf_sock_addr *ctx, struct steer
 		steer_flows.update(&cookie, &flow);
 		return;
 	}
-	struct steer_flow_event *event = steer_events.ringbuf_reserve(sizeof(*event));
-	if (!event) {
-		struct steer_counters *count = steer_count(pod->slot);
-		if (count)
-			count->events_lost++;
-		return;
-	}
-	__builtin_memcpy(&event->flow, &flow, sizeof(flow));
-	event->cookie = cookie;
-	event->end_ns = flow.start_ns;
-	event->bytes_sent = 0;
-	event->bytes_received = 0;
-	event->src_ip = pod->ip;
-	event->src_port = 0;
-	event->kind = STEER_FLOW_REFUSED;
-	event->end_state = 0;
-	steer_events.ringbuf_submit(event, 0);
+	struct steer_flow_end end = {
+		.at_ns = flow.start_ns,
+		.src_ip = pod->ip,
+		.kind = STEER_FLOW_REFUSED,
+	};
+	steer_emit_flow(&flow, cookie, &end);
 }
 
 /* A steered pod's connect to *ip:*port_be (IPv4, network order): balanced if it is a

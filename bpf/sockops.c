@@ -73,24 +73,16 @@ static __always_inline void steer_flow_closed(struct bpf_sock_ops *skops)
 	struct steer_flow *flow = steer_flows.lookup(&cookie);
 	if (!flow)
 		return;
-	struct steer_flow_event *event = steer_events.ringbuf_reserve(sizeof(*event));
-	if (!event) {
-		struct steer_counters *count = steer_count(flow->slot);
-		if (count)
-			count->events_lost++;
-		steer_flows.delete(&cookie);
-		return;
-	}
-	__builtin_memcpy(&event->flow, flow, sizeof(*flow));
-	event->cookie = cookie;
-	event->end_ns = bpf_ktime_get_ns();
-	event->bytes_sent = skops->bytes_acked;
-	event->bytes_received = skops->bytes_received;
-	event->src_ip = skops->local_ip4;
-	event->src_port = (__u16)skops->local_port;
-	event->kind = STEER_FLOW_CLOSED;
-	event->end_state = (__u8)skops->args[0];
-	steer_events.ringbuf_submit(event, 0);
+	struct steer_flow_end end = {
+		.at_ns = bpf_ktime_get_ns(),
+		.bytes_sent = skops->bytes_acked,
+		.bytes_received = skops->bytes_received,
+		.src_ip = skops->local_ip4,
+		.src_port = (__u16)skops->local_port,
+		.kind = STEER_FLOW_CLOSED,
+		.end_state = (__u8)skops->args[0],
+	};
+	steer_emit_flow(flow, cookie, &end);
 	steer_flows.delete(&cookie);
 }
 

@@ -349,22 +349,19 @@ def _http_matches(match: HTTPMatch, request: _Normal, namespace: str) -> bool:
 
 
 def _path_matches(match: PathMatch, path: str) -> bool:
-    if match.exact is not None:
-        return path == match.exact
-    if match.prefix is not None:
-        return path.startswith(match.prefix)
-    return match.regex is not None and re2.fullmatch(match.regex, path) is not None
+    return _string_matches(match.exact, match.prefix, match.regex, path)
+
+
+def _string_matches(exact: str | None, prefix: str | None, regex: str | None, value: str) -> bool:
+    """One of exact, prefix or regex (the whole value, RE2), as Envoy's StringMatcher."""
+    if exact is not None:
+        return value == exact
+    if prefix is not None:
+        return value.startswith(prefix)
+    return regex is not None and re2.fullmatch(regex, value) is not None
 
 
 def _header_matches(match: HeaderMatch, values: Sequence[str]) -> bool:
     if match.present:
         return bool(values) != match.negate
-    return any(_value_matches(match, v) for v in values)
-
-
-def _value_matches(match: HeaderMatch, value: str) -> bool:
-    if match.exact is not None:
-        return value == match.exact
-    if match.prefix is not None:
-        return value.startswith(match.prefix)
-    return match.regex is not None and re2.fullmatch(match.regex, value) is not None
+    return any(_string_matches(match.exact, match.prefix, match.regex, v) for v in values)

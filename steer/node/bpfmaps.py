@@ -150,13 +150,11 @@ class Flow(ct.Structure):
     )
 
 
-class FlowEvent(ct.Structure):
-    """`struct steer_flow_event`, as the ring buffer hands it over."""
+class FlowEnd(ct.Structure):
+    """`struct steer_flow_end`: how and when a flow ended (or was refused)."""
 
     _fields_ = (
-        ("flow", Flow),
-        ("cookie", ct.c_uint64),
-        ("end_ns", ct.c_uint64),
+        ("at_ns", ct.c_uint64),
         ("bytes_sent", ct.c_uint64),
         ("bytes_received", ct.c_uint64),
         ("src_ip", ct.c_uint32),
@@ -164,6 +162,12 @@ class FlowEvent(ct.Structure):
         ("kind", ct.c_uint8),
         ("end_state", ct.c_uint8),
     )
+
+
+class FlowEvent(ct.Structure):
+    """`struct steer_flow_event`, as the ring buffer hands it over."""
+
+    _fields_ = (("flow", Flow), ("cookie", ct.c_uint64), ("end", FlowEnd))
 
 
 FLOW_REFUSED: Final = 1

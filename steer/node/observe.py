@@ -203,7 +203,7 @@ def _monotonic_to_epoch() -> float:
 
 def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None) -> Event:
     """One flow of an eBPF-steered pod, as connect4 and sockops recorded it."""
-    flow = raw.flow
+    flow, end = raw.flow, raw.end
     offset = _monotonic_to_epoch() if epoch_offset is None else epoch_offset
     pod = view.slots.get(flow.slot)
     dst_ip, dst_port = str(ip_from_be(flow.dst_ip)), socket.ntohs(flow.dst_port_be)
@@ -212,7 +212,7 @@ def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None
     policy, rule = (None, None)
     if pod is not None and flow.verdict != VERDICT_NO_BACKEND:
         policy, rule = view.l4_rule_for(pod.ip, dst_ip, dst_port)
-    closed = raw.kind == FLOW_CLOSED
+    closed = end.kind == FLOW_CLOSED
     return {
         "time": flow.start_ns / 1e9 + offset,
         "layer": "l4",
@@ -221,9 +221,9 @@ def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None
         "namespace": pod.namespace if pod else None,
         "pid": flow.tgid,
         "comm": flow.comm.decode(errors="replace"),
-        "src": f"{ip_from_be(raw.src_ip)}:{raw.src_port}"
+        "src": f"{ip_from_be(end.src_ip)}:{end.src_port}"
         if closed
-        else str(ip_from_be(raw.src_ip)),
+        else str(ip_from_be(end.src_ip)),
         "dst": dialled,
         "backend": f"{dst_ip}:{dst_port}",
         "dataplane": "ebpf",
@@ -233,10 +233,10 @@ def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None
         "method": None,
         "path": None,
         "status": None,
-        "bytes_sent": raw.bytes_sent,
-        "bytes_received": raw.bytes_received,
-        "duration_ms": round((raw.end_ns - flow.start_ns) / 1e6, 3),
-        "end": _ENDED_BY.get(raw.end_state, "fin") if closed else "refused",
+        "bytes_sent": end.bytes_sent,
+        "bytes_received": end.bytes_received,
+        "duration_ms": round((end.at_ns - flow.start_ns) / 1e6, 3),
+        "end": _ENDED_BY.get(end.end_state, "fin") if closed else "refused",
     }
 
 

@@ -34,17 +34,23 @@ def web_service(namespace: str) -> str:
     )
 
 
+def serve_web(cluster: Cluster, namespace: str, policy: str) -> tuple[str, str, int]:
+    """web's Service and `policy` applied: its ClusterIP, and the node address and port of
+    its http NodePort."""
+    cluster.apply(web_service(namespace))
+    cluster.apply(policy)
+    service = cluster.get("-n", namespace, "service", "web")
+    node_port = next(p["nodePort"] for p in service["spec"]["ports"] if p["name"] == "http")
+    node_ip = cluster.get("-n", namespace, "pod", "web")["status"]["hostIP"]
+    return service["spec"]["clusterIP"], node_ip, node_port
+
+
 @pytest.mark.parametrize("dataplane", DATAPLANES)
 def test_clusterip_and_node_port_get_the_backends_verdicts(
     cluster: Cluster, dataplane: str
 ) -> None:
     namespace, web = web_and_client(cluster, dataplane)
-    cluster.apply(web_service(namespace))
-    cluster.apply(web_policy(namespace))
-    service = cluster.get("-n", namespace, "service", "web")
-    vip = service["spec"]["clusterIP"]
-    node_port = next(p["nodePort"] for p in service["spec"]["ports"] if p["name"] == "http")
-    node_ip = cluster.get("-n", namespace, "pod", "web")["status"]["hostIP"]
+    vip, node_ip, node_port = serve_web(cluster, namespace, web_policy(namespace))
 
     def agent_balances_it() -> bool:
         listed = {
@@ -80,12 +86,7 @@ def test_envoy_knows_the_service_dialled(cluster: Cluster, dataplane: str) -> No
     Service admits a request through the ClusterIP and the NodePort, not to the pod's own
     address; the agent shows the listener."""
     namespace, web = web_and_client(cluster, dataplane)
-    cluster.apply(web_service(namespace))
-    cluster.apply(through_the_service_only(namespace))
-    service = cluster.get("-n", namespace, "service", "web")
-    vip = service["spec"]["clusterIP"]
-    node_port = next(p["nodePort"] for p in service["spec"]["ports"] if p["name"] == "http")
-    node_ip = cluster.get("-n", namespace, "pod", "web")["status"]["hostIP"]
+    vip, node_ip, node_port = serve_web(cluster, namespace, through_the_service_only(namespace))
 
     def listener() -> int | None:
         for entry in cluster.agent_status().get("services", []):

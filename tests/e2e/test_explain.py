@@ -11,12 +11,18 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from steer.cli import main
 from tests.e2e.conftest import HTTP_PORT, PodsNode
-from tests.e2e.test_http_policy import apply, egress, ingress
-from tests.e2e.test_service_conformance import METHODS, _named, outcome, policies
+from tests.e2e.test_service_conformance import (
+    METHODS,
+    RandomPolicy,
+    apply_random,
+    outcome,
+    over_random_policies,
+    policies,
+)
 
 pytestmark = [
     pytest.mark.privileged,
@@ -46,22 +52,10 @@ def predicted(result: dict[str, Any]) -> str:
     return "refused" if result["status"] is None else str(result["status"])
 
 
-@settings(
-    derandomize=True,
-    max_examples=10,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@over_random_policies
 @given(policy=policies)
-def test_explain_agrees_with_real_requests(
-    node: PodsNode, policy: tuple[list[dict[str, Any]], str, list[dict[str, Any]], str]
-) -> None:
-    web_rules, web_default, client_rules, client_default = policy
-    apply(
-        node,
-        ingress("web", *_named(web_rules), default=web_default),
-        egress("client", *_named(client_rules), default=client_default),
-    )
+def test_explain_agrees_with_real_requests(node: PodsNode, policy: RandomPolicy) -> None:
+    apply_random(node, policy)
     for method in METHODS:
         for path in PATHS:
             result = explained(method, path)

@@ -68,6 +68,24 @@ policies = st.tuples(
     _rules("to", WEB),
     st.sampled_from(["Allow", "Deny"]),
 )
+RandomPolicy = tuple[list[dict[str, Any]], str, list[dict[str, Any]], str]
+# Seeded and bounded: the same ten policies on every run, on the module's node.
+over_random_policies = settings(
+    derandomize=True,
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+def apply_random(node: PodsNode, policy: RandomPolicy) -> None:
+    """One drawn policy: web's ingress and client's egress."""
+    web_rules, web_default, client_rules, client_default = policy
+    apply(
+        node,
+        ingress("web", *_named(web_rules), default=web_default),
+        egress("client", *_named(client_rules), default=client_default),
+    )
 
 
 def outcome(node: PodsNode, address: str, port: int, method: str, path: str) -> str:
@@ -79,22 +97,10 @@ def outcome(node: PodsNode, address: str, port: int, method: str, path: str) -> 
     return str(reply.status)
 
 
-@settings(
-    derandomize=True,
-    max_examples=10,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@over_random_policies
 @given(policy=policies)
-def test_a_service_gets_exactly_the_backends_verdicts(
-    node: PodsNode, policy: tuple[list[dict[str, Any]], str, list[dict[str, Any]], str]
-) -> None:
-    web_rules, web_default, client_rules, client_default = policy
-    apply(
-        node,
-        ingress("web", *_named(web_rules), default=web_default),
-        egress("client", *_named(client_rules), default=client_default),
-    )
+def test_a_service_gets_exactly_the_backends_verdicts(node: PodsNode, policy: RandomPolicy) -> None:
+    apply_random(node, policy)
     vip = next(s.cluster_ip for s in node.lab.services if s.name == "web")
     assert vip
     for method in METHODS:

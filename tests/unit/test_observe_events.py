@@ -126,12 +126,12 @@ def flow(verdict: int, kind: int, end_state: int = 0) -> FlowEvent:
     raw.flow.dst_port_be = socket.htons(9090)
     raw.flow.verdict = verdict
     raw.flow.comm = b"curl"
-    raw.kind = kind
-    raw.end_state = end_state
-    raw.end_ns = 1_250_000_000
-    raw.src_ip = ip_be(CLIENT.ip)
-    raw.src_port = 40000
-    raw.bytes_sent, raw.bytes_received = 120, 4096
+    raw.end.kind = kind
+    raw.end.end_state = end_state
+    raw.end.at_ns = 1_250_000_000
+    raw.end.src_ip = ip_be(CLIENT.ip)
+    raw.end.src_port = 40000
+    raw.end.bytes_sent, raw.end.bytes_received = 120, 4096
     return raw
 
 

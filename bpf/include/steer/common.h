@@ -36,6 +36,23 @@ static __always_inline struct steer_cfg *steer_config(void)
 	return steer_cfg.lookup(&zero);
 }
 
+/* A flow's record to steer_events; a full ring buffer is counted on the pod, never silent. */
+static __always_inline void steer_emit_flow(struct steer_flow *flow, __u64 cookie,
+					    struct steer_flow_end *end)
+{
+	struct steer_flow_event *event = steer_events.ringbuf_reserve(sizeof(*event));
+	if (!event) {
+		struct steer_counters *count = steer_count(flow->slot);
+		if (count)
+			count->events_lost++;
+		return;
+	}
+	__builtin_memcpy(&event->flow, flow, sizeof(*flow));
+	event->cookie = cookie;
+	__builtin_memcpy(&event->end, end, sizeof(*end));
+	steer_events.ringbuf_submit(event, 0);
+}
+
 static __always_inline __u32 steer_slot_of_ip(__u32 ip)
 {
 	__u32 *slot = steer_podips.lookup(&ip);

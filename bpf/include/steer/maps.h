@@ -158,16 +158,19 @@ struct steer_flow {
 };
 BPF_TABLE("lru_hash", __u64, struct steer_flow, steer_flows, STEER_MAX_FLOWS);
 
-struct steer_flow_event {
-	struct steer_flow flow;
-	__u64 cookie;
-	__u64 end_ns;
+struct steer_flow_end {
+	__u64 at_ns;
 	__u64 bytes_sent;     /* acknowledged by the peer */
 	__u64 bytes_received;
 	__u32 src_ip;
 	__u16 src_port;
 	__u8 kind;            /* STEER_FLOW_* */
 	__u8 end_state;       /* the TCP state the socket closed from */
+};
+struct steer_flow_event {
+	struct steer_flow flow;
+	__u64 cookie;
+	struct steer_flow_end end;
 };
 BPF_RINGBUF_OUTPUT(steer_events, STEER_EVENT_PAGES);
 
