@@ -172,6 +172,7 @@ class FlowEvent(ct.Structure):
 
 FLOW_REFUSED: Final = 1
 FLOW_CLOSED: Final = 2
+FLOW_OPENED: Final = 3
 VERDICT_NO_BACKEND: Final = 4
 
 

@@ -22,7 +22,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -49,7 +49,13 @@ from steer.model.enforce import Enforcement
 from steer.model.explain import HTTPRequest, explain, l4_decision
 from steer.model.pod import Pod
 from steer.node import libbpf
-from steer.node.bpfmaps import FLOW_CLOSED, VERDICT_NO_BACKEND, FlowEvent, ip_from_be
+from steer.node.bpfmaps import (
+    FLOW_CLOSED,
+    FLOW_OPENED,
+    VERDICT_NO_BACKEND,
+    FlowEvent,
+    ip_from_be,
+)
 from steer.render.xds import AUDIT_PREFIXES, RBAC_METADATA
 
 log = logging.getLogger("steer.observe")
@@ -137,8 +143,11 @@ def _audited(tags: Any) -> tuple[str, str] | None:
     return None
 
 
-def http_event(entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView) -> Event:
-    """One access log entry as a `steer observe` event."""
+def http_event(
+    entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView, openers: Openers | None = None
+) -> Event:
+    """One access log entry as a `steer observe` event; `openers` names the process behind
+    the client's connection, where the eBPF datapath saw it open."""
     common, request, response = entry.common_properties, entry.request, entry.response
     src_ip, src_port = _address(common.downstream_remote_address)
     dst_ip, dst_port = _address(common.downstream_local_address)
@@ -154,6 +163,7 @@ def http_event(entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView) -> Event
     )
     client = view.pods.get(src_ip)
     server = view.pods.get(dst_ip)
+    opener = openers.get(f"{src_ip}:{src_port}") if openers is not None else None
     subject = client or server
     denied = details.startswith("rbac_access_denied")
     # Refused before any rule (a steer refusal route, or the connection manager's checks).
@@ -174,10 +184,10 @@ def http_event(entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView) -> Event
         "pod": subject[0].name if subject else None,
         "namespace": subject[0].namespace if subject else None,
         "dst_pod": f"{server[0].namespace}/{server[0].name}" if server else None,
-        # The opener of the client's socket: known to the kernel's flow events, not to
-        # Envoy's access log.
-        "pid": None,
-        "comm": None,
+        # The opener of the client's socket: known to the kernel's flow events (eBPF), not
+        # to Envoy's access log.
+        "pid": opener[0] if opener else None,
+        "comm": opener[1] if opener else None,
         "src": f"{src_ip}:{src_port}",
         "dst": f"{dst_ip}:{dst_port}",
         "service": service,
@@ -240,13 +250,41 @@ def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None
     }
 
 
+class Openers:
+    """The process behind each recent connection of an eBPF pod, by its source address
+    (pod ip:port): Envoy's access log knows the client's address, not its process. Kept
+    for the last connections, closed ones too: an access log entry can come after the
+    close."""
+
+    def __init__(self, size: int = 16_384) -> None:
+        self._size = size
+        self._by_source: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, source: str, opener: tuple[int, str]) -> None:
+        with self._lock:
+            self._by_source[source] = opener
+            self._by_source.move_to_end(source)
+            while len(self._by_source) > self._size:
+                self._by_source.popitem(last=False)
+
+    def get(self, source: str) -> tuple[int, str] | None:
+        with self._lock:
+            return self._by_source.get(source)
+
+
 class FlowReader:
     """Reads the eBPF datapath's flow events from its ring buffer (pinned by the agent's
     BPF build), once the datapath is loaded; each becomes an event."""
 
     def __init__(
-        self, pin: Path, on_event: Callable[[Event], None], view: Callable[[], NodeView]
+        self,
+        pin: Path,
+        on_event: Callable[[Event], None],
+        view: Callable[[], NodeView],
+        openers: Openers,
     ) -> None:
+        self.openers = openers
         self._pin = pin
         self._on_event = on_event
         self._view = view
@@ -261,7 +299,14 @@ class FlowReader:
         self._thread.join(timeout=5)
 
     def _handle(self, data: bytes) -> None:
-        self._on_event(flow_event(FlowEvent.from_buffer_copy(data), self._view()))
+        raw = FlowEvent.from_buffer_copy(data)
+        if raw.end.kind == FLOW_OPENED:
+            # Not an event of its own (one record per flow, at its close): who opened the
+            # connection, for the HTTP events Envoy logs of it.
+            source = f"{ip_from_be(raw.end.src_ip)}:{raw.end.src_port}"
+            self.openers.remember(source, (raw.flow.tgid, raw.flow.comm.decode(errors="replace")))
+            return
+        self._on_event(flow_event(raw, self._view()))
 
     def _run(self) -> None:
         ring: libbpf.RingBuffer | None = None
@@ -323,11 +368,16 @@ class EventRing:
 
 class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(
-        self, ring: EventRing, view: Callable[[], NodeView], on_event: Callable[[Event], None]
+        self,
+        ring: EventRing,
+        view: Callable[[], NodeView],
+        on_event: Callable[[Event], None],
+        openers: Openers,
     ) -> None:
         self._ring = ring
         self._view = view
         self._on_event = on_event
+        self._openers = openers
 
     def StreamAccessLogs(
         self, request_iterator: Iterator[als_pb2.StreamAccessLogsMessage], context: Any
@@ -336,7 +386,7 @@ class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
             view = self._view()
             for entry in message.http_logs.log_entry:
                 try:
-                    event = http_event(entry, view)
+                    event = http_event(entry, view, self._openers)
                     self._ring.add(event)
                     self._on_event(event)
                 except Exception:  # one odd entry must not end Envoy's stream
@@ -411,6 +461,7 @@ class Observability:
     ring: EventRing = field(default_factory=EventRing)
     view: NodeView = field(default_factory=NodeView)
     flow_events: Path = BPF_PIN_DIR / "steer_events"
+    openers: Openers = field(default_factory=Openers)
     # Called with every event (the agent's metrics count them).
     on_event: Callable[[Event], None] = lambda event: None
     _grpc: grpc.Server | None = None
@@ -439,7 +490,7 @@ class Observability:
         _bind_path(self.als_socket)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            _AccessLogs(self.ring, lambda: self.view, self.on_event), server
+            _AccessLogs(self.ring, lambda: self.view, self.on_event, self.openers), server
         )
         # Owner-only from the start: the umask covers the moment before a chmod could.
         old = os.umask(0o077)
@@ -453,7 +504,7 @@ class Observability:
         observe.ring = self.ring
         threading.Thread(target=observe.serve_forever, name="steer-observe", daemon=True).start()
         self._grpc, self._observe = server, observe
-        self._flows = FlowReader(self.flow_events, self._add, lambda: self.view)
+        self._flows = FlowReader(self.flow_events, self._add, lambda: self.view, self.openers)
         self._flows.start()
 
     def stop(self) -> None:

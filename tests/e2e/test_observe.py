@@ -88,6 +88,11 @@ def test_allowed_and_denied_requests_name_pod_datapath_policy_and_rule(node: Pod
         assert (event["policy"], event["rule"]) == ("default/web-ingress", rule)
         assert (event["method"], event["dst"]) == ("GET", f"{node.ip('web')}:{HTTP_PORT}")
         assert event["src"].startswith(f"{node.ip('client')}:")
+        if node.dataplane == "ebpf":
+            # The process behind the request: connect4 saw it open the connection.
+            client = node.workers["client"]
+            comm = Path(f"/proc/{client.pid}/comm").read_text().strip()
+            assert (event["pid"], event["comm"]) == (client.pid, comm)
     secret = observed("/public/secret")[-1]
     # Envoy's RBAC verdict names the deny rule itself.
     assert (secret["verdict"], secret["rule"], secret["details"]) == (

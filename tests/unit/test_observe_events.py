@@ -13,7 +13,7 @@ from google.protobuf import wrappers_pb2
 
 from steer.constants import VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
 from steer.node.bpfmaps import FLOW_CLOSED, FLOW_REFUSED, FlowEvent, ip_be
-from steer.node.observe import EventRing, NodeView, flow_event, http_event, matches
+from steer.node.observe import EventRing, NodeView, Openers, flow_event, http_event, matches
 from tests.samples import CLIENT, WEB, sample_enforcement
 
 VIEW = NodeView({CLIENT.ip: (CLIENT, "ebpf"), WEB.ip: (WEB, "iptables")}, sample_enforcement())
@@ -171,3 +171,14 @@ def test_a_closed_flow_carries_its_bytes_duration_and_ending() -> None:
     )
     reset = flow_event(flow(VERDICT_L7, FLOW_CLOSED, end_state=1), SLOTTED, epoch_offset=0.0)
     assert (reset["end"], reset["via_envoy"]) == ("reset", True)
+
+
+def test_an_http_event_names_the_process_that_opened_its_connection() -> None:
+    openers = Openers(size=2)
+    openers.remember(f"{CLIENT.ip}:40000", (4242, "curl"))
+    event = http_event(entry("/public/a", 200, "via_upstream"), VIEW, openers)
+    assert (event["pid"], event["comm"]) == (4242, "curl")
+    # The table keeps the last connections only.
+    openers.remember("10.244.0.9:1", (1, "a"))
+    openers.remember("10.244.0.9:2", (2, "b"))
+    assert openers.get(f"{CLIENT.ip}:40000") is None

@@ -143,6 +143,7 @@ BPF_PERCPU_ARRAY(steer_counters, struct steer_counters, STEER_MAX_PODS);
  * verdict) waits in steer_flows under the socket's cookie until sockops sees the close. */
 #define STEER_FLOW_REFUSED 1
 #define STEER_FLOW_CLOSED 2
+#define STEER_FLOW_OPENED 3 /* established: its source port is known (for joining HTTP events) */
 #define STEER_VERDICT_NO_BACKEND 4 /* a Service without backends: refused */
 struct steer_flow {
 	__u64 start_ns;
