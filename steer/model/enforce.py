@@ -151,6 +151,14 @@ class Enforcement:
     def _by_ip(self) -> dict[IPv4Address, ManagedPod]:
         return {p.ip: p for p in self.pods}
 
+    def policy_key(self, policy_id: int) -> str | None:
+        """The namespace/name of the policy with this id (None: not one of these)."""
+        return self._keys_by_id.get(policy_id)
+
+    @cached_property
+    def _keys_by_id(self) -> dict[int, str]:
+        return {pid: key for key, pid in self.policy_ids.items()}
+
 
 def policy_id(key: str) -> int:
     """A policy's id in the conntrack mark: 1..4095, derived from its name alone.

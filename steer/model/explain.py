@@ -107,10 +107,7 @@ def explain(
     dataplane: str | None = None,
 ) -> Explanation:
     """The verdicts for `request` from `src` to `dst:port` under `enforcement`."""
-    policy_keys = {pid: key for key, pid in enforcement.policy_ids.items()}
-    egress, ingress = enforcement.egress.get(src), enforcement.ingress.get(dst)
-    kind, side, rule = deciding_sides(egress, ingress, src, dst, port)
-    decided = _Decided(side, rule)
+    kind, decided = _l4(enforcement, src, dst, port)
 
     def result(**fields: Any) -> Explanation:
         return Explanation(dataplane=dataplane, **fields)
@@ -120,7 +117,7 @@ def explain(
             l4=DENIED,
             via_envoy=False,
             http=None,
-            **_named(decided, policy_keys),
+            **_named(decided, enforcement),
             reason="the connect is refused: " + _why(decided, "denies"),
         )
     if kind != VERDICT_L7:
@@ -128,12 +125,17 @@ def explain(
             l4=ALLOWED,
             via_envoy=False,
             http=None,
-            **_named(decided, policy_keys),
+            **_named(decided, enforcement),
             reason="no HTTP rule covers the flow: it goes straight to the server, no Envoy",
         )
     source, destination = enforcement.pod_by_ip(src), enforcement.pod_by_ip(dst)
     if source is not None and exclusion_skips_envoy(
-        source, dst, port, dst_pod=destination, egress=egress, ingress=ingress
+        source,
+        dst,
+        port,
+        dst_pod=destination,
+        egress=enforcement.egress.get(src),
+        ingress=enforcement.ingress.get(dst),
     ):
         return result(
             l4=ALLOWED,
@@ -154,7 +156,7 @@ def explain(
         l4=ALLOWED,
         via_envoy=True,
         http=DENIED if http.denied else ALLOWED,
-        **_named(http.decided, policy_keys),
+        **_named(http.decided, enforcement),
         reason=http.reason,
     )
 
@@ -163,11 +165,17 @@ def l4_decision(
     enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, port: int
 ) -> tuple[str | None, str | None]:
     """(policy, rule) that decides the flow src -> dst:port at L4, as `explain` names them."""
-    policy_keys = {pid: key for key, pid in enforcement.policy_ids.items()}
-    egress, ingress = enforcement.egress.get(src), enforcement.ingress.get(dst)
-    _, side, rule = deciding_sides(egress, ingress, src, dst, port)
-    named = _named(_Decided(side, rule), policy_keys)
+    named = _named(_l4(enforcement, src, dst, port)[1], enforcement)
     return named["policy"], named["rule"]
+
+
+def _l4(
+    enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, port: int
+) -> tuple[int, _Decided]:
+    """The flow's verdict, and the side and rule that decide it (`deciding_sides`)."""
+    egress, ingress = enforcement.egress.get(src), enforcement.ingress.get(dst)
+    kind, side, rule = deciding_sides(egress, ingress, src, dst, port)
+    return kind, _Decided(side, rule)
 
 
 class UnknownPod(KeyError):
@@ -200,14 +208,14 @@ def explain_pods(
     )
 
 
-def _named(decided: _Decided, policy_keys: dict[int, str]) -> dict[str, str | None]:
+def _named(decided: _Decided, enforcement: Enforcement) -> dict[str, str | None]:
     if decided.rule is not None:
         return {"policy": decided.rule.policy_key, "rule": decided.rule.name}
     if decided.side is None:
         return {"policy": None, "rule": None}
     action = "allow" if decided.side.default_action is Action.ALLOW else "deny"
     return {
-        "policy": policy_keys.get(decided.side.default_policy_id),
+        "policy": enforcement.policy_key(decided.side.default_policy_id),
         "rule": f"default-{action}",
     }
 

@@ -117,8 +117,7 @@ def service_status(
 ) -> list[dict[str, object]]:
     """Each Service for `steer status`: its addresses, each port's backends and Envoy
     listener (`listeners`: by "namespace/name:port name"), and what is wrong with it
-    (the same reasons the agent reports as Events in a
-    cluster)."""
+    (the same reasons the agent reports as Events in a cluster)."""
     listeners = listeners or {}
     by_service: dict[str, list[Frontend]] = {}
     for frontend in found:

@@ -220,16 +220,13 @@ class ServiceView:
     @property
     def steering(self) -> ServiceSteering:
         ordered = tuple(sorted(self.frontends, key=_frontend_order))
-        ports = tuple(
-            (key, port)
-            for key in ordered
-            if key in self.via_envoy
-            and (
-                port := self.envoy_ports.get(
-                    (self.frontends[key].service, self.frontends[key].port_name), 0
-                )
-            )
-        )
+        # The renderer sends only via-Envoy frontends to their listener.
+        by_frontend = {
+            key: self.envoy_ports[(f.service, f.port_name)]
+            for key, f in self.frontends.items()
+            if (f.service, f.port_name) in self.envoy_ports
+        }
+        ports = tuple((key, by_frontend[key]) for key in ordered if key in by_frontend)
         return ServiceSteering(ordered, self.via_envoy, self.pod_cidrs, ports)
 
     def judge(self, enforcement: Enforcement) -> Callable[[Flow], int]:

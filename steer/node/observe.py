@@ -84,34 +84,33 @@ class NodeView:
     explained: dict[tuple[object, ...], Any] = field(default_factory=dict, compare=False)
 
     def l4_rule_for(self, src: str, dst: str, port: int) -> tuple[str | None, str | None]:
-        key = ("l4", src, dst, port)
-        if key not in self.explained:
-            if len(self.explained) >= _EXPLAINED_MAX:
-                self.explained.clear()
-            self.explained[key] = (
-                l4_decision(self.enforcement, IPv4Address(src), IPv4Address(dst), port)
-                if self.enforcement is not None
-                else None
-            )
-        return self.explained[key] or (None, None)
+        """(policy, rule) that decides the flow at L4, as `steer explain` names them."""
+        found: tuple[str | None, str | None] = self._memo(
+            ("l4", src, dst, port),
+            lambda enforcement: l4_decision(enforcement, IPv4Address(src), IPv4Address(dst), port),
+        )
+        return found or (None, None)
 
     def rule_for(
         self, src: str, dst: str, port: int, request: HTTPRequest
     ) -> tuple[str, str] | None:
         """(policy, rule) that decides `request`, as `steer explain` finds it."""
-        key = (src, dst, port, request)
-        if key in self.explained:
-            cached: tuple[str, str] | None = self.explained[key]
-            return cached
-        found = None
-        if self.enforcement is not None:
-            decided = explain(self.enforcement, IPv4Address(src), IPv4Address(dst), port, request)
-            if decided.policy is not None:
-                found = (decided.policy, decided.rule or "")
-        if len(self.explained) >= _EXPLAINED_MAX:
-            self.explained.clear()
-        self.explained[key] = found
+
+        def decide(enforcement: Enforcement) -> tuple[str, str] | None:
+            decided = explain(enforcement, IPv4Address(src), IPv4Address(dst), port, request)
+            return None if decided.policy is None else (decided.policy, decided.rule or "")
+
+        found: tuple[str, str] | None = self._memo((src, dst, port, request), decide)
         return found
+
+    def _memo(self, key: tuple[object, ...], decide: Callable[[Enforcement], Any]) -> Any:
+        """`decide` under the view's policies, once per key (None without policies)."""
+        if key not in self.explained:
+            if len(self.explained) >= _EXPLAINED_MAX:
+                self.explained.clear()
+            enforcement = self.enforcement
+            self.explained[key] = decide(enforcement) if enforcement is not None else None
+        return self.explained[key]
 
 
 def _address(address: Any) -> tuple[str, int]:
@@ -368,15 +367,10 @@ class EventRing:
 
 class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(
-        self,
-        ring: EventRing,
-        view: Callable[[], NodeView],
-        on_event: Callable[[Event], None],
-        openers: Openers,
+        self, add: Callable[[Event], None], view: Callable[[], NodeView], openers: Openers
     ) -> None:
-        self._ring = ring
+        self._add = add
         self._view = view
-        self._on_event = on_event
         self._openers = openers
 
     def StreamAccessLogs(
@@ -386,9 +380,7 @@ class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
             view = self._view()
             for entry in message.http_logs.log_entry:
                 try:
-                    event = http_event(entry, view, self._openers)
-                    self._ring.add(event)
-                    self._on_event(event)
+                    self._add(http_event(entry, view, self._openers))
                 except Exception:  # one odd entry must not end Envoy's stream
                     log.exception("access log entry not understood: %s", entry)
         return als_pb2.StreamAccessLogsResponse()
@@ -490,7 +482,7 @@ class Observability:
         _bind_path(self.als_socket)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            _AccessLogs(self.ring, lambda: self.view, self.on_event, self.openers), server
+            _AccessLogs(self._add, lambda: self.view, self.openers), server
         )
         # Owner-only from the start: the umask covers the moment before a chmod could.
         old = os.umask(0o077)

@@ -122,8 +122,9 @@ class ServiceSteering:
     via_envoy: frozenset[tuple[IPv4Address, int]] = frozenset()
     # Where pods' addresses come from (the lab's range; the nodes' podCIDRs in a cluster).
     pod_cidrs: tuple[IPv4Network, ...] = ()
-    # The Envoy listener of each via-Envoy frontend's Service port, where it is sent so
-    # that Envoy knows the Service (steer.model.servicepolicy); others go to the shared one.
+    # The Envoy listener of each frontend's Service port that has one
+    # (steer.model.servicepolicy): flows to a via-Envoy frontend are sent there, so that
+    # Envoy knows the Service.
     envoy_ports: tuple[tuple[tuple[IPv4Address, int], int], ...] = ()
 
 
