@@ -308,26 +308,74 @@ class FlowReader:
         self._on_event(flow_event(raw, self._view()))
 
     def _run(self) -> None:
-        ring: libbpf.RingBuffer | None = None
+        ring: _PinnedRing | None = None
         while not self._stop.is_set():
             if ring is None:
-                fd = libbpf.obj_get(self._pin)
-                if fd < 0:  # the datapath has not loaded its programs (yet)
+                ring = _PinnedRing.open(self._pin, self._handle)
+                if ring is None:  # the datapath has not loaded its programs (yet)
                     self._stop.wait(1.0)
-                    continue
-                try:
-                    ring = libbpf.RingBuffer(fd, self._handle)
-                except OSError as exc:
-                    log.error("flow events unavailable: %s", exc)
-                    os.close(fd)
-                    self._stop.wait(5.0)
                     continue
             if ring.poll(200) < 0:
                 log.warning("reading flow events failed; opening the ring buffer again")
                 ring.close()
                 ring = None
+            elif ring.replaced():
+                # The agent rebuilt its BPF objects (a stale pin from an older build, or an
+                # unload): the programs now write to the new ring. Drain the old one first.
+                ring.poll(0)
+                ring.close()
+                ring = None
         if ring is not None:
             ring.close()
+
+
+@dataclass
+class _PinnedRing:
+    """The ring buffer behind a pin, and which map it is: the pin can be replaced while
+    it is read, and a reader left on the old map would never see another event."""
+
+    pin: Path
+    fd: int
+    map_id: int
+    ring: libbpf.RingBuffer
+    checked: float = 0.0
+
+    @classmethod
+    def open(cls, pin: Path, on_sample: Callable[[bytes], None]) -> _PinnedRing | None:
+        fd = libbpf.obj_get(pin)
+        if fd < 0:
+            return None
+        info = libbpf.map_info(fd)
+        try:
+            if info is None:
+                raise OSError(f"reading the info of {pin}")
+            return cls(pin, fd, info.id, libbpf.RingBuffer(fd, on_sample), time.monotonic())
+        except OSError as exc:
+            log.error("flow events unavailable: %s", exc)
+            os.close(fd)
+            return None
+
+    def poll(self, timeout_ms: int) -> int:
+        return self.ring.poll(timeout_ms)
+
+    def replaced(self, every_s: float = 1.0) -> bool:
+        """Whether the pin now names another map (checked at most every `every_s`)."""
+        now = time.monotonic()
+        if now - self.checked < every_s:
+            return False
+        self.checked = now
+        fd = libbpf.obj_get(self.pin)
+        if fd < 0:
+            return True
+        try:
+            info = libbpf.map_info(fd)
+            return info is None or info.id != self.map_id
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.ring.close()
+        os.close(self.fd)
 
 
 class EventRing:
@@ -403,6 +451,7 @@ def _bind_path(path: Path) -> None:
 class _ObserveServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     ring: EventRing
+    openers: Openers
 
 
 class _ObserveHandler(socketserver.StreamRequestHandler):
@@ -429,8 +478,19 @@ class _ObserveHandler(socketserver.StreamRequestHandler):
 
     def _send(self, events: Sequence[Event]) -> None:
         for event in events:
+            join_opener(event, self.server.openers)
             self.wfile.write(json.dumps(_readable(event)).encode() + b"\n")
         self.wfile.flush()
+
+
+def join_opener(event: Event, openers: Openers) -> None:
+    """Name the process behind an HTTP event that came before its connection's open record:
+    the access log and the kernel's ring buffer are read by different threads, in no set
+    order. Written into the stored event, so every later read agrees."""
+    if event.get("layer") == "http" and event.get("pid") is None:
+        opener = openers.get(str(event.get("src")))
+        if opener is not None:
+            event["pid"], event["comm"] = opener
 
 
 def _readable(event: Event) -> Event:
@@ -493,7 +553,7 @@ class Observability:
             observe = _ObserveServer(str(self.observe_socket), _ObserveHandler)
         finally:
             os.umask(old)
-        observe.ring = self.ring
+        observe.ring, observe.openers = self.ring, self.openers
         threading.Thread(target=observe.serve_forever, name="steer-observe", daemon=True).start()
         self._grpc, self._observe = server, observe
         self._flows = FlowReader(self.flow_events, self._add, lambda: self.view, self.openers)

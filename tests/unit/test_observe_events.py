@@ -13,7 +13,15 @@ from google.protobuf import wrappers_pb2
 
 from steer.constants import VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
 from steer.node.bpfmaps import FLOW_CLOSED, FLOW_REFUSED, FlowEvent, ip_be
-from steer.node.observe import EventRing, NodeView, Openers, flow_event, http_event, matches
+from steer.node.observe import (
+    EventRing,
+    NodeView,
+    Openers,
+    flow_event,
+    http_event,
+    join_opener,
+    matches,
+)
 from tests.samples import CLIENT, WEB, sample_enforcement
 
 VIEW = NodeView({CLIENT.ip: (CLIENT, "ebpf"), WEB.ip: (WEB, "iptables")}, sample_enforcement())
@@ -182,3 +190,13 @@ def test_an_http_event_names_the_process_that_opened_its_connection() -> None:
     openers.remember("10.244.0.9:1", (1, "a"))
     openers.remember("10.244.0.9:2", (2, "b"))
     assert openers.get(f"{CLIENT.ip}:40000") is None
+
+
+def test_an_open_record_read_after_the_access_log_entry_still_names_the_process() -> None:
+    # Envoy's access log and the kernel's ring buffer are read by different threads.
+    openers = Openers()
+    event = http_event(entry("/public/a", 200, "via_upstream"), VIEW, openers)
+    assert event["pid"] is None
+    openers.remember(event["src"], (4242, "curl"))
+    join_opener(event, openers)
+    assert (event["pid"], event["comm"]) == (4242, "curl")
