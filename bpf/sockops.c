@@ -159,3 +159,49 @@ int steer_sockops(struct bpf_sock_ops *skops)
 	}
 	return 1;
 }
+
+/* sockops on the cgroups of pods on the iptables datapath. Nothing is steered or decided
+ * here (the pod's iptables rules do that); the flow is recorded for `steer observe`, since
+ * only the socket's own hooks run in the context of the process that opened it. At
+ * TCP_CONNECT_CB (inside connect(), the source port just chosen) the opener is known and
+ * sent at once, for the HTTP events of the same connection; the record is sent again at
+ * the close with the bytes each way. A connect iptables refuses closes from SYN_SENT. */
+int steer_observe_ops(struct bpf_sock_ops *skops)
+{
+	if (!steer_is_ipv4(skops))
+		return 1;
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
+		__u32 remote = skops->remote_ip4;
+		/* Loopback and the pod's own address are not flows steer decides. */
+		if ((bpf_ntohl(remote) >> 24) == 127 || remote == skops->local_ip4)
+			return 1;
+		struct steer_flow flow = {
+			.start_ns = bpf_ktime_get_ns(),
+			.tgid = (__u32)(bpf_get_current_pid_tgid() >> 32),
+			.dialled_ip = remote,
+			.dst_ip = remote,
+			.dialled_port_be = (__u16)(skops->remote_port >> 16),
+			.dst_port_be = (__u16)(skops->remote_port >> 16),
+			.verdict = STEER_VERDICT_IPTABLES,
+		};
+		bpf_get_current_comm(&flow.comm, sizeof(flow.comm));
+		__u64 cookie = bpf_get_socket_cookie(skops);
+		steer_flows.update(&cookie, &flow);
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		struct steer_flow_end opened = {
+			.at_ns = flow.start_ns,
+			.src_ip = skops->local_ip4,
+			.src_port = (__u16)skops->local_port,
+			.kind = STEER_FLOW_OPENED,
+		};
+		steer_emit_flow(&flow, cookie, &opened);
+		break;
+	}
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			steer_flow_closed(skops);
+		break;
+	}
+	return 1;
+}

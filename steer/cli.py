@@ -141,7 +141,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     inputs = LocalInputs(args.policies, args.lab_state)
     if args.dry_run:
         return _agent_dry_run(inputs, args.envoy_ip or LAB_GATEWAY_IP)
-    agent = LocalAgent(inputs, datapath=NodeDatapath(envoy_ip=args.envoy_ip or LAB_GATEWAY_IP))
+    agent = LocalAgent(
+        inputs,
+        datapath=NodeDatapath(envoy_ip=args.envoy_ip or LAB_GATEWAY_IP, observe_flows=True),
+    )
     if args.once:
         report = agent.sync()
         for message in report.errors:
@@ -233,7 +236,7 @@ def _run_kube_agent(args: argparse.Namespace, stop: threading.Event) -> int:
         api,
         args.node_name,
         root,
-        NodeDatapath(envoy_ip=args.envoy_ip),
+        NodeDatapath(envoy_ip=args.envoy_ip, observe_flows=True),
         envoy_cgroup=args.envoy_cgroup or _own_pod_cgroup(api, root),
         envoy_admin=args.envoy_admin,
         datapath_netns=args.netns,

@@ -161,12 +161,13 @@ def explain(
     )
 
 
-def l4_decision(
+def l4_verdict(
     enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, port: int
-) -> tuple[str | None, str | None]:
-    """(policy, rule) that decides the flow src -> dst:port at L4, as `explain` names them."""
-    named = _named(_l4(enforcement, src, dst, port)[1], enforcement)
-    return named["policy"], named["rule"]
+) -> tuple[int, str | None, str | None]:
+    """The flow's L4 verdict (VERDICT_*), with the policy and rule that decide it."""
+    kind, decided = _l4(enforcement, src, dst, port)
+    named = _named(decided, enforcement)
+    return kind, named["policy"], named["rule"]
 
 
 def _l4(

@@ -220,6 +220,9 @@ def observe_view(
             datapath.iptables.enforcement,
             {slot: key for key, (_, slot, _) in installed.items()},
         )
+        now = time.time()
+        for source in report.revoked_flows:
+            observability.revoked.remember(source, now)
 
 
 @contextlib.contextmanager

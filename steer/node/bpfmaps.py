@@ -174,6 +174,8 @@ FLOW_REFUSED: Final = 1
 FLOW_CLOSED: Final = 2
 FLOW_OPENED: Final = 3
 VERDICT_NO_BACKEND: Final = 4
+# A pod on iptables: its rules decided the flow; the record says who opened it and how.
+VERDICT_IPTABLES: Final = 5
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,7 @@ PROGRAMS: Final = (
     Program("steer_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS"),
     Program("steer_skmsg", "SK_MSG", "SK_MSG_VERDICT"),
     Program("steer_sockopt", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT"),
+    Program("steer_observe_ops", "SOCK_OPS", "CGROUP_SOCK_OPS"),
 )
 PROGRAM_BY_NAME: Final = {p.name: p for p in PROGRAMS}
 POD_PROGRAMS: Final = (
@@ -225,6 +228,8 @@ POD_PROGRAMS: Final = (
     "steer_sockops",
 )
 ENVOY_PROGRAMS: Final = ("steer_sockops", "steer_sockopt")
+# On the cgroups of pods on the iptables datapath: flow records only (when BPF is there).
+OBSERVE_PROGRAMS: Final = ("steer_observe_ops",)
 
 
 def ip_be(ip: IPv4Address | str) -> int:

@@ -29,6 +29,7 @@ from steer.node.bpfmaps import (
     CFG_SKMSG,
     COUNTER_NAMES,
     ENVOY_PROGRAMS,
+    OBSERVE_PROGRAMS,
     POD_PROGRAMS,
     Cfg,
     CountersVal,
@@ -222,6 +223,17 @@ class BpfObjects:
             self._write_state()
         for program in POD_PROGRAMS:
             self._attach(cgroup, program)
+
+    def observe_pod(self, cgroup: str) -> None:
+        """Record the flows of a pod on iptables (who opened each, its bytes, its end)."""
+        for program in OBSERVE_PROGRAMS:
+            self._attach(cgroup, program)
+
+    def unobserve_pod(self, cgroup: str) -> None:
+        for attachment in [
+            a for a in self.attachments if a.cgroup == cgroup and a.program in OBSERVE_PROGRAMS
+        ]:
+            self._detach(attachment)
 
     def remove_pod(self, cgroup: str, slot: int, ip: str) -> None:
         """Stop steering new connects; established ones keep their sockets and go on."""

@@ -98,6 +98,8 @@ class SyncReport:
     # Where the sync's time went, by phase (load, resolve, render, ebpf, iptables, revoke,
     # status), in ms: for `steer status` and the churn benchmark.
     phases_ms: dict[str, float] = field(default_factory=dict)
+    # The client end ("ip:port") of each flow revoked, for `steer observe`.
+    revoked_flows: list[str] = field(default_factory=list)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -109,15 +111,18 @@ class SyncReport:
             self.phases_ms[name] = self.phases_ms.get(name, 0.0) + spent
 
 
-def _guarded(report: SyncReport, what: str, action: Callable[[], int]) -> int:
-    """Run one revocation pass; netlink trouble is reported, never fatal: the new rules
-    are in force either way, and unrevoked flows end on their own."""
+def _revoke(report: SyncReport, what: str, action: Callable[[], list[str]]) -> None:
+    """Run one revocation pass and count what it revoked; netlink trouble is reported,
+    never fatal: the new rules are in force either way, and unrevoked flows end on their
+    own."""
     try:
-        return action()
+        sources = action()
     except (OSError, NetlinkError, subprocess.SubprocessError) as exc:
         report.errors.append(f"{what} failed: {exc}")
         log.error("rules applied, but %s failed: %s", what, exc)
-        return 0
+        return
+    report.revoked += len(sources)
+    report.revoked_flows += sources
 
 
 def apply_ruleset(
@@ -303,10 +308,13 @@ class IptablesDatapath:
             scope = None
         self.enforcement, self.services = enforcement, services
         with report.phase("revoke"):
-            report.revoked += _guarded(
+            _revoke(
                 report,
                 "revoking iptables flows",
-                lambda: len(revoke_conntrack(self.kernel, services.judge(enforcement), scope)),
+                lambda: [
+                    f"{flow.src}:{flow.sport}"
+                    for flow in revoke_conntrack(self.kernel, services.judge(enforcement), scope)
+                ],
             )
         return True
 
@@ -381,6 +389,8 @@ class EbpfDatapath:
     # this side can revoke them.
     former: set[str] = field(default_factory=set)
     map_full_seen: dict[str, int] = field(default_factory=dict)
+    # Pods on iptables whose flows the observe program records: key -> cgroup.
+    observed: dict[str, str] = field(default_factory=dict)
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per-pod counters; a map that filled up since the last look is logged, since
@@ -399,12 +409,23 @@ class EbpfDatapath:
         return out
 
     def sync(
-        self, enforcement: Enforcement, wanted: dict[str, PodPolicy], envoy_cgroup: str
+        self,
+        enforcement: Enforcement,
+        wanted: dict[str, PodPolicy],
+        envoy_cgroup: str,
+        observe: Mapping[str, str] | None = None,
     ) -> None:
+        """`observe`: pods on iptables (key -> cgroup) whose flows are to be recorded."""
         bpf = self.bpf
         if envoy_cgroup:
             bpf.attach_envoy(envoy_cgroup)
         pods = {p.pod.key: p for p in enforcement.pods}
+        observe = observe or {}
+        # Off a pod before its eBPF programs go on: both would record its flows.
+        for key, cgroup in list(self.observed.items()):
+            if observe.get(key) != cgroup:
+                bpf.unobserve_pod(cgroup)
+                del self.observed[key]
         for key in [k for k in self.installed if k not in wanted]:
             cgroup, slot, policy = self.installed.pop(key)
             bpf.remove_pod(cgroup, slot, str(policy.ip))
@@ -423,21 +444,25 @@ class EbpfDatapath:
                 # new UID, and so a new cgroup): the old one keeps no entry and no program.
                 bpf.forget_cgroup(was[0])
             self.installed[key] = (cgroup, slot, policy)
+        for key, cgroup in observe.items():
+            if key not in self.observed:
+                bpf.observe_pod(cgroup)
+                self.observed[key] = cgroup
 
-    def revoke(self, enforcement: Enforcement) -> int:
+    def revoke(self, enforcement: Enforcement) -> list[str]:
         """Abort the connections eBPF pods (and pods that were on eBPF) opened under eBPF
-        whose verdict the new policy changes."""
+        whose verdict the new policy changes; their client ends ("ip:port")."""
         bpf = self.bpf
         scope = touched(self.enforcement, enforcement)
         self.enforcement = enforcement
         if scope is not None and not scope:
-            return 0
+            return []
         by_ip = {
             p.ip: p
             for p in enforcement.pods
             if p.pod.key in self.installed or p.pod.key in self.former
         }
-        revoked = 0
+        revoked: list[str] = []
         for client_ip, client_port, envoy_port, orig_ip, orig_port in bpf.steered_flows():
             if scope is not None and not (
                 client_ip in scope.sources or orig_ip in scope.destinations
@@ -450,7 +475,7 @@ class EbpfDatapath:
                     (str(client_ip), client_port),
                     (self.envoy_ip, envoy_port),
                 )
-                revoked += 1
+                revoked.append(f"{client_ip}:{client_port}")
         # Direct flows of eBPF pods carry no verdict mark: read those of the touched
         # addresses (or, with no scope, of every eBPF pod).
         direct = bpf.kernel.conntrack_flows(
@@ -467,7 +492,7 @@ class EbpfDatapath:
                 bpf.kernel.destroy_socket(
                     pod.pod.netns, (str(flow.src), flow.sport), (str(flow.dst), flow.dport)
                 )
-                revoked += 1
+                revoked.append(f"{flow.src}:{flow.sport}")
         return revoked
 
 
@@ -484,6 +509,9 @@ class NodeDatapath:
     _maps: BpfPolicyCache = field(default_factory=BpfPolicyCache)
     _drift_checked_at: float = field(default_factory=time.monotonic)
     _content_checked_at: float = field(default_factory=time.monotonic)
+    # Record the flows of pods on iptables with the observe program, where BPF works: the
+    # agent's `steer observe` wants them; a datapath driven by a test need not load BPF.
+    observe_flows: bool = False
 
     def __post_init__(self) -> None:
         self.iptables = IptablesDatapath(self.kernel)
@@ -564,7 +592,16 @@ class NodeDatapath:
             wanted = self._choose(enforcement, report)
         # Services need the programs even with every pod on iptables: the getsockopt hook
         # names the backend of a Service flow sent to Envoy before kube-proxy.
-        ebpf = self._ebpf() if wanted or services else self.ebpf
+        observe = (
+            {
+                p.pod.key: p.pod.cgroup
+                for p in enforcement.pods
+                if p.pod.key not in wanted and p.pod.cgroup
+            }
+            if self.observe_flows and self.features.ebpf
+            else {}
+        )
+        ebpf = self._ebpf() if wanted or services or observe else self.ebpf
         if wanted and ebpf is None:
             # Loading failed just now and turned eBPF off: every pod goes to iptables,
             # with the load error as the reason.
@@ -589,7 +626,7 @@ class NodeDatapath:
                     # connect4 does not know yet (it would reach kube-proxy unbalanced).
                     failed = ebpf.bpf.set_services(list(services), envoy_ports)
                     report.service_fallbacks = [f.label for f in failed]
-                    ebpf.sync(enforcement, wanted, envoy_cgroup)
+                    ebpf.sync(enforcement, wanted, envoy_cgroup, observe)
                 if envoy_cgroup:
                     known = [f for f in services if f not in failed]
             except (OSError, RuntimeError) as exc:
@@ -604,9 +641,7 @@ class NodeDatapath:
             # in its maps. Only what the change touched is read.
             if ebpf is not None and in_force:
                 with report.phase("revoke"):
-                    report.revoked += _guarded(
-                        report, "revoking eBPF flows", lambda: ebpf.revoke(enforcement)
-                    )
+                    _revoke(report, "revoking eBPF flows", lambda: ebpf.revoke(enforcement))
         return report
 
     def unload(self) -> None:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -46,12 +46,13 @@ from steer.constants import (
     VERDICT_L7,
 )
 from steer.model.enforce import Enforcement
-from steer.model.explain import HTTPRequest, explain, l4_decision
+from steer.model.explain import HTTPRequest, explain, l4_verdict
 from steer.model.pod import Pod
 from steer.node import libbpf
 from steer.node.bpfmaps import (
     FLOW_CLOSED,
     FLOW_OPENED,
+    VERDICT_IPTABLES,
     VERDICT_NO_BACKEND,
     FlowEvent,
     ip_from_be,
@@ -60,6 +61,7 @@ from steer.render.xds import AUDIT_PREFIXES, RBAC_METADATA
 
 log = logging.getLogger("steer.observe")
 Event = dict[str, Any]
+V = TypeVar("V")
 # An RBAC denial names the matched policy: "<pod>:<policy namespace>/<name>/<index>/<rule>"
 # (steer.render.xds.rbac_key), or "none" when an allow filter matched nothing.
 _RBAC_DENIED = re.compile(r"rbac_access_denied_matched_policy\[(.*)\]")
@@ -83,13 +85,15 @@ class NodeView:
     # view, which each sync replaces.
     explained: dict[tuple[object, ...], Any] = field(default_factory=dict, compare=False)
 
-    def l4_rule_for(self, src: str, dst: str, port: int) -> tuple[str | None, str | None]:
-        """(policy, rule) that decides the flow at L4, as `steer explain` names them."""
-        found: tuple[str | None, str | None] = self._memo(
+    def l4_verdict_for(
+        self, src: str, dst: str, port: int
+    ) -> tuple[int | None, str | None, str | None]:
+        """(VERDICT_*, policy, rule) of the flow at L4, as `steer explain` finds them."""
+        found: tuple[int | None, str | None, str | None] = self._memo(
             ("l4", src, dst, port),
-            lambda enforcement: l4_decision(enforcement, IPv4Address(src), IPv4Address(dst), port),
+            lambda enforcement: l4_verdict(enforcement, IPv4Address(src), IPv4Address(dst), port),
         )
-        return found or (None, None)
+        return found or (None, None, None)
 
     def rule_for(
         self, src: str, dst: str, port: int, request: HTTPRequest
@@ -146,7 +150,7 @@ def http_event(
     entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView, openers: Openers | None = None
 ) -> Event:
     """One access log entry as a `steer observe` event; `openers` names the process behind
-    the client's connection, where the eBPF datapath saw it open."""
+    the client's connection, where a socket hook saw it open."""
     common, request, response = entry.common_properties, entry.request, entry.response
     src_ip, src_port = _address(common.downstream_remote_address)
     dst_ip, dst_port = _address(common.downstream_local_address)
@@ -211,17 +215,26 @@ def _monotonic_to_epoch() -> float:
 
 
 def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None) -> Event:
-    """One flow of an eBPF-steered pod, as connect4 and sockops recorded it."""
+    """One flow of a pod, as its socket hooks recorded it: on eBPF, connect4 (with the
+    verdict it applied) and sockops; on iptables, the observe program (the verdict is the
+    rules', found by the same decision code they were rendered from)."""
     flow, end = raw.flow, raw.end
     offset = _monotonic_to_epoch() if epoch_offset is None else epoch_offset
-    pod = view.slots.get(flow.slot)
+    on_iptables = flow.verdict == VERDICT_IPTABLES
+    src_ip = str(ip_from_be(end.src_ip))
+    known = view.pods.get(src_ip) if on_iptables else None
+    pod = known[0] if known else view.slots.get(flow.slot)
     dst_ip, dst_port = str(ip_from_be(flow.dst_ip)), socket.ntohs(flow.dst_port_be)
     dialled = f"{ip_from_be(flow.dialled_ip)}:{socket.ntohs(flow.dialled_port_be)}"
-    denied = flow.verdict in (VERDICT_DENY, VERDICT_NO_BACKEND)
+    verdict: int | None = flow.verdict
     policy, rule = (None, None)
     if pod is not None and flow.verdict != VERDICT_NO_BACKEND:
-        policy, rule = view.l4_rule_for(pod.ip, dst_ip, dst_port)
+        decided, policy, rule = view.l4_verdict_for(pod.ip, dst_ip, dst_port)
+        if on_iptables:
+            verdict = decided
+    denied = verdict in (VERDICT_DENY, VERDICT_NO_BACKEND)
     closed = end.kind == FLOW_CLOSED
+    ended = _ENDED_BY.get(end.end_state, "fin") if closed else "refused"
     return {
         "time": flow.start_ns / 1e9 + offset,
         "layer": "l4",
@@ -230,13 +243,11 @@ def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None
         "namespace": pod.namespace if pod else None,
         "pid": flow.tgid,
         "comm": flow.comm.decode(errors="replace"),
-        "src": f"{ip_from_be(end.src_ip)}:{end.src_port}"
-        if closed
-        else str(ip_from_be(end.src_ip)),
+        "src": f"{src_ip}:{end.src_port}" if closed else src_ip,
         "dst": dialled,
         "backend": f"{dst_ip}:{dst_port}",
-        "dataplane": "ebpf",
-        "via_envoy": flow.verdict == VERDICT_L7,
+        "dataplane": "iptables" if on_iptables else "ebpf",
+        "via_envoy": verdict == VERDICT_L7,
         "policy": policy,
         "rule": "no-backend" if flow.verdict == VERDICT_NO_BACKEND else rule,
         "method": None,
@@ -245,31 +256,38 @@ def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None
         "bytes_sent": end.bytes_sent,
         "bytes_received": end.bytes_received,
         "duration_ms": round((end.at_ns - flow.start_ns) / 1e6, 3),
-        "end": _ENDED_BY.get(end.end_state, "fin") if closed else "refused",
+        # A refused connect on iptables is the rules' TCP reset: the socket closes from
+        # SYN_SENT, like any connect the peer refuses.
+        "end": ended,
     }
 
 
-class Openers:
-    """The process behind each recent connection of an eBPF pod, by its source address
-    (pod ip:port): Envoy's access log knows the client's address, not its process. Kept
-    for the last connections, closed ones too: an access log entry can come after the
-    close."""
+class Recent(Generic[V]):
+    """What is known of the last connections, by their client end (pod ip:port), closed
+    ones too: an access log entry or a flow's close can come after the fact."""
 
     def __init__(self, size: int = 16_384) -> None:
         self._size = size
-        self._by_source: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        self._by_source: OrderedDict[str, V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def remember(self, source: str, opener: tuple[int, str]) -> None:
+    def remember(self, source: str, value: V) -> None:
         with self._lock:
-            self._by_source[source] = opener
+            self._by_source[source] = value
             self._by_source.move_to_end(source)
             while len(self._by_source) > self._size:
                 self._by_source.popitem(last=False)
 
-    def get(self, source: str) -> tuple[int, str] | None:
+    def get(self, source: str) -> V | None:
         with self._lock:
             return self._by_source.get(source)
+
+
+# The process behind each recent connection (pid, comm): Envoy's access log knows the
+# client's address, not its process.
+Openers = Recent[tuple[int, str]]
+# Connections a policy change revoked, with when.
+Revoked = Recent[float]
 
 
 class FlowReader:
@@ -452,6 +470,7 @@ class _ObserveServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
     daemon_threads = True
     ring: EventRing
     openers: Openers
+    revoked: Revoked
 
 
 class _ObserveHandler(socketserver.StreamRequestHandler):
@@ -478,19 +497,28 @@ class _ObserveHandler(socketserver.StreamRequestHandler):
 
     def _send(self, events: Sequence[Event]) -> None:
         for event in events:
-            join_opener(event, self.server.openers)
+            join_late(event, self.server.openers, self.server.revoked)
             self.wfile.write(json.dumps(_readable(event)).encode() + b"\n")
         self.wfile.flush()
 
 
-def join_opener(event: Event, openers: Openers) -> None:
-    """Name the process behind an HTTP event that came before its connection's open record:
-    the access log and the kernel's ring buffer are read by different threads, in no set
-    order. Written into the stored event, so every later read agrees."""
+def join_late(event: Event, openers: Openers, revoked: Revoked) -> None:
+    """What was learnt of an event's connection after the event: the process behind an
+    HTTP event whose open record came later (the access log and the kernel's ring buffer
+    are read by different threads, in no set order), and the revocation of a flow that
+    closed while the sync that revoked it was still running. Written into the stored
+    event, so every later read agrees."""
+    source = str(event.get("src"))
     if event.get("layer") == "http" and event.get("pid") is None:
-        opener = openers.get(str(event.get("src")))
+        opener = openers.get(source)
         if opener is not None:
             event["pid"], event["comm"] = opener
+    elif (
+        event.get("layer") == "l4"
+        and event.get("end") not in ("refused", "revoked")
+        and revoked.get(source) is not None
+    ):
+        event["end"] = "revoked"
 
 
 def _readable(event: Event) -> Event:
@@ -514,6 +542,7 @@ class Observability:
     view: NodeView = field(default_factory=NodeView)
     flow_events: Path = BPF_PIN_DIR / "steer_events"
     openers: Openers = field(default_factory=Openers)
+    revoked: Revoked = field(default_factory=Revoked)
     # Called with every event (the agent's metrics count them).
     on_event: Callable[[Event], None] = lambda event: None
     _grpc: grpc.Server | None = None
@@ -553,7 +582,7 @@ class Observability:
             observe = _ObserveServer(str(self.observe_socket), _ObserveHandler)
         finally:
             os.umask(old)
-        observe.ring, observe.openers = self.ring, self.openers
+        observe.ring, observe.openers, observe.revoked = self.ring, self.openers, self.revoked
         threading.Thread(target=observe.serve_forever, name="steer-observe", daemon=True).start()
         self._grpc, self._observe = server, observe
         self._flows = FlowReader(self.flow_events, self._add, lambda: self.view, self.openers)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from steer.cli import main
 from steer.constants import CONTROL_METRICS_PORT, LAB_NODE_NAME, METRICS_PORT, NODE_NETNS
+from steer.lab.podproc import PodProcessError
 from steer.node.netns import run_in_netns
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 from tests.e2e.test_http_policy import (
@@ -88,11 +89,11 @@ def test_allowed_and_denied_requests_name_pod_datapath_policy_and_rule(node: Pod
         assert (event["policy"], event["rule"]) == ("default/web-ingress", rule)
         assert (event["method"], event["dst"]) == ("GET", f"{node.ip('web')}:{HTTP_PORT}")
         assert event["src"].startswith(f"{node.ip('client')}:")
-        if node.dataplane == "ebpf":
-            # The process behind the request: connect4 saw it open the connection.
-            client = node.workers["client"]
-            comm = Path(f"/proc/{client.pid}/comm").read_text().strip()
-            assert (event["pid"], event["comm"]) == (client.pid, comm)
+        # The process behind the request: a socket hook saw it open the connection
+        # (sockops on eBPF, the observe program on iptables).
+        client = node.workers["client"]
+        comm = Path(f"/proc/{client.pid}/comm").read_text().strip()
+        assert (event["pid"], event["comm"]) == (client.pid, comm)
     secret = observed("/public/secret")[-1]
     # Envoy's RBAC verdict names the deny rule itself.
     assert (secret["verdict"], secret["rule"], secret["details"]) == (
@@ -192,9 +193,8 @@ def test_audit_mode_lets_a_request_through_and_records_it(node: PodsNode) -> Non
 
 def test_l4_flows_name_the_process_behind_them(node: PodsNode) -> None:
     """A connect refused at L4 and a direct flow, each an event with the client worker's
-    pid and comm, the deciding rule, and for the flow its bytes and how it ended."""
-    if node.dataplane != "ebpf":
-        pytest.skip("flow events come from the eBPF hooks (connect4, sockops) only for now")
+    pid and comm, the deciding rule, and for the flow its bytes and how it ended. On
+    iptables the refusal is the rules' TCP reset, seen by the observe program."""
     apply(
         node,
         ingress(
@@ -224,6 +224,7 @@ def test_l4_flows_name_the_process_behind_them(node: PodsNode) -> None:
         comm,
         "client",
     )
+    assert denied["dataplane"] == served["dataplane"] == node.dataplane
     assert (denied["policy"], denied["rule"]) == ("default/web-ingress", "no-debug")
     assert (served["verdict"], served["via_envoy"], served["comm"], served["end"]) == (
         "allowed",
@@ -233,3 +234,34 @@ def test_l4_flows_name_the_process_behind_them(node: PodsNode) -> None:
     )
     assert served["bytes_sent"] > 0 and served["bytes_received"] > 0
     assert served["src"].startswith(f"{node.ip('client')}:")
+
+
+def test_a_flow_a_policy_change_revokes_ends_revoked(node: PodsNode) -> None:
+    """An allowed direct flow, then a policy that denies it: the agent revokes the live
+    connection (socket destroyed on eBPF, conntrack entry dropped on iptables), and its
+    flow event ends `revoked`, not a plain reset."""
+    apply(node)
+    client = node.workers["client"]
+    conn = client.http_open(node.ip("api"), HTTP_PORT)
+    try:
+        opened = client.http_request(conn, "GET", f"/kept/{time.monotonic_ns()}")
+        assert opened.status == 200
+        apply(
+            node,
+            ingress("api", {"name": "closed", "action": "Deny", "ports": [{"port": HTTP_PORT}]}),
+        )
+        with pytest.raises(PodProcessError):
+            client.http_request(conn, "GET", "/after")
+    finally:
+        client.http_close(conn)
+    source = f"{node.ip('client')}:{opened.local_port}"
+    deadline = time.monotonic() + 10
+    while True:
+        ended = [e for e in observe("--last", "1000", "--layer", "l4") if e["src"] == source]
+        if ended or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert ended, f"no flow event from {source}"
+    (flow,) = ended
+    assert (flow["end"], flow["pid"], flow["dataplane"]) == ("revoked", client.pid, node.dataplane)
+    assert flow["dst"] == f"{node.ip('api')}:{HTTP_PORT}"

@@ -12,14 +12,15 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
 from steer.constants import VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
-from steer.node.bpfmaps import FLOW_CLOSED, FLOW_REFUSED, FlowEvent, ip_be
+from steer.node.bpfmaps import FLOW_CLOSED, FLOW_REFUSED, VERDICT_IPTABLES, FlowEvent, ip_be
 from steer.node.observe import (
     EventRing,
     NodeView,
     Openers,
+    Revoked,
     flow_event,
     http_event,
-    join_opener,
+    join_late,
     matches,
 )
 from tests.samples import CLIENT, WEB, sample_enforcement
@@ -198,5 +199,42 @@ def test_an_open_record_read_after_the_access_log_entry_still_names_the_process(
     event = http_event(entry("/public/a", 200, "via_upstream"), VIEW, openers)
     assert event["pid"] is None
     openers.remember(event["src"], (4242, "curl"))
-    join_opener(event, openers)
+    join_late(event, openers, Revoked())
     assert (event["pid"], event["comm"]) == (4242, "curl")
+
+
+def test_a_flow_a_policy_change_revoked_ends_revoked() -> None:
+    revoked = Revoked()
+    event = flow_event(flow(VERDICT_ALLOW, FLOW_CLOSED, end_state=1), SLOTTED, epoch_offset=0.0)
+    join_late(event, Openers(), revoked)
+    assert event["end"] == "reset"
+    revoked.remember(event["src"], 1.0)
+    join_late(event, Openers(), revoked)
+    assert event["end"] == "revoked"
+    # A refused connect was never a flow to revoke.
+    refused = flow_event(flow(VERDICT_DENY, FLOW_REFUSED), SLOTTED, epoch_offset=0.0)
+    revoked.remember(refused["src"], 1.0)
+    join_late(refused, Openers(), revoked)
+    assert refused["end"] == "refused"
+
+
+def test_a_flow_of_a_pod_on_iptables_gets_its_verdict_from_the_rules_decision() -> None:
+    # The observe program knows the opener, not the verdict: the pod is found by its
+    # address, the verdict by the decision code the iptables rules were rendered from.
+    raw = flow(VERDICT_IPTABLES, FLOW_CLOSED, end_state=2)  # reset in SYN_SENT
+    raw.flow.slot = 0
+    raw.flow.dialled_ip, raw.flow.dialled_port_be = raw.flow.dst_ip, raw.flow.dst_port_be
+    event = flow_event(raw, VIEW, epoch_offset=0.0)
+    assert {k: event[k] for k in ("verdict", "pod", "pid", "comm", "end", "dataplane")} == {
+        "verdict": "denied",
+        "pod": "client",
+        "pid": 4242,
+        "comm": "curl",
+        "end": "refused",
+        "dataplane": "iptables",
+    }
+    assert (event["policy"], event["rule"], event["dst"]) == (
+        "default/web",
+        "no-debug-port",
+        f"{WEB.ip}:9090",
+    )

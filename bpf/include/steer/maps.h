@@ -145,6 +145,7 @@ BPF_PERCPU_ARRAY(steer_counters, struct steer_counters, STEER_MAX_PODS);
 #define STEER_FLOW_CLOSED 2
 #define STEER_FLOW_OPENED 3 /* established: its source port is known (for joining HTTP events) */
 #define STEER_VERDICT_NO_BACKEND 4 /* a Service without backends: refused */
+#define STEER_VERDICT_IPTABLES 5   /* a pod on iptables: its rules decide, not a hook here */
 struct steer_flow {
 	__u64 start_ns;
 	__u32 tgid;            /* the process that called connect() */
