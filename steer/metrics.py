@@ -34,16 +34,16 @@ class AgentMetrics:
         self.registry = registry or CollectorRegistry()
         self.http_requests = Counter(
             "steer_http_requests",
-            "HTTP requests through the node's Envoy, by verdict, the client's datapath and "
-            "the deciding policy",
-            ["verdict", "dataplane", "policy"],
+            "HTTP requests through the node's Envoy, by verdict, the client's datapath, "
+            "direction (egress: the client is on this node) and the deciding policy",
+            ["verdict", "dataplane", "direction", "policy"],
             registry=self.registry,
         )
         self.flows = Counter(
             "steer_flows",
-            "TCP flows opened by steered pods, by verdict, datapath and deciding policy "
-            "(each counted once, when its event reaches the agent)",
-            ["verdict", "dataplane", "policy"],
+            "TCP flows opened by steered pods, by verdict, datapath, direction and deciding "
+            "policy (each counted once, when its event reaches the agent)",
+            ["verdict", "dataplane", "direction", "policy"],
             registry=self.registry,
         )
         self.revocations = Counter(
@@ -57,7 +57,7 @@ class AgentMetrics:
             ["result"],
             registry=self.registry,
         )
-        self._children: dict[tuple[str, str, str, str], Any] = {}
+        self._children: dict[tuple[str, ...], Any] = {}
         self.sync_seconds = Histogram(
             "steer_agent_sync_seconds",
             "Time from reading a change to the node's datapath enforcing it",
@@ -69,6 +69,7 @@ class AgentMetrics:
         labels = (
             event.get("verdict") or "unknown",
             event.get("dataplane") or "none",
+            event.get("direction") or "none",
             event.get("policy") or "none",
         )
         layer = str(event.get("layer"))

@@ -54,9 +54,14 @@ class ResolvedRule:
     # that is unique by construction (rule names are checked for duplicates at load, but a
     # rendered key must never depend on that).
     index: int = 0
-    # mode: Audit. An HTTP rule (so its flows still reach Envoy) that enforces nothing:
-    # Envoy evaluates it in its shadow rules only.
+    # mode: Audit: enforces nothing. An HTTP rule's flows still reach Envoy, which
+    # evaluates it in its shadow rules only; an L4 rule is left out of every datapath.
     audit: bool = False
+
+    @property
+    def audits_l4(self) -> bool:
+        """An audited rule without an HTTP match: its flows never need Envoy."""
+        return self.audit and self.http is None
 
     def matches(self, peer: IPv4Address, port: int) -> bool:
         if self.peers is not None and not any(peer in net for net in self.peers):
@@ -81,6 +86,9 @@ class SideRules:
     default_action: Action
     default_policy_id: int
     rules: tuple[ResolvedRule, ...]
+    # L4 rules of mode Audit: no datapath sees them (they enforce nothing); `steer observe`
+    # records the flows they would deny.
+    audited: tuple[ResolvedRule, ...] = ()
 
     def by_kind(self, kind: int) -> tuple[ResolvedRule, ...]:
         return self._kinds.get(kind, ())
@@ -454,15 +462,17 @@ def _side(
 
     policies = [e.policy for e in entries]
     denying = [p for p in policies if default_of(p) is Action.DENY]
+    in_order = [
+        rule for e in entries for d, rules in e.sections if d is direction for rule in rules
+    ]
     return SideRules(
         pod_key=pod_keys[ip],
         pod_ip=ip,
         direction=direction,
         default_action=Action.DENY if denying else Action.ALLOW,
         default_policy_id=ids[(denying or policies)[0].key],
-        rules=tuple(
-            rule for e in entries for d, rules in e.sections if d is direction for rule in rules
-        ),
+        rules=tuple(rule for rule in in_order if not rule.audits_l4),
+        audited=tuple(rule for rule in in_order if rule.audits_l4),
     )
 
 

@@ -170,6 +170,22 @@ def l4_verdict(
     return kind, named["policy"], named["rule"]
 
 
+def l4_audit(
+    enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, port: int
+) -> tuple[str, str] | None:
+    """(policy, rule) of the first L4 rule of mode Audit that would deny the flow: the
+    client's egress rules, then the server's ingress rules, as enforced ones are."""
+    sides = (
+        (enforcement.egress.get(src), dst),
+        (enforcement.ingress.get(dst), src),
+    )
+    for side, peer in sides:
+        for rule in side.audited if side is not None else ():
+            if rule.matches(peer, port):
+                return rule.policy_key, rule.name
+    return None
+
+
 def _l4(
     enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, port: int
 ) -> tuple[int, _Decided]:

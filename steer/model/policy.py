@@ -476,19 +476,11 @@ class _RuleBase(StrictModel):
     http: HTTPMatch | None = None
 
     @model_validator(mode="after")
-    def _audit_is_an_http_deny(self) -> _RuleBase:
-        if self.mode is not Mode.AUDIT:
-            return self
-        if self.action is not Action.DENY:
+    def _audit_is_a_deny(self) -> _RuleBase:
+        if self.mode is Mode.AUDIT and self.action is not Action.DENY:
             raise ValueError(
-                "mode Audit is for Deny rules: it records the requests the rule would deny; "
-                "fix: make it `action: Deny`, or drop `mode`"
-            )
-        if self.http is None:
-            raise ValueError(
-                "mode Audit needs an `http` match: only Envoy records what a rule would "
-                "deny, L4 verdicts are not audited yet; fix: add `http: {}` to audit every "
-                "request the rule covers, or drop `mode`"
+                "mode Audit is for Deny rules: it records the flows or requests the rule "
+                "would deny; fix: make it `action: Deny`, or drop `mode`"
             )
         return self
 

@@ -46,7 +46,7 @@ from steer.constants import (
     VERDICT_L7,
 )
 from steer.model.enforce import Enforcement
-from steer.model.explain import HTTPRequest, explain, l4_verdict
+from steer.model.explain import HTTPRequest, explain, l4_audit, l4_verdict
 from steer.model.pod import Pod
 from steer.node import libbpf
 from steer.node.bpfmaps import (
@@ -94,6 +94,14 @@ class NodeView:
             lambda enforcement: l4_verdict(enforcement, IPv4Address(src), IPv4Address(dst), port),
         )
         return found or (None, None, None)
+
+    def l4_audit_for(self, src: str, dst: str, port: int) -> tuple[str, str] | None:
+        """(policy, rule) of the L4 rule of mode Audit that would deny the flow."""
+        found: tuple[str, str] | None = self._memo(
+            ("l4-audit", src, dst, port),
+            lambda enforcement: l4_audit(enforcement, IPv4Address(src), IPv4Address(dst), port),
+        )
+        return found
 
     def rule_for(
         self, src: str, dst: str, port: int, request: HTTPRequest
@@ -195,6 +203,8 @@ def http_event(
         "dst": f"{dst_ip}:{dst_port}",
         "service": service,
         "dataplane": client[1] if client else None,
+        # egress: the client is a pod of this node; ingress: only the server is.
+        "direction": "egress" if client else "ingress",
         "policy": named[0] if named else None,
         "rule": named[1] if named else (details if refused else None),
         "method": method,
@@ -233,12 +243,15 @@ def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None
         if on_iptables:
             verdict = decided
     denied = verdict in (VERDICT_DENY, VERDICT_NO_BACKEND)
+    audited = None if pod is None or denied else view.l4_audit_for(pod.ip, dst_ip, dst_port)
+    if audited is not None:
+        policy, rule = audited
     closed = end.kind == FLOW_CLOSED
     ended = _ENDED_BY.get(end.end_state, "fin") if closed else "refused"
     return {
         "time": flow.start_ns / 1e9 + offset,
         "layer": "l4",
-        "verdict": "denied" if denied else "allowed",
+        "verdict": "denied" if denied else "audit" if audited else "allowed",
         "pod": pod.name if pod else None,
         "namespace": pod.namespace if pod else None,
         "pid": flow.tgid,
@@ -247,6 +260,8 @@ def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None
         "dst": dialled,
         "backend": f"{dst_ip}:{dst_port}",
         "dataplane": "iptables" if on_iptables else "ebpf",
+        # Recorded at the socket of the pod that opened it.
+        "direction": "egress",
         "via_envoy": verdict == VERDICT_L7,
         "policy": policy,
         "rule": "no-backend" if flow.verdict == VERDICT_NO_BACKEND else rule,

@@ -9,6 +9,7 @@ import io
 import json
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,42 @@ def test_audit_mode_lets_a_request_through_and_records_it(node: PodsNode) -> Non
     assert sample(scrape(METRICS_PORT), "steer_http_requests_total", **audited) == before + 1
 
 
+def l4_events(wanted: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The L4 events `wanted` picks, once at least one has arrived (or after 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [e for e in observe("--last", "1000", "--layer", "l4") if wanted(e)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_an_audited_l4_rule_lets_the_flow_through_and_records_it(node: PodsNode) -> None:
+    apply(
+        node,
+        ingress(
+            "api",
+            {"name": "would-close-http", "action": "Deny", "mode": "Audit",
+             "ports": [{"port": HTTP_PORT}]},
+            default="Allow",
+        ),
+    )  # fmt: skip
+    audited = {"verdict": "audit", "dataplane": node.dataplane, "policy": "default/api-ingress"}
+    before = sample(scrape(METRICS_PORT), "steer_flows_total", **audited)
+    client = node.workers["client"]
+    reply = client.request(node.ip("api"), HTTP_PORT, "GET", f"/audited/{time.monotonic_ns()}")
+    assert reply.status == 200
+    source = f"{node.ip('client')}:{reply.local_port}"
+    (flow,) = l4_events(lambda e: e["src"] == source)
+    assert (flow["verdict"], flow["policy"], flow["rule"], flow["pid"]) == (
+        "audit",
+        "default/api-ingress",
+        "would-close-http",
+        client.pid,
+    )
+    assert sample(scrape(METRICS_PORT), "steer_flows_total", **audited) == before + 1
+
+
 def test_l4_flows_name_the_process_behind_them(node: PodsNode) -> None:
     """A connect refused at L4 and a direct flow, each an event with the client worker's
     pid and comm, the deciding rule, and for the flow its bytes and how it ended. On
@@ -255,12 +292,7 @@ def test_a_flow_a_policy_change_revokes_ends_revoked(node: PodsNode) -> None:
     finally:
         client.http_close(conn)
     source = f"{node.ip('client')}:{opened.local_port}"
-    deadline = time.monotonic() + 10
-    while True:
-        ended = [e for e in observe("--last", "1000", "--layer", "l4") if e["src"] == source]
-        if ended or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    ended = l4_events(lambda e: e["src"] == source)
     assert ended, f"no flow event from {source}"
     (flow,) = ended
     assert (flow["end"], flow["pid"], flow["dataplane"]) == ("revoked", client.pid, node.dataplane)

@@ -11,7 +11,7 @@ from google.protobuf import struct_pb2
 
 from steer.constants import VERDICT_L7
 from steer.model.enforce import Enforcement, decide_flow, resolve
-from steer.model.explain import HTTPRequest, explain
+from steer.model.explain import HTTPRequest, explain, l4_audit
 from steer.model.load import parse_policies
 from steer.node.observe import NodeView, http_event
 from steer.render.xds import (
@@ -83,3 +83,35 @@ def test_a_shadow_denial_of_an_allowed_request_is_an_audit_event() -> None:
         "would-block-admin",
         200,
     )
+
+
+L4_AUDITED = """spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+    defaultAction: Allow
+    rules:
+      - {name: would-close-8080, action: Deny, mode: Audit, ports: [{port: 8080}]}
+"""
+
+
+def test_an_audited_l4_rule_reaches_no_datapath_and_names_the_flows_it_would_deny() -> None:
+    policies, errors = parse_policies(policy_yaml(L4_AUDITED, name="audit"), "audit.yaml")
+    assert errors == []
+    others = [p for p in sample_policies() if p.metadata.name != "web"]
+    resolved = resolve([*others, *policies], PODS)
+    client, web = IPv4Address(CLIENT.ip), IPv4Address(WEB.ip)
+    side = resolved.ingress[web]
+    assert [r.name for r in side.audited] == ["would-close-8080"]
+    assert all(not r.audit for r in side.rules)
+    assert l4_audit(resolved, client, web, 8080) == ("default/audit", "would-close-8080")
+    assert l4_audit(resolved, client, web, 9090) is None
+    # Enforced as if the rule were not there: the same verdicts and Envoy resources.
+    bare = L4_AUDITED.replace(
+        "      - {name: would-close-8080, action: Deny, mode: Audit, ports: [{port: 8080}]}\n", ""
+    ).replace("rules:", "rules: []")
+    unaudited, errors = parse_policies(policy_yaml(bare, name="audit"), "audit.yaml")
+    assert errors == []
+    without = resolve([*others, *unaudited], PODS)
+    for port in (8080, 9090):
+        assert decide_flow(resolved, client, web, port) == decide_flow(without, client, web, port)
+    assert render_resources(resolved) == render_resources(without)
