@@ -109,6 +109,7 @@ class _Checks:
         self.run("observe-names-the-rules", self.observed)
         self.run("explain-agrees", self.explained)
         self.run("l4-deny-refused", self.l4_denied)
+        self.run("flow-events-name-the-process", self.flow_events)
         self.run("verdict-once-per-flow", self.verdict_once)
         self.run("l4-only-without-envoy", self.l4_only_direct)
         self.run("live-policy-change", self.live_change)
@@ -116,7 +117,6 @@ class _Checks:
     def run_ebpf_only(self) -> None:
         self.run("skmsg-counters-grew", self.skmsg_counters)
         self.run("veth-carries-no-payload", self.veth_quiet)
-        self.run("flow-events-name-the-process", self.flow_events)
 
     def allowed_path(self) -> tuple[bool, str]:
         reply = self.client.request(self.ip("web"), 8080, "GET", "/public/hello")
@@ -160,8 +160,8 @@ class _Checks:
         return ok, " | ".join(one_line(e) for e in latest.values()) or "no events"
 
     def flow_events(self) -> tuple[bool, str]:
-        """The connect to web:9090 refused above, as a flow event from the kernel: the
-        client worker's pid and comm, and the rule that refused it."""
+        """The connect to web:9090 refused above, as a flow event from the kernel's socket
+        hooks (either datapath): the client worker's pid and comm, and the refusing rule."""
         target = f"{self.ip('web')}:9090"
         found: list[dict[str, object]] = []
         deadline = time.monotonic() + 5

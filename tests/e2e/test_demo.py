@@ -24,11 +24,12 @@ COMMON_CHECKS = (
     "observe-names-the-rules",
     "explain-agrees",
     "l4-deny-refused",
+    "flow-events-name-the-process",
     "verdict-once-per-flow",
     "l4-only-without-envoy",
     "live-policy-change",
 )
-EBPF_CHECKS = ("skmsg-counters-grew", "veth-carries-no-payload", "flow-events-name-the-process")
+EBPF_CHECKS = ("skmsg-counters-grew", "veth-carries-no-payload")
 CHECK_FIELDS = {"name": str, "dataplane": str, "ok": bool, "detail": str}
 
 
