@@ -8,9 +8,10 @@ scrape time by a collector, never copied on every change.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -65,19 +66,25 @@ class AgentMetrics:
             registry=self.registry,
         )
 
-    def observe_event(self, event: dict[str, Any]) -> None:
-        labels = (
-            event.get("verdict") or "unknown",
-            event.get("dataplane") or "none",
-            event.get("direction") or "none",
-            event.get("policy") or "none",
+    def observe_events(self, events: Sequence[dict[str, Any]]) -> None:
+        """Count a batch: one increment per distinct label set, not per event."""
+        counts = collections.Counter(
+            (
+                str(event.get("layer")),
+                event.get("verdict") or "unknown",
+                event.get("dataplane") or "none",
+                event.get("direction") or "none",
+                event.get("policy") or "none",
+            )
+            for event in events
         )
-        layer = str(event.get("layer"))
-        child = self._children.get((layer, *labels))
-        if child is None:  # looking a child up costs more than counting
-            family = self.flows if layer == "l4" else self.http_requests
-            child = self._children[(layer, *labels)] = family.labels(*labels)
-        child.inc()
+        for key, count in counts.items():
+            child = self._children.get(key)
+            if child is None:  # looking a child up costs more than counting
+                layer, *labels = key
+                family = self.flows if layer == "l4" else self.http_requests
+                child = self._children[key] = family.labels(*labels)
+            child.inc(count)
 
     def observe_sync(self, seconds: float, revoked: int, errors: int) -> None:
         self.syncs.labels("error" if errors else "ok").inc()

@@ -234,7 +234,7 @@ def observing(
     never steering."""
     observability: Observability | None = None
     try:
-        started = Observability(on_event=metrics.observe_event)
+        started = Observability(on_events=metrics.observe_events)
         started.start()
         observability = started
     except (OSError, RuntimeError) as exc:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -84,6 +84,8 @@ class NodeView:
     # few requests over and over, and explaining one costs ~80 us. Lives as long as the
     # view, which each sync replaces.
     explained: dict[tuple[object, ...], Any] = field(default_factory=dict, compare=False)
+    # What an HTTP event says, by the request's shape (`http_event`).
+    shapes: dict[tuple[object, ...], Event] = field(default_factory=dict, compare=False)
 
     def l4_verdict_for(
         self, src: str, dst: str, port: int
@@ -125,11 +127,6 @@ class NodeView:
         return self.explained[key]
 
 
-def _address(address: Any) -> tuple[str, int]:
-    socket_address = address.socket_address
-    return socket_address.address, socket_address.port_value
-
-
 @lru_cache(maxsize=4096)
 def _rule_of(details: str) -> tuple[str, str] | None:
     """(policy, rule) from an RBAC denial's details, None when no rule is named."""
@@ -154,52 +151,97 @@ def _audited(tags: Any) -> tuple[str, str] | None:
     return None
 
 
+_METHODS = {number: name for name, number in base_pb2.RequestMethod.items()}
+
+
 def http_event(
     entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView, openers: Openers | None = None
 ) -> Event:
     """One access log entry as a `steer observe` event; `openers` names the process behind
-    the client's connection, where a socket hook saw it open."""
+    the client's connection, where a socket hook saw it open. Runs once per request: what
+    follows from the request's shape alone is worked out once per shape and view."""
     common, request, response = entry.common_properties, entry.request, entry.response
-    src_ip, src_port = _address(common.downstream_remote_address)
-    dst_ip, dst_port = _address(common.downstream_local_address)
-    status = response.response_code.value
-    details = response.response_code_details
-    method = base_pb2.RequestMethod.Name(request.request_method)
-    path = request.original_path or request.path
+    remote, local = (
+        common.downstream_remote_address.socket_address,
+        (common.downstream_local_address.socket_address),
+    )
+    src_ip, src_port = remote.address, remote.port_value
     tags = common.metadata.filter_metadata
-    service = (
+    shape = _Shape(
+        src_ip,
+        local.address,
+        local.port_value,
+        request.request_method,
+        request.original_path or request.path,
+        request.authority,
+        response.response_code.value,
+        response.response_code_details,
         tags["steer"].fields["service"].string_value
         if "steer" in tags and "service" in tags["steer"].fields
-        else None
+        else None,
+        _audited(tags),
     )
+    known = view.shapes.get(shape)
+    if known is None:
+        if len(view.shapes) >= _EXPLAINED_MAX:
+            view.shapes.clear()
+        known = view.shapes[shape] = _http_shape(view, shape)
+    opener = openers.get(f"{src_ip}:{src_port}") if openers is not None else None
+    start = common.start_time
+    return {
+        **known,
+        # Seconds since the epoch; an ISO 8601 string once the event is read (`_readable`).
+        "time": start.seconds + start.nanos / 1e9,
+        # The opener of the client's socket: known to the kernel's socket hooks, not to
+        # Envoy's access log.
+        "pid": opener[0] if opener else None,
+        "comm": opener[1] if opener else None,
+        "src": f"{src_ip}:{src_port}",
+    }
+
+
+class _Shape(NamedTuple):
+    """What an access log entry says about a request, but for its time and client port."""
+
+    src_ip: str
+    dst_ip: str
+    dst_port: int
+    method_number: int
+    path: str
+    authority: str
+    status: int
+    details: str
+    service: str | None
+    audited: tuple[str, str] | None
+
+
+def _http_shape(view: NodeView, shape: _Shape) -> Event:
+    """Everything an HTTP event says that follows from the request's shape."""
+    src_ip, dst_ip, dst_port, method_number, path, authority, status, details, service, audited = (
+        shape
+    )
+    method = _METHODS.get(method_number, str(method_number))
     client = view.pods.get(src_ip)
     server = view.pods.get(dst_ip)
-    opener = openers.get(f"{src_ip}:{src_port}") if openers is not None else None
     subject = client or server
     denied = details.startswith("rbac_access_denied")
     # Refused before any rule (a steer refusal route, or the connection manager's checks).
     refused = status == 400 and details != "via_upstream"
     named = _rule_of(details) if denied else None
-    audited = None if denied or refused else _audited(tags)
-    if audited is not None:
+    if not (denied or refused) and audited is not None:
         named = audited
+    else:
+        audited = None
     if named is None and not refused:
         named = view.rule_for(
-            src_ip, dst_ip, dst_port, HTTPRequest(method, path, request.authority, service=service)
+            src_ip, dst_ip, dst_port, HTTPRequest(method, path, authority, service=service)
         )
     return {
-        # Seconds since the epoch; an ISO 8601 string once the event is read (`_readable`).
-        "time": common.start_time.seconds + common.start_time.nanos / 1e9,
         "layer": "http",
         "verdict": "denied" if denied or refused else "audit" if audited else "allowed",
         "pod": subject[0].name if subject else None,
         "namespace": subject[0].namespace if subject else None,
         "dst_pod": f"{server[0].namespace}/{server[0].name}" if server else None,
-        # The opener of the client's socket: known to the kernel's flow events (eBPF), not
-        # to Envoy's access log.
-        "pid": opener[0] if opener else None,
-        "comm": opener[1] if opener else None,
-        "src": f"{src_ip}:{src_port}",
         "dst": f"{dst_ip}:{dst_port}",
         "service": service,
         "dataplane": client[1] if client else None,
@@ -208,14 +250,13 @@ def http_event(
         "policy": named[0] if named else None,
         "rule": named[1] if named else (details if refused else None),
         "method": method,
-        "host": request.authority,
+        "host": authority,
         "path": path,
         "status": status,
         "details": details,
     }
 
 
-# The TCP state a flow closed from (include/net/tcp_states.h) -> how it ended.
 _ENDED_BY = {1: "reset", 2: "refused", 3: "reset", 8: "reset"}  # ESTABLISHED, SYN_*, CLOSE_WAIT
 
 
@@ -422,11 +463,16 @@ class EventRing:
         self.evicted = 0
 
     def add(self, event: Event) -> None:
+        self.extend((event,))
+
+    def extend(self, events: Sequence[Event]) -> None:
+        """Add a batch under one lock, waking `--follow` readers once."""
         with self._changed:
-            if len(self._events) == self._events.maxlen:
-                self.evicted += 1
-            self._seq += 1
-            self._events.append((self._seq, event))
+            room = self._events.maxlen or 0
+            self.evicted += max(0, len(self._events) + len(events) - room)
+            for event in events:
+                self._seq += 1
+                self._events.append((self._seq, event))
             self._changed.notify_all()
 
     def last(self, count: int) -> tuple[list[Event], int]:
@@ -448,7 +494,10 @@ class EventRing:
 
 class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(
-        self, add: Callable[[Event], None], view: Callable[[], NodeView], openers: Openers
+        self,
+        add: Callable[[Sequence[Event]], None],
+        view: Callable[[], NodeView],
+        openers: Openers,
     ) -> None:
         self._add = add
         self._view = view
@@ -459,11 +508,14 @@ class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     ) -> als_pb2.StreamAccessLogsResponse:
         for message in request_iterator:
             view = self._view()
+            events = []
             for entry in message.http_logs.log_entry:
                 try:
-                    self._add(http_event(entry, view, self._openers))
+                    events.append(http_event(entry, view, self._openers))
                 except Exception:  # one odd entry must not end Envoy's stream
                     log.exception("access log entry not understood: %s", entry)
+            # A message carries a worker's entries of up to 200 ms: one batch each.
+            self._add(events)
         return als_pb2.StreamAccessLogsResponse()
 
 
@@ -558,8 +610,8 @@ class Observability:
     flow_events: Path = BPF_PIN_DIR / "steer_events"
     openers: Openers = field(default_factory=Openers)
     revoked: Revoked = field(default_factory=Revoked)
-    # Called with every event (the agent's metrics count them).
-    on_event: Callable[[Event], None] = lambda event: None
+    # Called with every batch of events (the agent's metrics count them).
+    on_events: Callable[[Sequence[Event]], None] = lambda events: None
     _grpc: grpc.Server | None = None
     _observe: _ObserveServer | None = None
     _flows: FlowReader | None = None
@@ -578,9 +630,9 @@ class Observability:
             {slot: by_key[key] for slot, key in (slots or {}).items() if key in by_key},
         )
 
-    def _add(self, event: Event) -> None:
-        self.ring.add(event)
-        self.on_event(event)
+    def _add(self, events: Sequence[Event]) -> None:
+        self.ring.extend(events)
+        self.on_events(events)
 
     def start(self) -> None:
         _bind_path(self.als_socket)
@@ -600,7 +652,9 @@ class Observability:
         observe.ring, observe.openers, observe.revoked = self.ring, self.openers, self.revoked
         threading.Thread(target=observe.serve_forever, name="steer-observe", daemon=True).start()
         self._grpc, self._observe = server, observe
-        self._flows = FlowReader(self.flow_events, self._add, lambda: self.view, self.openers)
+        self._flows = FlowReader(
+            self.flow_events, lambda event: self._add((event,)), lambda: self.view, self.openers
+        )
         self._flows.start()
 
     def stop(self) -> None:

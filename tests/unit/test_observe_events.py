@@ -12,6 +12,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
 from steer.constants import VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
+from steer.metrics import AgentMetrics
 from steer.node.bpfmaps import FLOW_CLOSED, FLOW_REFUSED, VERDICT_IPTABLES, FlowEvent, ip_be
 from steer.node.observe import (
     EventRing,
@@ -107,6 +108,9 @@ def test_the_ring_keeps_the_newest_and_counts_what_it_drops() -> None:
     ring.add({"n": 5})
     assert ring.after(seq, timeout=0.1) == ([{"n": 5}], 6)
     assert ring.after(6, timeout=0.01) == ([], 6)
+    # A batch longer than the ring keeps its newest and counts the rest.
+    ring.extend([{"n": n} for n in range(6, 11)])
+    assert ([e["n"] for e in ring.last(10)[0]], ring.evicted) == ([8, 9, 10], 8)
 
 
 def test_filters() -> None:
@@ -238,3 +242,17 @@ def test_a_flow_of_a_pod_on_iptables_gets_its_verdict_from_the_rules_decision() 
         "no-debug-port",
         f"{WEB.ip}:9090",
     )
+
+
+def test_a_batch_of_events_is_counted_by_layer_and_labels() -> None:
+    metrics = AgentMetrics()
+    allowed = {"layer": "http", "verdict": "allowed", "dataplane": "ebpf", "direction": "egress"}
+    flow = {**allowed, "layer": "l4", "verdict": "audit", "policy": "default/db"}
+    metrics.observe_events([allowed, allowed, flow])
+    metrics.observe_events([allowed])
+    labels = {"dataplane": "ebpf", "direction": "egress"}
+    sample = metrics.registry.get_sample_value
+    assert (
+        sample("steer_http_requests_total", {**labels, "verdict": "allowed", "policy": "none"}) == 3
+    )
+    assert sample("steer_flows_total", {**labels, "verdict": "audit", "policy": "default/db"}) == 1
