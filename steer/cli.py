@@ -524,6 +524,7 @@ def cmd_envoy(args: argparse.Namespace) -> int:
             stop=stop,
             log_path=None if str(args.log_path) == "-" else args.log_path,
             json_logs=args.log_format == "json",
+            concurrency=args.concurrency,
         )
     return 0
 
@@ -564,6 +565,12 @@ def _pod_and_port(value: str) -> tuple[str, int]:
             f"{value!r} is not NAMESPACE/POD:PORT; fix: e.g. default/web:8080"
         )
     return key, int(port)
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
 
 
 def _pod_key(value: str) -> str:
@@ -1069,6 +1076,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=ENVOY_LOG_FILE,
         help="Envoy's own log; - for stderr (a container's log)",
+    )
+    envoy.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        help="Envoy's worker threads (default: half the CPUs it may run on, at least 1)",
     )
     envoy.set_defaults(func=cmd_envoy)
 

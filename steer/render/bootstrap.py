@@ -112,6 +112,32 @@ def _als_cluster() -> dict[str, Any]:
     }
 
 
+# The stats Envoy keeps: its health, the control plane's and the agent's connections, the
+# RBAC filters' verdicts and each listener's request and connection totals. Every other
+# stat (histograms of request times, per-host and per-route counters) is a no-op: they
+# cost ~6% of Envoy's CPU per request, and steer's own metrics count requests by verdict.
+STATS_CONFIG: dict[str, Any] = {
+    "stats_matcher": {
+        "inclusion_list": {
+            "patterns": [
+                {"prefix": "server."},
+                {"prefix": "cluster_manager."},
+                {"prefix": "listener_manager."},
+                {"prefix": "control_plane."},
+                {"prefix": f"cluster.{XDS_CLUSTER_NAME}."},
+                {"prefix": f"cluster.{ALS_CLUSTER}."},
+                {"contains": ".rbac."},
+                {
+                    "safe_regex": {
+                        "regex": r"http\.[^.]+\.downstream_(rq_total|rq_[1-5]xx|cx_total|cx_active)"
+                    }
+                },
+            ]
+        }
+    }
+}
+
+
 def bootstrap(
     node_id: str,
     *,
@@ -185,6 +211,7 @@ def bootstrap(
                 _als_cluster(),
             ]
         },
+        "stats_config": STATS_CONFIG,
         # Pods' sockets are many; Envoy's default overload settings would warn on start.
         "layered_runtime": {
             "layers": [
