@@ -128,6 +128,8 @@ class RingBuffer:
         lib.ring_buffer__new.argtypes = [ct.c_int, _SAMPLE_FN, ct.c_void_p, ct.c_void_p]
         lib.ring_buffer__poll.restype = ct.c_int
         lib.ring_buffer__poll.argtypes = [ct.c_void_p, ct.c_int]
+        lib.ring_buffer__consume.restype = ct.c_int
+        lib.ring_buffer__consume.argtypes = [ct.c_void_p]
         lib.ring_buffer__free.restype = None
         lib.ring_buffer__free.argtypes = [ct.c_void_p]
 
@@ -147,6 +149,12 @@ class RingBuffer:
     def poll(self, timeout_ms: int) -> int:
         """Records handled, waiting up to `timeout_ms` for the first; negative on error."""
         return int(_lib().ring_buffer__poll(self._ring, timeout_ms))
+
+    def consume(self) -> int:
+        """Handle every record already there, without waiting. Needed once on opening: the
+        kernel wakes a reader only for a record written when the reader had caught up, so
+        records written before the reader came would otherwise wait forever."""
+        return int(_lib().ring_buffer__consume(self._ring))
 
     def close(self) -> None:
         if self._ring:

@@ -346,6 +346,10 @@ Openers = Recent[tuple[int, str]]
 Revoked = Recent[float]
 
 
+# How often the flow reader looks for the ring buffer's pin, or checks it is still its own.
+_PIN_CHECK_S = 0.1
+
+
 class FlowReader:
     """Reads the eBPF datapath's flow events from its ring buffer (pinned by the agent's
     BPF build), once the datapath is loaded; each becomes an event."""
@@ -362,6 +366,8 @@ class FlowReader:
         self._on_event = on_event
         self._view = view
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._ring: _PinnedRing | None = None
         self._thread = threading.Thread(target=self._run, name="steer-flows", daemon=True)
 
     def start(self) -> None:
@@ -381,26 +387,40 @@ class FlowReader:
             return
         self._on_event(flow_event(raw, self._view()))
 
+    def open_now(self) -> None:
+        """Open the ring buffer now if it is pinned and not open yet: the agent calls this
+        after each sync, so the reader is on the ring before the first flows of a freshly
+        loaded datapath are over (their open records name the processes behind the first
+        HTTP requests, which are read back at once)."""
+        with self._lock:
+            if self._ring is None:
+                self._ring = _PinnedRing.open(self._pin, self._handle)
+
     def _run(self) -> None:
-        ring: _PinnedRing | None = None
         while not self._stop.is_set():
-            if ring is None:
-                ring = _PinnedRing.open(self._pin, self._handle)
-                if ring is None:  # the datapath has not loaded its programs (yet)
-                    self._stop.wait(1.0)
-                    continue
+            with self._lock:
+                if self._ring is None:
+                    self._ring = _PinnedRing.open(self._pin, self._handle)
+                ring = self._ring
+            if ring is None:  # the datapath has not loaded its programs (yet)
+                self._stop.wait(_PIN_CHECK_S)
+                continue
+            # Only this thread closes or replaces an open ring: polled outside the lock.
             if ring.poll(200) < 0:
                 log.warning("reading flow events failed; opening the ring buffer again")
-                ring.close()
-                ring = None
+                self._close()
             elif ring.replaced():
                 # The agent rebuilt its BPF objects (a stale pin from an older build, or an
                 # unload): the programs now write to the new ring. Drain the old one first.
-                ring.poll(0)
-                ring.close()
-                ring = None
-        if ring is not None:
-            ring.close()
+                ring.ring.consume()
+                self._close()
+        self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
 
 
 @dataclass
@@ -423,16 +443,20 @@ class _PinnedRing:
         try:
             if info is None:
                 raise OSError(f"reading the info of {pin}")
-            return cls(pin, fd, info.id, libbpf.RingBuffer(fd, on_sample), time.monotonic())
+            ring = cls(pin, fd, info.id, libbpf.RingBuffer(fd, on_sample), time.monotonic())
         except OSError as exc:
             log.error("flow events unavailable: %s", exc)
             os.close(fd)
             return None
+        # Records the programs wrote before this reader came (since the datapath loaded).
+        ring.ring.consume()
+        log.debug("reading flow events from %s (map %d)", pin, info.id)
+        return ring
 
     def poll(self, timeout_ms: int) -> int:
         return self.ring.poll(timeout_ms)
 
-    def replaced(self, every_s: float = 1.0) -> bool:
+    def replaced(self, every_s: float = _PIN_CHECK_S) -> bool:
         """Whether the pin now names another map (checked at most every `every_s`)."""
         now = time.monotonic()
         if now - self.checked < every_s:
@@ -624,6 +648,8 @@ class Observability:
         slots: Mapping[int, str] | None = None,
     ) -> None:
         by_key = {p.key: p for p in pods}
+        if self._flows is not None:
+            self._flows.open_now()
         self.view = NodeView(
             {p.ip: (p, dataplanes.get(p.key)) for p in pods},
             enforcement,

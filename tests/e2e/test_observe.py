@@ -94,7 +94,10 @@ def test_allowed_and_denied_requests_name_pod_datapath_policy_and_rule(node: Pod
         # (sockops on eBPF, the observe program on iptables).
         client = node.workers["client"]
         comm = Path(f"/proc/{client.pid}/comm").read_text().strip()
-        assert (event["pid"], event["comm"]) == (client.pid, comm)
+        assert (event["pid"], event["comm"]) == (client.pid, comm), (
+            event,
+            [e for e in observe("--last", "50") if e["layer"] == "l4"],
+        )
     secret = observed("/public/secret")[-1]
     # Envoy's RBAC verdict names the deny rule itself.
     assert (secret["verdict"], secret["rule"], secret["details"]) == (

@@ -1,6 +1,7 @@
-"""The agent's flow-event reader follows the ring buffer's pin: when the datapath rebuilds
-its BPF objects (a stale pin from an older build, an unload and load), the programs write
-to a new ring, and a reader left on the old one would go silent for good."""
+"""The agent's flow-event reader reads what was written before it came, and follows the
+ring buffer's pin: when the datapath rebuilds its BPF objects (a stale pin from an older
+build, an unload and load), the programs write to a new ring, and a reader left on the old
+one would go silent for good."""
 
 from __future__ import annotations
 
@@ -99,9 +100,11 @@ def test_the_reader_moves_to_the_ring_that_replaced_its_pin(pin: Path) -> None:
     reader = FlowReader(pin, lambda event: None, NodeView, openers)
     try:
         assert libbpf.obj_pin(first.ring_fd, pin) == 0
-        reader.start()
+        # Written before the reader opens the ring: the kernel sends no wake-up for it (it
+        # wakes a reader that had caught up), so only reading on opening finds it.
         first.send()
-        wait_for(lambda: 11 in seen, "a record from the first ring")
+        reader.start()
+        wait_for(lambda: 11 in seen, "the record written before the reader came")
         pin.unlink()
         assert libbpf.obj_pin(second.ring_fd, pin) == 0
         # Records written to the new ring reach the reader, without a restart.
