@@ -567,6 +567,12 @@ def _pod_and_port(value: str) -> tuple[str, int]:
     return key, int(port)
 
 
+def _bench_scenarios() -> list[str]:
+    from steer.bench import SCENARIOS
+
+    return list(SCENARIOS)
+
+
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
@@ -1092,20 +1098,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure (figures, not pass/fail)")
     bench.add_argument(
         "scenario",
-        choices=[
-            "datapath",
-            "l4-rules",
-            "propagation",
-            "render",
-            "memory",
-            "l7-rules",
-            "churn",
-            "faults",
-            "services",
-            "flows",
-            "all",
-            "report",
-        ],
+        choices=[*_bench_scenarios(), "all", "report"],
         help="one scenario; all (and docs/benchmarks.md); report (the doc from saved results)",
     )
     bench.add_argument("--json", action="store_true")

@@ -32,6 +32,7 @@ SCENARIOS: dict[str, str] = {
     "faults": "faults",
     "services": "services",
     "flows": "flows",
+    "cost": "cost",
 }
 
 

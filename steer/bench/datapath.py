@@ -18,6 +18,7 @@ cpu.stat, per 10,000 requests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -176,13 +177,15 @@ def _backend_bootstrap(ip: str, admin_port: int) -> dict[str, object]:
 
 
 @contextmanager
-def backend(pod: LabPod, base_id: int, workdir: Path) -> Iterator[None]:
-    """An Envoy answering 200 from a static route, inside the server pod."""
-    config = workdir / f"backend-{pod.name}.json"
-    config.write_text(json.dumps(_backend_bootstrap(pod.ip, 19000 + base_id)))
+def envoy_in_pod(
+    pod: LabPod, config: dict[str, object], base_id: int, workdir: Path, role: str
+) -> Iterator[None]:
+    """An Envoy running `config` inside the pod (its netns and cgroup)."""
+    path = workdir / f"{role}-{pod.name}.json"
+    path.write_text(json.dumps(config))
     script = (
         f"echo $$ > {pod.cgroup}/cgroup.procs && exec ip netns exec {pod.netns} "
-        f"{envoy_binary()} -c {config} --base-id {base_id} --concurrency 1 --log-level error"
+        f"{envoy_binary()} -c {path} --base-id {base_id} --concurrency 1 --log-level error"
     )
     proc = subprocess.Popen(
         ["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -192,6 +195,12 @@ def backend(pod: LabPod, base_id: int, workdir: Path) -> Iterator[None]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def backend(pod: LabPod, base_id: int, workdir: Path) -> contextlib.AbstractContextManager[None]:
+    """An Envoy answering 200 from a static route, inside the server pod."""
+    config = _backend_bootstrap(pod.ip, 19000 + base_id)
+    return envoy_in_pod(pod, config, base_id, workdir, "backend")
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
