@@ -567,9 +567,10 @@ def _agent_access_log() -> accesslog_pb2.AccessLog:
             ),
             transport_api_version=config_source_pb2.ApiVersion.V3,
             buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
-            # Flushed by time, not size (16 KiB by default, ~40 entries): a gRPC message
-            # per 40 requests cost Envoy and the agent more than the entries themselves.
-            buffer_size_bytes=wrappers_pb2.UInt32Value(value=1 << 20),
+            # 16 KiB by default (~40 entries): a gRPC message per 40 requests cost the
+            # agent more than the entries themselves. Much more (1 MiB, flushed by time)
+            # stalls the worker while it serialises a batch: p99 went from 1.3 to 3 ms.
+            buffer_size_bytes=wrappers_pb2.UInt32Value(value=64 << 10),
         )
     )
     sampled = accesslog_pb2.AccessLogFilter(
