@@ -174,13 +174,14 @@ connections, L7 via iptables / via eBPF + sk_msg, on this 2-core VM):
 
 What is left is Envoy's own floor (measured with no RBAC filters, refusal routes, buffer
 filter, access log, path normalisation or stats, and one worker): two HTTP/1 codecs, the
-event loop and the socket calls, ~90-100 us of user CPU per request on this VM (where
-wrk and a direct-response Envoy backend together take ~43 us). The node Envoy's 102-111 us is 10-20% above that
-floor, so the target of 40 us per request is not reachable by configuration on this
-machine; it is also why the eBPF + sk_msg path cannot reach 0.70x the iptables p50 or
-1.3x its rps (0.86x and 1.06x in this run): sk_msg halves the kernel's share (13 against
-26 us of Envoy's system CPU), but user space is most of each request. The L7 path via
-eBPF + sk_msg sat at 2.42-2.59x direct p50 over the runs of this round (target 2.5x).
+event loop and the socket calls, ~90-100 us of user CPU per request on this VM (where wrk
+and a direct-response Envoy backend together take ~43 us). The node Envoy's 102-111 us is
+10-20% above that floor, so the target of 40 us per request is not reachable by
+configuration on this machine; it is also why the eBPF + sk_msg path cannot reach 0.70x
+the iptables p50 or 1.3x its rps (0.86x and 1.06x in this run): sk_msg halves the kernel's
+share (13 against 26 us of Envoy's system CPU), but user space is most of each request.
+The L7 path via eBPF + sk_msg sat at 2.42-2.59x direct p50 over the runs of this round
+(target 2.5x).
 
 The sidecar model costs more on every count: two Envoys per request instead of one, each
 with its pod's iptables redirect: 1.9x the CPU per request of L7 via eBPF + sk_msg, and
