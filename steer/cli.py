@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from steer.constants import (
     AGENT_STATUS_FILE,
+    ANNOTATION_DATAPLANE,
     CONTROL_SERVICE,
     CONTROL_STATUS_FILE,
     ENVOY_ADMIN_SOCKET,
@@ -598,18 +599,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from steer.model.explain import HTTPRequest, UnknownPod, explain_pods
     from steer.source.local import LocalInputs
 
-    loaded, pods = LocalInputs(args.policies, args.lab_state).load()
-    for error in loaded.errors:
+    dataplanes: dict[str, str | None]
+    if args.kubeconfig:
+        from steer.source.kube import read_cluster_inputs
+
+        cluster = read_cluster_inputs(_kube_client(args.kubeconfig))
+        policies, errors, pods = cluster.policies, cluster.errors, cluster.pods
+        # The datapath a pod asked for; which one it got is in its node agent's status.
+        dataplanes = {p.key: p.annotations.get(ANNOTATION_DATAPLANE) for p in pods}
+        where = "in the cluster; fix: `kubectl get pods -A` lists them"
+    else:
+        loaded, pods = LocalInputs(args.policies, args.lab_state).load()
+        policies, errors = loaded.policies, loaded.errors
+        agent = _read_status_document(STATUS_AGENT_FILE, "agent")[0] or {}
+        dataplanes = {
+            f"{p.get('namespace')}/{p.get('name')}": p.get("dataplane")
+            for p in agent.get("pods", [])
+        }
+        where = "on the node; fix: `steer lab status` lists the pods"
+    for error in errors:
         print(f"error: {error}", file=sys.stderr)
     dst_key, port = args.to
-    agent = _read_status_document(STATUS_AGENT_FILE, "agent")[0] or {}
-    dataplanes = {
-        f"{p.get('namespace')}/{p.get('name')}": p.get("dataplane") for p in agent.get("pods", [])
-    }
     request = HTTPRequest(args.method, args.path, args.host, tuple(args.header), args.service)
     try:
         result = explain_pods(
-            loaded.policies,
+            policies,
             pods,
             args.source,
             args.to,
@@ -617,10 +631,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             dataplane=dataplanes.get(args.source),
         )
     except UnknownPod as exc:
-        print(
-            f"error: no pod {exc.args[0]} on the node; fix: `steer lab status` lists the pods",
-            file=sys.stderr,
-        )
+        print(f"error: no pod {exc.args[0]} {where}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result.to_json()))
@@ -634,7 +645,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             f"  decided   {result.policy or '-'} / {result.rule or '-'}\n"
             f"  why       {result.reason}"
         )
-    return 1 if loaded.errors else 0
+    return 1 if errors else 0
 
 
 # Where `steer observe` reads; module-level so tests can point it elsewhere.
@@ -1123,6 +1134,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--service", help="NS/NAME: the request was dialled through this Service"
     )
     explain_cmd.add_argument("--json", action="store_true")
+    explain_cmd.add_argument(
+        "--kubeconfig",
+        help="explain from a cluster's policies and pods (its API, read once) instead of "
+        "the local node's",
+    )
     _add_inputs(explain_cmd)
     explain_cmd.set_defaults(func=cmd_explain)
 

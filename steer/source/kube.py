@@ -18,6 +18,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from steer.constants import API_GROUP, API_VERSION, POLICY_PLURAL
+from steer.model.load import PolicyError
+from steer.model.pod import Pod
+from steer.model.policy import HTTPPolicy
+from steer.source.kubeobjects import pods_from_objects, policy_from_object
+
 log = logging.getLogger("steer.kube")
 
 Object = dict[str, Any]
@@ -173,3 +179,35 @@ def api_watch(call: Callable[..., Any], timeout_seconds: int = 300, **kwargs: An
             raise
 
     return run
+
+
+@dataclass(frozen=True)
+class ClusterInputs:
+    """Policies and pods as a cluster's API has them, read once (`steer explain`)."""
+
+    policies: tuple[HTTPPolicy, ...]
+    errors: tuple[PolicyError, ...]
+    pods: list[Pod]
+
+
+def read_cluster_inputs(api_client: Any) -> ClusterInputs:
+    """One list of every HTTPPolicy, pod and namespace, turned into the model the same way
+    the control plane and the agents turn them (steer.source.kubeobjects)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    custom = client.CustomObjectsApi(api_client)
+    pods, _ = api_list(core.list_pod_for_all_namespaces)()
+    namespaces, _ = api_list(core.list_namespace)()
+    objects, _ = api_list(
+        custom.list_cluster_custom_object,
+        group=API_GROUP,
+        version=API_VERSION,
+        plural=POLICY_PLURAL,
+    )()
+    read = [policy_from_object(o) for o in objects]
+    return ClusterInputs(
+        tuple(r.policy for r in read if r.policy is not None),
+        tuple(e for r in read for e in r.errors),
+        pods_from_objects(pods, namespaces),
+    )
