@@ -297,6 +297,8 @@ def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None
         "namespace": pod.namespace if pod else None,
         "pid": flow.tgid,
         "comm": flow.comm.decode(errors="replace"),
+        # The pod's cgroup, which the opener ran in (or in a container's cgroup below it).
+        "cgroup": pod.cgroup or None if pod else None,
         "src": f"{src_ip}:{end.src_port}" if closed else src_ip,
         "dst": dialled,
         "backend": f"{dst_ip}:{dst_port}",

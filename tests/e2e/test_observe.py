@@ -265,6 +265,7 @@ def test_l4_flows_name_the_process_behind_them(node: PodsNode) -> None:
         "client",
     )
     assert denied["dataplane"] == served["dataplane"] == node.dataplane
+    assert denied["cgroup"] == node.lab.pod("default", "client").cgroup
     assert (denied["policy"], denied["rule"]) == ("default/web-ingress", "no-debug")
     assert (served["verdict"], served["via_envoy"], served["comm"], served["end"]) == (
         "allowed",
