@@ -169,26 +169,27 @@ def _static_bootstrap(
     }
 
 
-def _model(pod_count: int, client_ip: str | None = None) -> tuple[list[Pod], str]:
-    """`pod_count` server pods, each with an HTTP policy admitting GET from the clients,
-    and one client; the policies as YAML."""
-    client = Pod("client", "default", client_ip or "10.250.0.1", {"role": "client"})
-    servers = [
-        Pod(
-            f"s{index}", "default", str(IPv4Address("10.251.0.0") + index + 1), {"app": f"s{index}"}
-        )
-        for index in range(pod_count)
-    ]
-    text = "".join(
+def _server_policy(app: str) -> str:
+    """The benchmark's one rule, for the pods labelled app=`app`: GET from the clients."""
+    return (
         "---\napiVersion: steer.dev/v1alpha1\nkind: HTTPPolicy\n"
-        f"metadata: {{name: {pod.name}, namespace: default}}\n"
-        f"spec:\n  podSelector: {{matchLabels: {{app: {pod.name}}}}}\n"
+        f"metadata: {{name: {app}, namespace: default}}\n"
+        f"spec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n"
         "  ingress:\n    defaultAction: Deny\n    rules:\n"
         "      - from: [{podSelector: {matchLabels: {role: client}}}]\n"
         f"        ports: [{{port: {PORT}}}]\n        http: {{methods: [GET]}}\n"
-        for pod in servers
     )
-    return [client, *servers], text
+
+
+def _model(pod_count: int) -> tuple[list[Pod], str]:
+    """`pod_count` server pods, each with its policy, and one client; the policies as
+    YAML."""
+    client = Pod("client", "default", "10.250.0.1", {"role": "client"})
+    servers = [
+        Pod(f"s{n}", "default", str(IPv4Address("10.251.0.0") + n + 1), {"app": f"s{n}"})
+        for n in range(pod_count)
+    ]
+    return [client, *servers], "".join(_server_policy(pod.name) for pod in servers)
 
 
 def _enforcement(pods: list[Pod], text: str) -> Any:
@@ -296,14 +297,7 @@ def sidecars(node: LocalNode, workdir: Path, base_id: int) -> Iterator[None]:
         Pod(client.name, "default", client.ip, dict(client.labels)),
         Pod(server.name, "default", server.ip, dict(server.labels)),
     ]
-    text = (
-        "apiVersion: steer.dev/v1alpha1\nkind: HTTPPolicy\n"
-        "metadata: {name: sidecar, namespace: default}\n"
-        f"spec:\n  podSelector: {{matchLabels: {{app: {SIDECAR_SERVER}}}}}\n"
-        "  ingress:\n    defaultAction: Deny\n    rules:\n"
-        "      - from: [{podSelector: {matchLabels: {role: client}}}]\n"
-        f"        ports: [{{port: {PORT}}}]\n        http: {{methods: [GET]}}\n"
-    )
+    text = _server_policy(SIDECAR_SERVER)
     _iptables(
         client.netns,
         f"-A OUTPUT -p tcp -d {server.ip} --dport {PORT} -m mark ! --mark {SIDECAR_MARK} "
