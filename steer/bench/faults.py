@@ -43,10 +43,17 @@ from typing import Any
 from steer.bench import BenchOptions
 from steer.bench.memory import pid_of
 from steer.bench.plots import new_figure, save
-from steer.constants import ANNOTATION_DATAPLANE, LOG_DIR, NODE_NETNS, POLICY_DIR
+from steer.constants import (
+    ANNOTATION_DATAPLANE,
+    LAB_GATEWAY_IP,
+    LOG_DIR,
+    NODE_NETNS,
+    POLICY_DIR,
+)
 from steer.lab.localnode import LocalNode
 from steer.lab.podproc import PodProcess, PodProcessError
 from steer.lab.process import supervised
+from steer.lab.servers import answered_from
 from steer.lab.spec import default_lab_specs
 
 DATAPLANES = ("iptables", "ebpf")
@@ -115,7 +122,7 @@ class Load:
                     if self.stop.is_set():
                         break
                     reply = self.worker.http_request(conn, "GET", self.path)
-                    via = "x-envoy-upstream-service-time" in reply.headers
+                    via = answered_from(reply.body) == LAB_GATEWAY_IP
                     self.outcomes.append(Outcome(time.monotonic(), reply.status == 200, via))
                     time.sleep(PAUSE_S)
             except PodProcessError:

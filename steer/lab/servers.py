@@ -43,6 +43,17 @@ class _EchoHandler(BaseRequestHandler):
             sock.sendall(data)
 
 
+def answered_from(body: bytes) -> str | None:
+    """The address the lab's HTTP server saw the request come from, read from its answer
+    (Envoy's when Envoy forwarded it); None for a body that is not such an answer."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    peer = document.get("peer") if isinstance(document, dict) else None
+    return peer if isinstance(peer, str) else None
+
+
 class _HttpHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "steer-lab"

@@ -28,6 +28,7 @@ from steer.constants import (
     POLICY_KIND,
 )
 from steer.lab.localnode import read_status, wait_for
+from steer.lab.servers import answered_from
 from steer.node.datapath import DRIFT_CHECK_S
 from steer.source.local import directory_texts, texts_digest
 from tests.e2e.conftest import HTTP_PORT, PodsNode
@@ -129,8 +130,10 @@ class Response:
 
     @property
     def proxied(self) -> bool:
-        """Envoy's router marks every response it forwarded from an upstream."""
-        return self.from_envoy and "x-envoy-upstream-service-time" in self.headers
+        """The backend answered a connection from Envoy: its answer names its peer, which
+        is Envoy's address when Envoy forwarded the request (the node's Envoy adds no
+        x-envoy-* header to tell)."""
+        return self.from_envoy and answered_from(self.body) == LAB_GATEWAY_IP
 
 
 class Outcome(Enum):

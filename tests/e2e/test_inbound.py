@@ -18,7 +18,7 @@ import pytest
 
 from steer.constants import (
     CGROUP_SUBTREE,
-    ENVOY_INBOUND_PORT,
+    INBOUND_LISTENER,
     LAB_GATEWAY_IP,
     NODE_NETNS,
 )
@@ -77,8 +77,9 @@ def offnode(http_servers: None, node: PodsNode) -> Iterator[PodProcess]:
 
 
 def inbound_connections() -> int:
-    """Connections Envoy's inbound listener has accepted, from its admin in the node."""
-    stat = f"listener.0.0.0.0_{ENVOY_INBOUND_PORT}.downstream_cx_total"
+    """Connections Envoy's inbound listener has accepted, from its admin in the node (one
+    of the stats the node's Envoy keeps: steer.render.bootstrap.STATS_CONFIG)."""
+    stat = f"http.{INBOUND_LISTENER}.downstream_cx_total"
     # The admin is a Unix socket: a path, reachable from any network namespace.
     text = admin_get(f"/stats?filter=^{stat}$")[1]
     return int(text.split(":")[1]) if text.strip() else 0
