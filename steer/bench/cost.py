@@ -53,18 +53,15 @@ from google.protobuf.json_format import MessageToDict
 
 from steer.bench import BenchOptions
 from steer.bench.datapath import (
-    PAIRS,
     PORT,
     DatapathBench,
     Samples,
     _cpu_usec,
     _rps_and_requests,
-    _wait_backends,
     backend,
+    bench_node,
     envoy_in_pod,
     latency_ms,
-    policies,
-    specs,
 )
 from steer.bench.plots import new_figure, save
 from steer.bench.stats import abba, summarize
@@ -458,28 +455,15 @@ def bench_cost(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     cost: CostBench
-    with (
-        LocalNode.start(specs=[*specs(), *sidecar_specs()], policies=policies()) as node,
-        ExitStack() as stack,
-    ):
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        for index, (_, server, _, _) in enumerate(PAIRS.values()):
-            stack.enter_context(backend(node.lab.pod("default", server), 20 + index, workdir))
+    with bench_node(seconds, sidecar_specs()) as (bench, stack, workdir):
+        node = bench.node
         stack.enter_context(backend(node.lab.pod("default", SIDECAR_SERVER), 30, workdir))
         stack.enter_context(sidecars(node, workdir, 31))
-        clients = {
-            config: stack.enter_context(
-                PodProcess.start(node.netns(client), node.lab.pod("default", client).cgroup)
-            )
-            for config, (client, _, _, _) in PAIRS.items()
-        }
         side = node.lab.pod("default", SIDECAR_CLIENT)
         sidecar_client = stack.enter_context(PodProcess.start(side.netns, side.cgroup))
-        bench = DatapathBench(node, clients, seconds)
         bench._access_log(False)
         _wait_sidecar(sidecar_client, node.ip(SIDECAR_SERVER))
         cost = CostBench(bench, sidecar_client, cgroup2_root() / "steer" / "node")
-        _wait_backends(bench)
         for path in PATHS:  # warm-up
             cost._wrk(path, 1)
         order = list(abba(PATHS, rounds))

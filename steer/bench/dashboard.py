@@ -18,11 +18,9 @@ import json
 import math
 import re
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,36 +221,14 @@ def _scrape_all() -> Scrape:
     return run_in_netns(NODE_NETNS, all_three)
 
 
-def record(
-    seconds: float = 60.0, step: Callable[[int], None] | None = None
-) -> list[tuple[float, Scrape]]:
-    """A local node under load for `seconds`, scraped once a second. `step(n)` runs each
-    second (the load's changes)."""
-    from steer.bench.datapath import (
-        PAIRS,
-        PORT,
-        DatapathBench,
-        _wait_backends,
-        backend,
-        policies,
-        specs,
-    )
-    from steer.lab.localnode import LocalNode
-    from steer.lab.podproc import PodProcess
+def record(seconds: float = 60.0) -> list[tuple[float, Scrape]]:
+    """A local node under load for `seconds` (allowed and denied requests on both
+    datapaths, a policy change and its undo), scraped once a second."""
+    from steer.bench.datapath import PAIRS, PORT, bench_node, policies
 
     samples: list[tuple[float, Scrape]] = []
-    with LocalNode.start(specs=specs(), policies=policies()) as node, ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        for index, (_, server, _, _) in enumerate(PAIRS.values()):
-            stack.enter_context(backend(node.lab.pod("default", server), 20 + index, workdir))
-        clients = {
-            config: stack.enter_context(
-                PodProcess.start(node.netns(client), node.lab.pod("default", client).cgroup)
-            )
-            for config, (client, _, _, _) in PAIRS.items()
-        }
-        bench = DatapathBench(node, clients, 1)
-        _wait_backends(bench)
+    with bench_node(1) as (bench, _, _):
+        node, clients = bench.node, bench.clients
         bench._access_log(True)
         policy_text = policies()
         for second in range(int(seconds)):

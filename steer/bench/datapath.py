@@ -24,7 +24,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,11 +379,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     save(figure, path)
 
 
-def bench_datapath(
-    rounds: int = 4, seconds: int = 2, progress: Callable[[str], None] | None = None
-) -> dict[str, Any]:
-    samples = {config: Samples() for config in CONFIGS}
-    with LocalNode.start(specs=specs(), policies=policies()) as node, ExitStack() as stack:
+@contextmanager
+def bench_node(
+    seconds: int, extra: Sequence[LabPodSpec] = ()
+) -> Iterator[tuple[DatapathBench, ExitStack, Path]]:
+    """A local node with every pair's pods, backends and client workers, ready for load;
+    `extra` pods besides, for the caller to furnish (with the stack and scratch dir)."""
+    with (
+        LocalNode.start(specs=[*specs(), *extra], policies=policies()) as node,
+        ExitStack() as stack,
+    ):
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for index, (_, server, _, _) in enumerate(PAIRS.values()):
             stack.enter_context(backend(node.lab.pod("default", server), 20 + index, workdir))
@@ -395,6 +400,14 @@ def bench_datapath(
         }
         bench = DatapathBench(node, clients, seconds)
         _wait_backends(bench)
+        yield bench, stack, workdir
+
+
+def bench_datapath(
+    rounds: int = 4, seconds: int = 2, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    samples = {config: Samples() for config in CONFIGS}
+    with bench_node(seconds) as (bench, _, _):
         for config in CONFIGS:  # warm-up: connections pools, JIT-free but cache-cold paths
             bench._wrk(config, 1)
         order = list(abba(CONFIGS, rounds))
