@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -106,8 +106,13 @@ class ReadAtScrape(Collector):
             log.exception("reading metrics failed")
 
 
-def ebpf_metrics(counters: dict[str, dict[str, int]], evicted: int) -> list[Metric]:
-    """The eBPF datapath's per-pod counters, summed over the node's pods."""
+def ebpf_metrics(
+    counters: dict[str, dict[str, int]],
+    evicted: int,
+    map_fill: Mapping[str, tuple[int, int]],
+) -> list[Metric]:
+    """The eBPF datapath's per-pod counters, summed over the node's pods, and how full
+    its maps are (`map_fill`: name -> (entries, capacity))."""
     totals: dict[str, int] = {}
     for per_pod in counters.values():
         for name, value in per_pod.items():
@@ -147,7 +152,27 @@ def ebpf_metrics(counters: dict[str, dict[str, int]], evicted: int) -> list[Metr
             value=evicted,
         ),
         GaugeMetricFamily("steer_ebpf_pods", "Pods on the eBPF datapath", value=len(counters)),
+        *_map_fill_metrics(map_fill),
     ]
+
+
+def _map_fill_metrics(map_fill: Mapping[str, tuple[int, int]]) -> list[Metric]:
+    entries = GaugeMetricFamily(
+        "steer_bpf_map_entries", "Entries in each BPF map that can fill up", labels=["map"]
+    )
+    capacity = GaugeMetricFamily(
+        "steer_bpf_map_capacity", "Entries each BPF map can hold", labels=["map"]
+    )
+    # As Cilium's bpf_map_pressure: alert well before 1, where new flows lose steering
+    # (steer_ebpf_map_full_total counts those) or LRU maps evict live flows' entries.
+    pressure = GaugeMetricFamily(
+        "steer_bpf_map_pressure", "Entries over capacity, 0 to 1", labels=["map"]
+    )
+    for name, (count, size) in sorted(map_fill.items()):
+        entries.add_metric([name], count)
+        capacity.add_metric([name], size)
+        pressure.add_metric([name], count / size if size else 0.0)
+    return [entries, capacity, pressure]
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -5,7 +5,8 @@ endpoints once a second while a node carries load (allowed and denied requests o
 datapaths, policy changes that revoke flows), then evaluates each panel's own PromQL
 expression over those samples and draws the panels in the dashboard's layout. Only the
 query forms the dashboard uses are understood (`sum by (...) (rate(...))`, `increase`,
-`histogram_quantile` over `sum by (le)`, and a sum of two terms); the range of every
+`histogram_quantile` over `sum by (le)`, `max by (...)` of a gauge, and a sum of two
+terms); the range of every
 `rate` and `increase` is shortened to the run's (`window_s`), since the run lasts a
 minute, not hours.
 
@@ -44,6 +45,8 @@ _QUANTILE = re.compile(
     rf"^histogram_quantile\((?P<q>[0-9.]+), sum by \(le\) \(rate\((?P<metric>[a-z_]+)"
     rf"{_RANGE}\)\)\)$"
 )
+
+_MAX_GAUGE = re.compile(r"^max by \((?P<by>[a-z_, ]+)\) \((?P<metric>[a-z_]+)\)$")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,20 @@ def _sum_rate(
     return [Series(k, v) for k, v in sorted(series.items())]
 
 
+def _max_gauge(found: re.Match[str], samples: Sequence[tuple[float, Scrape]]) -> list[Series]:
+    by = [b.strip() for b in found["by"].split(",")]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for when, scrape in samples:
+        grouped: dict[str, float] = {}
+        for (name, labels), value in scrape.items():
+            if name == found["metric"]:
+                key = ", ".join(dict(labels).get(b, "") for b in by)
+                grouped[key] = max(grouped.get(key, value), value)
+        for key, value in grouped.items():
+            series.setdefault(key, []).append((when, value))
+    return [Series(k, v) for k, v in sorted(series.items())]
+
+
 def _quantile(
     found: re.Match[str], samples: Sequence[tuple[float, Scrape]], window_s: float
 ) -> list[Series]:
@@ -147,6 +164,8 @@ def evaluate(
         return _sum_rate(found, samples, window_s)
     if found := _QUANTILE.match(expr):
         return _quantile(found, samples, window_s)
+    if found := _MAX_GAUGE.match(expr):
+        return _max_gauge(found, samples)
     return None
 
 

@@ -241,7 +241,13 @@ def observing(
         log.error("steer observe is unavailable: %s", exc)
     ring = observability.ring if observability is not None else None
     metrics.registry.register(
-        ReadAtScrape(lambda: ebpf_metrics(datapath.ebpf_counters(), ring.evicted if ring else 0))
+        ReadAtScrape(
+            lambda: ebpf_metrics(
+                datapath.ebpf_counters(),
+                ring.evicted if ring else 0,
+                datapath.ebpf_map_fill(),
+            )
+        )
     )
     stop_metrics = None
     try:

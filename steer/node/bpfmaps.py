@@ -201,6 +201,12 @@ MAPS: Final[dict[str, MapLayout]] = {
     "steer_events": MapLayout(None, None, EVENT_PAGES * PAGE_SIZE),
 }
 
+# The maps that can fill up. Arrays (steer_cfg, steer_counters) are full by construction,
+# and the ring buffer counts what it drops instead (events_lost).
+FILLABLE_MAPS: Final = tuple(
+    name for name in MAPS if name not in ("steer_cfg", "steer_counters", "steer_events")
+)
+
 
 @dataclass(frozen=True)
 class Program:

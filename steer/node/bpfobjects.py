@@ -29,6 +29,8 @@ from steer.node.bpfmaps import (
     CFG_SKMSG,
     COUNTER_NAMES,
     ENVOY_PROGRAMS,
+    FILLABLE_MAPS,
+    MAPS,
     OBSERVE_PROGRAMS,
     POD_PROGRAMS,
     Cfg,
@@ -396,6 +398,16 @@ class BpfObjects:
         """Per-pod counters, summed over CPUs."""
         values = self.kernel.bpf_lookup_percpu("steer_counters", ct.c_uint32(slot), CountersVal)
         return {name: sum(getattr(v, name) for v in values) for name in COUNTER_NAMES}
+
+    def map_fill(self) -> dict[str, tuple[int, int]]:
+        """map name -> (entries, capacity), for the maps that can fill up; a map that
+        cannot be read is left out."""
+        fill = {}
+        for name in FILLABLE_MAPS:
+            entries = self.kernel.bpf_count(name)
+            if entries is not None:
+                fill[name] = (entries, MAPS[name].max_entries)
+        return fill
 
     def steered_flows(self) -> list[tuple[IPv4Address, int, int, IPv4Address, int]]:
         """(client ip, client port, Envoy's port, original ip, original port) of live L7

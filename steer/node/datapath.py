@@ -656,6 +656,10 @@ class NodeDatapath:
             log.warning("reading eBPF counters failed: %s", exc)
             return {}
 
+    def ebpf_map_fill(self) -> dict[str, tuple[int, int]]:
+        """map name -> (entries, capacity); empty without BPF."""
+        return self.ebpf.bpf.map_fill() if self.ebpf is not None else {}
+
     def close(self) -> None:
         """Let go of the BPF objects: the kernel frees them once unpinned and unheld."""
         if self.ebpf is not None:

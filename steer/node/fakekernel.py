@@ -212,6 +212,9 @@ class RecordingKernel:
     def bpf_keys(self, map_name: str, key_type: type[K]) -> list[K]:
         return [key_type.from_buffer_copy(k) for k in self.maps.get(map_name, {})]
 
+    def bpf_count(self, map_name: str) -> int | None:
+        return len(self.maps.get(map_name, {}))
+
     def cgroup_id(self, path: str) -> int:
         # Stable across runs, so goldens do not depend on inode numbers.
         return zlib.crc32(path.encode())

@@ -134,6 +134,10 @@ class NodeKernel(Protocol):
 
     def bpf_keys(self, map_name: str, key_type: type[K]) -> list[K]: ...
 
+    def bpf_count(self, map_name: str) -> int | None:
+        """How many entries a map holds now; None if it cannot be read."""
+        ...
+
     def cgroup_id(self, path: str) -> int:
         """The id BPF programs see for a cgroup v2 directory; 0 if it is gone."""
         ...
@@ -357,6 +361,10 @@ class HostKernel:
         if libbpf.lookup(self.map_fds[map_name], ct.byref(key), values) != 0:
             raise BpfError(errno_message(f"reading {map_name}"))
         return list(values)
+
+    def bpf_count(self, map_name: str) -> int | None:
+        fd = self.map_fds.get(map_name)
+        return None if fd is None else libbpf.count_entries(fd)
 
     def bpf_keys(self, map_name: str, key_type: type[K]) -> list[K]:
         keys: list[K] = []

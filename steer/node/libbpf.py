@@ -11,6 +11,7 @@ libbpf 1.x returns a negative error code and also sets errno, so callers test `<
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -46,6 +47,15 @@ def _lib() -> Any:
         "bpf_map_update_elem": [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64],
         "bpf_map_delete_elem": [ct.c_int, ct.c_void_p],
         "bpf_map_get_next_key": [ct.c_int, ct.c_void_p, ct.c_void_p],
+        "bpf_map_lookup_batch": [
+            ct.c_int,
+            ct.c_void_p,
+            ct.c_void_p,
+            ct.c_void_p,
+            ct.c_void_p,
+            ct.POINTER(ct.c_uint32),
+            ct.c_void_p,
+        ],
         "libbpf_num_possible_cpus": [],
         "bpf_obj_get_info_by_fd": [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)],
     }
@@ -108,6 +118,57 @@ def map_info(fd: int) -> MapInfo | None:
     if _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
         return None
     return info
+
+
+# `enum bpf_map_type` values whose maps the kernel can read in batches.
+_BATCHED_TYPES = frozenset({1, 9})  # BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH
+_BATCH = 1024
+
+
+def count_entries(fd: int) -> int | None:
+    """How many entries a map holds, in time proportional to that count (not to its
+    capacity): hash maps in batches of 1,024, others key by key. None if unreadable."""
+    info = map_info(fd)
+    if info is None:
+        return None
+    if info.type in _BATCHED_TYPES:
+        counted = _count_in_batches(fd, info.key_size, info.value_size)
+        if counted is not None:
+            return counted
+    return _count_keys(fd, info.key_size)
+
+
+def _count_in_batches(fd: int, key_size: int, value_size: int) -> int | None:
+    keys = ct.create_string_buffer(key_size * _BATCH)
+    values = ct.create_string_buffer(value_size * _BATCH)
+    # The batch token of a hash map is a bucket index (u32); key-sized is always enough.
+    tokens = [ct.create_string_buffer(max(key_size, 8)) for _ in range(2)]
+    total = 0
+    position: Any = None
+    while True:
+        count = ct.c_uint32(_BATCH)
+        following = tokens[0] if position is not tokens[0] else tokens[1]
+        result = _lib().bpf_map_lookup_batch(
+            fd, position, following, keys, values, ct.byref(count), None
+        )
+        total += count.value
+        if result != 0:
+            # ENOENT: the walk is done (the last batch may still carry entries).
+            return total if ct.get_errno() == errno.ENOENT else None
+        position = following
+
+
+def _count_keys(fd: int, key_size: int) -> int:
+    keys = [ct.create_string_buffer(max(key_size, 1)) for _ in range(2)]
+    total = 0
+    previous: Any = None
+    while True:
+        following = keys[total % 2]
+        if _lib().bpf_map_get_next_key(fd, previous, following) != 0:
+            return total
+        total += 1
+        previous = following
+    return total
 
 
 def possible_cpus() -> int:

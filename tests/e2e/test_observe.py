@@ -17,7 +17,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from steer.cli import main
-from steer.constants import CONTROL_METRICS_PORT, LAB_NODE_NAME, METRICS_PORT, NODE_NETNS
+from steer.constants import (
+    BPF_MAX_PODS,
+    CONTROL_METRICS_PORT,
+    LAB_NODE_NAME,
+    METRICS_PORT,
+    NODE_NETNS,
+)
 from steer.lab.podproc import PodProcessError
 from steer.node.netns import run_in_netns
 from tests.e2e.conftest import HTTP_PORT, PodsNode
@@ -154,6 +160,13 @@ def test_metrics_count_requests_syncs_and_xds_and_expose_envoys_stats(node: Pods
     assert sample(agent, "steer_agent_sync_seconds_count") >= 1
     if node.dataplane == "ebpf":
         assert sample(agent, "steer_ebpf_connects_total", verdict="l7") >= 1
+    # The maps' fill, read from the kernel on both datapaths (iptables pods' flow records
+    # live in BPF maps too); each eBPF pod has its steer_pods entry.
+    pods = sample(agent, "steer_bpf_map_entries", map="steer_pods")
+    assert sample(agent, "steer_bpf_map_capacity", map="steer_pods") == BPF_MAX_PODS
+    assert sample(agent, "steer_bpf_map_pressure", map="steer_pods") == pods / BPF_MAX_PODS
+    if node.dataplane == "ebpf":
+        assert pods >= 2  # the client and web pods at least
     control = scrape(CONTROL_METRICS_PORT)
     assert sample(control, "steer_xds_acks_total", node=LAB_NODE_NAME) >= 1
     assert sample(control, "steer_xds_nacks_total", node=LAB_NODE_NAME) == 0

@@ -17,7 +17,7 @@ NAME = re.compile(r"\b(steer_[a-z_]+|envoy_[a-z_]+)")
 
 def exported() -> set[str]:
     agent = AgentMetrics()
-    agent.registry.register(ReadAtScrape(lambda: ebpf_metrics({}, 0)))
+    agent.registry.register(ReadAtScrape(lambda: ebpf_metrics({}, 0, {})))
     control = ControlMetrics(SnapshotCache())
     # Families by their base name (no _total): labelled ones are listed before any sample.
     return {m.name for r in (agent.registry, control.registry) for m in r.collect()}
@@ -79,3 +79,31 @@ def test_rates_increases_and_quantiles_as_prometheus_computes_them() -> None:
     assert p50 is not None
     # 8 observations by t=2: 2 under 0.1 s, 6 under 1 s; the 4th lies in (0.1, 1].
     assert p50.points[-1] == (2.0, 0.1 + 0.9 * (4 - 2) / (6 - 2))
+
+
+def test_a_gauge_is_read_as_is_grouped_by_its_labels() -> None:
+    def scrape(flows: float, pods: float) -> Scrape:
+        pressure = "steer_bpf_map_pressure"
+        return {
+            (pressure, (("map", "steer_flows"),)): flows,
+            (pressure, (("map", "steer_pods"),)): pods,
+        }
+
+    samples = [(0.0, scrape(0.5, 0.01)), (1.0, scrape(0.25, 0.02))]
+    found = evaluate("max by (map) (steer_bpf_map_pressure)", samples, window_s=10.0)
+    assert found is not None
+    assert {s.label: s.points for s in found} == {
+        "steer_flows": [(0.0, 0.5), (1.0, 0.25)],
+        "steer_pods": [(0.0, 0.01), (1.0, 0.02)],
+    }
+
+
+def test_map_fill_is_exported_per_map_with_its_capacity() -> None:
+    families = {
+        m.name: m for m in ebpf_metrics({}, 0, {"steer_flows": (64, 256), "steer_svc": (0, 0)})
+    }
+    (flows, empty) = sorted(families["steer_bpf_map_pressure"].samples, key=lambda s: s.value)[::-1]
+    assert (flows.labels, flows.value) == ({"map": "steer_flows"}, 0.25)
+    assert empty.value == 0.0
+    capacities = {s.labels["map"]: s.value for s in families["steer_bpf_map_capacity"].samples}
+    assert capacities == {"steer_flows": 256, "steer_svc": 0}
