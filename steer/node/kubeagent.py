@@ -13,6 +13,7 @@ in the /run/steer the agent and Envoy containers share.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -36,7 +37,7 @@ from steer.constants import (
 from steer.idlegc import IdleCollector
 from steer.metrics import AgentMetrics
 from steer.model.pod import Pod
-from steer.model.service import ServiceProblem, frontends
+from steer.model.service import Problem, ServiceProblem, frontends
 from steer.node.agent import (
     StatusWriter,
     map_full_problems,
@@ -250,7 +251,13 @@ class KubeAgent:
         for problem in problems:
             obj = by_key.get(problem.service)
             if obj is not None:
-                self._event(obj, problem.problem.value, problem.message, kind="Service")
+                self._event(
+                    obj,
+                    problem.problem.value,
+                    problem.message,
+                    kind="Service",
+                    node_scoped=problem.problem is Problem.MAP_FULL,
+                )
 
     def _write_status(
         self,
@@ -349,8 +356,18 @@ class KubeAgent:
         return True
 
     def _event(
-        self, obj: Mapping[str, Any], reason: str, message: str, *, kind: str = "Pod"
+        self,
+        obj: Mapping[str, Any],
+        reason: str,
+        message: str,
+        *,
+        kind: str = "Pod",
+        node_scoped: bool = True,
     ) -> None:
+        """A Warning Event on `obj`. One that is not `node_scoped` states a fact about the
+        object that every node's agent finds alike (a Service with no ready endpoints):
+        it is named after the fact, so the first agent's create wins and the others' are
+        refused as duplicates, instead of one Event per node."""
         meta = obj["metadata"]
         seen = (str(meta.get("uid")), message)
         if seen in self._events_sent:
@@ -358,9 +375,15 @@ class KubeAgent:
         self._events_sent.add(seen)
         from kubernetes import client
 
+        name = None
+        if not node_scoped:
+            fact = "\0".join((kind, str(meta.get("uid")), reason, message)).encode()
+            name = f"{meta['name']}.steer-{hashlib.sha256(fact).hexdigest()[:16]}"
         event = client.CoreV1Event(
             metadata=client.V1ObjectMeta(
-                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+                namespace=meta["namespace"],
+                name=name,
+                generate_name=f"{meta['name']}." if node_scoped else None,
             ),
             involved_object=client.V1ObjectReference(
                 api_version="v1",
@@ -372,13 +395,20 @@ class KubeAgent:
             reason=reason,
             message=message,
             type="Warning",
-            source=client.V1EventSource(component="steer-agent", host=self.node_name),
+            source=client.V1EventSource(
+                component="steer-agent", host=self.node_name if node_scoped else None
+            ),
             first_timestamp=datetime.now(UTC),
             last_timestamp=datetime.now(UTC),
             count=1,
         )
         try:
             self._core.create_namespaced_event(meta["namespace"], event)
+        except client.ApiException as exc:
+            if exc.status == 409 and not node_scoped:
+                log.debug("event %s: another node's agent reported it", event.metadata.name)
+                return
+            log.warning("event on %s/%s not recorded: %s", meta["namespace"], meta["name"], exc)
         except Exception as exc:  # events are best effort
             log.warning("event on %s/%s not recorded: %s", meta["namespace"], meta["name"], exc)
 

@@ -59,6 +59,11 @@ class _Core:
         self.patched.append((namespace, name, body))
 
     def create_namespaced_event(self, namespace: str, event: Any) -> None:
+        from kubernetes.client import ApiException
+
+        names = {(e.metadata.namespace, e.metadata.name) for e in self.events}
+        if event.metadata.name and (namespace, event.metadata.name) in names:
+            raise ApiException(status=409, reason="AlreadyExists")
         self.events.append(event)
 
     def list_pod_for_all_namespaces(self, **_: Any) -> Any:
@@ -224,6 +229,13 @@ def test_kube_agent_lists_services_and_reports_their_problems_as_events(
     (event,) = [e for e in _Core.events if e.involved_object.kind == "Service"]
     assert (event.involved_object.name, event.reason) == ("idle", "NoReadyEndpoints")
     # Reported once, not on every sync.
+    agent.sync()
+    assert len([e for e in _Core.events if e.involved_object.kind == "Service"]) == 1
+    # Nor once per node: every agent finds the same fact and names its Event after it, so
+    # the API server refuses the second node's as a duplicate.
+    assert event.source.host is None
+    agent.node_name = "worker-3"
+    agent._events_sent.clear()
     agent.sync()
     assert len([e for e in _Core.events if e.involved_object.kind == "Service"]) == 1
 
