@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  make iproute2 iptables conntrack curl wrk
+  make iproute2 iptables conntrack curl wrk nginx-light
   python3 python3-venv python3-dev
   python3-bpfcc libbpf1 bpfcc-tools bpftool linux-headers-amd64
 )
@@ -24,6 +24,10 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+# nginx is a benchmark's backend, started inside lab pods only: never a host service.
+if command -v systemctl >/dev/null && systemctl is-enabled -q nginx 2>/dev/null; then
+  systemctl disable --now nginx
 fi
 
 # bcc compiles against the headers of the running kernel; on kernels Debian does not ship

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shlex
 import subprocess
 import tempfile
 import time
@@ -177,15 +178,11 @@ def _backend_bootstrap(ip: str, admin_port: int) -> dict[str, object]:
 
 
 @contextmanager
-def envoy_in_pod(
-    pod: LabPod, config: dict[str, object], base_id: int, workdir: Path, role: str
-) -> Iterator[None]:
-    """An Envoy running `config` inside the pod (its netns and cgroup)."""
-    path = workdir / f"{role}-{pod.name}.json"
-    path.write_text(json.dumps(config))
+def in_pod(pod: LabPod, argv: Sequence[str]) -> Iterator[None]:
+    """A process running `argv` inside the pod (its netns and cgroup), stopped on exit."""
     script = (
         f"echo $$ > {pod.cgroup}/cgroup.procs && exec ip netns exec {pod.netns} "
-        f"{envoy_binary()} -c {path} --base-id {base_id} --concurrency 1 --log-level error"
+        + shlex.join(argv)
     )
     proc = subprocess.Popen(
         ["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -195,6 +192,16 @@ def envoy_in_pod(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def envoy_in_pod(
+    pod: LabPod, config: dict[str, object], base_id: int, workdir: Path, role: str
+) -> contextlib.AbstractContextManager[None]:
+    """An Envoy running `config` inside the pod."""
+    path = workdir / f"{role}-{pod.name}.json"
+    path.write_text(json.dumps(config))
+    argv = [envoy_binary(), "-c", str(path), "--base-id", str(base_id)]
+    return in_pod(pod, [*argv, "--concurrency", "1", "--log-level", "error"])
 
 
 def backend(pod: LabPod, base_id: int, workdir: Path) -> contextlib.AbstractContextManager[None]:
