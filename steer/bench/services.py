@@ -72,9 +72,15 @@ FIGURES = (
     "backends_cpu_us_per_conn",
     "keepalive_p50_ms",
 )
-# The measured Service sits in the middle of the fillers' addresses: kube-proxy's chain
-# is in no particular order, so on average a flow walks half of it.
-MEASURED = "bench"
+# The measured Service sits in the middle of kube-proxy's chain, which is in no particular
+# order on a real node (Go map order), so on average a flow walks half of it: the lab's
+# stand-in orders the chain by Service name, so every Service is named by its position.
+# Its ClusterIP stays the same at every Service count: the backends close first (the
+# requests say `Connection: close`) and keep each connection in TIME_WAIT for 60 s, and
+# the client's TCP timestamps are offset per destination address, so a new VIP would
+# make the next round's SYNs look older than those TIME_WAIT entries to the backends'
+# PAWS check, which drops them (a 1 s retransmit each: tens of connections a second).
+MEASURED_IP = IPv4Network(LAB_SERVICE_CIDR).network_address + 1
 
 
 def specs() -> list[LabPodSpec]:
@@ -120,28 +126,35 @@ def nginx_backend(pod: LabPod, workdir: Path) -> AbstractContextManager[None]:
 
 
 def services(count: int, backends: dict[str, str]) -> list[LabService]:
-    """`count` Services: the measured one with both backends, and count - 1 fillers."""
-    network = IPv4Network(LAB_SERVICE_CIDR)
+    """`count` Services: the measured one (first) with both backends, and count - 1
+    fillers with one each."""
     middle = count // 2
-    found = []
-    for index in range(count):
-        address = network.network_address + 1 + index
-        if index == middle:
-            endpoints = tuple(Endpoint(IPv4Address(ip), {"": PORT}) for ip in backends.values())
-            name = MEASURED
-        else:
-            endpoints = (Endpoint(IPv4Address(backends[SERVERS[0]]), {"": PORT}),)
-            name = f"filler-{index}"
-        found.append(
+    measured = LabService(
+        service_name(middle),
+        "default",
+        (ServicePort(80, PORT),),
+        cluster_ip=str(MEASURED_IP),
+        endpoints=tuple(Endpoint(IPv4Address(ip), {"": PORT}) for ip in backends.values()),
+    )
+    filler = (Endpoint(IPv4Address(backends[SERVERS[0]]), {"": PORT}),)
+    return [
+        measured,
+        *(
             LabService(
-                name,
+                service_name(index),
                 "default",
                 (ServicePort(80, PORT),),
-                cluster_ip=str(address),
-                endpoints=endpoints,
+                cluster_ip=str(MEASURED_IP + 1 + index),
+                endpoints=filler,
             )
-        )
-    return found
+            for index in range(count)
+            if index != middle
+        ),
+    ]
+
+
+def service_name(position: int) -> str:
+    return f"svc-{position:05d}"
 
 
 class ServicesBench:
@@ -157,7 +170,7 @@ class ServicesBench:
     def use(self, count: int) -> None:
         """Make the node hold `count` Services and wait until the agent balances them."""
         wanted = services(count, self.backends)
-        self.vip = next(str(s.cluster_ip) for s in wanted if s.name == MEASURED)
+        self.vip = str(wanted[0].cluster_ip)
         started = time.time()
         self.node.lab = lab_up(self.node.specs, services=wanted)
 

@@ -97,7 +97,7 @@ def test_the_reader_moves_to_the_ring_that_replaced_its_pin(pin: Path) -> None:
             seen.append(opener[0])
 
     openers.remember = remember  # type: ignore[method-assign]
-    reader = FlowReader(pin, lambda event: None, NodeView, openers)
+    reader = FlowReader(pin, lambda events: None, NodeView, openers)
     try:
         assert libbpf.obj_pin(first.ring_fd, pin) == 0
         # Written before the reader opens the ring: the kernel sends no wake-up for it (it
