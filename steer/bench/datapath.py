@@ -180,9 +180,8 @@ def _backend_bootstrap(ip: str, admin_port: int) -> dict[str, object]:
 @contextmanager
 def in_pod(pod: LabPod, argv: Sequence[str]) -> Iterator[None]:
     """A process running `argv` inside the pod (its netns and cgroup), stopped on exit."""
-    script = (
-        f"echo $$ > {pod.cgroup}/cgroup.procs && exec ip netns exec {pod.netns} "
-        + shlex.join(argv)
+    script = f"echo $$ > {pod.cgroup}/cgroup.procs && exec ip netns exec {pod.netns} " + shlex.join(
+        argv
     )
     proc = subprocess.Popen(
         ["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
