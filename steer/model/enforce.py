@@ -18,7 +18,7 @@ from __future__ import annotations
 import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from ipaddress import IPv4Address, IPv4Network
 from typing import Generic, TypeVar
@@ -89,6 +89,16 @@ class SideRules:
     # L4 rules of mode Audit: no datapath sees them (they enforce nothing); `steer observe`
     # records the flows they would deny.
     audited: tuple[ResolvedRule, ...] = ()
+    # A policy of mode Audit whose default Deny would restrict this side, where no enforced
+    # policy does: its id (0: none). Envoy evaluates the side's allows as if it did.
+    audit_default_policy_id: int = 0
+
+    @property
+    def audits_allows(self) -> bool:
+        """Whether enforcing the Audit parts would change what this side's allows let by."""
+        return self.audit_default_policy_id != 0 or any(
+            r.audit and r.action is Action.ALLOW for r in (*self.rules, *self.audited)
+        )
 
     def by_kind(self, kind: int) -> tuple[ResolvedRule, ...]:
         return self._kinds.get(kind, ())
@@ -151,6 +161,9 @@ class Enforcement:
     ingress: Mapping[IPv4Address, SideRules]
     policy_ids: Mapping[str, int]
     warnings: tuple[str, ...]
+    # Where a policy or rule is of mode Audit: the verdicts if every one were enforced.
+    # `steer observe` records as `audit` what this would deny and the enforcement lets by.
+    as_if: Enforcement | None = field(default=None, compare=False)
 
     def pod_by_ip(self, ip: IPv4Address) -> ManagedPod | None:
         return self._by_ip.get(ip)
@@ -317,6 +330,10 @@ class Resolver:
         self._shapes: dict[tuple[Direction, tuple[_ResolvedPolicy, ...]], SideRules] = {}
         self._pods_given: tuple[Pod, ...] = ()
         self._steered_pods: tuple[ManagedPod, ...] = ()
+        # What the policies of mode Audit would do: resolved beside, only while there are
+        # any, with each such policy's enforced copy kept while the policy is the same.
+        self._as_if: Resolver | None = None
+        self._enforced_copies: dict[str, tuple[HTTPPolicy, HTTPPolicy]] = {}
 
     def resolve(self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]) -> Enforcement:
         self._update_pods(pods)
@@ -363,6 +380,27 @@ class Resolver:
             ingress={ip: s for (d, ip), (_, s) in sides.items() if d is Direction.INGRESS},
             policy_ids=ids,
             warnings=tuple(warnings),
+            as_if=self._resolve_as_if(policies, pods),
+        )
+
+    def _resolve_as_if(
+        self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]
+    ) -> Enforcement | None:
+        if not any(p.audits for p in policies):
+            self._as_if, self._enforced_copies = None, {}
+            return None
+        copies = {}
+        for policy in policies:
+            if policy.audits:
+                kept = self._enforced_copies.get(policy.key)
+                copies[policy.key] = (
+                    kept if kept is not None and kept[0] is policy else (policy, policy.enforced())
+                )
+        self._enforced_copies = copies
+        if self._as_if is None:
+            self._as_if = Resolver(self._local)
+        return self._as_if.resolve(
+            [copies[p.key][1] if p.key in copies else p for p in policies], pods
         )
 
     def _update_pods(self, pods: Sequence[Pod]) -> None:
@@ -439,7 +477,7 @@ class Resolver:
                     None if rule.ports is None else tuple(p.range for p in rule.ports),
                     rule.http,
                     index,
-                    rule.mode is Mode.AUDIT,
+                    rule.mode is Mode.AUDIT or policy.spec.mode is Mode.AUDIT,
                 )
                 for index, rule in enumerate(section_rules)
             )
@@ -461,7 +499,10 @@ def _side(
         return section.default_action if section is not None else Action.ALLOW
 
     policies = [e.policy for e in entries]
-    denying = [p for p in policies if default_of(p) is Action.DENY]
+    # A policy of mode Audit restricts nothing: its default counts for nobody.
+    enforced = [p for p in policies if p.spec.mode is not Mode.AUDIT]
+    denying = [p for p in enforced if default_of(p) is Action.DENY]
+    audit_denying = [p for p in policies if p not in enforced and default_of(p) is Action.DENY]
     in_order = [
         rule for e in entries for d, rules in e.sections if d is direction for rule in rules
     ]
@@ -470,9 +511,11 @@ def _side(
         pod_ip=ip,
         direction=direction,
         default_action=Action.DENY if denying else Action.ALLOW,
-        default_policy_id=ids[(denying or policies)[0].key],
+        # No enforced policy on the side: none decides its flows (0 names no policy).
+        default_policy_id=ids[(denying or enforced)[0].key] if enforced else 0,
         rules=tuple(rule for rule in in_order if not rule.audits_l4),
         audited=tuple(rule for rule in in_order if rule.audits_l4),
+        audit_default_policy_id=ids[audit_denying[0].key] if audit_denying and not denying else 0,
     )
 
 

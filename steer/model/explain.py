@@ -173,17 +173,28 @@ def l4_verdict(
 def l4_audit(
     enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, port: int
 ) -> tuple[str, str] | None:
-    """(policy, rule) of the first L4 rule of mode Audit that would deny the flow: the
-    client's egress rules, then the server's ingress rules, as enforced ones are."""
-    sides = (
-        (enforcement.egress.get(src), dst),
-        (enforcement.ingress.get(dst), src),
-    )
-    for side, peer in sides:
-        for rule in side.audited if side is not None else ():
-            if rule.matches(peer, port):
-                return rule.policy_key, rule.name
-    return None
+    """(policy, rule) that would deny the flow if every policy and rule of mode Audit were
+    enforced, where the enforcement lets it by; None otherwise."""
+    as_if = enforcement.as_if
+    if as_if is None or _l4(enforcement, src, dst, port)[0] == VERDICT_DENY:
+        return None
+    kind, decided = _l4(as_if, src, dst, port)
+    if kind != VERDICT_DENY:
+        return None
+    named = _named(decided, as_if)
+    return named["policy"] or "", named["rule"] or ""
+
+
+def audit_default(
+    enforcement: Enforcement, src: IPv4Address, dst: IPv4Address, *, egress: bool
+) -> tuple[str, str] | None:
+    """(policy, rule) of the default Deny of a policy of mode Audit on the client's egress
+    side (or the server's ingress side): what would deny a request no allow covers."""
+    side = enforcement.egress.get(src) if egress else enforcement.ingress.get(dst)
+    if side is None or side.audit_default_policy_id == 0:
+        return None
+    policy = enforcement.policy_key(side.audit_default_policy_id)
+    return (policy, "default-deny") if policy is not None else None
 
 
 def _l4(

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, TypeVar
 
 import re2
 from pydantic import (
@@ -565,6 +565,9 @@ class EgressSection(StrictModel):
 
 class HTTPPolicySpec(StrictModel):
     pod_selector: LabelSelector = Field(alias="podSelector")
+    # Audit: the whole policy enforces nothing, as if it were not there; steer records
+    # each flow or request it would deny (a staged policy, tried before it is enforced).
+    mode: Mode = Mode.ENFORCE
     ingress: IngressSection | None = None
     egress: EgressSection | None = None
 
@@ -617,6 +620,9 @@ class ObjectMeta(StrictModel):
         return value
 
 
+S = TypeVar("S", IngressSection, EgressSection)
+
+
 class HTTPPolicy(StrictModel):
     api_version: Literal["steer.dev/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["HTTPPolicy"]
@@ -628,3 +634,32 @@ class HTTPPolicy(StrictModel):
     @property
     def key(self) -> str:
         return f"{self.metadata.namespace}/{self.metadata.name}"
+
+    @property
+    def audits(self) -> bool:
+        """Whether the policy, or any of its rules, is of mode Audit."""
+        return self.spec.mode is Mode.AUDIT or any(
+            rule.mode is Mode.AUDIT for section in self.sections for rule in section.rules
+        )
+
+    @property
+    def sections(self) -> tuple[IngressSection | EgressSection, ...]:
+        return tuple(s for s in (self.spec.ingress, self.spec.egress) if s is not None)
+
+    def enforced(self) -> HTTPPolicy:
+        """This policy as if every part of it were of mode Enforce: what it would do."""
+
+        def section(found: S | None) -> S | None:
+            if found is None:
+                return None
+            rules = tuple(r.model_copy(update={"mode": Mode.ENFORCE}) for r in found.rules)
+            return found.model_copy(update={"rules": rules})
+
+        spec = self.spec.model_copy(
+            update={
+                "mode": Mode.ENFORCE,
+                "ingress": section(self.spec.ingress),
+                "egress": section(self.spec.egress),
+            }
+        )
+        return self.model_copy(update={"spec": spec})

@@ -46,7 +46,7 @@ from steer.constants import (
     VERDICT_L7,
 )
 from steer.model.enforce import Enforcement
-from steer.model.explain import HTTPRequest, explain, l4_audit, l4_verdict
+from steer.model.explain import HTTPRequest, audit_default, explain, l4_audit, l4_verdict
 from steer.model.pod import Pod
 from steer.node import libbpf
 from steer.node.bpfmaps import (
@@ -58,7 +58,7 @@ from steer.node.bpfmaps import (
     FlowEvent,
     ip_from_be,
 )
-from steer.render.xds import AUDIT_PREFIXES, RBAC_METADATA
+from steer.render.xds import AUDIT_PREFIXES, EGRESS_ALLOW, INGRESS_ALLOW, RBAC_METADATA
 
 log = logging.getLogger("steer.observe")
 Event = dict[str, Any]
@@ -101,10 +101,21 @@ class NodeView:
         return found or (None, None, None)
 
     def l4_audit_for(self, src: str, dst: str, port: int) -> tuple[str, str] | None:
-        """(policy, rule) of the L4 rule of mode Audit that would deny the flow."""
+        """(policy, rule) of mode Audit that would deny the flow."""
         found: tuple[str, str] | None = self._memo(
             ("l4-audit", src, dst, port),
             lambda enforcement: l4_audit(enforcement, IPv4Address(src), IPv4Address(dst), port),
+        )
+        return found
+
+    def audit_default_for(self, src: str, dst: str, *, egress: bool) -> tuple[str, str] | None:
+        """(policy, rule) of the default of a policy of mode Audit that would deny a
+        request on this side."""
+        found: tuple[str, str] | None = self._memo(
+            ("audit-default", src, dst, egress),
+            lambda enforcement: audit_default(
+                enforcement, IPv4Address(src), IPv4Address(dst), egress=egress
+            ),
         )
         return found
 
@@ -140,17 +151,22 @@ def _rule_of(details: str) -> tuple[str, str] | None:
     return f"{namespace}/{name}", rule
 
 
-def _audited(tags: Any) -> tuple[str, str] | None:
-    """(policy, rule) of a rule of mode Audit that would have denied the request: the deny
-    filters' shadow evaluation (steer.render.xds._rbac), which Envoy reports as metadata."""
+def _audited(tags: Any) -> tuple[str, str] | str | None:
+    """What would have denied the request if every policy and rule of mode Audit were
+    enforced, from the RBAC filters' shadow evaluation (steer.render.xds._rbac), which
+    Envoy reports as metadata: (policy, rule) of a deny rule, or the side ("egress",
+    "ingress") where no allow would have matched, so a policy's default would deny."""
     if RBAC_METADATA not in tags:
         return None
     fields = tags[RBAC_METADATA].fields
-    for prefix in AUDIT_PREFIXES.values():
+    for name, prefix in AUDIT_PREFIXES.items():
         result = f"{prefix}shadow_engine_result"
-        if result in fields and fields[result].string_value == "denied":
-            policy_id = fields[f"{prefix}shadow_effective_policy_id"].string_value
-            return _rule_of(f"rbac_access_denied_matched_policy[{policy_id}]")
+        if result not in fields or fields[result].string_value != "denied":
+            continue
+        if name in (EGRESS_ALLOW, INGRESS_ALLOW):
+            return "egress" if name == EGRESS_ALLOW else "ingress"
+        policy_id = fields[f"{prefix}shadow_effective_policy_id"].string_value
+        return _rule_of(f"rbac_access_denied_matched_policy[{policy_id}]")
     return None
 
 
@@ -215,7 +231,7 @@ class _Shape(NamedTuple):
     status: int
     details: str
     service: str | None
-    audited: tuple[str, str] | None
+    audited: tuple[str, str] | str | None
 
 
 def _http_shape(view: NodeView, shape: _Shape) -> Event:
@@ -231,14 +247,17 @@ def _http_shape(view: NodeView, shape: _Shape) -> Event:
     # Refused before any rule (a steer refusal route, or the connection manager's checks).
     refused = status == 400 and details != "via_upstream"
     named = _rule_of(details) if denied else None
+    request = HTTPRequest(method, path, authority, service=service)
+    if isinstance(audited, str):
+        # No allow would have let it through, as if the policies of mode Audit were
+        # enforced: the default Deny of one of them on that side.
+        audited = view.audit_default_for(src_ip, dst_ip, egress=audited == "egress")
     if not (denied or refused) and audited is not None:
         named = audited
     else:
         audited = None
     if named is None and not refused:
-        named = view.rule_for(
-            src_ip, dst_ip, dst_port, HTTPRequest(method, path, authority, service=service)
-        )
+        named = view.rule_for(src_ip, dst_ip, dst_port, request)
     return {
         "layer": "http",
         "verdict": "denied" if denied or refused else "audit" if audited else "allowed",

@@ -324,26 +324,31 @@ _RBAC_DISABLED = _pack(rbac_filter_pb2.RBACPerRoute())
 
 # Envoy reports the shadow (audit) evaluation of every RBAC filter as dynamic metadata of
 # this one namespace, keyed `<prefix>shadow_engine_result` and
-# `<prefix>shadow_effective_policy_id`: a prefix per filter keeps the two deny filters'
-# results apart.
+# `<prefix>shadow_effective_policy_id`: a prefix per filter keeps their results apart.
 RBAC_METADATA = "envoy.filters.http.rbac"
-AUDIT_PREFIXES = {EGRESS_DENY: "audit_egress_", INGRESS_DENY: "audit_ingress_"}
+AUDIT_PREFIXES = {
+    EGRESS_DENY: "audit_egress_",
+    INGRESS_DENY: "audit_ingress_",
+    EGRESS_ALLOW: "audit_egress_allow_",
+    INGRESS_ALLOW: "audit_ingress_allow_",
+}
 
 
 def _rbac(
     action: int,
     policies: Mapping[str, rbac_pb2.Policy] | None,
-    audited: Mapping[str, rbac_pb2.Policy] | None = None,
+    shadow: Mapping[str, rbac_pb2.Policy] | None = None,
     audit_prefix: str = "",
 ) -> any_pb2.Any:
     """Per-route RBAC; None disables the filter on this route (no restriction applies).
-    `audited`: rules of mode Audit, evaluated with the enforced ones in Envoy's shadow rules
-    only, where a match is recorded (under `audit_prefix`) and enforces nothing."""
+    `shadow`: the policies as if every rule and policy of mode Audit were enforced, which
+    Envoy evaluates beside the enforced ones and reports (under `audit_prefix`): a
+    difference is recorded, and enforces nothing."""
     if policies is None:
         return _RBAC_DISABLED
     config = rbac_filter_pb2.RBAC(rules=rbac_pb2.RBAC(action=action, policies=dict(policies)))
-    if audited:
-        config.shadow_rules.CopyFrom(rbac_pb2.RBAC(action=action, policies={**policies, **audited}))
+    if shadow is not None:
+        config.shadow_rules.CopyFrom(rbac_pb2.RBAC(action=action, policies=dict(shadow)))
         config.shadow_rules_stat_prefix = audit_prefix
     return _pack(rbac_filter_pb2.RBACPerRoute(rbac=config))
 
@@ -353,6 +358,12 @@ class _SidePolicies:
     deny: dict[str, rbac_pb2.Policy] = field(default_factory=dict)
     allow: dict[str, rbac_pb2.Policy] = field(default_factory=dict)
     audited_deny: dict[str, rbac_pb2.Policy] = field(default_factory=dict)
+    # The allows as if the Audit parts were enforced; None where that changes nothing.
+    allow_as_if: dict[str, rbac_pb2.Policy] | None = None
+
+    @property
+    def deny_as_if(self) -> dict[str, rbac_pb2.Policy] | None:
+        return {**self.deny, **self.audited_deny} if self.audited_deny else None
 
 
 def _side_policies(
@@ -363,8 +374,11 @@ def _side_policies(
     egress: bool,
 ) -> _SidePolicies:
     found = _SidePolicies()
+    as_if: dict[str, rbac_pb2.Policy] = {}
+    audits_allows = False
     for side in sides:
-        for rule in side.rules:
+        audits_allows = audits_allows or side.audits_allows
+        for rule in (*side.rules, *side.audited):
             if (
                 egress
                 and rule.peers is not None
@@ -374,18 +388,27 @@ def _side_policies(
             policy = rule_policies.get(rule, side.pod_ip if egress else None, egress=egress)
             if policy is None:
                 continue
-            if rule.audit:
-                target = found.audited_deny
-            else:
-                target = found.deny if rule.action is Action.DENY else found.allow
-            target[rbac_key(side.pod_key, rule)] = policy
+            key = rbac_key(side.pod_key, rule)
+            if rule.action is Action.ALLOW:
+                as_if[key] = policy
+                if not rule.audit:
+                    found.allow[key] = policy
+            elif not rule.audit:
+                found.deny[key] = policy
+            elif not rule.audits_l4:  # an audited L4 deny is the flow events' to record
+                found.audited_deny[key] = policy
         if side.default_action is Action.ALLOW:
             principal = (
                 _ip_principal([_host(side.pod_ip)]) if egress else rbac_pb2.Principal(any=True)
             )
-            found.allow[f"{side.pod_key}:default-allow"] = rbac_pb2.Policy(
+            default = rbac_pb2.Policy(
                 permissions=[rbac_pb2.Permission(any=True)], principals=[principal]
             )
+            found.allow[f"{side.pod_key}:default-allow"] = default
+            if side.audit_default_policy_id == 0:
+                as_if[f"{side.pod_key}:default-allow"] = default
+    if audits_allows:
+        found.allow_as_if = as_if
     return found
 
 
@@ -432,23 +455,19 @@ def _per_filter_config(sides: _Sides, destination: Destination) -> dict[str, any
     egress = _side_policies(sides.egress, destination, sides.rule_policies, egress=True)
     if sides.unrestricted_clients is not None:
         egress.allow["unrestricted-clients"] = sides.unrestricted_clients
+        if egress.allow_as_if is not None:
+            egress.allow_as_if["unrestricted-clients"] = sides.unrestricted_clients
     ingress_sides = sides.ingress_of(destination)
     ingress = _side_policies(ingress_sides, destination, sides.rule_policies, egress=False)
+    found = {
+        EGRESS_DENY: (deny_action, egress.deny, egress.deny_as_if, sides.egress),
+        INGRESS_DENY: (deny_action, ingress.deny, ingress.deny_as_if, ingress_sides),
+        EGRESS_ALLOW: (allow_action, egress.allow, egress.allow_as_if, sides.egress),
+        INGRESS_ALLOW: (allow_action, ingress.allow, ingress.allow_as_if, ingress_sides),
+    }
     return {
-        EGRESS_DENY: _rbac(
-            deny_action,
-            egress.deny if sides.egress else None,
-            egress.audited_deny,
-            AUDIT_PREFIXES[EGRESS_DENY],
-        ),
-        INGRESS_DENY: _rbac(
-            deny_action,
-            ingress.deny if ingress_sides else None,
-            ingress.audited_deny,
-            AUDIT_PREFIXES[INGRESS_DENY],
-        ),
-        EGRESS_ALLOW: _rbac(allow_action, egress.allow if sides.egress else None),
-        INGRESS_ALLOW: _rbac(allow_action, ingress.allow if ingress_sides else None),
+        name: _rbac(action, policies if restricted else None, shadow, AUDIT_PREFIXES[name])
+        for name, (action, policies, shadow, restricted) in found.items()
     }
 
 

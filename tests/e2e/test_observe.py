@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from steer.cli import main
@@ -314,3 +315,49 @@ def test_a_flow_a_policy_change_revokes_ends_revoked(node: PodsNode) -> None:
     (flow,) = ended
     assert (flow["end"], flow["pid"], flow["dataplane"]) == ("revoked", client.pid, node.dataplane)
     assert flow["dst"] == f"{node.ip('api')}:{HTTP_PORT}"
+
+
+def test_a_policy_of_mode_audit_enforces_nothing_and_records_what_it_would_deny(
+    node: PodsNode,
+) -> None:
+    """A staged policy: web's ingress would allow /public only, and nothing on api's port.
+    Every request and flow still gets through; what the policy would deny is `audit`,
+    naming its rule (an HTTP deny) or its default."""
+    staged = ingress(
+        "web",
+        http_rule("Allow", paths=[prefix("/public")]),
+        {"name": "no-admin", **http_rule("Deny", paths=[prefix("/admin")])},
+    )
+    ((name, text),) = staged.items()
+    document = yaml.safe_load(text)
+    document["spec"] = {"podSelector": document["spec"]["podSelector"], "mode": "Audit",
+                        "ingress": document["spec"]["ingress"]}  # fmt: skip
+    api = ingress("api")  # every flow to api would be denied, by the default
+    ((api_name, api_text),) = api.items()
+    api_document = yaml.safe_load(api_text)
+    api_document["spec"]["mode"] = "Audit"
+    apply(node, {name: yaml.safe_dump(document), api_name: yaml.safe_dump(api_document)})
+    tag = f"{node.dataplane}-{time.monotonic_ns()}"
+    for path in ("public", "admin", "other"):
+        expect(request(node, f"/{path}/{tag}"), ALLOWED)
+    verdicts = {
+        path: (e["verdict"], e["status"], e["policy"], e["rule"])
+        for path in ("public", "admin", "other")
+        for e in observed(f"/{path}/{tag}")
+    }
+    # Allowed by no policy in force (a policy of mode Audit decides nothing).
+    assert verdicts == {
+        "public": ("allowed", 200, None, "default-allow"),
+        "admin": ("audit", 200, "default/web-ingress", "no-admin"),
+        "other": ("audit", 200, "default/web-ingress", "default-deny"),
+    }
+    client = node.workers["client"]
+    reply = client.request(node.ip("api"), HTTP_PORT, "GET", f"/staged/{tag}")
+    assert reply.status == 200
+    source = f"{node.ip('client')}:{reply.local_port}"
+    (flow,) = l4_events(lambda e: e["src"] == source)
+    assert (flow["verdict"], flow["policy"], flow["rule"]) == (
+        "audit",
+        "default/api-ingress",
+        "default-deny",
+    )

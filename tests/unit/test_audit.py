@@ -9,12 +9,14 @@ from ipaddress import IPv4Address, IPv4Network
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from google.protobuf import struct_pb2
 
-from steer.constants import VERDICT_L7
+from steer.constants import VERDICT_DENY, VERDICT_L7
 from steer.model.enforce import Enforcement, decide_flow, resolve
 from steer.model.explain import HTTPRequest, explain, l4_audit
 from steer.model.load import parse_policies
+from steer.model.policy import Action, Mode
 from steer.node.observe import NodeView, http_event
 from steer.render.xds import (
+    INGRESS_ALLOW,
     INGRESS_DENY,
     RBAC_METADATA,
     ROUTE_TYPE,
@@ -115,3 +117,105 @@ def test_an_audited_l4_rule_reaches_no_datapath_and_names_the_flows_it_would_den
     for port in (8080, 9090):
         assert decide_flow(resolved, client, web, port) == decide_flow(without, client, web, port)
     assert render_resources(resolved) == render_resources(without)
+
+
+STAGED = """spec:
+  podSelector: {matchLabels: {app: web}}
+  mode: Audit
+  ingress:
+    defaultAction: Deny
+    rules:
+      - {name: public, ports: [{port: 8080}], http: {paths: [{prefix: /public}]}}
+      - {name: no-admin, action: Deny, ports: [{port: 8080}], http: {paths: [{prefix: /admin}]}}
+      - {name: metrics, ports: [{port: 9090}]}
+"""
+
+
+def staged() -> tuple[Enforcement, Enforcement]:
+    """web's ingress under the staged policy, and under the same policy enforced."""
+    policies, errors = parse_policies(policy_yaml(STAGED, name="staged"), "staged.yaml")
+    assert errors == []
+    others = [p for p in sample_policies() if p.metadata.name != "web"]
+    return resolve([*others, *policies], PODS), resolve([*others, policies[0].enforced()], PODS)
+
+
+def test_a_policy_of_mode_audit_restricts_nothing() -> None:
+    resolved, _ = staged()
+    client, web = IPv4Address(CLIENT.ip), IPv4Address(WEB.ip)
+    side = resolved.ingress[web]
+    assert side.default_action is Action.ALLOW
+    assert side.default_policy_id == 0  # no policy in force decides web's ingress
+    assert all(rule.audit for rule in (*side.rules, *side.audited))
+    for path in ("/public/a", "/admin/a", "/other"):
+        result = explain(resolved, client, web, 8080, HTTPRequest(path=path))
+        assert result.status == 200, path
+    assert decide_flow(resolved, client, web, 7000).verdict != VERDICT_DENY
+
+
+def test_its_as_if_verdicts_are_those_of_the_policy_enforced() -> None:
+    resolved, enforced = staged()
+    assert resolved.as_if is not None
+    client, web = IPv4Address(CLIENT.ip), IPv4Address(WEB.ip)
+    for port in (7000, 8080, 9090):
+        assert decide_flow(resolved.as_if, client, web, port) == decide_flow(
+            enforced, client, web, port
+        )
+    for path in ("/public/a", "/admin/a", "/other"):
+        request = HTTPRequest(path=path)
+        assert explain(resolved.as_if, client, web, 8080, request) == explain(
+            enforced, client, web, 8080, request
+        )
+    # A flow the policy would refuse at L4 (no rule covers port 7000): its default.
+    assert l4_audit(resolved, client, web, 7000) == ("default/staged", "default-deny")
+    assert l4_audit(resolved, client, web, 9090) is None
+
+
+def test_envoy_evaluates_the_allows_as_if_the_policy_were_enforced() -> None:
+    resolved, _ = staged()
+    route = render_resources(resolved)[ROUTE_TYPE][route_name(IPv4Network(f"{WEB.ip}/32"))]
+    filters = route.virtual_hosts[0].typed_per_filter_config
+
+    def rbac(name: str) -> rbac_filter_pb2.RBAC:
+        per_route = rbac_filter_pb2.RBACPerRoute()
+        filters[name].Unpack(per_route)
+        return per_route.rbac
+
+    allow = rbac(INGRESS_ALLOW)
+    # Enforced: everything (the default of a side no policy in force restricts).
+    assert set(allow.rules.policies) == {"default/web:default-allow"}
+    # As if enforced: only the staged allows, no default.
+    assert set(allow.shadow_rules.policies) == {
+        "default/web:default/staged/0/public",
+        "default/web:default/staged/2/metrics",
+    }
+    assert allow.shadow_rules_stat_prefix == "audit_ingress_allow_"
+    deny = rbac(INGRESS_DENY)
+    assert set(deny.rules.policies) == set()
+    assert set(deny.shadow_rules.policies) == {"default/web:default/staged/1/no-admin"}
+
+
+def test_a_request_no_staged_allow_covers_is_an_audit_event_naming_the_default() -> None:
+    resolved, _ = staged()
+    message = entry("/other", 200, "via_upstream")
+    shadow = struct_pb2.Struct()
+    shadow.update({"audit_ingress_allow_shadow_engine_result": "denied"})
+    message.common_properties.metadata.filter_metadata[RBAC_METADATA].CopyFrom(shadow)
+    view = NodeView({p.ip: (p, "ebpf") for p in PODS}, resolved)
+    event = http_event(message, view)
+    assert (event["verdict"], event["policy"], event["rule"], event["status"]) == (
+        "audit",
+        "default/staged",
+        "default-deny",
+        200,
+    )
+
+
+def test_enforced_copies_keep_everything_but_the_modes() -> None:
+    policies, _ = parse_policies(policy_yaml(STAGED, name="staged"), "staged.yaml")
+    (policy,) = policies
+    enforced = policy.enforced()
+    assert policy.audits and not enforced.audits
+    assert enforced.spec.mode is Mode.ENFORCE
+    assert enforced.model_dump(exclude={"spec": {"mode"}}) == policy.model_dump(
+        exclude={"spec": {"mode"}}
+    )
