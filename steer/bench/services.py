@@ -180,6 +180,7 @@ class ServicesBench:
             return status.get("loaded_at", 0) >= started and len(listed) == count
 
         wait_for(balanced, 120, f"the agent to balance {count} Services")
+        wait_quiet()
 
     def _wrk(self, client: str, argv: list[str]) -> str:
         code, out, err = self.clients[client].run(
@@ -222,6 +223,30 @@ class ServicesBench:
         for part in parts:
             into[part].append((after[part] - before[part]) / max(connections, 1))
         into["keepalive_p50_ms"].append(latency_ms(keepalive, "50"))
+
+
+def _machine_busy(seconds: float) -> float:
+    """The share of all CPUs busy over `seconds` (0 to 1), from /proc/stat."""
+
+    def read() -> tuple[int, int]:
+        fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle, iowait
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = read()
+    time.sleep(seconds)
+    busy1, total1 = read()
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_quiet(under: float = 0.1, timeout: float = 60) -> None:
+    """Wait until the machine is nearly idle: after a change of 5,000 Services the control
+    plane, the agent and Envoy work on for seconds after the agent reports the change, and
+    a round measured meanwhile shares the CPUs with them (the spread of the runs was wide,
+    and its low end came from such rounds)."""
+    deadline = time.monotonic() + timeout
+    while _machine_busy(0.5) >= under and time.monotonic() < deadline:
+        pass
 
 
 def _cpu_total(cgroup: Path) -> int:
