@@ -397,8 +397,29 @@ Revoked = Recent[float]
 
 # How often the flow reader looks for the ring buffer's pin, or checks it is still its own.
 _PIN_CHECK_S = 0.1
-# How long the flow reader lets records gather after reading some.
+# Above this many records a second, the flow reader lets records gather this long after
+# reading some. Below it each record is read as it comes: an HTTP event looks up the open
+# record of its connection when it arrives, and a quiet node should not make it wait.
+_GATHER_ABOVE_PER_S = 1000
 _GATHER_S = 0.02
+
+
+@dataclass
+class _Rate:
+    """Whether records come faster than `above` a second, over windows of 0.1 s."""
+
+    above: float
+    window_start: float = 0.0
+    count: int = 0
+    fast: bool = False
+
+    def busy(self, read: int) -> bool:
+        now = time.monotonic()
+        if now - self.window_start >= 0.1:
+            self.fast = self.count >= self.above * (now - self.window_start)
+            self.window_start, self.count = now, 0
+        self.count += read
+        return self.fast
 
 
 class FlowReader:
@@ -419,6 +440,7 @@ class FlowReader:
         # Closed flows read since the last hand-over: handed on once per read of the ring
         # (one lock, one metrics update per batch, not per flow).
         self._batch: list[FlowEvent] = []
+        self._rate = _Rate(_GATHER_ABOVE_PER_S)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._ring: _PinnedRing | None = None
@@ -470,7 +492,7 @@ class FlowReader:
             # Only this thread closes or replaces an open ring: polled outside the lock.
             read = ring.poll(200)
             self._hand_over()
-            if read > 0:
+            if read > 0 and self._rate.busy(read):
                 # Let records gather: the kernel wakes a reader only when it has caught up,
                 # so reading each one as it came cost a wake-up per flow, about a third of
                 # a core at 10k short connections a second. A pause bounds them to ~50/s.

@@ -10,6 +10,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -259,14 +260,21 @@ def test_l4_flows_name_the_process_behind_them(node: PodsNode) -> None:
     )
     client = node.workers["client"]
     comm = Path(f"/proc/{client.pid}/comm").read_text().strip()
+    # Earlier tests' flows of the same worker to the same places are in the ring too.
+    since = time.time() - 0.05
     assert client.connect_outcome(node.ip("web"), 9090)[0] == "refused"
     reply = client.request(node.ip("api"), HTTP_PORT, "GET", f"/flow/{time.monotonic_ns()}")
     assert reply.status == 200
+    source = f"{node.ip('client')}:{reply.local_port}"
     deadline = time.monotonic() + 10
     while True:
-        flows = [e for e in observe("--last", "1000", "--layer", "l4") if e["pid"] == client.pid]
+        flows = [
+            e
+            for e in observe("--last", "1000", "--layer", "l4")
+            if e["pid"] == client.pid and datetime.fromisoformat(e["time"]).timestamp() >= since
+        ]
         refused = [e for e in flows if e["dst"] == f"{node.ip('web')}:9090"]
-        direct = [e for e in flows if e["dst"] == f"{node.ip('api')}:{HTTP_PORT}"]
+        direct = [e for e in flows if e["src"] == source]
         if (refused and direct) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -288,7 +296,7 @@ def test_l4_flows_name_the_process_behind_them(node: PodsNode) -> None:
         "fin",
     )
     assert served["bytes_sent"] > 0 and served["bytes_received"] > 0
-    assert served["src"].startswith(f"{node.ip('client')}:")
+    assert served["dst"] == f"{node.ip('api')}:{HTTP_PORT}"
 
 
 def test_a_flow_a_policy_change_revokes_ends_revoked(node: PodsNode) -> None:
@@ -347,7 +355,7 @@ def test_a_policy_of_mode_audit_enforces_nothing_and_records_what_it_would_deny(
     }
     # Allowed by no policy in force (a policy of mode Audit decides nothing).
     assert verdicts == {
-        "public": ("allowed", 200, None, "default-allow"),
+        "public": ("allowed", 200, None, None),
         "admin": ("audit", 200, "default/web-ingress", "no-admin"),
         "other": ("audit", 200, "default/web-ingress", "default-deny"),
     }
