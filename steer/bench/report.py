@@ -67,18 +67,23 @@ ANALYSIS = """\
   stalled a worker while it serialised one, and p99 with one connection went to 3 ms.
 
 - **services** (connect-time LB >= 1.3x kube-proxy's new-connection rate at 5,000
-  Services, and >= 0.95x its own rate at 10): neither met in this run: 1.05x kube-proxy
-  (5,967 against 5,680 connections/s) and 0.93x its rate at 10 (6,384). What the bench can
-  show is small here: a short connection costs ~290 us of CPU in wrk and the Envoy
-  backends, whatever balances it, while kube-proxy's walk of a 5,000-Service chain (its
-  two rules per Service port, on average half of them) adds ~23 us (CPU per connection
-  314 against 291 us at 10 Services). Balanced by connect4 the CPU per connection stays
-  flat (287 against 286 us): connect4's lookups are O(1), and a flow to a pod's address
-  skips kube-proxy's chain (`steer/to-a-pod-address` in STEER-NAT); before that rule the
-  balanced flows walked the whole chain, since no rule of it matches, and ran at 0.65x
-  their rate at 10 Services. The remaining drop of the rate at 5,000 is within the runs'
-  spread (min-max 5,827-6,201 against 6,060-6,572) and is not CPU in the lab's cgroup.
-  A lighter backend than an HTTP server would make the balancing a larger share.
+  Services, and >= 0.95x its own rate at 10): the second met (0.99x: 14,784 against
+  14,900 connections/s), the first missed narrowly: 1.27x (14,784 against 11,610). Per
+  connection connect4 is 1.32x cheaper: 121 us of the lab's CPU at both counts, against
+  121 and 160 us through kube-proxy at 10 and 5,000 Services, whose walk of a 10,001-rule
+  chain (two rules per Service port, the measured one in the middle) costs ~39 us of each
+  connection; connect4's map lookup costs nothing measurable, and a flow to a pod's
+  address skips kube-proxy's chain (`steer/to-a-pod-address`). The rate gains less than
+  the CPU because each flow of the eBPF client is also recorded for `steer observe`: the
+  agent's ~5 us per flow runs outside the lab's cgroup on the same two cores, and the
+  unsteered kube-proxy client records nothing. Three flaws of the earlier bench were
+  fixed this round (it showed 1.05x and 0.93x): the measured Service sorted first in the
+  stand-in's chain (by name), so kube-proxy walked 2 rules rather than 5,000; a new
+  ClusterIP per round made the client's TCP timestamps (offset per destination address)
+  fail the backends' PAWS check against their TIME_WAIT entries, and SYNs waited 1 s
+  each; and Envoy backends spent ~80 us of each ~290 us connection. The agent's flow
+  reader also stopped waking once per flow (a third of a core at 10k flows/s), which had
+  held connect4 at 0.7x kube-proxy's rate at 10 Services.
 - **churn** (RSS slope <= 1 MiB per 10 min after warm-up, p99 change-to-enforcement <= 200
   ms, at 5 changes/s): both met in this run: 5.0 changes/s, p50 100 ms, p99 181 ms (policy
   edits p99 114 ms, pod relabels p99 252 ms); RSS slope +0.66 MiB/10 min for the agent,
@@ -241,8 +246,12 @@ ABOUT = {
         "Short connections (one request each) to a ClusterIP with two backends, balanced "
         "by kube-proxy's iptables DNAT (the lab's stand-in, with kube-proxy v1.20's rules) "
         "from a pod steer does not steer, and by connect4 from a pod on eBPF, with 10 and "
-        "with 5,000 Services on the node; no policy, so only the balancing differs. CPU is "
-        "the whole lab's cgroup subtree per connection; keep-alive p50 is one connection."
+        "with 5,000 Services on the node; no policy, so only the balancing differs. The "
+        "backends are nginx (a short connection costs an Envoy backend ~80 us, nginx ~25 "
+        "us). The measured Service sits in the middle of kube-proxy's chain and keeps its "
+        "ClusterIP in every round; each round starts on a quiet machine. CPU is the whole "
+        "lab's cgroup subtree per connection (and its client and backend pods' shares); "
+        "keep-alive p50 is one connection."
     ),
     "flows": (
         "Short connections (one request each) from a pod on eBPF to a pod no policy covers, "
