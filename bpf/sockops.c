@@ -91,6 +91,10 @@ static __always_inline void steer_closed(struct bpf_sock_ops *skops, struct stee
 	struct steer_flow_key key = {};
 	steer_flow_key_of(skops, cfg, &key);
 	steer_origdst.delete(&key);
+	/* A closed socket has no peer to name: its dialled address goes now, rather than
+	 * when the LRU map is full and evicts the oldest entry (which may be a live one). */
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	steer_dialled.delete(&cookie);
 	steer_flow_closed(skops);
 }
 

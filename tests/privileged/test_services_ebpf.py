@@ -7,8 +7,9 @@ dials them from a process in the client pod's cgroup."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 
 import pytest
@@ -78,6 +79,21 @@ def services_of(lab: LabState, spread: Sequence[str] = ("web", "api")) -> list[S
     ]
 
 
+def node_map_count(node: NodeDatapath, name: str) -> int:
+    assert node.ebpf is not None
+    entries, _ = node.ebpf.bpf.map_fill()[name]
+    return entries
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def sync(
     node: NodeDatapath,
     lab: LabState,
@@ -113,12 +129,16 @@ def test_clusterip_gets_exactly_the_backends_verdicts(
     assert client.connect_outcome(WEB_VIP, 9090)[0] == "refused"
     assert client.connect_outcome(web.ip, 9090)[0] == "refused"
     # Allowed at L4 (api:7000): straight to the backend, no Envoy.
+    dialled = node_map_count(node, "steer_dialled")
     with PodProcess.start(api.netns, api.cgroup) as server:
         server.serve_http(api.ip, 7000, "api")
         reply = client.request(API_VIP, 7000, "GET", "/x")
         conn = client.open_tcp(API_VIP, 7000)
         assert client.peername(conn) == (API_VIP, 7000)
+        assert node_map_count(node, "steer_dialled") >= 1
         client.tcp_close(conn)
+    # A closed socket's dialled address goes with it (the map fill gauges read this).
+    assert wait_until(lambda: node_map_count(node, "steer_dialled") <= dialled)
     assert reply.status == 200
     assert b'"pod": "api"' in reply.body
     count = counters("client")

@@ -114,7 +114,8 @@ BPF_HASH(steer_svc, struct steer_svc_key, struct steer_svc_val, STEER_MAX_SERVIC
 
 /* steer_dialled: socket cookie -> the address the application dialled, for sockets
  * connect4 sent elsewhere (a Service's backend, Envoy): getpeername hands it back, so the
- * application sees the peer it asked for. LRU: nothing tells the map a socket closed. */
+ * application sees the peer it asked for. Deleted when sockops sees the socket close; LRU
+ * for those it never sees close (a connect that never completes). */
 struct steer_addr {
 	__u32 ip;
 	__u16 port_be;
