@@ -26,7 +26,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 # nginx is a benchmark's backend, started inside lab pods only: never a host service.
-if command -v systemctl >/dev/null && systemctl is-enabled -q nginx 2>/dev/null; then
+# (Only systemd starts it on install; elsewhere Debian's policy-rc.d or the lack of an
+# init system leaves it stopped.)
+if [ -d /run/systemd/system ] && systemctl is-enabled -q nginx 2>/dev/null; then
   systemctl disable --now nginx
 fi
 

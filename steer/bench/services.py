@@ -32,6 +32,7 @@ counts wrk's socket errors, which should stay 0.
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 import time
@@ -62,6 +63,7 @@ from steer.lab.wiring import write_sysctls
 from steer.model.service import Endpoint, ServicePort
 from steer.node.cgroups import cgroup2_root
 
+log = logging.getLogger("steer.bench")
 CLIENTS = {"kube_proxy": "c-kp", "connect_lb": "c-lb"}
 SERVERS = ("s-1", "s-2")
 COUNTS = (10, 5000)
@@ -229,8 +231,9 @@ def _machine_busy(seconds: float) -> float:
     """The share of all CPUs busy over `seconds` (0 to 1), from /proc/stat."""
 
     def read() -> tuple[int, int]:
-        fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle, iowait
+        # user nice system idle iowait irq softirq steal (guest time is in user already)
+        fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        idle = fields[3] + fields[4]
         return sum(fields) - idle, sum(fields)
 
     busy0, total0 = read()
@@ -245,8 +248,14 @@ def wait_quiet(under: float = 0.1, timeout: float = 60) -> None:
     a round measured meanwhile shares the CPUs with them (the spread of the runs was wide,
     and its low end came from such rounds)."""
     deadline = time.monotonic() + timeout
-    while _machine_busy(0.5) >= under and time.monotonic() < deadline:
-        pass
+    while (busy := _machine_busy(0.5)) >= under:
+        if time.monotonic() > deadline:
+            log.warning(
+                "the machine is still %.0f%% busy after %.0f s: measuring anyway",
+                busy * 100,
+                timeout,
+            )
+            return
 
 
 def _cpu_total(cgroup: Path) -> int:

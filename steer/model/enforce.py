@@ -86,8 +86,9 @@ class SideRules:
     default_action: Action
     default_policy_id: int
     rules: tuple[ResolvedRule, ...]
-    # L4 rules of mode Audit: no datapath sees them (they enforce nothing); `steer observe`
-    # records the flows they would deny.
+    # Rules of mode Audit no datapath sees (they enforce nothing): L4 ones, and HTTP ones
+    # under a default Deny. Envoy's shadow rules hold the HTTP ones; `steer observe`
+    # records what the as-if verdicts (Enforcement.as_if) would deny.
     audited: tuple[ResolvedRule, ...] = ()
     # A policy of mode Audit whose default Deny would restrict this side, where no enforced
     # policy does: its id (0: none). Envoy evaluates the side's allows as if it did.
@@ -506,6 +507,15 @@ def _side(
     in_order = [
         rule for e in entries for d, rules in e.sections if d is direction for rule in rules
     ]
+
+    def steers(rule: ResolvedRule) -> bool:
+        """Whether the rule takes part in the datapath's verdict. An audited HTTP rule
+        does only to send its flows through Envoy, for Envoy to see their requests, and
+        only where the side allows by default: the deny rules come first and the L7 class
+        before the allows, so it turns an allowed flow into an L7 one and nothing else.
+        Under a default Deny it would turn the denied flows it matches into L7 ones."""
+        return not rule.audit or (rule.http is not None and not denying)
+
     return SideRules(
         pod_key=pod_keys[ip],
         pod_ip=ip,
@@ -513,8 +523,8 @@ def _side(
         default_action=Action.DENY if denying else Action.ALLOW,
         # No enforced policy on the side: none decides its flows (0 names no policy).
         default_policy_id=ids[(denying or enforced)[0].key] if enforced else 0,
-        rules=tuple(rule for rule in in_order if not rule.audits_l4),
-        audited=tuple(rule for rule in in_order if rule.audits_l4),
+        rules=tuple(rule for rule in in_order if steers(rule)),
+        audited=tuple(rule for rule in in_order if not steers(rule)),
         audit_default_policy_id=ids[audit_denying[0].key] if audit_denying and not denying else 0,
     )
 

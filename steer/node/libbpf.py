@@ -135,7 +135,7 @@ def count_entries(fd: int) -> int | None:
         counted = _count_in_batches(fd, info.key_size, info.value_size)
         if counted is not None:
             return counted
-    return _count_keys(fd, info.key_size)
+    return _count_keys(fd, info.key_size, info.max_entries)
 
 
 def _count_in_batches(fd: int, key_size: int, value_size: int) -> int | None:
@@ -158,14 +158,17 @@ def _count_in_batches(fd: int, key_size: int, value_size: int) -> int | None:
         position = following
 
 
-def _count_keys(fd: int, key_size: int) -> int:
+def _count_keys(fd: int, key_size: int, max_entries: int) -> int | None:
+    """Key by key. A key deleted under the walk restarts it from the first key, so a map
+    that changes while it is read can be over-counted: the count stops at the map's
+    capacity rather than run on."""
     keys = [ct.create_string_buffer(max(key_size, 1)) for _ in range(2)]
     total = 0
     previous: Any = None
-    while True:
+    while total < max_entries:
         following = keys[total % 2]
         if _lib().bpf_map_get_next_key(fd, previous, following) != 0:
-            return total
+            return total if ct.get_errno() == errno.ENOENT else None
         total += 1
         previous = following
     return total

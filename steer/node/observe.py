@@ -67,6 +67,7 @@ V = TypeVar("V")
 # (steer.render.xds.rbac_key), or "none" when an allow filter matched nothing.
 _RBAC_DENIED = re.compile(r"rbac_access_denied_matched_policy\[(.*)\]")
 _EXPLAINED_MAX = 4096
+_MISSING = object()
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -133,12 +134,16 @@ class NodeView:
 
     def _memo(self, key: tuple[object, ...], decide: Callable[[Enforcement], Any]) -> Any:
         """`decide` under the view's policies, once per key (None without policies)."""
-        if key not in self.explained:
+        # Two threads share the memo (the flow reader's and the access log's): a value is
+        # returned as computed, never read back from a dict the other may have cleared.
+        found = self.explained.get(key, _MISSING)
+        if found is _MISSING:
             if len(self.explained) >= _EXPLAINED_MAX:
                 self.explained.clear()
             enforcement = self.enforcement
-            self.explained[key] = decide(enforcement) if enforcement is not None else None
-        return self.explained[key]
+            found = decide(enforcement) if enforcement is not None else None
+            self.explained[key] = found
+        return found
 
 
 @lru_cache(maxsize=4096)
@@ -465,9 +470,19 @@ class FlowReader:
 
     def _hand_over(self) -> None:
         batch, self._batch = self._batch, []
-        if batch:
-            view, offset = self._view(), _monotonic_to_epoch()
-            self._on_events([flow_event(raw, view, offset) for raw in batch])
+        if not batch:
+            return
+        view, offset = self._view(), _monotonic_to_epoch()
+        events = []
+        for raw in batch:
+            try:
+                events.append(flow_event(raw, view, offset))
+            except Exception:  # one bad record must not stop every later one
+                log.exception("a flow record could not be read; it is dropped")
+        try:
+            self._on_events(events)
+        except Exception:
+            log.exception("%d flow events were lost on their way to the ring", len(events))
 
     def open_now(self) -> None:
         """Open the ring buffer now if it is pinned and not open yet: the agent calls this

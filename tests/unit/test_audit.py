@@ -9,7 +9,7 @@ from ipaddress import IPv4Address, IPv4Network
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from google.protobuf import struct_pb2
 
-from steer.constants import VERDICT_DENY, VERDICT_L7
+from steer.constants import VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
 from steer.model.enforce import Enforcement, decide_flow, resolve
 from steer.model.explain import HTTPRequest, explain, l4_audit
 from steer.model.load import parse_policies
@@ -219,3 +219,54 @@ def test_enforced_copies_keep_everything_but_the_modes() -> None:
     assert enforced.model_dump(exclude={"spec": {"mode"}}) == policy.model_dump(
         exclude={"spec": {"mode"}}
     )
+
+
+STAGED_OVER_DENY = """spec:
+  podSelector: {matchLabels: {app: web}}
+  mode: Audit
+  ingress:
+    defaultAction: Allow
+    rules:
+      - {name: everything-via-envoy, http: {paths: [{prefix: /}]}}
+"""
+ENFORCED_DENY = """spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+    defaultAction: Deny
+    rules:
+      - {name: db, ports: [{port: 5432}]}
+"""
+
+
+def test_a_staged_http_rule_never_turns_an_enforced_deny_into_l7() -> None:
+    """Replays a review finding: a staged policy's HTTP rule sat in the L7 class, which the
+    datapath evaluates before the default, so under an enforced default Deny the flows it
+    matched went to Envoy (and past it with an exclusion) instead of being refused."""
+    staged, errors = parse_policies(policy_yaml(STAGED_OVER_DENY, name="staged"), "s.yaml")
+    enforced, more = parse_policies(policy_yaml(ENFORCED_DENY, name="enforced"), "e.yaml")
+    assert errors == more == []
+    others = [p for p in sample_policies() if p.metadata.name != "web"]
+    client, web = IPv4Address(CLIENT.ip), IPv4Address(WEB.ip)
+    with_staged = resolve([*others, *staged, *enforced], PODS)
+    without = resolve([*others, *enforced], PODS)
+    for port in (5432, 7000, 8080):
+        assert decide_flow(with_staged, client, web, port) == decide_flow(
+            without, client, web, port
+        ), port
+    assert decide_flow(with_staged, client, web, 7000).verdict == VERDICT_DENY
+    # Still in Envoy's shadow rules, for flows that reach Envoy for rules in force.
+    side = with_staged.ingress[web]
+    assert [r.name for r in side.audited] == ["everything-via-envoy"]
+
+
+def test_a_staged_http_rule_turns_an_allowed_flow_into_l7_and_nothing_else() -> None:
+    staged, errors = parse_policies(policy_yaml(STAGED_OVER_DENY, name="staged"), "s.yaml")
+    assert errors == []
+    others = [p for p in sample_policies() if p.metadata.name != "web"]
+    client, web = IPv4Address(CLIENT.ip), IPv4Address(WEB.ip)
+    resolved = resolve([*others, *staged], PODS)
+    without = resolve(others, PODS)
+    for port in (5432, 7000, 8080):
+        before = decide_flow(without, client, web, port).verdict
+        after = decide_flow(resolved, client, web, port).verdict
+        assert (before, after) in {(VERDICT_L7, VERDICT_L7), (VERDICT_ALLOW, VERDICT_L7)}, port
