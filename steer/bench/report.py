@@ -67,23 +67,23 @@ ANALYSIS = """\
   stalled a worker while it serialised one, and p99 with one connection went to 3 ms.
 
 - **services** (connect-time LB >= 1.3x kube-proxy's new-connection rate at 5,000
-  Services, and >= 0.95x its own rate at 10): the second met (0.99x: 14,784 against
-  14,900 connections/s), the first missed narrowly: 1.27x (14,784 against 11,610). Per
-  connection connect4 is 1.32x cheaper: 121 us of the lab's CPU at both counts, against
-  121 and 160 us through kube-proxy at 10 and 5,000 Services, whose walk of a 10,001-rule
-  chain (two rules per Service port, the measured one in the middle) costs ~39 us of each
-  connection; connect4's map lookup costs nothing measurable, and a flow to a pod's
-  address skips kube-proxy's chain (`steer/to-a-pod-address`). The rate gains less than
-  the CPU because each flow of the eBPF client is also recorded for `steer observe`: the
-  agent's ~5 us per flow runs outside the lab's cgroup on the same two cores, and the
-  unsteered kube-proxy client records nothing. Three flaws of the earlier bench were
-  fixed this round (it showed 1.05x and 0.93x): the measured Service sorted first in the
-  stand-in's chain (by name), so kube-proxy walked 2 rules rather than 5,000; a new
-  ClusterIP per round made the client's TCP timestamps (offset per destination address)
-  fail the backends' PAWS check against their TIME_WAIT entries, and SYNs waited 1 s
-  each; and Envoy backends spent ~80 us of each ~290 us connection. The agent's flow
-  reader also stopped waking once per flow (a third of a core at 10k flows/s), which had
-  held connect4 at 0.7x kube-proxy's rate at 10 Services.
+  Services, and >= 0.95x its own rate at 10): the second met (1.01x: 14,482 against 14,374
+  connections/s), the first missed narrowly: 1.26x (14,482 against 11,468; the run before
+  this one, 1.27x and 0.99x). Per connection connect4 is 1.31x cheaper: 123 us of the
+  lab's CPU at 5,000 Services (125 at 10), against 129 and 161 us through kube-proxy,
+  whose walk of a 10,001-rule chain (two rules per Service port, the measured one in the
+  middle) costs ~32 us of each connection; connect4's map lookup costs nothing measurable,
+  and a flow to a pod's address skips kube-proxy's chain (`steer/to-a-pod-address`). The
+  rate gains less than the CPU because each flow of the eBPF client is also recorded for
+  `steer observe`: the agent's ~5 us per flow runs outside the lab's cgroup on the same
+  two cores, and the unsteered kube-proxy client records nothing. Three flaws of the
+  earlier bench were fixed this round (it showed 1.05x and 0.93x): the measured Service
+  sorted first in the stand-in's chain (by name), so kube-proxy walked 2 rules rather than
+  5,000; a new ClusterIP per round made the client's TCP timestamps (offset per
+  destination address) fail the backends' PAWS check against their TIME_WAIT entries, and
+  SYNs waited 1 s each; and Envoy backends spent ~80 us of each ~290 us connection. The
+  agent's flow reader also stopped waking once per flow (a third of a core at 10k
+  flows/s), which had held connect4 at 0.7x kube-proxy's rate at 10 Services.
 - **churn** (RSS slope <= 1 MiB per 10 min after warm-up, p99 change-to-enforcement <= 200
   ms, at 5 changes/s): both met in this run: 5.0 changes/s, p50 100 ms, p99 181 ms (policy
   edits p99 114 ms, pod relabels p99 252 ms); RSS slope +0.66 MiB/10 min for the agent,
