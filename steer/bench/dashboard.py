@@ -85,6 +85,11 @@ def _delta(
     return max(now - then, 1e-9), out
 
 
+def _group(labels: Labels, by: Sequence[str]) -> str:
+    """A series' name under `by (...)`: its values of those labels."""
+    return ", ".join(dict(labels).get(b, "") for b in by)
+
+
 def _sum_rate(
     found: re.Match[str], samples: Sequence[tuple[float, Scrape]], window_s: float
 ) -> list[Series]:
@@ -95,7 +100,7 @@ def _sum_rate(
         span, deltas = _delta(samples, index, window_s, found["metric"], _matchers(found["match"]))
         grouped: dict[str, float] = {}
         for labels, value in deltas.items():
-            key = ", ".join(dict(labels).get(b, "") for b in by) or "total"
+            key = _group(labels, by) or "total"
             grouped[key] = grouped.get(key, 0.0) + (value / span if per_second else value)
         for key, value in grouped.items():
             series.setdefault(key, []).append((samples[index][0], value))
@@ -109,7 +114,7 @@ def _max_gauge(found: re.Match[str], samples: Sequence[tuple[float, Scrape]]) ->
         grouped: dict[str, float] = {}
         for (name, labels), value in scrape.items():
             if name == found["metric"]:
-                key = ", ".join(dict(labels).get(b, "") for b in by)
+                key = _group(labels, by)
                 grouped[key] = max(grouped.get(key, value), value)
         for key, value in grouped.items():
             series.setdefault(key, []).append((when, value))

@@ -94,9 +94,10 @@ class SideRules:
     # policy does: its id (0: none). Envoy evaluates the side's allows as if it did.
     audit_default_policy_id: int = 0
 
-    @property
+    @cached_property
     def audits_allows(self) -> bool:
-        """Whether enforcing the Audit parts would change what this side's allows let by."""
+        """Whether enforcing the Audit parts would change what this side's allows let by.
+        Asked for each side on every destination the xDS render builds routes for."""
         return self.audit_default_policy_id != 0 or any(
             r.audit and r.action is Action.ALLOW for r in (*self.rules, *self.audited)
         )
@@ -387,16 +388,16 @@ class Resolver:
     def _resolve_as_if(
         self, policies: Sequence[HTTPPolicy], pods: Sequence[Pod]
     ) -> Enforcement | None:
-        if not any(p.audits for p in policies):
+        auditing = [p for p in policies if p.audits]
+        if not auditing:
             self._as_if, self._enforced_copies = None, {}
             return None
         copies = {}
-        for policy in policies:
-            if policy.audits:
-                kept = self._enforced_copies.get(policy.key)
-                copies[policy.key] = (
-                    kept if kept is not None and kept[0] is policy else (policy, policy.enforced())
-                )
+        for policy in auditing:
+            kept = self._enforced_copies.get(policy.key)
+            copies[policy.key] = (
+                kept if kept is not None and kept[0] is policy else (policy, policy.enforced())
+            )
         self._enforced_copies = copies
         if self._as_if is None:
             self._as_if = Resolver(self._local)

@@ -374,10 +374,11 @@ def _side_policies(
     egress: bool,
 ) -> _SidePolicies:
     found = _SidePolicies()
-    as_if: dict[str, rbac_pb2.Policy] = {}
-    audits_allows = False
+    # Built only where enforcing the Audit parts would change the allows: most renders
+    # have none, and this runs for every destination.
+    audits_allows = any(side.audits_allows for side in sides)
+    as_if: dict[str, rbac_pb2.Policy] | None = {} if audits_allows else None
     for side in sides:
-        audits_allows = audits_allows or side.audits_allows
         for rule in (*side.rules, *side.audited):
             if (
                 egress
@@ -390,7 +391,8 @@ def _side_policies(
                 continue
             key = rbac_key(side.pod_key, rule)
             if rule.action is Action.ALLOW:
-                as_if[key] = policy
+                if as_if is not None:
+                    as_if[key] = policy
                 if not rule.audit:
                     found.allow[key] = policy
             elif not rule.audit:
@@ -405,10 +407,9 @@ def _side_policies(
                 permissions=[rbac_pb2.Permission(any=True)], principals=[principal]
             )
             found.allow[f"{side.pod_key}:default-allow"] = default
-            if side.audit_default_policy_id == 0:
+            if as_if is not None and side.audit_default_policy_id == 0:
                 as_if[f"{side.pod_key}:default-allow"] = default
-    if audits_allows:
-        found.allow_as_if = as_if
+    found.allow_as_if = as_if
     return found
 
 

@@ -13,7 +13,7 @@ from steer.constants import VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
 from steer.model.enforce import Enforcement, decide_flow, resolve
 from steer.model.explain import HTTPRequest, explain, l4_audit
 from steer.model.load import parse_policies
-from steer.model.policy import Action, Mode
+from steer.model.policy import Action, HTTPPolicy, Mode
 from steer.node.observe import NodeView, http_event
 from steer.render.xds import (
     INGRESS_ALLOW,
@@ -26,6 +26,19 @@ from steer.render.xds import (
 from tests.samples import CLIENT, PODS, WEB, policy_yaml, sample_policies
 from tests.unit.test_observe_events import entry
 
+
+def parsed(spec: str, name: str) -> list[HTTPPolicy]:
+    """The policy of `spec`, which must load without an error."""
+    policies, errors = parse_policies(policy_yaml(spec, name=name), f"{name}.yaml")
+    assert errors == []
+    return policies
+
+
+def others() -> list[HTTPPolicy]:
+    """The sample policies but web's, which each test replaces."""
+    return [p for p in sample_policies() if p.metadata.name != "web"]
+
+
 AUDITED = """spec:
   podSelector: {matchLabels: {app: web}}
   ingress:
@@ -36,10 +49,7 @@ AUDITED = """spec:
 
 
 def enforcement() -> Enforcement:
-    policies, errors = parse_policies(policy_yaml(AUDITED, name="audit"), "audit.yaml")
-    assert errors == []
-    others = [p for p in sample_policies() if p.metadata.name != "web"]
-    return resolve([*others, *policies], PODS)
+    return resolve([*others(), *parsed(AUDITED, "audit")], PODS)
 
 
 def test_an_audited_rule_still_sends_the_flow_to_envoy_and_enforces_nothing() -> None:
@@ -97,10 +107,7 @@ L4_AUDITED = """spec:
 
 
 def test_an_audited_l4_rule_reaches_no_datapath_and_names_the_flows_it_would_deny() -> None:
-    policies, errors = parse_policies(policy_yaml(L4_AUDITED, name="audit"), "audit.yaml")
-    assert errors == []
-    others = [p for p in sample_policies() if p.metadata.name != "web"]
-    resolved = resolve([*others, *policies], PODS)
+    resolved = resolve([*others(), *parsed(L4_AUDITED, "audit")], PODS)
     client, web = IPv4Address(CLIENT.ip), IPv4Address(WEB.ip)
     side = resolved.ingress[web]
     assert [r.name for r in side.audited] == ["would-close-8080"]
@@ -111,9 +118,7 @@ def test_an_audited_l4_rule_reaches_no_datapath_and_names_the_flows_it_would_den
     bare = L4_AUDITED.replace(
         "      - {name: would-close-8080, action: Deny, mode: Audit, ports: [{port: 8080}]}\n", ""
     ).replace("rules:", "rules: []")
-    unaudited, errors = parse_policies(policy_yaml(bare, name="audit"), "audit.yaml")
-    assert errors == []
-    without = resolve([*others, *unaudited], PODS)
+    without = resolve([*others(), *parsed(bare, "audit")], PODS)
     for port in (8080, 9090):
         assert decide_flow(resolved, client, web, port) == decide_flow(without, client, web, port)
     assert render_resources(resolved) == render_resources(without)
@@ -133,10 +138,8 @@ STAGED = """spec:
 
 def staged() -> tuple[Enforcement, Enforcement]:
     """web's ingress under the staged policy, and under the same policy enforced."""
-    policies, errors = parse_policies(policy_yaml(STAGED, name="staged"), "staged.yaml")
-    assert errors == []
-    others = [p for p in sample_policies() if p.metadata.name != "web"]
-    return resolve([*others, *policies], PODS), resolve([*others, policies[0].enforced()], PODS)
+    (policy,) = parsed(STAGED, "staged")
+    return resolve([*others(), policy], PODS), resolve([*others(), policy.enforced()], PODS)
 
 
 def test_a_policy_of_mode_audit_restricts_nothing() -> None:
@@ -211,8 +214,7 @@ def test_a_request_no_staged_allow_covers_is_an_audit_event_naming_the_default()
 
 
 def test_enforced_copies_keep_everything_but_the_modes() -> None:
-    policies, _ = parse_policies(policy_yaml(STAGED, name="staged"), "staged.yaml")
-    (policy,) = policies
+    (policy,) = parsed(STAGED, "staged")
     enforced = policy.enforced()
     assert policy.audits and not enforced.audits
     assert enforced.spec.mode is Mode.ENFORCE
@@ -242,13 +244,10 @@ def test_a_staged_http_rule_never_turns_an_enforced_deny_into_l7() -> None:
     """Replays a review finding: a staged policy's HTTP rule sat in the L7 class, which the
     datapath evaluates before the default, so under an enforced default Deny the flows it
     matched went to Envoy (and past it with an exclusion) instead of being refused."""
-    staged, errors = parse_policies(policy_yaml(STAGED_OVER_DENY, name="staged"), "s.yaml")
-    enforced, more = parse_policies(policy_yaml(ENFORCED_DENY, name="enforced"), "e.yaml")
-    assert errors == more == []
-    others = [p for p in sample_policies() if p.metadata.name != "web"]
+    staged, enforced = parsed(STAGED_OVER_DENY, "staged"), parsed(ENFORCED_DENY, "enforced")
     client, web = IPv4Address(CLIENT.ip), IPv4Address(WEB.ip)
-    with_staged = resolve([*others, *staged, *enforced], PODS)
-    without = resolve([*others, *enforced], PODS)
+    with_staged = resolve([*others(), *staged, *enforced], PODS)
+    without = resolve([*others(), *enforced], PODS)
     for port in (5432, 7000, 8080):
         assert decide_flow(with_staged, client, web, port) == decide_flow(
             without, client, web, port
@@ -260,12 +259,9 @@ def test_a_staged_http_rule_never_turns_an_enforced_deny_into_l7() -> None:
 
 
 def test_a_staged_http_rule_turns_an_allowed_flow_into_l7_and_nothing_else() -> None:
-    staged, errors = parse_policies(policy_yaml(STAGED_OVER_DENY, name="staged"), "s.yaml")
-    assert errors == []
-    others = [p for p in sample_policies() if p.metadata.name != "web"]
     client, web = IPv4Address(CLIENT.ip), IPv4Address(WEB.ip)
-    resolved = resolve([*others, *staged], PODS)
-    without = resolve(others, PODS)
+    resolved = resolve([*others(), *parsed(STAGED_OVER_DENY, "staged")], PODS)
+    without = resolve(others(), PODS)
     for port in (5432, 7000, 8080):
         before = decide_flow(without, client, web, port).verdict
         after = decide_flow(resolved, client, web, port).verdict
