@@ -13,8 +13,6 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import logging
-import os
-from collections.abc import Callable
 from enum import IntEnum
 from functools import cache
 from pathlib import Path
@@ -177,50 +175,3 @@ def _count_keys(fd: int, key_size: int, max_entries: int) -> int | None:
 def possible_cpus() -> int:
     """How many values a per-CPU map holds per key."""
     return int(_lib().libbpf_num_possible_cpus())
-
-
-_SAMPLE_FN = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
-
-
-class RingBuffer:
-    """A BPF ring buffer map read through libbpf: `poll` calls `on_sample` with each
-    record's bytes, in the order the kernel committed them."""
-
-    def __init__(self, map_fd: int, on_sample: Callable[[bytes], None]) -> None:
-        lib = _lib()
-        lib.ring_buffer__new.restype = ct.c_void_p
-        lib.ring_buffer__new.argtypes = [ct.c_int, _SAMPLE_FN, ct.c_void_p, ct.c_void_p]
-        lib.ring_buffer__poll.restype = ct.c_int
-        lib.ring_buffer__poll.argtypes = [ct.c_void_p, ct.c_int]
-        lib.ring_buffer__consume.restype = ct.c_int
-        lib.ring_buffer__consume.argtypes = [ct.c_void_p]
-        lib.ring_buffer__free.restype = None
-        lib.ring_buffer__free.argtypes = [ct.c_void_p]
-
-        def sample(_ctx: int, data: int, size: int) -> int:
-            try:
-                on_sample(ct.string_at(data, size))
-            except Exception:  # an exception must not unwind through C
-                log.exception("a ring buffer record was not handled")
-            return 0
-
-        # Kept on the object: libbpf calls it for as long as the ring buffer lives.
-        self._sample = _SAMPLE_FN(sample)
-        self._ring = lib.ring_buffer__new(map_fd, self._sample, None, None)
-        if not self._ring:
-            raise OSError(ct.get_errno(), f"ring_buffer__new: {os.strerror(ct.get_errno())}")
-
-    def poll(self, timeout_ms: int) -> int:
-        """Records handled, waiting up to `timeout_ms` for the first; negative on error."""
-        return int(_lib().ring_buffer__poll(self._ring, timeout_ms))
-
-    def consume(self) -> int:
-        """Handle every record already there, without waiting. Needed once on opening: the
-        kernel wakes a reader only for a record written when the reader had caught up, so
-        records written before the reader came would otherwise wait forever."""
-        return int(_lib().ring_buffer__consume(self._ring))
-
-    def close(self) -> None:
-        if self._ring:
-            _lib().ring_buffer__free(self._ring)
-            self._ring = None

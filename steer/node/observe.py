@@ -51,13 +51,18 @@ from steer.model.pod import Pod
 from steer.node import libbpf
 from steer.node.bpfmaps import (
     FLOW_CLOSED,
+    FLOW_KIND_AT,
     FLOW_OPENED,
+    FLOW_RECORD_SIZE,
+    FLOW_SHAPE,
+    FLOW_SOURCE,
+    FLOW_VERDICT_AT,
     VERDICT_IPTABLES,
     VERDICT_NO_BACKEND,
-    Flow,
-    FlowEvent,
+    FlowRecord,
     ip_from_be,
 )
+from steer.node.ringbuf import RingReader
 from steer.render.xds import AUDIT_PREFIXES, EGRESS_ALLOW, INGRESS_ALLOW, RBAC_METADATA
 
 log = logging.getLogger("steer.observe")
@@ -88,8 +93,8 @@ class NodeView:
     explained: dict[tuple[object, ...], Any] = field(default_factory=dict, compare=False)
     # What an HTTP event says, by the request's shape (`http_event`).
     shapes: dict[tuple[object, ...], Event] = field(default_factory=dict, compare=False)
-    # What a flow event says, by the flow's shape (`flow_event`).
-    flow_shapes: dict[tuple[int, ...], Event] = field(default_factory=dict, compare=False)
+    # What a flow event says, by the bytes of its record that it depends on (FLOW_SHAPE).
+    flow_shapes: dict[bytes, Event] = field(default_factory=dict, compare=False)
 
     def l4_verdict_for(
         self, src: str, dst: str, port: int
@@ -297,53 +302,71 @@ def _ip(value_be: int) -> str:
     return str(ip_from_be(value_be))
 
 
-def flow_event(raw: FlowEvent, view: NodeView, epoch_offset: float | None = None) -> Event:
+@lru_cache(maxsize=4096)
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def flow_event(raw: FlowRecord, view: NodeView, epoch_offset: float | None = None) -> Event:
     """One flow of a pod, as its socket hooks recorded it: on eBPF, connect4 (with the
     verdict it applied) and sockops; on iptables, the observe program (the verdict is the
-    rules', found by the same decision code they were rendered from). Runs once per flow,
-    ten thousand times a second under short connections: what follows from the flow's
-    shape alone (pods, addresses, verdict) is worked out once per shape and view."""
-    flow, end = raw.flow, raw.end
+    rules', found by the same decision code they were rendered from)."""
     offset = _monotonic_to_epoch() if epoch_offset is None else epoch_offset
-    on_iptables = flow.verdict == VERDICT_IPTABLES
-    shape = (
-        flow.verdict,
-        flow.slot,
-        end.src_ip if on_iptables else 0,
-        flow.dst_ip,
-        flow.dst_port_be,
-        flow.dialled_ip,
-        flow.dialled_port_be,
-    )
-    known = view.flow_shapes.get(shape)
+    return _completed(_flow_shape(view, raw), raw, offset)
+
+
+# A flow read from the ring and not yet made an event: what follows from its shape, the
+# record, and the clock offset at reading. The agent reads ten thousand a second under
+# short connections and `steer observe` reads a few: the rest of the event is only worked
+# out for those read (`materialized`).
+PendingFlow = tuple[Event, bytes, float]
+
+
+def known_shape(view: NodeView, record: bytes) -> Event:
+    """What follows from a flow record's shape alone (pods, addresses, verdict), worked
+    out once per shape and view."""
+    key = record[FLOW_SHAPE]
+    if record[FLOW_VERDICT_AT] == VERDICT_IPTABLES:
+        key += record[FLOW_SOURCE]
+    known = view.flow_shapes.get(key)
     if known is None:
         if len(view.flow_shapes) >= _EXPLAINED_MAX:
             view.flow_shapes.clear()
-        known = view.flow_shapes[shape] = _flow_shape(view, flow, end.src_ip)
-    closed = end.kind == FLOW_CLOSED
-    return {
-        "time": flow.start_ns / 1e9 + offset,
-        **known,
-        "pid": flow.tgid,
-        "comm": flow.comm.decode(errors="replace"),
-        "src": f"{_ip(end.src_ip)}:{end.src_port}" if closed else _ip(end.src_ip),
-        "bytes_sent": end.bytes_sent,
-        "bytes_received": end.bytes_received,
-        "duration_ms": round((end.at_ns - flow.start_ns) / 1e6, 3),
-        # A refused connect on iptables is the rules' TCP reset: the socket closes from
-        # SYN_SENT, like any connect the peer refuses.
-        "end": _ENDED_BY.get(end.end_state, "fin") if closed else "refused",
-    }
+        known = view.flow_shapes[key] = _flow_shape(view, FlowRecord.unpack(record))
+    return known
 
 
-def _flow_shape(view: NodeView, flow: Flow, src_ip_be: int) -> Event:
-    on_iptables = flow.verdict == VERDICT_IPTABLES
-    known = view.pods.get(_ip(src_ip_be)) if on_iptables else None
-    pod = known[0] if known else view.slots.get(flow.slot)
-    dst_ip, dst_port = _ip(flow.dst_ip), socket.ntohs(flow.dst_port_be)
-    verdict: int | None = flow.verdict
+def materialized(item: Event | PendingFlow) -> Event:
+    if isinstance(item, dict):
+        return item
+    known, record, offset = item
+    return _completed(known, FlowRecord.unpack(record), offset)
+
+
+def _completed(known: Event, raw: FlowRecord, offset: float) -> Event:
+    event = known.copy()
+    closed = raw.kind == FLOW_CLOSED
+    event["time"] = raw.start_ns / 1e9 + offset
+    event["pid"] = raw.tgid
+    event["comm"] = _comm(raw.comm)
+    event["src"] = f"{_ip(raw.src_ip)}:{raw.src_port}" if closed else _ip(raw.src_ip)
+    event["bytes_sent"] = raw.bytes_sent
+    event["bytes_received"] = raw.bytes_received
+    event["duration_ms"] = round((raw.at_ns - raw.start_ns) / 1e6, 3)
+    # A refused connect on iptables is the rules' TCP reset: the socket closes from
+    # SYN_SENT, like any connect the peer refuses.
+    event["end"] = _ENDED_BY.get(raw.end_state, "fin") if closed else "refused"
+    return event
+
+
+def _flow_shape(view: NodeView, raw: FlowRecord) -> Event:
+    on_iptables = raw.verdict == VERDICT_IPTABLES
+    known = view.pods.get(_ip(raw.src_ip)) if on_iptables else None
+    pod = known[0] if known else view.slots.get(raw.slot)
+    dst_ip, dst_port = _ip(raw.dst_ip), socket.ntohs(raw.dst_port_be)
+    verdict: int | None = raw.verdict
     policy, rule = (None, None)
-    if pod is not None and flow.verdict != VERDICT_NO_BACKEND:
+    if pod is not None and raw.verdict != VERDICT_NO_BACKEND:
         decided, policy, rule = view.l4_verdict_for(pod.ip, dst_ip, dst_port)
         if on_iptables:
             verdict = decided
@@ -352,20 +375,21 @@ def _flow_shape(view: NodeView, flow: Flow, src_ip_be: int) -> Event:
     if audited is not None:
         policy, rule = audited
     return {
+        "time": None,
         "layer": "l4",
         "verdict": "denied" if denied else "audit" if audited else "allowed",
         "pod": pod.name if pod else None,
         "namespace": pod.namespace if pod else None,
         # The pod's cgroup, which the opener ran in (or in a container's cgroup below it).
         "cgroup": pod.cgroup or None if pod else None,
-        "dst": f"{_ip(flow.dialled_ip)}:{socket.ntohs(flow.dialled_port_be)}",
+        "dst": f"{_ip(raw.dialled_ip)}:{socket.ntohs(raw.dialled_port_be)}",
         "backend": f"{dst_ip}:{dst_port}",
         "dataplane": "iptables" if on_iptables else "ebpf",
         # Recorded at the socket of the pod that opened it.
         "direction": "egress",
         "via_envoy": verdict == VERDICT_L7,
         "policy": policy,
-        "rule": "no-backend" if flow.verdict == VERDICT_NO_BACKEND else rule,
+        "rule": "no-backend" if raw.verdict == VERDICT_NO_BACKEND else rule,
         "method": None,
         "path": None,
         "status": None,
@@ -434,17 +458,14 @@ class FlowReader:
     def __init__(
         self,
         pin: Path,
-        on_events: Callable[[Sequence[Event]], None],
+        on_flows: Callable[[Sequence[PendingFlow]], None],
         view: Callable[[], NodeView],
         openers: Openers,
     ) -> None:
         self.openers = openers
         self._pin = pin
-        self._on_events = on_events
+        self._on_flows = on_flows
         self._view = view
-        # Closed flows read since the last hand-over: handed on once per read of the ring
-        # (one lock, one metrics update per batch, not per flow).
-        self._batch: list[FlowEvent] = []
         self._rate = _Rate(_GATHER_ABOVE_PER_S)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -458,31 +479,31 @@ class FlowReader:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _handle(self, data: bytes) -> None:
-        raw = FlowEvent.from_buffer_copy(data)
-        if raw.end.kind == FLOW_OPENED:
-            # Not an event of its own (one record per flow, at its close): who opened the
-            # connection, for the HTTP events Envoy logs of it.
-            source = f"{_ip(raw.end.src_ip)}:{raw.end.src_port}"
-            self.openers.remember(source, (raw.flow.tgid, raw.flow.comm.decode(errors="replace")))
-            return
-        self._batch.append(raw)
-
-    def _hand_over(self) -> None:
-        batch, self._batch = self._batch, []
-        if not batch:
-            return
+    def _read(self, ring: RingReader) -> int:
+        """Read every record there, and hand the closed flows over as one batch."""
+        records = ring.read()
         view, offset = self._view(), _monotonic_to_epoch()
-        events = []
-        for raw in batch:
+        flows: list[PendingFlow] = []
+        for record in records:
+            if len(record) != FLOW_RECORD_SIZE:
+                log.error("a flow record of %d bytes is not a steer_flow_event", len(record))
+            elif record[FLOW_KIND_AT] == FLOW_OPENED:
+                # Not an event of its own (one record per flow, at its close): who opened
+                # the connection, for the HTTP events Envoy logs of it.
+                raw = FlowRecord.unpack(record)
+                source = f"{_ip(raw.src_ip)}:{raw.src_port}"
+                self.openers.remember(source, (raw.tgid, _comm(raw.comm)))
+            else:
+                try:
+                    flows.append((known_shape(view, record), record, offset))
+                except Exception:  # one bad record must not stop every later one
+                    log.exception("a flow record could not be read; it is dropped")
+        if flows:
             try:
-                events.append(flow_event(raw, view, offset))
-            except Exception:  # one bad record must not stop every later one
-                log.exception("a flow record could not be read; it is dropped")
-        try:
-            self._on_events(events)
-        except Exception:
-            log.exception("%d flow events were lost on their way to the ring", len(events))
+                self._on_flows(flows)
+            except Exception:
+                log.exception("%d flow events were lost on their way to the ring", len(flows))
+        return len(records)
 
     def open_now(self) -> None:
         """Open the ring buffer now if it is pinned and not open yet: the agent calls this
@@ -490,36 +511,41 @@ class FlowReader:
         loaded datapath are over (their open records name the processes behind the first
         HTTP requests, which are read back at once)."""
         with self._lock:
-            if self._ring is None:
-                self._ring = _PinnedRing.open(self._pin, self._handle)
-                self._hand_over()
+            self._open()
+
+    def _open(self) -> None:
+        if self._ring is None:
+            self._ring = _PinnedRing.open(self._pin)
+            if self._ring is not None:
+                # Records the programs wrote before this reader came (since the datapath
+                # loaded): the kernel wakes a reader only for a record written when it had
+                # caught up, so these would otherwise wait for the next flow.
+                self._read(self._ring.reader)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                if self._ring is None:
-                    self._ring = _PinnedRing.open(self._pin, self._handle)
-                    self._hand_over()
+                self._open()
                 ring = self._ring
             if ring is None:  # the datapath has not loaded its programs (yet)
                 self._stop.wait(_PIN_CHECK_S)
                 continue
-            # Only this thread closes or replaces an open ring: polled outside the lock.
-            read = ring.poll(200)
-            self._hand_over()
+            # Only this thread closes or replaces an open ring: read outside the lock.
+            try:
+                read = self._read(ring.reader) if ring.reader.wait(0.2) else 0
+            except OSError as exc:
+                log.warning("reading flow events failed (%s); opening the ring buffer again", exc)
+                self._close()
+                continue
             if read > 0 and self._rate.busy(read):
                 # Let records gather: the kernel wakes a reader only when it has caught up,
                 # so reading each one as it came cost a wake-up per flow, about a third of
                 # a core at 10k short connections a second. A pause bounds them to ~50/s.
                 self._stop.wait(_GATHER_S)
-            if read < 0:
-                log.warning("reading flow events failed; opening the ring buffer again")
-                self._close()
-            elif ring.replaced():
+            if ring.replaced():
                 # The agent rebuilt its BPF objects (a stale pin from an older build, or an
                 # unload): the programs now write to the new ring. Drain the old one first.
-                ring.ring.consume()
-                self._hand_over()
+                self._read(ring.reader)
                 self._close()
         self._close()
 
@@ -538,11 +564,11 @@ class _PinnedRing:
     pin: Path
     fd: int
     map_id: int
-    ring: libbpf.RingBuffer
+    reader: RingReader
     checked: float = 0.0
 
     @classmethod
-    def open(cls, pin: Path, on_sample: Callable[[bytes], None]) -> _PinnedRing | None:
+    def open(cls, pin: Path) -> _PinnedRing | None:
         fd = libbpf.obj_get(pin)
         if fd < 0:
             return None
@@ -550,18 +576,13 @@ class _PinnedRing:
         try:
             if info is None:
                 raise OSError(f"reading the info of {pin}")
-            ring = cls(pin, fd, info.id, libbpf.RingBuffer(fd, on_sample), time.monotonic())
+            ring = cls(pin, fd, info.id, RingReader(fd), time.monotonic())
         except OSError as exc:
             log.error("flow events unavailable: %s", exc)
             os.close(fd)
             return None
-        # Records the programs wrote before this reader came (since the datapath loaded).
-        ring.ring.consume()
         log.debug("reading flow events from %s (map %d)", pin, info.id)
         return ring
-
-    def poll(self, timeout_ms: int) -> int:
-        return self.ring.poll(timeout_ms)
 
     def replaced(self, every_s: float = _PIN_CHECK_S) -> bool:
         """Whether the pin now names another map (checked at most every `every_s`)."""
@@ -579,16 +600,19 @@ class _PinnedRing:
             os.close(fd)
 
     def close(self) -> None:
-        self.ring.close()
+        self.reader.close()
         os.close(self.fd)
 
 
 class EventRing:
-    """The last `size` events, for `--last`, and a wait for new ones, for `--follow`."""
+    """The last `size` events, for `--last`, and a wait for new ones, for `--follow`.
+    Flows are kept as read (`PendingFlow`) and made events when first read out, in place,
+    so that what `join_late` writes into an event stays for every later read."""
 
     def __init__(self, size: int = OBSERVE_RING_SIZE) -> None:
-        self._events: deque[tuple[int, Event]] = deque(maxlen=size)
+        self._items: deque[Event | PendingFlow] = deque(maxlen=size)
         self._changed = threading.Condition()
+        # The sequence number of the newest item; the oldest is `_seq - len(_items) + 1`.
         self._seq = 0
         # Events pushed out of the ring before anyone read them: `--last` is bounded.
         self.evicted = 0
@@ -596,28 +620,36 @@ class EventRing:
     def add(self, event: Event) -> None:
         self.extend((event,))
 
-    def extend(self, events: Sequence[Event]) -> None:
+    def extend(self, items: Sequence[Event | PendingFlow]) -> None:
         """Add a batch under one lock, waking `--follow` readers once."""
         with self._changed:
-            room = self._events.maxlen or 0
-            self.evicted += max(0, len(self._events) + len(events) - room)
-            for event in events:
-                self._seq += 1
-                self._events.append((self._seq, event))
+            room = self._items.maxlen or 0
+            self.evicted += max(0, len(self._items) + len(items) - room)
+            self._items.extend(items)
+            self._seq += len(items)
             self._changed.notify_all()
 
     def last(self, count: int) -> tuple[list[Event], int]:
         """The newest `count` events, oldest first, and the sequence number to follow from."""
         with self._changed:
-            chosen = list(self._events)[-count:] if count > 0 else []
-            return [event for _, event in chosen], self._seq
+            return self._from(len(self._items) - max(count, 0)), self._seq
 
     def after(self, seq: int, timeout: float) -> tuple[list[Event], int]:
         """The events newer than `seq` (waiting up to `timeout` for one), and the new seq."""
         with self._changed:
             self._changed.wait_for(lambda: self._seq > seq, timeout=timeout)
-            newer = [event for number, event in self._events if number > seq]
-            return newer, self._seq
+            return self._from(len(self._items) - (self._seq - seq)), self._seq
+
+    def _from(self, index: int) -> list[Event]:
+        """The events from position `index` on (called with the lock held)."""
+        items = self._items
+        events = []
+        for position in range(max(index, 0), len(items)):
+            item = items[position]
+            if not isinstance(item, dict):
+                item = items[position] = materialized(item)
+            events.append(item)
+        return events
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -767,6 +799,11 @@ class Observability:
         self.ring.extend(events)
         self.on_events(events)
 
+    def _add_flows(self, flows: Sequence[PendingFlow]) -> None:
+        self.ring.extend(flows)
+        # What the metrics count of an event (layer, verdict, policy...) is in its shape.
+        self.on_events([known for known, _, _ in flows])
+
     def start(self) -> None:
         _bind_path(self.als_socket)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
@@ -785,7 +822,7 @@ class Observability:
         observe.ring, observe.openers, observe.revoked = self.ring, self.openers, self.revoked
         threading.Thread(target=observe.serve_forever, name="steer-observe", daemon=True).start()
         self._grpc, self._observe = server, observe
-        self._flows = FlowReader(self.flow_events, self._add, lambda: self.view, self.openers)
+        self._flows = FlowReader(self.flow_events, self._add_flows, lambda: self.view, self.openers)
         self._flows.start()
 
     def stop(self) -> None:

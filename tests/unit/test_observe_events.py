@@ -13,7 +13,14 @@ from google.protobuf import wrappers_pb2
 
 from steer.constants import VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
 from steer.metrics import AgentMetrics
-from steer.node.bpfmaps import FLOW_CLOSED, FLOW_REFUSED, VERDICT_IPTABLES, FlowEvent, ip_be
+from steer.node.bpfmaps import (
+    FLOW_CLOSED,
+    FLOW_REFUSED,
+    VERDICT_IPTABLES,
+    FlowEvent,
+    FlowRecord,
+    ip_be,
+)
 from steer.node.observe import (
     EventRing,
     NodeView,
@@ -22,6 +29,7 @@ from steer.node.observe import (
     flow_event,
     http_event,
     join_late,
+    known_shape,
     matches,
 )
 from tests.samples import CLIENT, WEB, sample_enforcement
@@ -128,7 +136,13 @@ def test_filters() -> None:
     assert not matches(event, {"verdict": "allowed"})
 
 
-def flow(verdict: int, kind: int, end_state: int = 0) -> FlowEvent:
+def flow(verdict: int, kind: int, end_state: int = 0) -> FlowRecord:
+    """A record as the kernel writes it (the C layout's ctypes mirror), read as the agent
+    reads it: the two layouts must agree field by field."""
+    return FlowRecord.unpack(record(verdict, kind, end_state))
+
+
+def record(verdict: int, kind: int, end_state: int = 0, src: str = CLIENT.ip) -> bytes:
     raw = FlowEvent()
     raw.flow.start_ns = 1_000_000_000
     raw.flow.tgid = 4242
@@ -142,10 +156,10 @@ def flow(verdict: int, kind: int, end_state: int = 0) -> FlowEvent:
     raw.end.kind = kind
     raw.end.end_state = end_state
     raw.end.at_ns = 1_250_000_000
-    raw.end.src_ip = ip_be(CLIENT.ip)
+    raw.end.src_ip = ip_be(src)
     raw.end.src_port = 40000
     raw.end.bytes_sent, raw.end.bytes_received = 120, 4096
-    return raw
+    return bytes(raw)
 
 
 SLOTTED = replace(VIEW, slots={1: CLIENT})
@@ -226,8 +240,7 @@ def test_a_flow_of_a_pod_on_iptables_gets_its_verdict_from_the_rules_decision() 
     # The observe program knows the opener, not the verdict: the pod is found by its
     # address, the verdict by the decision code the iptables rules were rendered from.
     raw = flow(VERDICT_IPTABLES, FLOW_CLOSED, end_state=2)  # reset in SYN_SENT
-    raw.flow.slot = 0
-    raw.flow.dialled_ip, raw.flow.dialled_port_be = raw.flow.dst_ip, raw.flow.dst_port_be
+    raw = raw._replace(slot=0, dialled_ip=raw.dst_ip, dialled_port_be=raw.dst_port_be)
     event = flow_event(raw, VIEW, epoch_offset=0.0)
     assert {k: event[k] for k in ("verdict", "pod", "pid", "comm", "end", "dataplane")} == {
         "verdict": "denied",
@@ -256,3 +269,36 @@ def test_a_batch_of_events_is_counted_by_layer_and_labels() -> None:
         sample("steer_http_requests_total", {**labels, "verdict": "allowed", "policy": "none"}) == 3
     )
     assert sample("steer_flows_total", {**labels, "verdict": "audit", "policy": "default/db"}) == 1
+
+
+def test_a_flow_kept_as_read_becomes_the_same_event_once_and_keeps_what_is_joined_late() -> None:
+    ring = EventRing()
+    data = record(VERDICT_ALLOW, FLOW_CLOSED, end_state=1)
+    ring.extend([(known_shape(SLOTTED, data), data, 0.0)])
+    (event,), seq = ring.last(5)
+    assert (event, seq) == (flow_event(FlowRecord.unpack(data), SLOTTED, epoch_offset=0.0), 1)
+    revoked = Revoked()
+    revoked.remember(event["src"], 1.0)
+    join_late(event, Openers(), revoked)
+    # Made an event in place: later reads see the same event, revoked.
+    assert ring.last(1)[0][0] is event
+    assert ring.after(0, timeout=0)[0][0]["end"] == "revoked"
+
+
+def test_flows_on_iptables_from_different_pods_do_not_share_a_shape() -> None:
+    # On iptables the record names no slot: the source address is part of the shape.
+    from_client = record(VERDICT_IPTABLES, FLOW_CLOSED)
+    from_web = record(VERDICT_IPTABLES, FLOW_CLOSED, src=WEB.ip)
+    assert known_shape(VIEW, from_client)["pod"] == "client"
+    assert known_shape(VIEW, from_web)["pod"] == "web"
+
+
+def test_flows_of_one_shape_are_counted_as_often_as_they_came() -> None:
+    metrics = AgentMetrics()
+    data = record(VERDICT_DENY, FLOW_REFUSED)
+    shape = known_shape(SLOTTED, data)
+    assert known_shape(SLOTTED, data) is shape
+    metrics.observe_events([shape] * 3)
+    labels = {"dataplane": "ebpf", "direction": "egress", "verdict": "denied"}
+    sample = metrics.registry.get_sample_value
+    assert sample("steer_flows_total", {**labels, "policy": "default/web"}) == 3
