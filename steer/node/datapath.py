@@ -260,6 +260,9 @@ class IptablesDatapath:
     repairs: int = 0
     _chains: RulesetCache = field(default_factory=RulesetCache)
     _resolver: Resolver = field(default_factory=Resolver)
+    # By ipv6: the rules applied and the tables' fingerprint when a read last found them
+    # in place. While both stay, so do steer's chains, and the drift check need not read.
+    _found_in_place: dict[bool, tuple[Ruleset, bytes]] = field(default_factory=dict)
 
     def sync(
         self,
@@ -340,8 +343,16 @@ class IptablesDatapath:
         return bool(found)
 
     def _differs(self, applied: Ruleset, every_rule: bool, *, ipv6: bool) -> bool:
+        # Taken before the read: a change in between shows in the next fingerprint.
+        fingerprint = self.kernel.iptables_fingerprint(ipv6=ipv6)
+        in_place = self._found_in_place.pop(ipv6, None)
+        if not every_rule and fingerprint is not None and in_place == (applied, fingerprint):
+            self._found_in_place[ipv6] = (applied, fingerprint)
+            return False
         if changed_by_others(self.kernel, applied, ipv6=ipv6):
             return True
+        if fingerprint is not None:
+            self._found_in_place[ipv6] = (applied, fingerprint)
         if every_rule:
             try:
                 self.kernel.iptables_verify(applied, applied.chains, ipv6=ipv6)

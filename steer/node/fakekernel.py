@@ -94,6 +94,11 @@ class RecordingKernel:
         chains = {table: frozenset(names) for table, names in held.items()}
         return KernelState(chains=chains, jumps=frozenset(self.jumps6 if ipv6 else self.jumps))
 
+    def iptables_fingerprint(self, *, ipv6: bool = False) -> bytes | None:
+        chains, jumps = (self.chains6, self.jumps6) if ipv6 else (self.chains, self.jumps)
+        held = (sorted((t, sorted(names)) for t, names in chains.items()), sorted(map(repr, jumps)))
+        return repr(held).encode()
+
     def iptables_restore(self, text: str, *, ipv6: bool = False) -> None:
         binary = "ip6tables" if ipv6 else "iptables"
         self._record(f"{binary}-restore --noflush")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import json
+import logging
 import os
 import shutil
 import socket
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from steer.constants import BPFFS, CGROUP_SUBTREE
-from steer.node import conntrack, iptables, libbpf
+from steer.node import conntrack, iptables, libbpf, xtables
 from steer.node.bpfbuild import (
     BUILD_ERROR,
     COMPILE_TIMEOUT_S,
@@ -42,8 +43,9 @@ from steer.node.bpfmaps import MAPS, PROGRAM_BY_NAME, PROGRAMS, size_mismatches
 from steer.node.cgroups import cgroup2_root
 from steer.node.conntrack import Flow
 from steer.node.libbpf import AttachType
-from steer.render.iptables import KernelState, Ruleset
+from steer.render.iptables import TABLES, KernelState, Ruleset
 
+log = logging.getLogger("steer.kernel")
 K = TypeVar("K", bound=Any)
 SO_NETNS_COOKIE = 71
 BPF_F_ALLOW_MULTI = 2
@@ -58,6 +60,11 @@ class NodeKernel(Protocol):
 
     def iptables_restore(self, text: str, *, ipv6: bool = False) -> None:
         """Apply restore text atomically per table; raises IptablesError."""
+        ...
+
+    def iptables_fingerprint(self, *, ipv6: bool = False) -> bytes | None:
+        """A digest that changes whenever steer's chain names or entry jumps can have
+        (`steer.node.xtables`), far cheaper than `iptables_state`; None if unreadable."""
         ...
 
     def iptables_verify(
@@ -224,6 +231,13 @@ class HostKernel:
     # --- iptables -------------------------------------------------------------------------
     def iptables_state(self, *, ipv6: bool = False) -> KernelState:
         return iptables.read_state6() if ipv6 else iptables.read_state()
+
+    def iptables_fingerprint(self, *, ipv6: bool = False) -> bytes | None:
+        try:
+            return xtables.fingerprint(("filter",) if ipv6 else TABLES, ipv6=ipv6)
+        except OSError as exc:
+            log.debug("no iptables fingerprint (%s): the drift check reads the tables", exc)
+            return None
 
     def iptables_restore(self, text: str, *, ipv6: bool = False) -> None:
         iptables.restore(text, iptables.RESTORE6 if ipv6 else iptables.RESTORE)
