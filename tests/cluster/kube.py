@@ -257,9 +257,10 @@ class Cluster:
         )
 
     def web_pod(self, namespace: str, name: str = "web", **kwargs: Any) -> None:
-        """busybox httpd on 8080 (/public/, /admin/) and on 9090."""
+        """busybox httpd on 8080 (/public/, which answers the pod's name, and /admin/) and
+        on 9090."""
         script = (
-            "mkdir -p /www/public /www/admin && echo public >/www/public/index.html"
+            f"mkdir -p /www/public /www/admin && echo {name} >/www/public/index.html"
             " && echo admin >/www/admin/index.html && httpd -p 9090 -h /www"
             " && exec httpd -f -p 8080 -h /www"
         )

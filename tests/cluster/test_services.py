@@ -73,6 +73,80 @@ def test_clusterip_and_node_port_get_the_backends_verdicts(
     assert through.refused, through
 
 
+def backends_of(cluster: Cluster, namespace: str, dataplane: str) -> set[str]:
+    """The backends new connections to web's http port can reach: on eBPF those connect4
+    balances over (the agent's status, written once its maps are updated), on iptables
+    those kube-proxy's rules DNAT to."""
+    if dataplane == "ebpf":
+        for entry in cluster.agent_status().get("services", []):
+            if (entry["namespace"], entry["name"]) == (namespace, "web"):
+                return {
+                    backend.rsplit(":", 1)[0]
+                    for frontend in entry["frontends"]
+                    if frontend["port_name"] == "http"
+                    for backend in frontend["backends"]
+                }
+        return set()
+    # kube-proxy writes with the node's default iptables (nft on Debian), steer with legacy.
+    rules = cluster.node("iptables-save", "-t", "nat")
+    return {
+        line.split("--to-destination ")[1].split(":")[0]
+        for line in rules.splitlines()
+        if "--to-destination" in line and f"{namespace}/web:http" in line
+    }
+
+
+# Requests one after the other from the client pod until /tmp/stop exists, each line the
+# backend that answered (its page is its name) or "failed".
+LOAD = (
+    "while [ ! -e /tmp/stop ]; do"
+    " timeout 5 wget -q -O - http://{vip}/public/ 2>/dev/null || echo failed; done"
+    " >/tmp/answers"
+)
+
+
+def answers(cluster: Cluster, namespace: str) -> list[str]:
+    out = cluster.kubectl("-n", namespace, "exec", "client", "--", "cat", "/tmp/answers")
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_backends_spread_and_a_removed_one_gets_no_new_connections_under_load(
+    cluster: Cluster, dataplane: str
+) -> None:
+    namespace, web = web_and_client(cluster, dataplane)
+    cluster.web_pod(namespace, "web2", annotations={"steer.dev/dataplane": dataplane})
+    cluster.wait_ready(namespace, "web2")
+    web2 = cluster.pod_ip(namespace, "web2")
+    vip, _, _ = serve_web(cluster, namespace, web_policy(namespace))
+    eventually(
+        lambda: backends_of(cluster, namespace, dataplane) == {web, web2},
+        "web's Service to be balanced over both pods",
+    )
+    cluster.kubectl(
+        "-n", namespace, "exec", "client", "--", "sh", "-c",
+        f"({LOAD.format(vip=vip)}) </dev/null >/dev/null 2>&1 &",
+    )  # fmt: skip
+    try:
+        # Both answer: the policy of each admits the client's GET through the ClusterIP.
+        eventually(lambda: {"web", "web2"} <= set(answers(cluster, namespace)), "both to answer")
+        cluster.kubectl("-n", namespace, "delete", "pod", "web2", "--wait=false")
+        eventually(
+            lambda: backends_of(cluster, namespace, dataplane) == {web},
+            "web2 to be taken out of the balancing",
+        )
+        # One request may have connected before that and be answered after it.
+        removed_at = len(answers(cluster, namespace)) + 1
+        eventually(
+            lambda: len(answers(cluster, namespace)) >= removed_at + 20,
+            "20 more requests",
+        )
+        after = answers(cluster, namespace)[removed_at:]
+        assert set(after) == {"web"}, after
+    finally:
+        cluster.kubectl("-n", namespace, "exec", "client", "--", "touch", "/tmp/stop")
+
+
 def through_the_service_only(namespace: str) -> str:
     """web takes GETs of /public/ on 8080 only when they came through its Service."""
     policy = json.loads(web_policy(namespace))
