@@ -74,10 +74,11 @@ readonly HOST_PACKAGES=(etcd-server iptables conntrack gcc libc6-dev curl openss
 readonly NODE_ROOT=$KB_CACHE_DIR/node-root
 readonly IMAGES=$KB_CACHE_DIR/images
 # Bumped when the image recipe below changes, so cached tarballs are rebuilt.
-readonly IMAGE_RECIPE=1
+readonly IMAGE_RECIPE=2
 readonly PAUSE_IMAGE=steer-kube.local/pause:3.2
 # busybox-static: `httpd -f -p 8080 -h /www` by default; any applet by `command:`. Its
-# `wget -T` segfaults: bound a client's time with `timeout` instead.
+# `wget -T` segfaults: bound a client's time with `timeout` instead. Plus `peername`
+# (kube-images/peername.c), which prints what getpeername() says of a connection.
 readonly WORKLOAD_IMAGE=steer-kube.local/busybox:1.35
 
 usage() {
@@ -148,7 +149,7 @@ docker_archive() {
 
 build_images() {
   local stamp_want
-  stamp_want="recipe=$IMAGE_RECIPE pause.c=$(sha256sum "$SCRIPTS/kube-images/pause.c" | cut -c1-16) $(grep busybox "$NODE_ROOT/.steer-kube-packages")"
+  stamp_want="recipe=$IMAGE_RECIPE $(cd "$SCRIPTS/kube-images" && sha256sum pause.c peername.c | cut -c1-16 | tr '\n' ' ')$(grep busybox "$NODE_ROOT/.steer-kube-packages")"
   if [ -f "$IMAGES/pause.tar" ] && [ -f "$IMAGES/workload.tar" ] \
     && [ "$(cat "$IMAGES/.stamp" 2>/dev/null)" = "$stamp_want" ]; then
     log "cached: $IMAGES ($PAUSE_IMAGE, $WORKLOAD_IMAGE)"
@@ -169,6 +170,8 @@ build_images() {
   mkdir -p "$w/bin" "$w/sbin" "$w/usr/bin" "$w/usr/sbin" "$w/etc" "$w/www" "$w/tmp"
   chmod 1777 "$w/tmp"
   cp "$NODE_ROOT/bin/busybox" "$w/bin/busybox"
+  gcc -static -O2 -Wall -Wextra -Werror -o "$w/bin/peername" "$SCRIPTS/kube-images/peername.c"
+  strip "$w/bin/peername"
   # Every applet as a symlink, as busybox's own installer lays them out.
   while read -r applet; do
     [ "$applet" = bin/busybox ] || ln -sf /bin/busybox "$w/$applet"

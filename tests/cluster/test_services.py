@@ -147,6 +147,21 @@ def test_backends_spread_and_a_removed_one_gets_no_new_connections_under_load(
         cluster.kubectl("-n", namespace, "exec", "client", "--", "touch", "/tmp/stop")
 
 
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_the_application_sees_the_clusterip_it_dialled(cluster: Cluster, dataplane: str) -> None:
+    """getpeername() on the client's socket returns the ClusterIP and port it dialled, not
+    the backend: on eBPF getpeername4 reverses connect4's translation, on iptables
+    kube-proxy's DNAT never changed the socket."""
+    namespace, web = web_and_client(cluster, dataplane)
+    vip, _, _ = serve_web(cluster, namespace, web_policy(namespace))
+    eventually(
+        lambda: backends_of(cluster, namespace, dataplane) == {web},
+        "web's Service to be balanced",
+    )
+    seen = cluster.kubectl("-n", namespace, "exec", "client", "--", "peername", vip, "80")
+    assert seen.stdout.strip() == f"{vip}:80", seen
+
+
 def through_the_service_only(namespace: str) -> str:
     """web takes GETs of /public/ on 8080 only when they came through its Service."""
     policy = json.loads(web_policy(namespace))
