@@ -196,7 +196,8 @@ def http_event(
     )
     src_ip, src_port = remote.address, remote.port_value
     tags = common.metadata.filter_metadata
-    shape = _Shape(
+    # A plain tuple (a `_Shape` only when first seen): building a NamedTuple runs Python.
+    shape = (
         src_ip,
         local.address,
         local.port_value,
@@ -214,7 +215,7 @@ def http_event(
     if known is None:
         if len(view.shapes) >= _EXPLAINED_MAX:
             view.shapes.clear()
-        known = view.shapes[shape] = _http_shape(view, shape)
+        known = view.shapes[shape] = _http_shape(view, _Shape._make(shape))
     opener = openers.get(f"{src_ip}:{src_port}") if openers is not None else None
     start = common.start_time
     return {
@@ -413,8 +414,9 @@ class Recent(Generic[V]):
                 self._by_source.popitem(last=False)
 
     def get(self, source: str) -> V | None:
-        with self._lock:
-            return self._by_source.get(source)
+        # No lock: one dict lookup is atomic under the GIL, and a reader racing a
+        # `remember` sees the entry or not, either of which is right. Runs per request.
+        return self._by_source.get(source)
 
 
 # The process behind each recent connection (pid, comm): Envoy's access log knows the
