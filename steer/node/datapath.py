@@ -351,13 +351,13 @@ class IptablesDatapath:
             return False
         if changed_by_others(self.kernel, applied, ipv6=ipv6):
             return True
-        if fingerprint is not None:
-            self._found_in_place[ipv6] = (applied, fingerprint)
         if every_rule:
             try:
                 self.kernel.iptables_verify(applied, applied.chains, ipv6=ipv6)
             except IptablesError:
                 return True
+        if fingerprint is not None:
+            self._found_in_place[ipv6] = (applied, fingerprint)
         return False
 
     def _apply_ipv6(self, enforcement: Enforcement, report: SyncReport) -> None:

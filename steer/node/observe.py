@@ -649,7 +649,12 @@ class EventRing:
         for position in range(max(index, 0), len(items)):
             item = items[position]
             if not isinstance(item, dict):
-                item = items[position] = materialized(item)
+                try:
+                    event = materialized(item)
+                except Exception:  # one bad record must not fail every later read
+                    log.exception("a flow record could not be read; its shape stands in")
+                    event = dict(item[0])
+                item = items[position] = event
             events.append(item)
         return events
 

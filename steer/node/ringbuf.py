@@ -12,10 +12,11 @@ each batch of records as one list:
                              wraps around the end is contiguous in the mapping
 
 Each record starts with an 8-byte header: its length (bit 31: still being written; bit 30:
-discarded) and a page offset the reader does not need; records are 8-byte aligned. x86 and
-arm64 do not reorder the loads and stores below in ways that matter here: the producer
-position is read before the records it covers, and the consumer position is written after
-the records it frees have been copied out.
+discarded) and a page offset the reader does not need; records are 8-byte aligned. The
+reader relies on x86-64's ordering (the only architecture steer runs on; libbpf uses
+acquire and release barriers, which x86-64's plain loads and stores already are): the
+producer position is read before the records it covers, and the consumer position is
+written after the records it frees have been copied out.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import mmap
 import os
 import select
 import struct
+from contextlib import ExitStack
 
 from steer.node import libbpf
 
@@ -49,19 +51,22 @@ class RingReader:
         page = mmap.PAGESIZE
         self._size = int(info.max_entries)
         self._mask = self._size - 1
-        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
+        self._data_at = page
+        with ExitStack() as undo:  # a step that fails leaves nothing open
+            self._consumer = mmap.mmap(
+                map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
+            undo.callback(self._consumer.close)
             self._producer = mmap.mmap(
                 map_fd, page + 2 * self._size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
             )
-        except OSError:
-            self._consumer.close()
-            raise
+            undo.callback(self._producer.close)
+            self._epoll = select.epoll()
+            undo.callback(self._epoll.close)
+            self._epoll.register(map_fd, select.EPOLLIN)
+            undo.pop_all()
         # One aligned 8-byte store: the kernel may read the position at any moment.
-        self._consumer_pos = ct.c_uint64.from_buffer(self._consumer)
-        self._data_at = page
-        self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)
+        self._consumer_pos: ct.c_uint64 | None = ct.c_uint64.from_buffer(self._consumer)
 
     def wait(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for records (none if some are there already): the kernel
@@ -71,6 +76,9 @@ class RingReader:
     def read(self) -> list[bytes]:
         """Every committed record, oldest first; the reader stops at one still being written
         (the records after it wait for the next read, in order)."""
+        position = self._consumer_pos
+        if position is None:
+            raise OSError("the ring buffer reader is closed")
         records: list[bytes] = []
         mapped, base, mask, unpack_header = (
             self._producer,
@@ -78,7 +86,7 @@ class RingReader:
             self._mask,
             _HEADER.unpack_from,
         )
-        consumer = self._consumer_pos.value
+        consumer = position.value
         producer = _POSITION.unpack_from(mapped, 0)[0]
         released = consumer
         while consumer < producer:
@@ -91,12 +99,13 @@ class RingReader:
                 records.append(mapped[start + _HEADER_SIZE : start + _HEADER_SIZE + size])
             consumer += (size + _HEADER_SIZE + 7) & ~7
             if consumer - released >= _RELEASE_BYTES:
-                self._consumer_pos.value = released = consumer
-        self._consumer_pos.value = consumer
+                position.value = released = consumer
+        position.value = consumer
         return records
 
     def close(self) -> None:
+        """Unmap the ring; safe to call again."""
         self._epoll.close()
-        del self._consumer_pos  # a ctypes view keeps the map exported, which close() refuses
+        self._consumer_pos = None  # a ctypes view keeps the map exported: close() refuses
         self._producer.close()
         self._consumer.close()

@@ -4,13 +4,14 @@ iptables-save makes (IPT_SO_GET_INFO, IPT_SO_GET_ENTRIES), for the agents' drift
 The check looks at what other tools can do to steer within seconds: delete its chains,
 delete its entry jumps, put a rule ahead of one. On a node with kube-proxy's 5,000
 Services the nat table holds ~15,000 rules, and reading them into python-iptables
-objects costs 60-120 ms of the agent's CPU every check (~22 ms for the fingerprint, most
+objects costs 60-120 ms of the agent's CPU every check (~33 ms for the fingerprint, half
 of it the kernel's copy of the table). The fingerprint is what such changes
 alter: the table's layout (entry count, size, where each built-in chain starts and ends)
 and the bytes of the built-in chains' rules, packet counters left out. While it stays as
-it was at the last read that found nothing, that read still holds. What it cannot see (a
-rule swapped for one of the same size inside a chain) is what the every-rule check, every
-CONTENT_CHECK_S, reads anyway.
+it was at the last read that found nothing, that read still holds. The user chains' names
+are in it too (a rename keeps the layout). What it cannot see (a rule swapped for one of
+the same size inside a chain) is what the every-rule check, every CONTENT_CHECK_S, reads
+anyway.
 """
 
 from __future__ import annotations
@@ -85,30 +86,54 @@ def _table_fingerprint(sock: socket.socket, family: _Family, table: str) -> byte
     fields = _INFO.unpack(info)
     valid_hooks, hook_entry = fields[1], fields[2 : 2 + _HOOKS]
     underflow, size = fields[2 + _HOOKS : 2 + 2 * _HOOKS], fields[-1]
-    # Calloc'ed, so not written twice: nat holds ~8 MB with 5,000 Services.
+    # One buffer the kernel writes into and the walk reads from (nat holds ~8 MB with
+    # 5,000 Services): no copy of it is made.
     request = bytearray(_ENTRIES_AT + size)
     struct.pack_into(f"={_NAME_LEN}sI", request, 0, name, size)
+    # EAGAIN if the table changed size since GET_INFO: the caller reads the tables.
     _getsockopt(sock, family.level, _SO_GET_ENTRIES, request)
-    entries = memoryview(request)[_ENTRIES_AT:]
-    parts = [bytes(info[_NAME_LEN:])]
-    for hook in range(_HOOKS):
-        if valid_hooks & (1 << hook):
-            parts.extend(
-                _chain_without_counters(entries, family, hook_entry[hook], underflow[hook])
-            )
-    return b"".join(parts)
+    with memoryview(request) as whole, whole[_ENTRIES_AT:] as entries:
+        parts = [bytes(info[_NAME_LEN:]), *_user_chain_names(request)]
+        for hook in range(_HOOKS):
+            if valid_hooks & (1 << hook):
+                parts.extend(
+                    _chain_without_counters(entries, family, hook_entry[hook], underflow[hook])
+                )
+    return b"\0".join(parts)
+
+
+# Each user chain starts with an entry whose target is ERROR, holding the chain's name
+# (struct xt_error_target): the target's name padded to 29 bytes, its revision (0), then
+# the chain's name. Found by a byte search rather than a walk of every entry.
+_ERROR_TARGET = b"ERROR".ljust(30, b"\0")
+_CHAIN_NAME_LEN = 32
+
+
+def _user_chain_names(table: bytearray) -> list[bytes]:
+    """The user chains' names in table order (a rename keeps the layout, not the name)."""
+    names = []
+    at = table.find(_ERROR_TARGET, _ENTRIES_AT)
+    while at >= 0:
+        start = at + len(_ERROR_TARGET)
+        names.append(bytes(table[start : start + _CHAIN_NAME_LEN]))
+        at = table.find(_ERROR_TARGET, start)
+    return names
 
 
 def _chain_without_counters(
     entries: memoryview, family: _Family, first: int, last: int
 ) -> list[bytes]:
-    """A built-in chain's entries, from its first rule to its policy at `last`."""
+    """A built-in chain's entries, from its first rule to its policy at `last`; OSError
+    where an entry's length leaves the table (the kernel never hands one over)."""
     parts = []
     offset = first
     while offset <= last:
-        (length,) = family.next_offset.unpack_from(entries, offset + family.next_offset_at)
-        if length == 0:  # a malformed table: the kernel never hands one over
-            raise OSError(f"an iptables entry at {offset} has no length")
+        length_at = offset + family.next_offset_at
+        if length_at + family.next_offset.size > len(entries):
+            raise OSError(f"an iptables entry at {offset} runs past the table")
+        (length,) = family.next_offset.unpack_from(entries, length_at)
+        if length < family.counters_at + 16 or offset + length > len(entries):
+            raise OSError(f"an iptables entry at {offset} has a bad length ({length})")
         parts.append(entries[offset : offset + family.counters_at])
         parts.append(entries[offset + family.counters_at + 16 : offset + length])
         offset += length

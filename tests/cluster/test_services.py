@@ -74,26 +74,30 @@ def test_clusterip_and_node_port_get_the_backends_verdicts(
 
 
 def backends_of(cluster: Cluster, namespace: str, dataplane: str) -> set[str]:
-    """The backends new connections to web's http port can reach: on eBPF those connect4
-    balances over (the agent's status, written once its maps are updated), on iptables
-    those kube-proxy's rules DNAT to."""
-    if dataplane == "ebpf":
-        for entry in cluster.agent_status().get("services", []):
-            if (entry["namespace"], entry["name"]) == (namespace, "web"):
-                return {
-                    backend.rsplit(":", 1)[0]
-                    for frontend in entry["frontends"]
-                    if frontend["port_name"] == "http"
-                    for backend in frontend["backends"]
-                }
-        return set()
-    # kube-proxy writes with the node's default iptables (nft on Debian), steer with legacy.
-    rules = cluster.node("iptables-save", "-t", "nat")
-    return {
-        line.split("--to-destination ")[1].split(":")[0]
-        for line in rules.splitlines()
-        if "--to-destination" in line and f"{namespace}/web:http" in line
-    }
+    """The backends a new connection to web's http port can reach. The agent's maps (its
+    status is written once they are updated) choose on eBPF (connect4), and on iptables for
+    a backend with HTTP rules (the flow reaches Envoy before kube-proxy, and Envoy's
+    original destination comes from the maps); kube-proxy's rules choose the other
+    iptables flows. On iptables both are counted."""
+    chosen: set[str] = set()
+    for entry in cluster.agent_status().get("services", []):
+        if (entry["namespace"], entry["name"]) == (namespace, "web"):
+            chosen |= {
+                backend.rsplit(":", 1)[0]
+                for frontend in entry["frontends"]
+                if frontend["port_name"] == "http"
+                for backend in frontend["backends"]
+            }
+    if dataplane == "iptables":
+        # kube-proxy writes with the node's default iptables (nft on Debian), steer with
+        # legacy.
+        rules = cluster.node("iptables-save", "-t", "nat")
+        chosen |= {
+            line.split("--to-destination ")[1].split(":")[0]
+            for line in rules.splitlines()
+            if "--to-destination" in line and f"{namespace}/web:http" in line
+        }
+    return chosen
 
 
 # Requests one after the other from the client pod until /tmp/stop exists, each line the

@@ -1,6 +1,6 @@
 """The drift check's fingerprint of the iptables tables, against the real kernel: it must
 change with every change the check looks for (a rule put ahead, a jump deleted, a chain
-added or removed) and stay the same while only packet counters move, or the check would
+added, removed or renamed) and stay the same while only packet counters move, or the check would
 either miss another tool's change or read the whole table every time."""
 
 from __future__ import annotations
@@ -72,6 +72,12 @@ def test_counters_leave_it_and_every_change_the_drift_check_looks_for_changes_it
     ahead = tables_in(netns)
     assert len({behind, ahead, counted}) == 3
     iptables(netns, "-t", "nat", "-D", "OUTPUT", *foreign)
+    assert tables_in(netns) == counted
+
+    # A chain renamed in place: the same layout, the same jump (by offset), another name.
+    iptables(netns, "-t", "nat", "-E", "STEER-TEST", "STEER-TESU")
+    assert tables_in(netns) != counted
+    iptables(netns, "-t", "nat", "-E", "STEER-TESU", "STEER-TEST")
     assert tables_in(netns) == counted
 
     # The jump deleted, then the chain.

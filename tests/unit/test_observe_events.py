@@ -162,7 +162,8 @@ def record(verdict: int, kind: int, end_state: int = 0, src: str = CLIENT.ip) ->
     return bytes(raw)
 
 
-SLOTTED = replace(VIEW, slots={1: CLIENT})
+# Its own caches: replace() would share VIEW's, and a shape worked out there has no slot.
+SLOTTED = replace(VIEW, slots={1: CLIENT}, flow_shapes={}, shapes={}, explained={})
 
 
 def test_a_refused_connect_is_an_l4_denial_with_its_process_and_rule() -> None:
