@@ -108,7 +108,10 @@ def replicas(
             replica.task = loop.create_task(plane.run(None, socket))
             with contextlib.suppress(asyncio.CancelledError):
                 loop.run_until_complete(replica.task)
-            loop.close()
+            # Not closed here: gRPC's asyncio poller is one per process and hands each loop
+            # its events; a late event for a replica whose loop is closed raised in the
+            # other's handler and cost it the rest of the batch, and that replica's server
+            # then never finished stopping. Closed at teardown, once every replica stopped.
 
         replica.thread = threading.Thread(target=run, name=f"replica-{name}", daemon=True)
         replica.thread.start()
@@ -118,11 +121,16 @@ def replicas(
     try:
         yield start
     finally:
-        for replica in started:
-            if replica.thread.is_alive():
-                replica.stop()
-        for api in clients:
-            api.close()
+        try:
+            for replica in started:
+                if replica.thread.is_alive():
+                    replica.stop()
+        finally:
+            for replica in started:
+                if not replica.loop.is_running():
+                    replica.loop.close()
+            for api in clients:
+                api.close()
 
 
 def web_policy(namespace: str) -> dict[str, Any]:
