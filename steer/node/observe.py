@@ -308,14 +308,6 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
-def flow_event(raw: FlowRecord, view: NodeView, epoch_offset: float | None = None) -> Event:
-    """One flow of a pod, as its socket hooks recorded it: on eBPF, connect4 (with the
-    verdict it applied) and sockops; on iptables, the observe program (the verdict is the
-    rules', found by the same decision code they were rendered from)."""
-    offset = _monotonic_to_epoch() if epoch_offset is None else epoch_offset
-    return _completed(_flow_shape(view, raw), raw, offset)
-
-
 # A flow read from the ring and not yet made an event: what follows from its shape, the
 # record, and the clock offset at reading. The agent reads ten thousand a second under
 # short connections and `steer observe` reads a few: the rest of the event is only worked
@@ -325,7 +317,10 @@ PendingFlow = tuple[Event, bytes, float]
 
 def known_shape(view: NodeView, record: bytes) -> Event:
     """What follows from a flow record's shape alone (pods, addresses, verdict), worked
-    out once per shape and view."""
+    out once per shape and view. A flow is one of a pod, as its socket hooks recorded it:
+    on eBPF, connect4 (with the verdict it applied) and sockops; on iptables, the observe
+    program (the verdict is the rules', found by the same decision code they were rendered
+    from)."""
     key = record[FLOW_SHAPE]
     if record[FLOW_VERDICT_AT] == VERDICT_IPTABLES:
         key += record[FLOW_SOURCE]

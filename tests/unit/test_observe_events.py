@@ -18,7 +18,6 @@ from steer.node.bpfmaps import (
     FLOW_REFUSED,
     VERDICT_IPTABLES,
     FlowEvent,
-    FlowRecord,
     ip_be,
 )
 from steer.node.observe import (
@@ -26,11 +25,11 @@ from steer.node.observe import (
     NodeView,
     Openers,
     Revoked,
-    flow_event,
     http_event,
     join_late,
     known_shape,
     matches,
+    materialized,
 )
 from tests.samples import CLIENT, WEB, sample_enforcement
 
@@ -136,19 +135,23 @@ def test_filters() -> None:
     assert not matches(event, {"verdict": "allowed"})
 
 
-def flow(verdict: int, kind: int, end_state: int = 0) -> FlowRecord:
-    """A record as the kernel writes it (the C layout's ctypes mirror), read as the agent
-    reads it: the two layouts must agree field by field."""
-    return FlowRecord.unpack(record(verdict, kind, end_state))
-
-
-def record(verdict: int, kind: int, end_state: int = 0, src: str = CLIENT.ip) -> bytes:
+def record(
+    verdict: int,
+    kind: int,
+    end_state: int = 0,
+    src: str = CLIENT.ip,
+    *,
+    slot: int = 1,
+    dialled: tuple[str, int] = ("10.96.0.10", 80),
+) -> bytes:
+    """A record as the kernel writes it, through the C layout's ctypes mirror: the agent
+    reads it with FlowRecord, and the two layouts must agree field by field."""
     raw = FlowEvent()
     raw.flow.start_ns = 1_000_000_000
     raw.flow.tgid = 4242
-    raw.flow.slot = 1
-    raw.flow.dialled_ip = ip_be("10.96.0.10")
-    raw.flow.dialled_port_be = socket.htons(80)
+    raw.flow.slot = slot
+    raw.flow.dialled_ip = ip_be(dialled[0])
+    raw.flow.dialled_port_be = socket.htons(dialled[1])
     raw.flow.dst_ip = ip_be(WEB.ip)
     raw.flow.dst_port_be = socket.htons(9090)
     raw.flow.verdict = verdict
@@ -166,8 +169,14 @@ def record(verdict: int, kind: int, end_state: int = 0, src: str = CLIENT.ip) ->
 SLOTTED = replace(VIEW, slots={1: CLIENT}, flow_shapes={}, shapes={}, explained={})
 
 
+def event_of(data: bytes, view: NodeView) -> dict[str, Any]:
+    """The event the agent makes of a record: its shape when read, the rest when `steer
+    observe` first reads it."""
+    return materialized((known_shape(view, data), data, 0.0))
+
+
 def test_a_refused_connect_is_an_l4_denial_with_its_process_and_rule() -> None:
-    event = flow_event(flow(VERDICT_DENY, FLOW_REFUSED), SLOTTED, epoch_offset=0.0)
+    event = event_of(record(VERDICT_DENY, FLOW_REFUSED), SLOTTED)
     assert {k: event[k] for k in ("layer", "verdict", "pod", "pid", "comm", "end")} == {
         "layer": "l4",
         "verdict": "denied",
@@ -186,7 +195,7 @@ def test_a_refused_connect_is_an_l4_denial_with_its_process_and_rule() -> None:
 
 
 def test_a_closed_flow_carries_its_bytes_duration_and_ending() -> None:
-    event = flow_event(flow(VERDICT_ALLOW, FLOW_CLOSED, end_state=9), SLOTTED, epoch_offset=0.0)
+    event = event_of(record(VERDICT_ALLOW, FLOW_CLOSED, end_state=9), SLOTTED)
     assert (event["verdict"], event["end"], event["src"]) == (
         "allowed",
         "fin",
@@ -197,7 +206,7 @@ def test_a_closed_flow_carries_its_bytes_duration_and_ending() -> None:
         4096,
         250.0,
     )
-    reset = flow_event(flow(VERDICT_L7, FLOW_CLOSED, end_state=1), SLOTTED, epoch_offset=0.0)
+    reset = event_of(record(VERDICT_L7, FLOW_CLOSED, end_state=1), SLOTTED)
     assert (reset["end"], reset["via_envoy"]) == ("reset", True)
 
 
@@ -224,14 +233,14 @@ def test_an_open_record_read_after_the_access_log_entry_still_names_the_process(
 
 def test_a_flow_a_policy_change_revoked_ends_revoked() -> None:
     revoked = Revoked()
-    event = flow_event(flow(VERDICT_ALLOW, FLOW_CLOSED, end_state=1), SLOTTED, epoch_offset=0.0)
+    event = event_of(record(VERDICT_ALLOW, FLOW_CLOSED, end_state=1), SLOTTED)
     join_late(event, Openers(), revoked)
     assert event["end"] == "reset"
     revoked.remember(event["src"], 1.0)
     join_late(event, Openers(), revoked)
     assert event["end"] == "revoked"
     # A refused connect was never a flow to revoke.
-    refused = flow_event(flow(VERDICT_DENY, FLOW_REFUSED), SLOTTED, epoch_offset=0.0)
+    refused = event_of(record(VERDICT_DENY, FLOW_REFUSED), SLOTTED)
     revoked.remember(refused["src"], 1.0)
     join_late(refused, Openers(), revoked)
     assert refused["end"] == "refused"
@@ -240,9 +249,10 @@ def test_a_flow_a_policy_change_revoked_ends_revoked() -> None:
 def test_a_flow_of_a_pod_on_iptables_gets_its_verdict_from_the_rules_decision() -> None:
     # The observe program knows the opener, not the verdict: the pod is found by its
     # address, the verdict by the decision code the iptables rules were rendered from.
-    raw = flow(VERDICT_IPTABLES, FLOW_CLOSED, end_state=2)  # reset in SYN_SENT
-    raw = raw._replace(slot=0, dialled_ip=raw.dst_ip, dialled_port_be=raw.dst_port_be)
-    event = flow_event(raw, VIEW, epoch_offset=0.0)
+    data = record(  # reset in SYN_SENT
+        VERDICT_IPTABLES, FLOW_CLOSED, end_state=2, slot=0, dialled=(WEB.ip, 9090)
+    )
+    event = event_of(data, VIEW)
     assert {k: event[k] for k in ("verdict", "pod", "pid", "comm", "end", "dataplane")} == {
         "verdict": "denied",
         "pod": "client",
@@ -277,7 +287,7 @@ def test_a_flow_kept_as_read_becomes_the_same_event_once_and_keeps_what_is_joine
     data = record(VERDICT_ALLOW, FLOW_CLOSED, end_state=1)
     ring.extend([(known_shape(SLOTTED, data), data, 0.0)])
     (event,), seq = ring.last(5)
-    assert (event, seq) == (flow_event(FlowRecord.unpack(data), SLOTTED, epoch_offset=0.0), 1)
+    assert (event, seq) == (event_of(data, replace(SLOTTED, flow_shapes={})), 1)
     revoked = Revoked()
     revoked.remember(event["src"], 1.0)
     join_late(event, Openers(), revoked)
