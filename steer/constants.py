@@ -31,6 +31,10 @@ LABEL_ALLOW_OPT_OUT: Final = "steer.dev/allow-opt-out"
 # The HTTPPolicy status condition that lists the selected pods steer does not steer.
 CONDITION_PODS_PROTECTED: Final = "PodsProtected"
 
+# The NFLOG group steer's deny rules copy refused packets to, for `steer observe`: one
+# reader per group and network namespace, so a number no common tool uses by default.
+NFLOG_GROUP: Final = 3125
+
 # --- Envoy ports (Istio's habits) ---------------------------------------------------------
 ENVOY_OUTBOUND_PORT: Final = 15001
 ENVOY_INBOUND_PORT: Final = 15006

@@ -47,6 +47,14 @@ class AgentMetrics:
             ["verdict", "dataplane", "direction", "policy"],
             registry=self.registry,
         )
+        self.inbound_events_lost = Counter(
+            "steer_inbound_events_lost",
+            "Events of flows from elsewhere that netfilter could not hand over, by source: "
+            "nflog (refused packets, counted exactly) and conntrack (socket overruns: at "
+            "least one event each)",
+            ["source"],
+            registry=self.registry,
+        )
         self.revocations = Counter(
             "steer_revocations",
             "Live flows cut because a policy change changed their verdict",
@@ -89,6 +97,9 @@ class AgentMetrics:
                 family = self.flows if layer == "l4" else self.http_requests
                 child = self._children[key] = family.labels(*labels)
             child.inc(count)
+
+    def inbound_lost(self, source: str, count: int) -> None:
+        self.inbound_events_lost.labels(source).inc(count)
 
     def observe_sync(self, seconds: float, revoked: int, errors: int) -> None:
         self.syncs.labels("error" if errors else "ok").inc()

@@ -214,11 +214,13 @@ def observe_view(
     """After a sync: who is who, for the events of the requests that follow."""
     if observability is not None:
         installed = datapath.ebpf.installed if datapath.ebpf is not None else {}
+        observed = datapath.ebpf.observed if datapath.ebpf is not None else {}
         observability.update(
             pods,
             {key: dataplane for key, (dataplane, _) in report.dataplanes.items()},
             datapath.iptables.enforcement,
             {slot: key for key, (_, slot, _) in installed.items()},
+            frozenset(p.ip for p in pods if p.key in installed or p.key in observed),
         )
         now = time.time()
         for source in report.revoked_flows:
@@ -234,7 +236,9 @@ def observing(
     never steering."""
     observability: Observability | None = None
     try:
-        started = Observability(on_events=metrics.observe_events)
+        started = Observability(
+            on_events=metrics.observe_events, inbound=True, on_lost=metrics.inbound_lost
+        )
         started.start()
         observability = started
     except (OSError, RuntimeError) as exc:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import selectors
 import socket
 import socketserver
 import threading
@@ -40,6 +41,9 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from steer.constants import (
     ALS_SOCKET,
     BPF_PIN_DIR,
+    MARK_VERDICT_MASK,
+    MARK_VERDICT_SHIFT,
+    NFLOG_GROUP,
     OBSERVE_RING_SIZE,
     OBSERVE_SOCKET,
     VERDICT_DENY,
@@ -61,6 +65,13 @@ from steer.node.bpfmaps import (
     VERDICT_NO_BACKEND,
     FlowRecord,
     ip_from_be,
+)
+from steer.node.nfnetlink import (
+    TCP_TIME_WAIT,
+    ConntrackCloses,
+    ConntrackFlow,
+    LoggedPacket,
+    NflogGroup,
 )
 from steer.node.ringbuf import RingReader
 from steer.render.xds import AUDIT_PREFIXES, EGRESS_ALLOW, INGRESS_ALLOW, RBAC_METADATA
@@ -366,14 +377,13 @@ def _flow_shape(view: NodeView, raw: FlowRecord) -> Event:
         decided, policy, rule = view.l4_verdict_for(pod.ip, dst_ip, dst_port)
         if on_iptables:
             verdict = decided
-    denied = verdict in (VERDICT_DENY, VERDICT_NO_BACKEND)
-    audited = None if pod is None or denied else view.l4_audit_for(pod.ip, dst_ip, dst_port)
-    if audited is not None:
-        policy, rule = audited
+    outcome, policy, rule = _l4_outcome(
+        view, pod.ip if pod else None, f"{dst_ip}:{dst_port}", verdict, (policy, rule)
+    )
     return {
         "time": None,
         "layer": "l4",
-        "verdict": "denied" if denied else "audit" if audited else "allowed",
+        "verdict": outcome,
         "pod": pod.name if pod else None,
         "namespace": pod.namespace if pod else None,
         # The pod's cgroup, which the opener ran in (or in a container's cgroup below it).
@@ -389,6 +399,133 @@ def _flow_shape(view: NodeView, raw: FlowRecord) -> Event:
         "method": None,
         "path": None,
         "status": None,
+    }
+
+
+def _l4_outcome(
+    view: NodeView,
+    src_ip: str | None,
+    backend: str,
+    verdict: int | None,
+    named: tuple[str | None, str | None],
+) -> tuple[str, str | None, str | None]:
+    """An L4 event's verdict and the policy and rule it names: the deciding ones, or the
+    audited rule that would have denied a flow let through."""
+    if verdict in (VERDICT_DENY, VERDICT_NO_BACKEND):
+        return "denied", *named
+    dst_ip, _, port = backend.rpartition(":")
+    audited = None if src_ip is None else view.l4_audit_for(src_ip, dst_ip, int(port))
+    if audited is not None:
+        return "audit", *audited
+    return "allowed", *named
+
+
+# --- flows into a pod from elsewhere ---------------------------------------------------------
+
+_CONNTRACK_END = {TCP_TIME_WAIT: "fin"}  # else CLOSE: a reset
+
+
+def _deciding_view(
+    views: Sequence[NodeView], src: str, dst: str, port: int, verdict: int
+) -> NodeView:
+    """The newest of the agent's last views (newest first) under which the decision code
+    reaches the verdict the kernel applied: a flow's event can be read after the policy
+    that decided it changed again."""
+    for view in views:
+        if view.l4_verdict_for(src, dst, port)[0] == verdict:
+            return view
+    return views[0]
+
+
+def inbound_flow_event(views: Sequence[NodeView], flow: ConntrackFlow, now_ns: int) -> Event | None:
+    """A flow steer's iptables rules let through and no socket hook of a pod recorded (it
+    came from off the node, or from a pod steer does not steer), at its end in conntrack;
+    None for one that reached no pod of the node (the node's own services). On a node
+    without BPF, where no hook records the pods' own flows, theirs come this way too."""
+    verdict = (flow.mark & MARK_VERDICT_MASK) >> MARK_VERDICT_SHIFT
+    via_envoy = verdict == VERDICT_L7
+    # Past a REDIRECT conntrack's reply names Envoy: the pod is the one dialled.
+    backend_ip, backend_port = (
+        (flow.dst, flow.dport) if via_envoy else (flow.reply_src, flow.reply_sport)
+    )
+    view = _deciding_view(views, flow.src, backend_ip, backend_port, verdict)
+    client, server = view.pods.get(flow.src), view.pods.get(backend_ip)
+    subject = client or server
+    if subject is None:
+        return None
+    pod = subject[0]
+    _, decided_by, decided_rule = view.l4_verdict_for(flow.src, backend_ip, backend_port)
+    backend = f"{backend_ip}:{backend_port}"
+    named = (decided_by, decided_rule)
+    outcome, policy, rule = _l4_outcome(view, flow.src, backend, verdict, named)
+    return {
+        "time": flow.start_ns / 1e9 if flow.start_ns else now_ns / 1e9,
+        "layer": "l4",
+        "verdict": outcome,
+        "pod": pod.name,
+        "namespace": pod.namespace,
+        # Conntrack knows no process: the opener is off the node, or not steered.
+        "cgroup": None,
+        "pid": None,
+        "comm": None,
+        "src": f"{flow.src}:{flow.sport}",
+        "dst": f"{flow.dst}:{flow.dport}",
+        "backend": backend,
+        # Ingress from elsewhere is iptables' to decide, whatever the pod's datapath.
+        "dataplane": "iptables",
+        "direction": "egress" if client else "ingress",
+        "via_envoy": via_envoy,
+        "policy": policy,
+        "rule": rule,
+        "method": None,
+        "path": None,
+        "status": None,
+        # Conntrack's counts: whole IP packets, headers included, each way.
+        "bytes_sent": flow.bytes_orig,
+        "bytes_received": flow.bytes_reply,
+        "duration_ms": round((now_ns - flow.start_ns) / 1e6, 3) if flow.start_ns else None,
+        "end": _CONNTRACK_END.get(flow.state or 0, "reset"),
+    }
+
+
+def refused_event(
+    views: Sequence[NodeView], packet: LoggedPacket, now: float, revoked: Revoked
+) -> Event | None:
+    """A packet steer's deny rules refused (copied to NFLOG) as the flow's event; None for
+    one that was to no pod of the node. A packet of a live flow a policy change revoked
+    (its conntrack entry deleted, it walked the new rules) ends that flow: `revoked`."""
+    view = _deciding_view(views, packet.src, packet.dst, packet.dport, VERDICT_DENY)
+    client, server = view.pods.get(packet.src), view.pods.get(packet.dst)
+    subject = client or server
+    if subject is None:
+        return None
+    pod = subject[0]
+    source = f"{packet.src}:{packet.sport}"
+    _, policy, rule = view.l4_verdict_for(packet.src, packet.dst, packet.dport)
+    return {
+        "time": now,
+        "layer": "l4",
+        "verdict": "denied",
+        "pod": pod.name,
+        "namespace": pod.namespace,
+        "cgroup": None,
+        "pid": None,
+        "comm": None,
+        "src": source,
+        "dst": f"{packet.dst}:{packet.dport}",
+        "backend": f"{packet.dst}:{packet.dport}",
+        "dataplane": "iptables",
+        "direction": "egress" if client else "ingress",
+        "via_envoy": False,
+        "policy": policy,
+        "rule": rule,
+        "method": None,
+        "path": None,
+        "status": None,
+        "bytes_sent": 0,
+        "bytes_received": 0,
+        "duration_ms": 0.0,
+        "end": "revoked" if revoked.get(source) is not None else "refused",
     }
 
 
@@ -551,6 +688,140 @@ class FlowReader:
             if self._ring is not None:
                 self._ring.close()
                 self._ring = None
+
+
+# Sysctls of the node's namespace that give conntrack's entries the bytes each way and a
+# start time, for the events of flows from elsewhere (new entries only).
+_CONNTRACK_SYSCTLS = (
+    Path("/proc/sys/net/netfilter/nf_conntrack_acct"),
+    Path("/proc/sys/net/netfilter/nf_conntrack_timestamp"),
+)
+_SEEN_MAX = 4096
+_VIEWS_KEPT = 4
+
+
+class InboundReader:
+    """The events of flows into the node's pods that no socket hook of a pod recorded,
+    from netfilter (steer.node.nfnetlink): those let through, at their end in conntrack,
+    and those refused, from the deny rules' NFLOG copies. Either source that cannot be
+    opened (another reader holds the NFLOG group, say) is logged and left out."""
+
+    def __init__(
+        self,
+        on_events: Callable[[Sequence[Event]], None],
+        views: Callable[[], Sequence[NodeView]],
+        revoked: Revoked,
+        on_lost: Callable[[str, int], None],
+    ) -> None:
+        self._on_events, self._views, self._revoked, self._on_lost = (
+            on_events,
+            views,
+            revoked,
+            on_lost,
+        )
+        self._recorded: frozenset[str] = frozenset()
+        self._seen: OrderedDict[int, None] = OrderedDict()
+        self._stop = threading.Event()
+        self._closes: ConntrackCloses | None = None
+        self._refusals: NflogGroup | None = None
+        self._nflog_lost = 0
+        for sysctl in _CONNTRACK_SYSCTLS:
+            try:
+                sysctl.write_text("1\n")
+            except OSError as exc:
+                log.warning(
+                    "%s could not be set (%s): events of flows from elsewhere will lack "
+                    "bytes and duration",
+                    sysctl,
+                    exc,
+                )
+        try:
+            self._closes = ConntrackCloses(MARK_VERDICT_MASK)
+        except OSError as exc:
+            log.error("conntrack events are unavailable (%s): no events of flows let in", exc)
+        try:
+            self._refusals = NflogGroup(NFLOG_GROUP)
+        except OSError as exc:
+            log.error(
+                "NFLOG group %d is unavailable (%s): no events of refused flows from "
+                "elsewhere. Fix: stop the other reader of that group",
+                NFLOG_GROUP,
+                exc,
+            )
+        self._thread = threading.Thread(target=self._run, name="steer-inbound", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for source in (self._closes, self._refusals):
+            if source is not None:
+                source.close()
+
+    def recorded(self, sources: frozenset[str]) -> None:
+        """The addresses of pods whose own socket hooks record their flows: conntrack's
+        events of their flows are dropped in the kernel, their refusals here."""
+        if sources != self._recorded and self._closes is not None:
+            self._closes.filter_sources(sorted(IPv4Address(ip) for ip in sources))
+        self._recorded = sources
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            if self._closes is not None:
+                selector.register(self._closes.events, selectors.EVENT_READ, self._read_closes)
+            if self._refusals is not None:
+                selector.register(self._refusals.sock, selectors.EVENT_READ, self._read_refusals)
+            if not selector.get_map():
+                return
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.5):
+                    try:
+                        key.data()
+                    except Exception:  # one bad message must not stop every later one
+                        log.exception("reading netfilter events failed")
+
+    def _read_closes(self) -> None:
+        assert self._closes is not None
+        flows, overran = self._closes.read()
+        if overran:
+            self._on_lost("conntrack", 1)
+        views, events = self._views(), []
+        for flow in flows:
+            if flow.id in self._seen:  # TIME_WAIT, then a reset: one flow, one event
+                continue
+            self._seen[flow.id] = None
+            if len(self._seen) > _SEEN_MAX:
+                self._seen.popitem(last=False)
+            pods = views[0].pods
+            if flow.src in self._recorded or not (
+                flow.src in pods or flow.dst in pods or flow.reply_src in pods
+            ):
+                continue  # its pod's hooks recorded it; or it reached no pod
+            # The counters and start are in the entry, not in the state change's event.
+            entry = self._closes.lookup(flow)
+            event = inbound_flow_event(views, entry or flow, time.time_ns())
+            if event is not None:
+                events.append(event)
+        if events:
+            self._on_events(events)
+
+    def _read_refusals(self) -> None:
+        assert self._refusals is not None
+        packets = self._refusals.read()
+        if self._refusals.lost > self._nflog_lost:
+            self._on_lost("nflog", self._refusals.lost - self._nflog_lost)
+            self._nflog_lost = self._refusals.lost
+        views, now, events = self._views(), time.time(), []
+        for packet in packets:
+            if packet.src in self._recorded:
+                continue  # its pod's socket hooks record the refusal
+            event = refused_event(views, packet, now, self._revoked)
+            if event is not None:
+                events.append(event)
+        if events:
+            self._on_events(events)
 
 
 @dataclass
@@ -777,9 +1048,18 @@ class Observability:
     revoked: Revoked = field(default_factory=Revoked)
     # Called with every batch of events (the agent's metrics count them).
     on_events: Callable[[Sequence[Event]], None] = lambda events: None
+    # Read netfilter's events of flows from elsewhere, in this process's network
+    # namespace (the agent's: the node's).
+    inbound: bool = False
+    # Called with (source, count) for netfilter events lost.
+    on_lost: Callable[[str, int], None] = lambda source, count: None
     _grpc: grpc.Server | None = None
     _observe: _ObserveServer | None = None
     _flows: FlowReader | None = None
+    _inbound: InboundReader | None = None
+    # The last few views, newest first, for events read after the policy that decided
+    # them changed again (`_deciding_view`).
+    _views: deque[NodeView] = field(default_factory=lambda: deque(maxlen=_VIEWS_KEPT))
 
     def update(
         self,
@@ -787,15 +1067,23 @@ class Observability:
         dataplanes: Mapping[str, str],
         enforcement: Any,
         slots: Mapping[int, str] | None = None,
+        recorded: frozenset[str] = frozenset(),
     ) -> None:
+        """`recorded`: the addresses of pods whose socket hooks record their own flows."""
         by_key = {p.key: p for p in pods}
         if self._flows is not None:
             self._flows.open_now()
+        if self._inbound is not None:
+            self._inbound.recorded(recorded)
         self.view = NodeView(
             {p.ip: (p, dataplanes.get(p.key)) for p in pods},
             enforcement,
             {slot: by_key[key] for slot, key in (slots or {}).items() if key in by_key},
         )
+        self._views.appendleft(self.view)
+
+    def _last_views(self) -> Sequence[NodeView]:
+        return tuple(self._views) or (self.view,)
 
     def _add(self, events: Sequence[Event]) -> None:
         self.ring.extend(events)
@@ -826,10 +1114,15 @@ class Observability:
         self._grpc, self._observe = server, observe
         self._flows = FlowReader(self.flow_events, self._add_flows, lambda: self.view, self.openers)
         self._flows.start()
+        if self.inbound:
+            self._inbound = InboundReader(self._add, self._last_views, self.revoked, self.on_lost)
+            self._inbound.start()
 
     def stop(self) -> None:
         if self._flows is not None:
             self._flows.stop()
+        if self._inbound is not None:
+            self._inbound.stop()
         if self._observe is not None:
             self._observe.shutdown()
             self._observe.server_close()
@@ -873,7 +1166,8 @@ def one_line(event: Event) -> str:
     decided = f"{event.get('policy')}/{event.get('rule')}" if event.get("policy") else "-"
     head = f"{when} {event.get('verdict', '?').upper():<7} {event.get('layer')}"
     if event.get("layer") == "l4":
-        process = f"{event.get('comm')}[{event.get('pid')}]"
+        # Flows from elsewhere have no process on this node.
+        process = f"{event.get('comm')}[{event.get('pid')}]" if event.get("pid") else "-"
         backend = event.get("backend")
         dst = str(event.get("dst"))
         to = dst + (f" ({backend})" if backend and backend != dst else "")

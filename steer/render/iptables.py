@@ -37,6 +37,7 @@ from steer.constants import (
     MARK_MASK,
     MARK_VERDICT_MASK,
     MARK_VERDICT_SHIFT,
+    NFLOG_GROUP,
     VERDICT_ALLOW,
     VERDICT_DENY,
     VERDICT_L7,
@@ -688,7 +689,14 @@ def _filter_rules(ebpf_pods: list[ManagedPod]) -> list[Rule]:
     # A TCP reset, like REDIRECT, needs an explicit -p tcp in the same rule.
     reset = ("-j", "REJECT", "--reject-with", "tcp-reset")
     l7_mark = f"{_hex(VERDICT_L7 << MARK_VERDICT_SHIFT)}/{_hex(MARK_VERDICT_MASK)}"
+    # A copy of each refused packet for `steer observe`: a refused flow is never confirmed
+    # in conntrack, so no conntrack event tells of it (steer.node.nfnetlink). Refusals of
+    # flows a pod of the node opened are its socket hooks' to record; the agent skips
+    # those. With no reader on the group, the kernel drops the copy.
+    log_denied = ("-p", "tcp", *deny, "-j", "NFLOG", "--nflog-group", str(NFLOG_GROUP))
     return [
+        Rule("filter", CHAIN_FORWARD, log_denied, "log-denied"),
+        Rule("filter", CHAIN_INPUT, log_denied, "log-denied"),
         # A denied flow kube-proxy translated, that came in through a bridge port
         # (br_netfilter): the kernel sends a TCP reset built here straight out of the
         # bridge port, past the NAT that would give it the ClusterIP back, so the client

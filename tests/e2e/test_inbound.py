@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -26,6 +29,7 @@ from steer.lab.podproc import PodProcess
 from steer.node.cgroups import cgroup2_root
 from steer.node.envoy import admin_get
 from tests.e2e.conftest import HTTP_PORT, PodsNode
+from tests.e2e.test_observe import observe
 from tests.samples import policy_yaml
 
 pytestmark = [pytest.mark.privileged, pytest.mark.envoy]
@@ -102,3 +106,129 @@ def test_the_destinations_http_rules_apply(node: PodsNode, offnode: PodProcess) 
 def test_a_port_no_rule_admits_is_refused_before_envoy(node: PodsNode, offnode: PodProcess) -> None:
     outcome, _ = offnode.connect_outcome(node.ip("api"), HTTP_PORT)
     assert outcome != "connected"
+
+
+# --- their events in `steer observe` ---------------------------------------------------------
+
+ECHO_PORT = 7070
+UNDIALLED_PORT = 8443
+Event = dict[str, Any]
+
+
+def inbound_events(wanted: Callable[[Event], bool], count: int = 1) -> list[Event]:
+    """The L4 events of flows from off the node that `wanted` picks, once `count` are in
+    (or after 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [
+            e
+            for e in observe("--last", "1000", "--layer", "l4")
+            if e["src"].startswith(f"{OFFNODE_SIDE}:") and wanted(e)
+        ]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _at_or_after(event: Event, since: float) -> bool:
+    return datetime.fromisoformat(event["time"]).timestamp() >= since
+
+
+def test_a_refused_flow_from_off_the_node_is_an_event(node: PodsNode, offnode: PodProcess) -> None:
+    """Its SYN is refused in the node's namespace and never reaches conntrack's table:
+    the deny rules' NFLOG copy makes the event, with the server pod, policy and rule."""
+    # A port no other test dials: the event of an earlier refusal can come after `since`.
+    dst = f"{node.ip('api')}:{UNDIALLED_PORT}"
+    since = time.time()
+    assert offnode.connect_outcome(node.ip("api"), UNDIALLED_PORT)[0] != "connected"
+    (event,) = inbound_events(lambda e: e["dst"] == dst and _at_or_after(e, since))
+    assert (event["verdict"], event["direction"], event["end"]) == ("denied", "ingress", "refused")
+    assert (event["namespace"], event["pod"], event["dataplane"]) == ("default", "api", "iptables")
+    assert (event["policy"], event["rule"]) == ("default/api", "default-deny")
+    assert event["pid"] is None and event["via_envoy"] is False
+
+
+@pytest.fixture(scope="module")
+def echo_on_client(node: PodsNode) -> str:
+    """An echo server on the client pod, whose ingress no policy covers."""
+    node.workers["client"].serve_echo(node.ip("client"), ECHO_PORT)
+    return f"{node.ip('client')}:{ECHO_PORT}"
+
+
+def test_flows_let_in_from_off_the_node_are_events_at_their_end(
+    node: PodsNode, offnode: PodProcess, echo_on_client: str
+) -> None:
+    """A direct flow (no policy on the client pod's ingress) and one through Envoy's
+    inbound listener each become an event when conntrack sees them end: with the pod,
+    the verdict, the bytes each way, the duration and how it ended."""
+    since = time.time() - 0.05
+    conn = offnode.open_tcp(node.ip("client"), ECHO_PORT)
+    assert offnode.tcp_echo(conn, b"hello from off the node") == b"hello from off the node"
+    offnode.tcp_close(conn)
+    reply = offnode.request(node.ip("web"), HTTP_PORT, "GET", "/public/observed")
+    assert reply.status == 200
+    direct_dst = echo_on_client
+    (direct,) = inbound_events(lambda e: e["dst"] == direct_dst and _at_or_after(e, since))
+    assert (direct["verdict"], direct["direction"]) == ("allowed", "ingress")
+    assert direct["pod"] == "client"
+    assert (direct["via_envoy"], direct["end"], direct["backend"]) == (False, "fin", direct_dst)
+    # Conntrack counts IP packets: the payload plus a header each.
+    assert direct["bytes_sent"] > len(b"hello from off the node") < direct["bytes_received"]
+    assert direct["duration_ms"] >= 0
+    source = f"{OFFNODE_SIDE}:{reply.local_port}"
+    (l7,) = inbound_events(lambda e: e["src"] == source)
+    assert (l7["verdict"], l7["pod"], l7["via_envoy"], l7["end"]) == ("allowed", "web", True, "fin")
+    assert (l7["policy"], l7["rule"]) == ("default/web", "partners")
+    assert l7["dst"] == f"{node.ip('web')}:{HTTP_PORT}" and l7["bytes_received"] > 0
+
+
+CLIENT_CLOSED = policy_yaml(
+    "spec:\n  podSelector: {matchLabels: {app: client}}\n"
+    "  ingress:\n    defaultAction: Allow\n    rules:\n"
+    "      - name: closed-to-partners\n        action: Deny\n"
+    f"        from: [{{cidr: {OFFNODE_SIDE}/32}}]\n"
+    f"        ports: [{{port: {ECHO_PORT}}}]\n",
+    name="client-closed",
+)
+
+
+def test_a_flow_from_off_the_node_a_policy_change_revokes_ends_revoked(
+    node: PodsNode, offnode: PodProcess, echo_on_client: str
+) -> None:
+    """The agent drops the live flow's conntrack entry; its next packet walks the new
+    rules and is refused, and that refusal's event says the flow was revoked. The policy
+    goes again before the event is read: it still names the policy that refused."""
+    conn = offnode.open_tcp(node.ip("client"), ECHO_PORT)
+    try:
+        assert offnode.tcp_echo(conn, b"before") == b"before"
+        since = time.time()
+        node.write_policies({"client-closed.yaml": CLIENT_CLOSED}, replace=False)
+        node.wait_synced()
+        assert offnode.tcp_echo(conn, b"after") is None
+    finally:
+        offnode.tcp_close(conn)
+        (node.policy_dir / "client-closed.yaml").unlink()
+        node.wait_synced()
+    (event,) = inbound_events(lambda e: e["dst"] == echo_on_client and _at_or_after(e, since))
+    assert (event["verdict"], event["end"], event["pod"]) == ("denied", "revoked", "client")
+    assert (event["policy"], event["rule"]) == ("default/client-closed", "closed-to-partners")
+
+
+def test_a_pods_own_refused_flow_is_one_event(node: PodsNode, offnode: PodProcess) -> None:
+    """A pod of the node whose socket hooks record its flows: its refusal on iptables is
+    copied to NFLOG like any other, and the agent leaves it to the hooks' event."""
+    client = node.workers["client"]
+    since = time.time() - 0.05
+    assert client.connect_outcome(node.ip("api"), 9999)[0] != "connected"
+    dst = f"{node.ip('api')}:9999"
+
+    def picked(event: Event) -> bool:
+        return event["dst"] == dst and _at_or_after(event, since)
+
+    deadline = time.monotonic() + 10
+    while not (found := [e for e in observe("--last", "1000", "--layer", "l4") if picked(e)]):
+        assert time.monotonic() < deadline, "the pod's own refusal never became an event"
+        time.sleep(0.2)
+    time.sleep(1.0)  # an NFLOG copy read as a second event would be in by now
+    found = [e for e in observe("--last", "1000", "--layer", "l4") if picked(e)]
+    assert [(e["direction"], e["pid"]) for e in found] == [("egress", client.pid)]

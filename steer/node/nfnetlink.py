@@ -1,0 +1,490 @@
+"""Netfilter's netlink, for the flows into a pod from elsewhere: the conntrack events of
+the flows steer's iptables rules let through, and the NFLOG copies of the packets they
+refused.
+
+A flow a pod of the node opens is recorded by the pod's own socket hooks, in the context
+of the process behind it. A flow from off the node (or from a pod steer does not steer)
+has no such hook: its verdict is iptables' in the node's namespace, saved in the flow's
+conntrack mark (steer.render.iptables), so conntrack is where it is seen:
+- a flow let through (allowed, or sent to Envoy) is recorded when conntrack sees it end
+  (TIME_WAIT after FINs, CLOSE after a reset): an update event, taken by a socket filter
+  in the kernel only for such state changes of flows steer decided and no pod hook
+  recorded; the agent then reads the entry's counters and start time;
+- a refused flow is never confirmed in conntrack (its SYN is rejected before), so no
+  conntrack event tells of it: the deny rules copy the packet to an NFLOG group.
+
+Parsed here with `struct`, not pyroute2: pyroute2 decodes a conntrack entry in ~740 us
+(steer.node.conntrack), and a message here is read in a few microseconds. Acts on the
+calling thread's network namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+NETLINK_NETFILTER = 12
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
+_NLA_TYPE_MASK = 0x3FFF
+_NLA_F_NESTED = 0x8000
+_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+_NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (big-endian)
+_ATTR = struct.Struct("=HH")
+# The subsystems, in the high byte of a message's type.
+_SUBSYS_CTNETLINK, _SUBSYS_ULOG = 1, 4
+_CT_NEW, _CT_GET = 0, 1
+_ULOG_PACKET, _ULOG_CONFIG = 0, 1
+# The conntrack multicast group whose events are state changes of live entries.
+CONNTRACK_UPDATE_GROUP = 2
+
+# Conntrack attributes (linux/netfilter/nfnetlink_conntrack.h).
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_MARK = 1, 2, 4, 8
+CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_ID, CTA_TIMESTAMP = 9, 10, 12, 20
+_TUPLE_IP, _TUPLE_PROTO = 1, 2
+_IP_V4_SRC, _IP_V4_DST = 1, 2
+_PROTO_NUM, _PROTO_SRC_PORT, _PROTO_DST_PORT = 1, 2, 3
+_PROTOINFO_TCP, _PROTOINFO_TCP_STATE = 1, 1
+_COUNTERS_BYTES = 2
+_TIMESTAMP_START = 1
+# Conntrack's TCP states that end a flow.
+TCP_TIME_WAIT, TCP_CLOSE = 7, 8
+
+# NFLOG (linux/netfilter/nfnetlink_log.h).
+_NFULA_MARK, _NFULA_PAYLOAD, _NFULA_SEQ = 2, 9, 12
+_CFG_CMD, _CFG_MODE, _CFG_TIMEOUT, _CFG_QTHRESH, _CFG_FLAGS = 1, 2, 4, 5, 6
+_CFG_CMD_BIND = 1
+_COPY_PACKET = 2
+_CFG_F_SEQ = 0x1
+# Enough of a refused packet for its IPv4 and TCP headers, options included.
+_NFLOG_COPY = 120
+# The kernel batches copies into one datagram until this many are queued or this long
+# (in 1/100 s) has passed: a flood of refused SYNs costs the agent a read per batch, and
+# an event is at most 50 ms late (the kernel's defaults, 100 copies or 1 s, held one
+# refusal a second).
+_NFLOG_BATCH, _NFLOG_FLUSH_CS = 64, 5
+
+# Classic BPF (linux/filter.h), for the conntrack socket's filter.
+_LD_B_ABS, _LD_W_ABS, _LD_IMM, _LDX_IMM = 0x30, 0x20, 0x00, 0x01
+_LD_B_IND, _LD_W_IND, _TAX = 0x50, 0x40, 0x07
+_JEQ_K, _AND_K, _RET_K = 0x15, 0x54, 0x06
+_SKF_AD_NLATTR, _SKF_AD_NLATTR_NEST = -0x1000 + 12, -0x1000 + 16
+_SO_ATTACH_FILTER = 26
+_SO_RCVBUFFORCE = 33
+# Where an IPv4 conntrack event puts what the filter looks at: the original tuple comes
+# first (nlmsghdr 16, nfgenmsg 4, then CTA_TUPLE_ORIG > CTA_TUPLE_IP > CTA_IP_V4_SRC).
+_EVENT_FAMILY_AT, _EVENT_SRC_AT, _EVENT_PROTO_AT, _EVENT_ATTRS_AT = 16, 32, 52, 20
+# A filter instruction per address is two (an equal one is dropped at once): far from the
+# kernel's limit of 4,096 at any pod count a node has.
+_FILTER_MAX_SOURCES = 1500
+
+
+class NetlinkError(OSError):
+    pass
+
+
+def attributes(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
+    """Netlink attributes by type: where each one's value starts and ends."""
+    found: dict[int, tuple[int, int]] = {}
+    end = min(end, len(data))
+    while start + 4 <= end:
+        length, kind = _ATTR.unpack_from(data, start)
+        if length < 4 or start + length > end:
+            break
+        found[kind & _NLA_TYPE_MASK] = (start + 4, start + length)
+        start += (length + 3) & ~3
+    return found
+
+
+def messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, start of the payload, end) of each netlink message in a datagram."""
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind, _flags, _seq, _pid = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size or offset + length > len(data):
+            break
+        yield kind, offset + _HEADER.size, offset + length
+        offset += (length + 3) & ~3
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    length = _ATTR.size + len(value)
+    return _ATTR.pack(length, kind) + value + b"\0" * (-length % 4)
+
+
+def _nest(kind: int, *parts: bytes) -> bytes:
+    return _attr(kind | _NLA_F_NESTED, b"".join(parts))
+
+
+def _message(
+    kind: int, flags: int, seq: int, family: int, body: bytes, *, res_id: int = 0
+) -> bytes:
+    payload = _NFGEN.pack(family, 0, socket.htons(res_id)) + body
+    return _HEADER.pack(_HEADER.size + len(payload), kind, flags, seq, 0) + payload
+
+
+def _error_of(data: bytes, start: int) -> int:
+    """The errno of an NLMSG_ERROR message (0 for an acknowledgement)."""
+    (code,) = struct.unpack_from("=i", data, start)
+    return -int(code)
+
+
+def _netfilter_socket() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+
+
+def _grow_receive_buffer(sock: socket.socket, size: int) -> None:
+    # Past net.core.rmem_max for root: bursts of short flows must not overrun it.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+# --- conntrack ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConntrackFlow:
+    """An IPv4 TCP entry of conntrack, as an event or a lookup gave it."""
+
+    id: int
+    src: str
+    sport: int
+    dst: str  # as dialled: a node address for a NodePort, say
+    dport: int
+    reply_src: str  # where the flow went: the backend, or the node for a REDIRECT
+    reply_sport: int
+    mark: int
+    state: int | None
+    bytes_orig: int | None = None  # as conntrack counts them: IP packets, headers included
+    bytes_reply: int | None = None
+    start_ns: int | None = None  # wall clock
+
+
+def _tuple(data: bytes, start: int, end: int) -> tuple[str, int, str, int, int] | None:
+    parts = attributes(data, start, end)
+    ip, proto = parts.get(_TUPLE_IP), parts.get(_TUPLE_PROTO)
+    if ip is None or proto is None:
+        return None
+    ips, ports = attributes(data, *ip), attributes(data, *proto)
+    if _IP_V4_SRC not in ips or _PROTO_SRC_PORT not in ports or _PROTO_NUM not in ports:
+        return None
+    src = str(IPv4Address(data[ips[_IP_V4_SRC][0] : ips[_IP_V4_SRC][0] + 4]))
+    dst = str(IPv4Address(data[ips[_IP_V4_DST][0] : ips[_IP_V4_DST][0] + 4]))
+    (sport,) = struct.unpack_from("!H", data, ports[_PROTO_SRC_PORT][0])
+    (dport,) = struct.unpack_from("!H", data, ports[_PROTO_DST_PORT][0])
+    return src, sport, dst, dport, data[ports[_PROTO_NUM][0]]
+
+
+def _u(data: bytes, where: tuple[int, int] | None, fmt: str) -> int | None:
+    return None if where is None else int(struct.unpack_from(fmt, data, where[0])[0])
+
+
+def parse_conntrack(data: bytes, start: int, end: int) -> ConntrackFlow | None:
+    """A conntrack message's entry (`start`: its nfgenmsg), or None for one that is not
+    IPv4 TCP, or not whole."""
+    try:
+        return _parse_conntrack(data, start, end)
+    except (struct.error, ValueError, IndexError):
+        return None
+
+
+def _parse_conntrack(data: bytes, start: int, end: int) -> ConntrackFlow | None:
+    if data[start] != socket.AF_INET:
+        return None
+    top = attributes(data, start + _NFGEN.size, end)
+    orig, reply = top.get(CTA_TUPLE_ORIG), top.get(CTA_TUPLE_REPLY)
+    if orig is None or reply is None:
+        return None
+    there, back = _tuple(data, *orig), _tuple(data, *reply)
+    if there is None or back is None or there[4] != socket.IPPROTO_TCP:
+        return None
+    state = None
+    if CTA_PROTOINFO in top:
+        tcp = attributes(data, *top[CTA_PROTOINFO]).get(_PROTOINFO_TCP)
+        if tcp is not None:
+            state = _u(data, attributes(data, *tcp).get(_PROTOINFO_TCP_STATE), "B")
+
+    def counted(kind: int) -> int | None:
+        where = top.get(kind)
+        if where is None:
+            return None
+        return _u(data, attributes(data, *where).get(_COUNTERS_BYTES), "!Q")
+
+    stamps = top.get(CTA_TIMESTAMP)
+    return ConntrackFlow(
+        id=_u(data, top.get(CTA_ID), "!I") or 0,
+        src=there[0],
+        sport=there[1],
+        dst=there[2],
+        dport=there[3],
+        reply_src=back[0],
+        reply_sport=back[1],
+        mark=_u(data, top.get(CTA_MARK), "!I") or 0,
+        state=state,
+        bytes_orig=counted(CTA_COUNTERS_ORIG),
+        bytes_reply=counted(CTA_COUNTERS_REPLY),
+        start_ns=None
+        if stamps is None
+        else _u(data, attributes(data, *stamps).get(_TIMESTAMP_START), "!Q"),
+    )
+
+
+def _instruction(code: int, jt: int, jf: int, k: int) -> tuple[int, int, int, int]:
+    return code, jt, jf, k & 0xFFFFFFFF
+
+
+def closes_filter(
+    recorded: Sequence[IPv4Address], verdict_mask: int
+) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program for the conntrack socket: it takes an event only where an
+    IPv4 TCP flow reaches TIME_WAIT or CLOSE, its mark carries a verdict (`verdict_mask`:
+    steer decided it), and its source is not one of `recorded` (pods whose socket hooks
+    record their flows). Everything else is dropped in the kernel, before any copy to
+    the agent: a node's own pods open most of its flows."""
+    drop = _instruction(_RET_K, 0, 0, 0)
+    program = [
+        _instruction(_LD_B_ABS, 0, 0, _EVENT_FAMILY_AT),
+        _instruction(_JEQ_K, 1, 0, socket.AF_INET),
+        drop,
+        _instruction(_LD_B_ABS, 0, 0, _EVENT_PROTO_AT),
+        _instruction(_JEQ_K, 1, 0, socket.IPPROTO_TCP),
+        drop,
+    ]
+    if len(recorded) <= _FILTER_MAX_SOURCES:
+        program.append(_instruction(_LD_W_ABS, 0, 0, _EVENT_SRC_AT))
+        for ip in recorded:
+            program += [_instruction(_JEQ_K, 0, 1, int(ip)), drop]
+
+    def find(kind: int, nested: bool) -> list[tuple[int, int, int, int]]:
+        # A: where to look (a message offset, or a nest's); X: the type. A becomes the
+        # attribute's offset, 0 when it is not there.
+        return [
+            _instruction(_LDX_IMM, 0, 0, kind),
+            _instruction(_LD_W_ABS, 0, 0, _SKF_AD_NLATTR_NEST if nested else _SKF_AD_NLATTR),
+            _instruction(_JEQ_K, 0, 1, 0),
+            drop,
+        ]
+
+    program += [
+        _instruction(_LD_IMM, 0, 0, _EVENT_ATTRS_AT),
+        *find(CTA_PROTOINFO, nested=False),
+        *find(_PROTOINFO_TCP, nested=True),
+        *find(_PROTOINFO_TCP_STATE, nested=True),
+        _instruction(_TAX, 0, 0, 0),
+        _instruction(_LD_B_IND, 0, 0, 4),
+        _instruction(_JEQ_K, 2, 0, TCP_TIME_WAIT),
+        _instruction(_JEQ_K, 1, 0, TCP_CLOSE),
+        drop,
+        _instruction(_LD_IMM, 0, 0, _EVENT_ATTRS_AT),
+        *find(CTA_MARK, nested=False),
+        _instruction(_TAX, 0, 0, 0),
+        _instruction(_LD_W_IND, 0, 0, 4),
+        _instruction(_AND_K, 0, 0, verdict_mask),
+        _instruction(_JEQ_K, 0, 1, 0),
+        drop,
+        _instruction(_RET_K, 0, 0, 0xFFFFFFFF),
+    ]
+    return program
+
+
+def attach_filter(sock: socket.socket, program: Sequence[tuple[int, int, int, int]]) -> None:
+    """Attach (or replace, atomically) a classic BPF socket filter."""
+    code = (ctypes.c_uint64 * len(program))(
+        *(
+            int.from_bytes(struct.pack("=HBBI", op, jt, jf, k), "little")
+            for op, jt, jf, k in program
+        )
+    )
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+class ConntrackCloses:
+    """Conntrack's events of flows ending, filtered in the kernel (`closes_filter`), and
+    lookups of an entry's counters and start."""
+
+    def __init__(self, verdict_mask: int, buffer_bytes: int = 8 << 20) -> None:
+        self.verdict_mask = verdict_mask
+        self.events = _netfilter_socket()
+        self.lookups = _netfilter_socket()
+        self._seq = 0
+        try:
+            _grow_receive_buffer(self.events, buffer_bytes)
+            # Nothing is taken before the filter is on.
+            self.filter_sources(())
+            self.events.bind((0, 1 << (CONNTRACK_UPDATE_GROUP - 1)))
+            self.lookups.bind((0, 0))
+            self.lookups.settimeout(1.0)
+        except OSError:
+            self.close()
+            raise
+
+    def filter_sources(self, recorded: Sequence[IPv4Address]) -> None:
+        attach_filter(self.events, closes_filter(recorded, self.verdict_mask))
+
+    def read(self) -> tuple[list[ConntrackFlow], bool]:
+        """The flows of one datagram of events, and whether the socket overran since the
+        last read (events were lost, how many the kernel does not say)."""
+        try:
+            data = self.events.recv(65536)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return [], True
+            raise
+        flows = []
+        for kind, start, end in messages(data):
+            if kind == (_SUBSYS_CTNETLINK << 8) | _CT_NEW:
+                flow = parse_conntrack(data, start, end)
+                if flow is not None:
+                    flows.append(flow)
+        return flows, False
+
+    def lookup(self, flow: ConntrackFlow) -> ConntrackFlow | None:
+        """The entry of `flow`'s original tuple as conntrack has it now (with its counters
+        and start, which state-change events do not carry); None once it is gone."""
+        self._seq += 1
+        body = _nest(
+            CTA_TUPLE_ORIG,
+            _nest(
+                _TUPLE_IP,
+                _attr(_IP_V4_SRC, IPv4Address(flow.src).packed),
+                _attr(_IP_V4_DST, IPv4Address(flow.dst).packed),
+            ),
+            _nest(
+                _TUPLE_PROTO,
+                _attr(_PROTO_NUM, bytes([socket.IPPROTO_TCP])),
+                _attr(_PROTO_SRC_PORT, struct.pack("!H", flow.sport)),
+                _attr(_PROTO_DST_PORT, struct.pack("!H", flow.dport)),
+            ),
+        )
+        kind = (_SUBSYS_CTNETLINK << 8) | _CT_GET
+        self.lookups.send(_message(kind, _NLM_F_REQUEST, self._seq, socket.AF_INET, body))
+        while True:
+            data = self.lookups.recv(65536)
+            for kind, start, end in messages(data):
+                (seq,) = struct.unpack_from("=I", data, start - 8)
+                if seq != self._seq:
+                    continue  # the answer to a lookup that timed out
+                if kind == _NLMSG_ERROR:
+                    code = _error_of(data, start)
+                    if code == errno.ENOENT:
+                        return None
+                    raise NetlinkError(code, f"conntrack lookup failed: {errno.errorcode[code]}")
+                return parse_conntrack(data, start, end)
+
+    def close(self) -> None:
+        self.events.close()
+        self.lookups.close()
+
+
+# --- NFLOG ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoggedPacket:
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    mark: int
+
+
+class NflogGroup:
+    """The packets steer's deny rules copy to an NFLOG group (`--nflog-group`), each with
+    its packet mark, numbered by the kernel so that a gap counts the packets lost."""
+
+    def __init__(self, group: int, buffer_bytes: int = 4 << 20) -> None:
+        self.sock = _netfilter_socket()
+        self.lost = 0
+        self._next_seq: int | None = None
+        try:
+            _grow_receive_buffer(self.sock, buffer_bytes)
+            self.sock.bind((0, 0))
+            kind = (_SUBSYS_ULOG << 8) | _ULOG_CONFIG
+            self._configure(kind, group, _attr(_CFG_CMD, bytes([_CFG_CMD_BIND])))
+            self._configure(
+                kind,
+                group,
+                _attr(_CFG_MODE, struct.pack("!IBx", _NFLOG_COPY, _COPY_PACKET))
+                + _attr(_CFG_FLAGS, struct.pack("!H", _CFG_F_SEQ))
+                + _attr(_CFG_QTHRESH, struct.pack("!I", _NFLOG_BATCH))
+                + _attr(_CFG_TIMEOUT, struct.pack("!I", _NFLOG_FLUSH_CS)),
+            )
+        except OSError:
+            self.sock.close()
+            raise
+
+    def _configure(self, kind: int, group: int, body: bytes) -> None:
+        flags = _NLM_F_REQUEST | _NLM_F_ACK
+        self.sock.send(_message(kind, flags, 0, socket.AF_UNSPEC, body, res_id=group))
+        data = self.sock.recv(4096)
+        for got, start, _end in messages(data):
+            if got == _NLMSG_ERROR:
+                code = _error_of(data, start)
+                if code:
+                    why = errno.errorcode.get(code, str(code))
+                    raise NetlinkError(code, f"NFLOG group {group}: {why}")
+
+    def read(self) -> list[LoggedPacket]:
+        """The TCP packets of one datagram. Packets the kernel could not queue (a full
+        socket) are counted in `lost` from the gap in the numbers."""
+        try:
+            data = self.sock.recv(65536)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return []  # the numbers of the next packet tell how many
+            raise
+        packets = []
+        for kind, start, end in messages(data):
+            if kind != (_SUBSYS_ULOG << 8) | _ULOG_PACKET:
+                continue
+            seq, packet = logged_packet(data, start, end)
+            if seq is not None:
+                if self._next_seq is not None and seq > self._next_seq:
+                    self.lost += seq - self._next_seq
+                self._next_seq = seq + 1
+            if packet is not None:
+                packets.append(packet)
+        return packets
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def logged_packet(data: bytes, start: int, end: int) -> tuple[int | None, LoggedPacket | None]:
+    """An NFLOG message's number, and its packet when that is IPv4 TCP and whole."""
+    try:
+        found = attributes(data, start + _NFGEN.size, end)
+        seq = _u(data, found.get(_NFULA_SEQ), "!I")
+        mark = _u(data, found.get(_NFULA_MARK), "!I")
+        return seq, _tcp_packet(data, found.get(_NFULA_PAYLOAD), mark)
+    except (struct.error, ValueError, IndexError):
+        return None, None
+
+
+def _tcp_packet(
+    data: bytes, payload: tuple[int, int] | None, mark: int | None
+) -> LoggedPacket | None:
+    if payload is None:
+        return None
+    start, end = payload
+    if end - start < 20 or data[start] >> 4 != 4 or data[start + 9] != socket.IPPROTO_TCP:
+        return None
+    header = (data[start] & 0xF) * 4
+    if end - start < header + 4:
+        return None
+    sport, dport = struct.unpack_from("!HH", data, start + header)
+    return LoggedPacket(
+        src=str(IPv4Address(data[start + 12 : start + 16])),
+        sport=sport,
+        dst=str(IPv4Address(data[start + 16 : start + 20])),
+        dport=dport,
+        mark=mark or 0,
+    )

@@ -1,0 +1,158 @@
+"""The agent's netfilter readers against the real kernel, in a namespace of the test's own:
+conntrack's events of flows ending, taken by the socket filter only for flows with a
+verdict in their mark and a source no pod hook records; lookups of an entry's counters
+and start; and NFLOG copies of refused packets, with every lost copy counted."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from steer.bench.render import scratch_netns
+from steer.constants import MARK_VERDICT_MASK, NFLOG_GROUP
+from steer.node.netns import run_in_netns
+from steer.node.nfnetlink import TCP_TIME_WAIT, ConntrackCloses, ConntrackFlow, NflogGroup
+
+pytestmark = pytest.mark.privileged
+
+MARKED, UNMARKED, REFUSED = 9999, 9997, 9998
+ALLOW_MARK = 0x10000000
+PAYLOAD = b"x" * 100
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    with scratch_netns() as name:
+        run(name, "ip", "link", "set", "lo", "up")
+        run(name, "ip", "addr", "add", "127.0.0.2/8", "dev", "lo")
+        run(name, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1")
+        run(name, "sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=1")
+        yield name
+
+
+def run(netns: str, *argv: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, capture_output=True)
+
+
+def exchange(netns: str, port: int, source: str = "127.0.0.1") -> int:
+    """One short flow over loopback, closed by both sides with FINs; its source port."""
+
+    def flow() -> int:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", port))
+            server.listen()
+            with socket.socket() as client:
+                client.bind((source, 0))
+                client.connect(("127.0.0.1", port))
+                accepted, _ = server.accept()
+                with accepted:
+                    client.sendall(PAYLOAD)
+                    assert accepted.recv(len(PAYLOAD), socket.MSG_WAITALL) == PAYLOAD
+                    accepted.sendall(PAYLOAD[:50])
+                    assert client.recv(50, socket.MSG_WAITALL) == PAYLOAD[:50]
+                    sport: int = client.getsockname()[1]
+                    client.shutdown(socket.SHUT_WR)
+                    accepted.recv(1)
+            return sport
+
+    return run_in_netns(netns, flow)
+
+
+def refused_connects(netns: str, count: int) -> None:
+    def connect() -> None:
+        for _ in range(count):
+            with (
+                socket.socket() as client,
+                pytest.raises(ConnectionRefusedError),
+            ):
+                client.connect(("127.0.0.1", REFUSED))
+
+    run_in_netns(netns, connect)
+
+
+def read_all(closes: ConntrackCloses, timeout: float) -> list[ConntrackFlow]:
+    closes.events.settimeout(timeout)
+    flows: list[ConntrackFlow] = []
+    while True:
+        try:
+            found, overran = closes.read()
+        except TimeoutError:
+            return flows
+        assert not overran
+        flows += found
+
+
+def test_a_flow_is_read_once_at_its_end_then_looked_up_with_bytes_and_start(netns: str) -> None:
+    run(netns, "iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport",
+        str(MARKED), "-j", "CONNMARK", "--set-mark", hex(ALLOW_MARK))  # fmt: skip
+    closes = run_in_netns(netns, lambda: ConntrackCloses(MARK_VERDICT_MASK))
+    try:
+        sport = exchange(netns, MARKED)
+        (flow,) = read_all(closes, 1.0)
+        assert (flow.src, flow.sport, flow.dst, flow.dport) == ("127.0.0.1", sport, "127.0.0.1",
+                                                                 MARKED)  # fmt: skip
+        assert (flow.reply_src, flow.reply_sport, flow.mark) == ("127.0.0.1", MARKED, ALLOW_MARK)
+        # The state change alone: no counters in it.
+        assert flow.state == TCP_TIME_WAIT and flow.bytes_orig is None
+        entry = closes.lookup(flow)
+        assert entry is not None and entry.id == flow.id
+        # IP packets: the payload, plus 40 bytes or more of headers a packet.
+        assert entry.bytes_orig is not None and entry.bytes_orig > len(PAYLOAD) + 3 * 40
+        assert entry.bytes_reply is not None and entry.bytes_reply > 50 + 3 * 40
+        assert entry.start_ns is not None and entry.start_ns > 0
+    finally:
+        closes.close()
+
+
+def test_the_kernel_drops_flows_without_a_verdict_and_from_recorded_sources(netns: str) -> None:
+    run(netns, "iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport",
+        str(MARKED), "-j", "CONNMARK", "--set-mark", hex(ALLOW_MARK))  # fmt: skip
+    closes = run_in_netns(netns, lambda: ConntrackCloses(MARK_VERDICT_MASK))
+    try:
+        closes.filter_sources([IPv4Address("127.0.0.2")])
+        exchange(netns, UNMARKED)
+        exchange(netns, MARKED, source="127.0.0.2")
+        kept = exchange(netns, MARKED)
+        assert [f.sport for f in read_all(closes, 1.0)] == [kept]
+        closes.filter_sources([])
+        again = exchange(netns, MARKED, source="127.0.0.2")
+        assert [(f.src, f.sport) for f in read_all(closes, 1.0)] == [("127.0.0.2", again)]
+        gone = ConntrackFlow(0, "127.0.0.1", 1, "127.0.0.1", 2, "127.0.0.1", 2, 0, None)
+        assert closes.lookup(gone) is None
+    finally:
+        closes.close()
+
+
+def test_refused_packets_are_copied_and_every_lost_copy_is_counted(netns: str) -> None:
+    run(netns, "iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--dport", str(REFUSED),
+        "-j", "NFLOG", "--nflog-group", str(NFLOG_GROUP))  # fmt: skip
+    run(netns, "iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--dport", str(REFUSED),
+        "-j", "REJECT", "--reject-with", "tcp-reset")  # fmt: skip
+    # A receive buffer of a few kilobytes: most batches of copies find it full.
+    group = run_in_netns(netns, lambda: NflogGroup(NFLOG_GROUP, buffer_bytes=4096))
+    try:
+        group.sock.settimeout(1.0)
+        refused_connects(netns, 1)
+        (first,) = group.read()
+        assert (first.src, first.dst, first.dport) == ("127.0.0.1", "127.0.0.1", REFUSED)
+        refused_connects(netns, 600)
+        read = 0
+        group.sock.settimeout(0.3)
+        while True:
+            try:
+                read += len(group.read())
+            except TimeoutError:
+                break
+        # One more, read with the socket drained: its number shows what went missing.
+        refused_connects(netns, 1)
+        group.sock.settimeout(1.0)
+        last = group.read()
+        assert len(last) == 1
+        assert group.lost > 0, "the test meant to overrun the socket and did not"
+        assert read + len(last) + group.lost == 601
+    finally:
+        group.close()

@@ -1,0 +1,190 @@
+"""Events of flows into the node's pods from elsewhere (steer.node.observe), made from
+what netfilter hands the agent (steer.node.nfnetlink): the parsers, fuzzed with
+arbitrary bytes and round-tripped on well-formed messages, and the events, named by the
+decision code under the view whose verdict matches the kernel's."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from ipaddress import IPv4Address
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from steer.constants import (
+    ENVOY_INBOUND_PORT,
+    LAB_GATEWAY_IP,
+    MARK_VERDICT_SHIFT,
+    VERDICT_ALLOW,
+    VERDICT_DENY,
+    VERDICT_L7,
+)
+from steer.model.enforce import resolve
+from steer.node import nfnetlink
+from steer.node.nfnetlink import (
+    TCP_CLOSE,
+    TCP_TIME_WAIT,
+    ConntrackFlow,
+    LoggedPacket,
+    attributes,
+    logged_packet,
+    messages,
+    parse_conntrack,
+)
+from steer.node.observe import NodeView, Revoked, inbound_flow_event, refused_event
+from tests.samples import CLIENT, PODS, WEB, sample_enforcement
+from tests.unit.test_fuzz_inputs import FUZZ
+
+OFF_NODE = "10.99.0.2"
+VIEW = NodeView({p.ip: (p, "iptables") for p in PODS}, sample_enforcement())
+NO_POLICIES = NodeView({p.ip: (p, "iptables") for p in PODS}, resolve([], PODS))
+
+
+def mark(verdict: int) -> int:
+    return verdict << MARK_VERDICT_SHIFT
+
+
+def packet(dst: str, port: int, src: str = OFF_NODE) -> LoggedPacket:
+    return LoggedPacket(src, 40000, dst, port, mark(VERDICT_DENY))
+
+
+def test_a_refused_packet_from_off_the_node_names_the_server_pod_and_its_rule() -> None:
+    event = refused_event([VIEW], packet(WEB.ip, 9090), 1.0, Revoked())
+    assert event is not None
+    assert (event["pod"], event["direction"], event["dataplane"]) == ("web", "ingress", "iptables")
+    assert (event["verdict"], event["end"], event["pid"]) == ("denied", "refused", None)
+    assert (event["policy"], event["rule"]) == ("default/web", "no-debug-port")
+    assert event["src"] == f"{OFF_NODE}:40000"
+
+
+def test_a_refused_packet_of_a_revoked_flow_ends_it_revoked() -> None:
+    revoked = Revoked()
+    revoked.remember(f"{OFF_NODE}:40000", 1.0)
+    event = refused_event([VIEW], packet(WEB.ip, 9090), 1.0, revoked)
+    assert event is not None and event["end"] == "revoked"
+
+
+def test_a_refusal_read_after_the_policy_went_is_named_by_the_view_that_refused_it() -> None:
+    # Newest first: the policies are gone by the time the copy is read.
+    event = refused_event([NO_POLICIES, VIEW], packet(WEB.ip, 8080), 1.0, Revoked())
+    assert event is not None
+    assert (event["policy"], event["rule"]) == ("default/web", "default-deny")
+
+
+def test_refusals_and_flows_that_reach_no_pod_of_the_node_are_not_events() -> None:
+    assert refused_event([VIEW], packet(LAB_GATEWAY_IP, 22), 1.0, Revoked()) is None
+    to_node = ConntrackFlow(1, OFF_NODE, 40000, LAB_GATEWAY_IP, 22, LAB_GATEWAY_IP, 22,
+                            mark(VERDICT_ALLOW), TCP_TIME_WAIT)  # fmt: skip
+    assert inbound_flow_event([VIEW], to_node, 0) is None
+
+
+def test_a_direct_flow_let_in_carries_conntrack_counts_duration_and_end() -> None:
+    flow = ConntrackFlow(7, OFF_NODE, 40000, CLIENT.ip, 7070, CLIENT.ip, 7070,
+                         mark(VERDICT_ALLOW), TCP_TIME_WAIT, 300, 200, 1_000_000_000)  # fmt: skip
+    event = inbound_flow_event([VIEW], flow, 1_250_000_000)
+    assert event is not None
+    assert (event["pod"], event["direction"], event["verdict"]) == ("client", "ingress", "allowed")
+    assert (event["via_envoy"], event["backend"], event["end"]) == (
+        False,
+        f"{CLIENT.ip}:7070",
+        "fin",
+    )
+    assert (event["bytes_sent"], event["bytes_received"]) == (300, 200)
+    assert (event["time"], event["duration_ms"]) == (1.0, 250.0)
+    reset = inbound_flow_event([VIEW], ConntrackFlow(**{**flow.__dict__, "state": TCP_CLOSE}), 0)
+    assert reset is not None and reset["end"] == "reset"
+
+
+def test_a_flow_redirected_to_envoy_names_the_pod_dialled() -> None:
+    """Conntrack's reply tuple names Envoy's inbound port after a REDIRECT. A client pod
+    of the node (one no hook records, on a node without BPF) is the event's subject."""
+    flow = ConntrackFlow(8, CLIENT.ip, 40000, WEB.ip, 8080, LAB_GATEWAY_IP, ENVOY_INBOUND_PORT,
+                         mark(VERDICT_L7), TCP_TIME_WAIT)  # fmt: skip
+    event = inbound_flow_event([VIEW], flow, 0)
+    assert event is not None
+    assert (event["pod"], event["direction"], event["via_envoy"]) == ("client", "egress", True)
+    assert event["backend"] == f"{WEB.ip}:8080"
+    # As its egress event would name it: the client's egress rule with HTTP matches.
+    assert (event["policy"], event["rule"]) == ("default/client-egress", "no-internal-header")
+    # No counters or start: a flow conntrack forgot before its lookup.
+    assert event["bytes_sent"] is None and event["duration_ms"] is None
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def conntrack_message(flow: ConntrackFlow) -> bytes:
+    """A conntrack update event as the kernel lays it out (checked against the kernel in
+    tests/privileged/test_nfnetlink.py)."""
+
+    def tuple_of(src: str, sport: int, dst: str, dport: int) -> bytes:
+        return nfnetlink._nest(
+            nfnetlink._TUPLE_IP,
+            nfnetlink._attr(nfnetlink._IP_V4_SRC, IPv4Address(src).packed),
+            nfnetlink._attr(nfnetlink._IP_V4_DST, IPv4Address(dst).packed),
+        ) + nfnetlink._nest(
+            nfnetlink._TUPLE_PROTO,
+            nfnetlink._attr(nfnetlink._PROTO_NUM, bytes([socket.IPPROTO_TCP])),
+            nfnetlink._attr(nfnetlink._PROTO_SRC_PORT, struct.pack("!H", sport)),
+            nfnetlink._attr(nfnetlink._PROTO_DST_PORT, struct.pack("!H", dport)),
+        )
+
+    body = (
+        nfnetlink._nest(
+            nfnetlink.CTA_TUPLE_ORIG, tuple_of(flow.src, flow.sport, flow.dst, flow.dport)
+        )
+        + nfnetlink._nest(
+            nfnetlink.CTA_TUPLE_REPLY,
+            tuple_of(flow.reply_src, flow.reply_sport, flow.src, flow.sport),
+        )
+        + nfnetlink._attr(nfnetlink.CTA_ID, struct.pack("!I", flow.id))
+        + nfnetlink._nest(
+            nfnetlink.CTA_PROTOINFO,
+            nfnetlink._nest(
+                nfnetlink._PROTOINFO_TCP,
+                nfnetlink._attr(nfnetlink._PROTOINFO_TCP_STATE, bytes([flow.state or 0])),
+            ),
+        )
+        + nfnetlink._attr(nfnetlink.CTA_MARK, struct.pack("!I", flow.mark))
+    )
+    return nfnetlink._message(0x100, 0, 0, socket.AF_INET, body)
+
+
+addresses = st.integers(0, 2**32 - 1).map(lambda n: str(IPv4Address(n)))
+ports = st.integers(0, 65535)
+
+
+@FUZZ
+@given(
+    st.builds(
+        ConntrackFlow,
+        id=st.integers(0, 2**32 - 1),
+        src=addresses,
+        sport=ports,
+        dst=addresses,
+        dport=ports,
+        reply_src=addresses,
+        reply_sport=ports,
+        mark=st.integers(0, 2**32 - 1),
+        state=st.integers(0, 255),
+    )
+)
+def test_a_conntrack_event_reads_back_whole(flow: ConntrackFlow) -> None:
+    data = conntrack_message(flow)
+    ((kind, start, end),) = messages(data)
+    assert kind == 0x100
+    assert parse_conntrack(data, start, end) == flow
+    # The socket filter's fixed offsets: the original source and the protocol.
+    assert data[32:36] == IPv4Address(flow.src).packed and data[52] == socket.IPPROTO_TCP
+
+
+@FUZZ
+@given(st.binary(max_size=512), st.integers(0, 600), st.integers(0, 600))
+def test_the_parsers_never_raise_on_arbitrary_bytes(data: bytes, start: int, end: int) -> None:
+    for _kind, begin, stop in messages(data):
+        parse_conntrack(data, begin, stop)
+        logged_packet(data, begin, stop)
+    attributes(data, start, end)
+    parse_conntrack(data, start, end)
+    logged_packet(data, start, end)
