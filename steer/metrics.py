@@ -42,7 +42,8 @@ class AgentMetrics:
         )
         self.flows = Counter(
             "steer_flows",
-            "TCP flows opened by steered pods, by verdict, datapath, direction and deciding "
+            "TCP flows opened by steered pods, and into them from elsewhere (direction "
+            "ingress; one per refused packet), by verdict, datapath, direction and deciding "
             "policy (each counted once, when its event reaches the agent)",
             ["verdict", "dataplane", "direction", "policy"],
             registry=self.registry,

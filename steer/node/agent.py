@@ -229,7 +229,7 @@ def observe_view(
 
 @contextlib.contextmanager
 def observing(
-    metrics: AgentMetrics, datapath: NodeDatapath, envoy_admin: str
+    metrics: AgentMetrics, datapath: NodeDatapath, envoy_admin: str, netns: str = ""
 ) -> Iterator[Observability | None]:
     """The agent's event servers and metrics endpoint while it runs. Failing to start one
     (a socket path or a port that cannot be bound) costs `steer observe` or the metrics,
@@ -237,7 +237,11 @@ def observing(
     observability: Observability | None = None
     try:
         started = Observability(
-            on_events=metrics.observe_events, inbound=True, on_lost=metrics.inbound_lost
+            on_events=metrics.observe_events,
+            inbound=True,
+            on_lost=metrics.inbound_lost,
+            # The datapath's namespace: its flows are the ones to read.
+            netns=netns,
         )
         started.start()
         observability = started

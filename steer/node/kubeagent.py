@@ -425,7 +425,9 @@ class KubeAgent:
         for reflector in self.reflectors.values():
             reflector.on_change = changed.set
             reflector.start(stop)
-        with observing(self.metrics, self.datapath, self.envoy_admin) as self.observability:
+        with observing(
+            self.metrics, self.datapath, self.envoy_admin, self.datapath_netns
+        ) as self.observability:
             self._run(stop, changed)
 
     def _run(self, stop: threading.Event, changed: threading.Event) -> None:

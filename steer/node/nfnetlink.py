@@ -6,10 +6,14 @@ A flow a pod of the node opens is recorded by the pod's own socket hooks, in the
 of the process behind it. A flow from off the node (or from a pod steer does not steer)
 has no such hook: its verdict is iptables' in the node's namespace, saved in the flow's
 conntrack mark (steer.render.iptables), so conntrack is where it is seen:
-- a flow let through (allowed, or sent to Envoy) is recorded when conntrack sees it end
-  (TIME_WAIT after FINs, CLOSE after a reset): an update event, taken by a socket filter
-  in the kernel only for such state changes of flows steer decided and no pod hook
-  recorded; the agent then reads the entry's counters and start time;
+- a flow let through (allowed, or sent to Envoy) is recorded when conntrack forgets it:
+  its destroy event carries the counters each way and the start and stop times. A socket
+  filter in the kernel takes only those of flows steer decided, into a steered pod, from
+  a source no pod hook records. Conntrack finds an ended flow's entry expired in a
+  periodic sweep, up to a minute late; a dump walks the table and reaps the expired
+  entries it meets, so the agent sweeps with an empty dump every few seconds. (One
+  destroy event per flow: subscribing to state changes instead cost ~6 events per flow
+  on every flow of the node, ~10 us of kernel time per connection.)
 - a refused flow is never confirmed in conntrack (its SYN is rejected before), so no
   conntrack event tells of it: the deny rules copy the packet to an NFLOG group.
 
@@ -24,13 +28,14 @@ import ctypes
 import errno
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from pathlib import Path
 
 NETLINK_NETFILTER = 12
-_NLMSG_ERROR = 2
-_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP = 0x1, 0x4, 0x300
 _NLA_TYPE_MASK = 0x3FFF
 _NLA_F_NESTED = 0x8000
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
@@ -38,20 +43,21 @@ _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (big-
 _ATTR = struct.Struct("=HH")
 # The subsystems, in the high byte of a message's type.
 _SUBSYS_CTNETLINK, _SUBSYS_ULOG = 1, 4
-_CT_NEW, _CT_GET = 0, 1
+_CT_GET, _CT_DELETE = 1, 2
 _ULOG_PACKET, _ULOG_CONFIG = 0, 1
-# The conntrack multicast group whose events are state changes of live entries.
-CONNTRACK_UPDATE_GROUP = 2
+# The conntrack multicast group of entries going away.
+CONNTRACK_DESTROY_GROUP = 3
 
 # Conntrack attributes (linux/netfilter/nfnetlink_conntrack.h).
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_MARK = 1, 2, 4, 8
+CTA_MARK_MASK = 21
 CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_ID, CTA_TIMESTAMP = 9, 10, 12, 20
 _TUPLE_IP, _TUPLE_PROTO = 1, 2
 _IP_V4_SRC, _IP_V4_DST = 1, 2
 _PROTO_NUM, _PROTO_SRC_PORT, _PROTO_DST_PORT = 1, 2, 3
 _PROTOINFO_TCP, _PROTOINFO_TCP_STATE = 1, 1
 _COUNTERS_BYTES = 2
-_TIMESTAMP_START = 1
+_TIMESTAMP_START, _TIMESTAMP_STOP = 1, 2
 # Conntrack's TCP states that end a flow.
 TCP_TIME_WAIT, TCP_CLOSE = 7, 8
 
@@ -77,11 +83,16 @@ _SKF_AD_NLATTR, _SKF_AD_NLATTR_NEST = -0x1000 + 12, -0x1000 + 16
 _SO_ATTACH_FILTER = 26
 _SO_RCVBUFFORCE = 33
 # Where an IPv4 conntrack event puts what the filter looks at: the original tuple comes
-# first (nlmsghdr 16, nfgenmsg 4, then CTA_TUPLE_ORIG > CTA_TUPLE_IP > CTA_IP_V4_SRC).
-_EVENT_FAMILY_AT, _EVENT_SRC_AT, _EVENT_PROTO_AT, _EVENT_ATTRS_AT = 16, 32, 52, 20
-# A filter instruction per address is two (an equal one is dropped at once): far from the
-# kernel's limit of 4,096 at any pod count a node has.
-_FILTER_MAX_SOURCES = 1500
+# first (nlmsghdr 16, nfgenmsg 4, then CTA_TUPLE_ORIG > CTA_TUPLE_IP > CTA_IP_V4_SRC,
+# V4_DST; CTA_TUPLE_PROTO), then the reply tuple, laid out the same (its V4_SRC: the
+# backend, or the node after a REDIRECT).
+_EVENT_FAMILY_AT, _EVENT_ATTRS_AT = 16, 20
+EVENT_SRC_AT, EVENT_DST_AT, EVENT_PROTO_AT, EVENT_REPLY_SRC_AT = 32, 40, 52, 84
+# A filter is charged to the socket's option memory (net.core.optmem_max), the old and
+# the new program together while one replaces the other (`filter_fits`; with margin).
+_OPTMEM_MAX = Path("/proc/sys/net/core/optmem_max")
+_FILTER_OVERHEAD, _FILTER_BYTES_PER_INSN = 1536, 16
+_BPF_MAXINSNS = 4096
 
 
 class NetlinkError(OSError):
@@ -165,6 +176,7 @@ class ConntrackFlow:
     bytes_orig: int | None = None  # as conntrack counts them: IP packets, headers included
     bytes_reply: int | None = None
     start_ns: int | None = None  # wall clock
+    stop_ns: int | None = None
 
 
 def _tuple(data: bytes, start: int, end: int) -> tuple[str, int, str, int, int] | None:
@@ -191,7 +203,7 @@ def parse_conntrack(data: bytes, start: int, end: int) -> ConntrackFlow | None:
     IPv4 TCP, or not whole."""
     try:
         return _parse_conntrack(data, start, end)
-    except (struct.error, ValueError, IndexError):
+    except (struct.error, ValueError, IndexError, KeyError):
         return None
 
 
@@ -217,7 +229,7 @@ def _parse_conntrack(data: bytes, start: int, end: int) -> ConntrackFlow | None:
             return None
         return _u(data, attributes(data, *where).get(_COUNTERS_BYTES), "!Q")
 
-    stamps = top.get(CTA_TIMESTAMP)
+    stamps = attributes(data, *top[CTA_TIMESTAMP]) if CTA_TIMESTAMP in top else {}
     return ConntrackFlow(
         id=_u(data, top.get(CTA_ID), "!I") or 0,
         src=there[0],
@@ -230,9 +242,8 @@ def _parse_conntrack(data: bytes, start: int, end: int) -> ConntrackFlow | None:
         state=state,
         bytes_orig=counted(CTA_COUNTERS_ORIG),
         bytes_reply=counted(CTA_COUNTERS_REPLY),
-        start_ns=None
-        if stamps is None
-        else _u(data, attributes(data, *stamps).get(_TIMESTAMP_START), "!Q"),
+        start_ns=_u(data, stamps.get(_TIMESTAMP_START), "!Q"),
+        stop_ns=_u(data, stamps.get(_TIMESTAMP_STOP), "!Q"),
     )
 
 
@@ -240,29 +251,26 @@ def _instruction(code: int, jt: int, jf: int, k: int) -> tuple[int, int, int, in
     return code, jt, jf, k & 0xFFFFFFFF
 
 
-def closes_filter(
-    recorded: Sequence[IPv4Address], verdict_mask: int
-) -> list[tuple[int, int, int, int]]:
-    """A classic BPF program for the conntrack socket: it takes an event only where an
-    IPv4 TCP flow reaches TIME_WAIT or CLOSE, its mark carries a verdict (`verdict_mask`:
-    steer decided it), and its source is not one of `recorded` (pods whose socket hooks
-    record their flows). Everything else is dropped in the kernel, before any copy to
-    the agent: a node's own pods open most of its flows."""
-    drop = _instruction(_RET_K, 0, 0, 0)
-    program = [
-        _instruction(_LD_B_ABS, 0, 0, _EVENT_FAMILY_AT),
-        _instruction(_JEQ_K, 1, 0, socket.AF_INET),
-        drop,
-        _instruction(_LD_B_ABS, 0, 0, _EVENT_PROTO_AT),
-        _instruction(_JEQ_K, 1, 0, socket.IPPROTO_TCP),
-        drop,
-    ]
-    if len(recorded) <= _FILTER_MAX_SOURCES:
-        program.append(_instruction(_LD_W_ABS, 0, 0, _EVENT_SRC_AT))
-        for ip in recorded:
-            program += [_instruction(_JEQ_K, 0, 1, int(ip)), drop]
+Instruction = tuple[int, int, int, int]
 
-    def find(kind: int, nested: bool) -> list[tuple[int, int, int, int]]:
+
+def closes_filter(
+    verdict_mask: int,
+    recorded: Collection[IPv4Address] = (),
+    steered: Collection[IPv4Address] | None = None,
+) -> list[Instruction]:
+    """A classic BPF program for the conntrack socket. It takes an event only of an IPv4
+    TCP flow whose mark carries a verdict (`verdict_mask`: steer decided it), whose
+    source is none of `recorded` (pods whose socket hooks record their own flows), and,
+    unless `steered` is None, with a steered pod at one end (the source, the address
+    dialled, or the reply's source: a NodePort's backend). Everything else is dropped in
+    the kernel, before any copy to the agent: a node's pods open most of its flows, and
+    flows between pods steer does not steer are not its to show. Cheap checks first:
+    every flow of the node runs it."""
+    drop = _instruction(_RET_K, 0, 0, 0)
+    take = _instruction(_RET_K, 0, 0, 0xFFFFFFFF)
+
+    def find(kind: int, nested: bool) -> list[Instruction]:
         # A: where to look (a message offset, or a nest's); X: the type. A becomes the
         # attribute's offset, 0 when it is not there.
         return [
@@ -272,15 +280,21 @@ def closes_filter(
             drop,
         ]
 
-    program += [
-        _instruction(_LD_IMM, 0, 0, _EVENT_ATTRS_AT),
-        *find(CTA_PROTOINFO, nested=False),
-        *find(_PROTOINFO_TCP, nested=True),
-        *find(_PROTOINFO_TCP_STATE, nested=True),
-        _instruction(_TAX, 0, 0, 0),
-        _instruction(_LD_B_IND, 0, 0, 4),
-        _instruction(_JEQ_K, 2, 0, TCP_TIME_WAIT),
-        _instruction(_JEQ_K, 1, 0, TCP_CLOSE),
+    def on_equal(
+        at: int, addresses: Collection[IPv4Address], then: Instruction
+    ) -> list[Instruction]:
+        # Two instructions an address, no long jumps: an equal one ends the program.
+        program = [_instruction(_LD_W_ABS, 0, 0, at)]
+        for ip in sorted(addresses):
+            program += [_instruction(_JEQ_K, 0, 1, int(ip)), then]
+        return program
+
+    program = [
+        _instruction(_LD_B_ABS, 0, 0, _EVENT_FAMILY_AT),
+        _instruction(_JEQ_K, 1, 0, socket.AF_INET),
+        drop,
+        _instruction(_LD_B_ABS, 0, 0, EVENT_PROTO_AT),
+        _instruction(_JEQ_K, 1, 0, socket.IPPROTO_TCP),
         drop,
         _instruction(_LD_IMM, 0, 0, _EVENT_ATTRS_AT),
         *find(CTA_MARK, nested=False),
@@ -289,45 +303,65 @@ def closes_filter(
         _instruction(_AND_K, 0, 0, verdict_mask),
         _instruction(_JEQ_K, 0, 1, 0),
         drop,
-        _instruction(_RET_K, 0, 0, 0xFFFFFFFF),
+        *(on_equal(EVENT_SRC_AT, recorded, drop) if recorded else []),
     ]
-    return program
+    if steered is None:
+        return [*program, take]
+    for at in (EVENT_SRC_AT, EVENT_DST_AT, EVENT_REPLY_SRC_AT):
+        program += on_equal(at, steered, take)
+    return [*program, drop]
 
 
-def attach_filter(sock: socket.socket, program: Sequence[tuple[int, int, int, int]]) -> None:
+def filter_fits(program: Sequence[Instruction]) -> bool:
+    """Whether the kernel takes `program` in place of another as long: both are charged
+    to the socket's option memory while one replaces the other (measured on 6.18: about
+    1 KiB a filter plus 12 bytes an instruction)."""
+    try:
+        optmem = int(_OPTMEM_MAX.read_text())
+    except (OSError, ValueError):
+        optmem = 20480  # the default of kernels before 6.9
+    needed = 2 * (_FILTER_OVERHEAD + _FILTER_BYTES_PER_INSN * len(program))
+    return len(program) <= _BPF_MAXINSNS and needed <= optmem
+
+
+def attach_filter(sock: socket.socket, program: Sequence[Instruction]) -> None:
     """Attach (or replace, atomically) a classic BPF socket filter."""
-    code = (ctypes.c_uint64 * len(program))(
-        *(
-            int.from_bytes(struct.pack("=HBBI", op, jt, jf, k), "little")
-            for op, jt, jf, k in program
-        )
-    )
+    code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *insn) for insn in program))
     fprog = struct.pack("@HP", len(program), ctypes.addressof(code))
     sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
 
 class ConntrackCloses:
-    """Conntrack's events of flows ending, filtered in the kernel (`closes_filter`), and
-    lookups of an entry's counters and start."""
+    """Conntrack's events of entries going away, filtered in the kernel
+    (`closes_filter`), and sweeps that make conntrack let go of the ended ones now."""
 
     def __init__(self, verdict_mask: int, buffer_bytes: int = 8 << 20) -> None:
         self.verdict_mask = verdict_mask
         self.events = _netfilter_socket()
-        self.lookups = _netfilter_socket()
+        self.sweeps = _netfilter_socket()
         self._seq = 0
         try:
             _grow_receive_buffer(self.events, buffer_bytes)
             # Nothing is taken before the filter is on.
-            self.filter_sources(())
-            self.events.bind((0, 1 << (CONNTRACK_UPDATE_GROUP - 1)))
-            self.lookups.bind((0, 0))
-            self.lookups.settimeout(1.0)
+            attach_filter(self.events, closes_filter(verdict_mask, steered=()))
+            self.events.bind((0, 1 << (CONNTRACK_DESTROY_GROUP - 1)))
+            self.sweeps.bind((0, 0))
+            self.sweeps.settimeout(5.0)
         except OSError:
             self.close()
             raise
 
-    def filter_sources(self, recorded: Sequence[IPv4Address]) -> None:
-        attach_filter(self.events, closes_filter(recorded, self.verdict_mask))
+    def filter_addresses(
+        self, recorded: Collection[IPv4Address], steered: Collection[IPv4Address]
+    ) -> bool:
+        """Filter in the kernel by address; False where the lists make too long a filter
+        (the kernel then filters by state and mark only, the caller by address)."""
+        program = closes_filter(self.verdict_mask, recorded, steered)
+        if filter_fits(program):
+            attach_filter(self.events, program)
+            return True
+        attach_filter(self.events, closes_filter(self.verdict_mask))
+        return False
 
     def read(self) -> tuple[list[ConntrackFlow], bool]:
         """The flows of one datagram of events, and whether the socket overran since the
@@ -340,48 +374,37 @@ class ConntrackCloses:
             raise
         flows = []
         for kind, start, end in messages(data):
-            if kind == (_SUBSYS_CTNETLINK << 8) | _CT_NEW:
+            if kind == (_SUBSYS_CTNETLINK << 8) | _CT_DELETE:
                 flow = parse_conntrack(data, start, end)
                 if flow is not None:
                     flows.append(flow)
         return flows, False
 
-    def lookup(self, flow: ConntrackFlow) -> ConntrackFlow | None:
-        """The entry of `flow`'s original tuple as conntrack has it now (with its counters
-        and start, which state-change events do not carry); None once it is gone."""
-        self._seq += 1
-        body = _nest(
-            CTA_TUPLE_ORIG,
-            _nest(
-                _TUPLE_IP,
-                _attr(_IP_V4_SRC, IPv4Address(flow.src).packed),
-                _attr(_IP_V4_DST, IPv4Address(flow.dst).packed),
-            ),
-            _nest(
-                _TUPLE_PROTO,
-                _attr(_PROTO_NUM, bytes([socket.IPPROTO_TCP])),
-                _attr(_PROTO_SRC_PORT, struct.pack("!H", flow.sport)),
-                _attr(_PROTO_DST_PORT, struct.pack("!H", flow.dport)),
-            ),
-        )
+    def sweep(self) -> None:
+        """Dump conntrack's table with a filter no entry matches: the dump reaps each
+        expired entry it meets (conntrack's own sweep can come a minute later), and
+        their destroy events follow."""
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        nothing = struct.pack("!I", 0xFFFFFFFF)
+        body = _attr(CTA_MARK, nothing) + _attr(CTA_MARK_MASK, nothing)
         kind = (_SUBSYS_CTNETLINK << 8) | _CT_GET
-        self.lookups.send(_message(kind, _NLM_F_REQUEST, self._seq, socket.AF_INET, body))
+        flags = _NLM_F_REQUEST | _NLM_F_DUMP
+        self.sweeps.send(_message(kind, flags, self._seq, socket.AF_INET, body))
         while True:
-            data = self.lookups.recv(65536)
-            for kind, start, end in messages(data):
+            data = self.sweeps.recv(65536)
+            for kind, start, _end in messages(data):
                 (seq,) = struct.unpack_from("=I", data, start - 8)
                 if seq != self._seq:
-                    continue  # the answer to a lookup that timed out
-                if kind == _NLMSG_ERROR:
-                    code = _error_of(data, start)
-                    if code == errno.ENOENT:
-                        return None
-                    raise NetlinkError(code, f"conntrack lookup failed: {errno.errorcode[code]}")
-                return parse_conntrack(data, start, end)
+                    continue  # the end of a sweep that timed out
+                if kind == _NLMSG_DONE:
+                    return
+                if kind == _NLMSG_ERROR and (code := _error_of(data, start)):
+                    why = errno.errorcode.get(code, str(code))
+                    raise NetlinkError(code, f"conntrack sweep failed: {why}")
 
     def close(self) -> None:
         self.events.close()
-        self.lookups.close()
+        self.sweeps.close()
 
 
 # --- NFLOG ----------------------------------------------------------------------------------
@@ -407,12 +430,11 @@ class NflogGroup:
         try:
             _grow_receive_buffer(self.sock, buffer_bytes)
             self.sock.bind((0, 0))
-            kind = (_SUBSYS_ULOG << 8) | _ULOG_CONFIG
-            self._configure(kind, group, _attr(_CFG_CMD, bytes([_CFG_CMD_BIND])))
+            # One message: the kernel numbers the copies from the first one it queues.
             self._configure(
-                kind,
                 group,
-                _attr(_CFG_MODE, struct.pack("!IBx", _NFLOG_COPY, _COPY_PACKET))
+                _attr(_CFG_CMD, bytes([_CFG_CMD_BIND]))
+                + _attr(_CFG_MODE, struct.pack("!IBx", _NFLOG_COPY, _COPY_PACKET))
                 + _attr(_CFG_FLAGS, struct.pack("!H", _CFG_F_SEQ))
                 + _attr(_CFG_QTHRESH, struct.pack("!I", _NFLOG_BATCH))
                 + _attr(_CFG_TIMEOUT, struct.pack("!I", _NFLOG_FLUSH_CS)),
@@ -421,16 +443,22 @@ class NflogGroup:
             self.sock.close()
             raise
 
-    def _configure(self, kind: int, group: int, body: bytes) -> None:
-        flags = _NLM_F_REQUEST | _NLM_F_ACK
+    def _configure(self, group: int, body: bytes) -> None:
+        kind, flags = (_SUBSYS_ULOG << 8) | _ULOG_CONFIG, _NLM_F_REQUEST | _NLM_F_ACK
         self.sock.send(_message(kind, flags, 0, socket.AF_UNSPEC, body, res_id=group))
-        data = self.sock.recv(4096)
-        for got, start, _end in messages(data):
-            if got == _NLMSG_ERROR:
-                code = _error_of(data, start)
-                if code:
-                    why = errno.errorcode.get(code, str(code))
-                    raise NetlinkError(code, f"NFLOG group {group}: {why}")
+        self.sock.settimeout(5.0)
+        try:
+            while True:  # the acknowledgement; nothing is queued before it
+                data = self.sock.recv(65536)
+                for got, start, _end in messages(data):
+                    if got == _NLMSG_ERROR:
+                        code = _error_of(data, start)
+                        if code:
+                            why = errno.errorcode.get(code, str(code))
+                            raise NetlinkError(code, f"NFLOG group {group}: {why}")
+                        return
+        finally:
+            self.sock.settimeout(None)
 
     def read(self) -> list[LoggedPacket]:
         """The TCP packets of one datagram. Packets the kernel could not queue (a full

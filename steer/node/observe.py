@@ -41,6 +41,8 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from steer.constants import (
     ALS_SOCKET,
     BPF_PIN_DIR,
+    MARK_ID_MASK,
+    MARK_ID_SHIFT,
     MARK_VERDICT_MASK,
     MARK_VERDICT_SHIFT,
     NFLOG_GROUP,
@@ -66,7 +68,9 @@ from steer.node.bpfmaps import (
     FlowRecord,
     ip_from_be,
 )
+from steer.node.netns import run_in_netns
 from steer.node.nfnetlink import (
+    TCP_CLOSE,
     TCP_TIME_WAIT,
     ConntrackCloses,
     ConntrackFlow,
@@ -422,111 +426,128 @@ def _l4_outcome(
 
 # --- flows into a pod from elsewhere ---------------------------------------------------------
 
-_CONNTRACK_END = {TCP_TIME_WAIT: "fin"}  # else CLOSE: a reset
+# How a flow ended, by the TCP state conntrack last saw it in; any other state means the
+# entry was deleted (by a revocation, or by hand) or expired while the flow was live.
+_CONNTRACK_END = {TCP_TIME_WAIT: "fin", TCP_CLOSE: "reset"}
 
 
-def _deciding_view(
-    views: Sequence[NodeView], src: str, dst: str, port: int, verdict: int
-) -> NodeView:
-    """The newest of the agent's last views (newest first) under which the decision code
-    reaches the verdict the kernel applied: a flow's event can be read after the policy
-    that decided it changed again."""
+def _named_as_decided(
+    views: Sequence[NodeView], src: str, dst: str, port: int, mark: int
+) -> tuple[NodeView, str | None, str | None]:
+    """The view, policy and rule that name a verdict the kernel applied (`mark`): the
+    newest of the agent's last views (newest first) under which the decision code
+    reaches that verdict, since a flow's event can be read after its policy changed
+    again. Where none does (a verdict no view explains, such as an L7 flow after a
+    NodePort's translation refused), the policy is the one whose id the mark carries,
+    and no rule is named rather than a wrong one."""
+    verdict = (mark & MARK_VERDICT_MASK) >> MARK_VERDICT_SHIFT
     for view in views:
-        if view.l4_verdict_for(src, dst, port)[0] == verdict:
-            return view
-    return views[0]
+        decided, policy, rule = view.l4_verdict_for(src, dst, port)
+        if decided == verdict:
+            return view, policy, rule
+    policy_id = (mark & MARK_ID_MASK) >> MARK_ID_SHIFT
+    for view in views:
+        if view.enforcement is not None and (key := view.enforcement.policy_key(policy_id)):
+            return views[0], key, None
+    return views[0], None, None
 
 
-def inbound_flow_event(views: Sequence[NodeView], flow: ConntrackFlow, now_ns: int) -> Event | None:
+def _netfilter_event(
+    view: NodeView, src: tuple[str, int], dst: str, backend: tuple[str, int], **fields: Any
+) -> Event | None:
+    """What the events of flows from netfilter share; None for a flow with no pod of the
+    node at either end (the node's own services)."""
+    # Pods steer does not steer are no event's subject.
+    client, server = (
+        known if known is not None and known[1] is not None else None
+        for known in (view.pods.get(src[0]), view.pods.get(backend[0]))
+    )
+    subject = client or server
+    if subject is None:
+        return None
+    pod = subject[0]
+    return {
+        "layer": "l4",
+        "pod": pod.name,
+        "namespace": pod.namespace,
+        # Conntrack and NFLOG know no process: the client is off the node, or a pod no
+        # hook records.
+        "cgroup": None,
+        "pid": None,
+        "comm": None,
+        "src": f"{src[0]}:{src[1]}",
+        "dst": dst,
+        "backend": f"{backend[0]}:{backend[1]}",
+        # Flows from elsewhere are iptables' to decide, whatever the pod's datapath.
+        "dataplane": "iptables",
+        # A client that is a pod of the node (one no hook records) makes it the subject.
+        "direction": "egress" if client else "ingress",
+        "method": None,
+        "path": None,
+        "status": None,
+        **fields,
+    }
+
+
+def inbound_flow_event(
+    views: Sequence[NodeView], flow: ConntrackFlow, now_ns: int, revoked: Revoked
+) -> Event | None:
     """A flow steer's iptables rules let through and no socket hook of a pod recorded (it
-    came from off the node, or from a pod steer does not steer), at its end in conntrack;
-    None for one that reached no pod of the node (the node's own services). On a node
-    without BPF, where no hook records the pods' own flows, theirs come this way too."""
+    came from off the node, or from a pod steer does not steer), when conntrack let go of
+    it. On a node without BPF, where no hook records the pods' own flows, theirs come
+    this way too."""
     verdict = (flow.mark & MARK_VERDICT_MASK) >> MARK_VERDICT_SHIFT
     via_envoy = verdict == VERDICT_L7
     # Past a REDIRECT conntrack's reply names Envoy: the pod is the one dialled.
-    backend_ip, backend_port = (
-        (flow.dst, flow.dport) if via_envoy else (flow.reply_src, flow.reply_sport)
+    backend = (flow.dst, flow.dport) if via_envoy else (flow.reply_src, flow.reply_sport)
+    view, *named = _named_as_decided(views, flow.src, *backend, flow.mark)
+    outcome, policy, rule = _l4_outcome(
+        view, flow.src, f"{backend[0]}:{backend[1]}", verdict, (named[0], named[1])
     )
-    view = _deciding_view(views, flow.src, backend_ip, backend_port, verdict)
-    client, server = view.pods.get(flow.src), view.pods.get(backend_ip)
-    subject = client or server
-    if subject is None:
-        return None
-    pod = subject[0]
-    _, decided_by, decided_rule = view.l4_verdict_for(flow.src, backend_ip, backend_port)
-    backend = f"{backend_ip}:{backend_port}"
-    named = (decided_by, decided_rule)
-    outcome, policy, rule = _l4_outcome(view, flow.src, backend, verdict, named)
-    return {
-        "time": flow.start_ns / 1e9 if flow.start_ns else now_ns / 1e9,
-        "layer": "l4",
-        "verdict": outcome,
-        "pod": pod.name,
-        "namespace": pod.namespace,
-        # Conntrack knows no process: the opener is off the node, or not steered.
-        "cgroup": None,
-        "pid": None,
-        "comm": None,
-        "src": f"{flow.src}:{flow.sport}",
-        "dst": f"{flow.dst}:{flow.dport}",
-        "backend": backend,
-        # Ingress from elsewhere is iptables' to decide, whatever the pod's datapath.
-        "dataplane": "iptables",
-        "direction": "egress" if client else "ingress",
-        "via_envoy": via_envoy,
-        "policy": policy,
-        "rule": rule,
-        "method": None,
-        "path": None,
-        "status": None,
+    return _netfilter_event(
+        view,
+        (flow.src, flow.sport),
+        f"{flow.dst}:{flow.dport}",
+        backend,
+        time=flow.start_ns / 1e9 if flow.start_ns else now_ns / 1e9,
+        verdict=outcome,
+        via_envoy=via_envoy,
+        policy=policy,
+        rule=rule,
         # Conntrack's counts: whole IP packets, headers included, each way.
-        "bytes_sent": flow.bytes_orig,
-        "bytes_received": flow.bytes_reply,
-        "duration_ms": round((now_ns - flow.start_ns) / 1e6, 3) if flow.start_ns else None,
-        "end": _CONNTRACK_END.get(flow.state or 0, "reset"),
-    }
+        bytes_sent=flow.bytes_orig,
+        bytes_received=flow.bytes_reply,
+        duration_ms=round(((flow.stop_ns or now_ns) - flow.start_ns) / 1e6, 3)
+        if flow.start_ns
+        else None,
+        end=_CONNTRACK_END.get(flow.state or 0)
+        or ("revoked" if revoked.get(f"{flow.src}:{flow.sport}") is not None else "expired"),
+    )
 
 
-def refused_event(
-    views: Sequence[NodeView], packet: LoggedPacket, now: float, revoked: Revoked
-) -> Event | None:
-    """A packet steer's deny rules refused (copied to NFLOG) as the flow's event; None for
-    one that was to no pod of the node. A packet of a live flow a policy change revoked
-    (its conntrack entry deleted, it walked the new rules) ends that flow: `revoked`."""
-    view = _deciding_view(views, packet.src, packet.dst, packet.dport, VERDICT_DENY)
-    client, server = view.pods.get(packet.src), view.pods.get(packet.dst)
-    subject = client or server
-    if subject is None:
-        return None
-    pod = subject[0]
-    source = f"{packet.src}:{packet.sport}"
-    _, policy, rule = view.l4_verdict_for(packet.src, packet.dst, packet.dport)
-    return {
-        "time": now,
-        "layer": "l4",
-        "verdict": "denied",
-        "pod": pod.name,
-        "namespace": pod.namespace,
-        "cgroup": None,
-        "pid": None,
-        "comm": None,
-        "src": source,
-        "dst": f"{packet.dst}:{packet.dport}",
-        "backend": f"{packet.dst}:{packet.dport}",
-        "dataplane": "iptables",
-        "direction": "egress" if client else "ingress",
-        "via_envoy": False,
-        "policy": policy,
-        "rule": rule,
-        "method": None,
-        "path": None,
-        "status": None,
-        "bytes_sent": 0,
-        "bytes_received": 0,
-        "duration_ms": 0.0,
-        "end": "revoked" if revoked.get(source) is not None else "refused",
-    }
+def refused_event(views: Sequence[NodeView], packet: LoggedPacket, now: float) -> Event | None:
+    """A packet steer's deny rules refused (copied to NFLOG) as the flow's event. The next
+    packet of a live flow a policy change revoked is refused too (its conntrack entry
+    deleted, it walked the new rules): the flow's own event, from conntrack, ends
+    `revoked`, and this one says what refused it."""
+    source = (packet.src, packet.sport)
+    view, policy, rule = _named_as_decided(views, packet.src, packet.dst, packet.dport, packet.mark)
+    dst = f"{packet.dst}:{packet.dport}"
+    return _netfilter_event(
+        view,
+        source,
+        dst,
+        (packet.dst, packet.dport),
+        time=now,
+        verdict="denied",
+        via_envoy=False,
+        policy=policy,
+        rule=rule,
+        bytes_sent=0,
+        bytes_received=0,
+        duration_ms=0.0,
+        end="refused",
+    )
 
 
 class Recent(Generic[V]):
@@ -691,20 +712,47 @@ class FlowReader:
 
 
 # Sysctls of the node's namespace that give conntrack's entries the bytes each way and a
-# start time, for the events of flows from elsewhere (new entries only).
+# start time, for the events of flows from elsewhere (new entries only). Left on when the
+# agent stops: turning them off would leave other readers of conntrack without them.
 _CONNTRACK_SYSCTLS = (
     Path("/proc/sys/net/netfilter/nf_conntrack_acct"),
     Path("/proc/sys/net/netfilter/nf_conntrack_timestamp"),
 )
-_SEEN_MAX = 4096
+# How often the agent makes conntrack let go of the ended flows (`ConntrackCloses.sweep`):
+# a dump walks the table (~7 ms at 262,144 buckets).
+_SWEEP_S = 5.0
+_HOLD_S = 1.0
 _VIEWS_KEPT = 4
+# Events a second each netfilter source may cost the agent. Past it the reader leaves
+# the socket alone for the rest of the second: the kernel queues what fits and counts
+# the rest as lost (NFLOG by number, conntrack as overruns). A flood of refused SYNs, or
+# of short flows from off the node, costs the agent this much and no more.
+INBOUND_EVENTS_PER_S = 2000
+
+
+class _Budget:
+    """So many events a second, then a pause until the next second."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self.window_start = time.monotonic()
+        self.spent = 0
+
+    def spend(self, count: int) -> float:
+        """Count `count` events; how long to pause reading (0: none)."""
+        now = time.monotonic()
+        if now - self.window_start >= 1.0:
+            self.window_start, self.spent = now, 0
+        self.spent += count
+        return max(0.0, self.window_start + 1.0 - now) if self.spent >= self.per_second else 0.0
 
 
 class InboundReader:
-    """The events of flows into the node's pods that no socket hook of a pod recorded,
-    from netfilter (steer.node.nfnetlink): those let through, at their end in conntrack,
-    and those refused, from the deny rules' NFLOG copies. Either source that cannot be
-    opened (another reader holds the NFLOG group, say) is logged and left out."""
+    """The events of flows into the node's steered pods that no socket hook of a pod
+    recorded, from netfilter (steer.node.nfnetlink): those let through, at their end in
+    conntrack, and those refused, from the deny rules' NFLOG copies. Either source that
+    cannot be opened (another reader holds the NFLOG group, say) is logged and left out.
+    Made in the network namespace whose flows it reads (its sockets stay there)."""
 
     def __init__(
         self,
@@ -720,11 +768,18 @@ class InboundReader:
             on_lost,
         )
         self._recorded: frozenset[str] = frozenset()
-        self._seen: OrderedDict[int, None] = OrderedDict()
+        self._steered: frozenset[str] = frozenset()
+        # Flows whose entry went while they were live, held a moment: the agent notes
+        # the flows it revokes only once its sync is done.
+        self._held: list[tuple[float, ConntrackFlow]] = []
         self._stop = threading.Event()
         self._closes: ConntrackCloses | None = None
         self._refusals: NflogGroup | None = None
         self._nflog_lost = 0
+        self._budgets = {
+            "conntrack": _Budget(INBOUND_EVENTS_PER_S),
+            "nflog": _Budget(INBOUND_EVENTS_PER_S),
+        }
         for sysctl in _CONNTRACK_SYSCTLS:
             try:
                 sysctl.write_text("1\n")
@@ -760,54 +815,107 @@ class InboundReader:
             if source is not None:
                 source.close()
 
-    def recorded(self, sources: frozenset[str]) -> None:
-        """The addresses of pods whose own socket hooks record their flows: conntrack's
-        events of their flows are dropped in the kernel, their refusals here."""
-        if sources != self._recorded and self._closes is not None:
-            self._closes.filter_sources(sorted(IPv4Address(ip) for ip in sources))
-        self._recorded = sources
+    def addresses(self, recorded: frozenset[str], steered: frozenset[str]) -> None:
+        """`recorded`: pods whose own socket hooks record their flows (their flows are not
+        these events); `steered`: the pods steer steers (a flow between two others is
+        none of steer's). Conntrack's events are filtered by them in the kernel where
+        the filter fits; the reader checks them again either way."""
+        if (recorded, steered) == (self._recorded, self._steered):
+            return
+        self._recorded, self._steered = recorded, steered
+        if self._closes is None:
+            return
+        try:
+            if not self._closes.filter_addresses(
+                [IPv4Address(ip) for ip in recorded], [IPv4Address(ip) for ip in steered]
+            ):
+                log.info(
+                    "%d pods are too many for conntrack's socket filter: addresses are "
+                    "checked in the agent",
+                    len(steered),
+                )
+        except OSError as exc:
+            # The previous filter stays; the reader's own checks keep the events right.
+            log.warning("conntrack's socket filter could not be replaced: %s", exc)
+
+    def _wanted(self, src: str, *ends: str) -> bool:
+        if src in self._recorded:
+            return False  # its pod's hooks record it
+        return src in self._steered or any(end in self._steered for end in ends)
 
     def _run(self) -> None:
+        sources: dict[str, tuple[socket.socket, Callable[[], int]]] = {}
+        if self._closes is not None:
+            sources["conntrack"] = (self._closes.events, self._read_closes)
+        if self._refusals is not None:
+            sources["nflog"] = (self._refusals.sock, self._read_refusals)
+        paused_until = dict.fromkeys(sources, 0.0)
+        registered: set[str] = set()
+        next_sweep = time.monotonic() + _SWEEP_S
         with selectors.DefaultSelector() as selector:
-            if self._closes is not None:
-                selector.register(self._closes.events, selectors.EVENT_READ, self._read_closes)
-            if self._refusals is not None:
-                selector.register(self._refusals.sock, selectors.EVENT_READ, self._read_refusals)
-            if not selector.get_map():
-                return
-            while not self._stop.is_set():
-                for key, _ in selector.select(timeout=0.5):
+            while sources and not self._stop.is_set():
+                now = time.monotonic()
+                if self._closes is not None and now >= next_sweep:
+                    next_sweep = now + _SWEEP_S
                     try:
-                        key.data()
-                    except Exception:  # one bad message must not stop every later one
-                        log.exception("reading netfilter events failed")
+                        self._closes.sweep()
+                    except OSError as exc:
+                        log.warning("sweeping conntrack failed: %s", exc)
+                self._release_held(now)
+                for source, (sock, read) in sources.items():
+                    if paused_until[source] <= now and source not in registered:
+                        selector.register(sock, selectors.EVENT_READ, (source, read))
+                        registered.add(source)
+                    elif paused_until[source] > now and source in registered:
+                        selector.unregister(sock)
+                        registered.discard(source)
+                for key, _ in selector.select(timeout=0.2):
+                    source, read = key.data
+                    try:
+                        count = read()
+                    except Exception:  # one bad batch must not stop every later one
+                        log.exception("reading netfilter events (%s) failed", source)
+                        continue
+                    pause = self._budgets[source].spend(count)
+                    if pause:
+                        paused_until[source] = time.monotonic() + pause
 
-    def _read_closes(self) -> None:
+    def _read_closes(self) -> int:
         assert self._closes is not None
         flows, overran = self._closes.read()
         if overran:
             self._on_lost("conntrack", 1)
-        views, events = self._views(), []
+        now = time.monotonic()
+        ended = []
         for flow in flows:
-            if flow.id in self._seen:  # TIME_WAIT, then a reset: one flow, one event
+            if not self._wanted(flow.src, flow.dst, flow.reply_src):
                 continue
-            self._seen[flow.id] = None
-            if len(self._seen) > _SEEN_MAX:
-                self._seen.popitem(last=False)
-            pods = views[0].pods
-            if flow.src in self._recorded or not (
-                flow.src in pods or flow.dst in pods or flow.reply_src in pods
-            ):
-                continue  # its pod's hooks recorded it; or it reached no pod
-            # The counters and start are in the entry, not in the state change's event.
-            entry = self._closes.lookup(flow)
-            event = inbound_flow_event(views, entry or flow, time.time_ns())
-            if event is not None:
-                events.append(event)
+            if flow.state in (TCP_TIME_WAIT, TCP_CLOSE):
+                ended.append(flow)
+            else:
+                self._held.append((now + _HOLD_S, flow))
+        self._emit(ended)
+        return len(flows)
+
+    def _release_held(self, now: float) -> None:
+        if self._held and self._held[0][0] <= now:
+            due = [flow for when, flow in self._held if when <= now]
+            self._held = [(when, flow) for when, flow in self._held if when > now]
+            self._emit(due)
+
+    def _emit(self, flows: Sequence[ConntrackFlow]) -> None:
+        if not flows:
+            return
+        views, now_ns = self._views(), time.time_ns()
+        events = [
+            event
+            for flow in flows
+            if (event := inbound_flow_event(views, flow, now_ns, self._revoked)) is not None
+        ]
         if events:
             self._on_events(events)
 
-    def _read_refusals(self) -> None:
+    def _read_refusals(self) -> int:
         assert self._refusals is not None
         packets = self._refusals.read()
         if self._refusals.lost > self._nflog_lost:
@@ -815,13 +923,14 @@ class InboundReader:
             self._nflog_lost = self._refusals.lost
         views, now, events = self._views(), time.time(), []
         for packet in packets:
-            if packet.src in self._recorded:
-                continue  # its pod's socket hooks record the refusal
-            event = refused_event(views, packet, now, self._revoked)
+            if not self._wanted(packet.src, packet.dst):
+                continue
+            event = refused_event(views, packet, now)
             if event is not None:
                 events.append(event)
         if events:
             self._on_events(events)
+        return len(packets)
 
 
 @dataclass
@@ -1048,9 +1157,10 @@ class Observability:
     revoked: Revoked = field(default_factory=Revoked)
     # Called with every batch of events (the agent's metrics count them).
     on_events: Callable[[Sequence[Event]], None] = lambda events: None
-    # Read netfilter's events of flows from elsewhere, in this process's network
-    # namespace (the agent's: the node's).
+    # Read netfilter's events of flows from elsewhere, in `netns` (a name or a path; ""
+    # for this process's own: the agent's, the node's).
     inbound: bool = False
+    netns: str = ""
     # Called with (source, count) for netfilter events lost.
     on_lost: Callable[[str, int], None] = lambda source, count: None
     _grpc: grpc.Server | None = None
@@ -1074,7 +1184,8 @@ class Observability:
         if self._flows is not None:
             self._flows.open_now()
         if self._inbound is not None:
-            self._inbound.recorded(recorded)
+            steered = frozenset(p.ip for p in pods if p.key in dataplanes)
+            self._inbound.addresses(recorded, steered)
         self.view = NodeView(
             {p.ip: (p, dataplanes.get(p.key)) for p in pods},
             enforcement,
@@ -1115,7 +1226,11 @@ class Observability:
         self._flows = FlowReader(self.flow_events, self._add_flows, lambda: self.view, self.openers)
         self._flows.start()
         if self.inbound:
-            self._inbound = InboundReader(self._add, self._last_views, self.revoked, self.on_lost)
+
+            def reader() -> InboundReader:
+                return InboundReader(self._add, self._last_views, self.revoked, self.on_lost)
+
+            self._inbound = run_in_netns(self.netns, reader) if self.netns else reader()
             self._inbound.start()
 
     def stop(self) -> None:
@@ -1166,11 +1281,13 @@ def one_line(event: Event) -> str:
     decided = f"{event.get('policy')}/{event.get('rule')}" if event.get("policy") else "-"
     head = f"{when} {event.get('verdict', '?').upper():<7} {event.get('layer')}"
     if event.get("layer") == "l4":
-        # Flows from elsewhere have no process on this node.
-        process = f"{event.get('comm')}[{event.get('pid')}]" if event.get("pid") else "-"
+        process = f" {event.get('comm')}[{event.get('pid')}]"
         backend = event.get("backend")
         dst = str(event.get("dst"))
         to = dst + (f" ({backend})" if backend and backend != dst else "")
+        if event.get("direction") == "ingress":
+            # From a client elsewhere (no process of this node) to the pod.
+            who, process, to = str(event["src"]), "", f"{who} {to}"
         via = " via Envoy" if event.get("via_envoy") else ""
         traffic = (
             f" {event.get('bytes_sent')}B/{event.get('bytes_received')}B "
@@ -1179,7 +1296,7 @@ def one_line(event: Event) -> str:
             else ""
         )
         return (
-            f"{head} {who} {process} -> {to}{via} {event.get('end')}{traffic} "
+            f"{head} {who}{process} -> {to}{via} {event.get('end')}{traffic} "
             f"[{event.get('dataplane') or '-'}] {decided}"
         )
     service = f" via {event['service']}" if event.get("service") else ""

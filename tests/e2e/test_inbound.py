@@ -68,16 +68,34 @@ def offnode(http_servers: None, node: PodsNode) -> Iterator[PodProcess]:
         _ip("-n", OFFNODE_NETNS, "link", "set", "lo", "up")
         _ip("-n", OFFNODE_NETNS, "route", "add", "10.244.0.0/16", "via", NODE_SIDE)
         cgroup.mkdir()
+        # Conntrack forgets a closed flow after a second here, not two minutes: the
+        # events of flows let in come when it does.
+        time_wait = conntrack_time_wait(NODE_NETNS)
+        set_conntrack_time_wait(NODE_NETNS, "1")
         try:
             node.write_policies({"web.yaml": WEB_FROM_OFF_NODE}, replace=False)
             node.wait_synced()
             with PodProcess.start(OFFNODE_NETNS, str(cgroup)) as worker:
                 yield worker
         finally:
+            set_conntrack_time_wait(NODE_NETNS, time_wait)
             cgroup.rmdir()
     finally:
         # Deleting the namespace deletes its end of the veth, and with it the node's end.
         subprocess.run(["ip", "netns", "delete", OFFNODE_NETNS], check=False)
+
+
+TIME_WAIT_SYSCTL = "net.netfilter.nf_conntrack_tcp_timeout_time_wait"
+
+
+def conntrack_time_wait(netns: str) -> str:
+    argv = ["ip", "netns", "exec", netns, "sysctl", "-n", TIME_WAIT_SYSCTL]
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def set_conntrack_time_wait(netns: str, seconds: str) -> None:
+    argv = ["ip", "netns", "exec", netns, "sysctl", "-qw", f"{TIME_WAIT_SYSCTL}={seconds}"]
+    subprocess.run(argv, check=True, capture_output=True)
 
 
 def inbound_connections() -> int:
@@ -117,8 +135,9 @@ Event = dict[str, Any]
 
 def inbound_events(wanted: Callable[[Event], bool], count: int = 1) -> list[Event]:
     """The L4 events of flows from off the node that `wanted` picks, once `count` are in
-    (or after 10 s)."""
-    deadline = time.monotonic() + 10
+    (or after 20 s: a flow let in is an event once conntrack let go of it, a second after
+    it closed here, found by the agent's sweep every 5 s)."""
+    deadline = time.monotonic() + 20
     while True:
         found = [
             e
@@ -159,7 +178,7 @@ def test_flows_let_in_from_off_the_node_are_events_at_their_end(
     node: PodsNode, offnode: PodProcess, echo_on_client: str
 ) -> None:
     """A direct flow (no policy on the client pod's ingress) and one through Envoy's
-    inbound listener each become an event when conntrack sees them end: with the pod,
+    inbound listener each become an event when conntrack lets go of them: with the pod,
     the verdict, the bytes each way, the duration and how it ended."""
     since = time.time() - 0.05
     conn = offnode.open_tcp(node.ip("client"), ECHO_PORT)
@@ -195,9 +214,10 @@ CLIENT_CLOSED = policy_yaml(
 def test_a_flow_from_off_the_node_a_policy_change_revokes_ends_revoked(
     node: PodsNode, offnode: PodProcess, echo_on_client: str
 ) -> None:
-    """The agent drops the live flow's conntrack entry; its next packet walks the new
-    rules and is refused, and that refusal's event says the flow was revoked. The policy
-    goes again before the event is read: it still names the policy that refused."""
+    """The agent drops the live flow's conntrack entry: the flow's event ends `revoked`,
+    with what it carried. Its next packet walks the new rules and is refused: an event
+    of its own, naming the policy that refused it even though that policy is gone again
+    before the event is read."""
     conn = offnode.open_tcp(node.ip("client"), ECHO_PORT)
     try:
         assert offnode.tcp_echo(conn, b"before") == b"before"
@@ -209,9 +229,14 @@ def test_a_flow_from_off_the_node_a_policy_change_revokes_ends_revoked(
         offnode.tcp_close(conn)
         (node.policy_dir / "client-closed.yaml").unlink()
         node.wait_synced()
-    (event,) = inbound_events(lambda e: e["dst"] == echo_on_client and _at_or_after(e, since))
-    assert (event["verdict"], event["end"], event["pod"]) == ("denied", "revoked", "client")
-    assert (event["policy"], event["rule"]) == ("default/client-closed", "closed-to-partners")
+    (flow,) = inbound_events(lambda e: e["dst"] == echo_on_client and e["end"] == "revoked")
+    assert (flow["verdict"], flow["pod"], flow["direction"]) == ("allowed", "client", "ingress")
+    assert flow["bytes_sent"] > len(b"before") < flow["bytes_received"]
+    (refusal,) = inbound_events(
+        lambda e: e["dst"] == echo_on_client and e["verdict"] == "denied" and _at_or_after(e, since)
+    )
+    assert (refusal["end"], refusal["src"]) == ("refused", flow["src"])
+    assert (refusal["policy"], refusal["rule"]) == ("default/client-closed", "closed-to-partners")
 
 
 def test_a_pods_own_refused_flow_is_one_event(node: PodsNode, offnode: PodProcess) -> None:
