@@ -37,9 +37,11 @@ from steer.control.certs import ca_bundle_b64, generate
 from steer.control.kubeplane import KubeControlPlane
 from steer.control.webhook import build_app, kube_namespace_labels, serve_webhook
 from steer.lab.updown import lab_down, lab_up
+from steer.node.bpfobjects import BpfObjects
 from steer.node.cgroups import cgroup2_root
 from steer.node.datapath import NodeDatapath
 from steer.node.envoy import wait_ready
+from steer.node.kernel import HostKernel
 from steer.node.kubeagent import KubeAgent
 from steer.node.netns import run_in_netns
 from tests.k8s.kubeapi import eventually
@@ -164,6 +166,9 @@ def steer_up(
                 getattr(admission, f"delete_{kind}")(body["metadata"]["name"])
         with contextlib.suppress(ApiException):
             core.delete_namespace(namespace)
+        # The agent leaves its BPF objects pinned on purpose (a restarted agent adopts
+        # them); the test's own must go with it.
+        BpfObjects.unload_all(HostKernel())
         lab_down()
 
 
