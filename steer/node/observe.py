@@ -606,7 +606,25 @@ class _Rate:
         return self.fast
 
 
-class FlowReader:
+class _Worker:
+    """A daemon thread running `_run` until `stop`."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class FlowReader(_Worker):
     """Reads the eBPF datapath's flow events from its ring buffer (pinned by the agent's
     BPF build), once the datapath is loaded; each becomes an event."""
 
@@ -622,17 +640,9 @@ class FlowReader:
         self._on_flows = on_flows
         self._view = view
         self._rate = _Rate(_GATHER_ABOVE_PER_S)
-        self._stop = threading.Event()
         self._lock = threading.Lock()
         self._ring: _PinnedRing | None = None
-        self._thread = threading.Thread(target=self._run, name="steer-flows", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().__init__("steer-flows")
 
     def _read(self, ring: RingReader) -> int:
         """Read every record there, and hand the closed flows over as one batch."""
@@ -747,7 +757,7 @@ class _Budget:
         return max(0.0, self.window_start + 1.0 - now) if self.spent >= self.per_second else 0.0
 
 
-class InboundReader:
+class InboundReader(_Worker):
     """The events of flows into the node's steered pods that no socket hook of a pod
     recorded, from netfilter (steer.node.nfnetlink): those let through, at their end in
     conntrack, and those refused, from the deny rules' NFLOG copies. Either source that
@@ -772,7 +782,6 @@ class InboundReader:
         # Flows whose entry went while they were live, held a moment: the agent notes
         # the flows it revokes only once its sync is done.
         self._held: list[tuple[float, ConntrackFlow]] = []
-        self._stop = threading.Event()
         self._closes: ConntrackCloses | None = None
         self._refusals: NflogGroup | None = None
         self._nflog_lost = 0
@@ -803,14 +812,10 @@ class InboundReader:
                 NFLOG_GROUP,
                 exc,
             )
-        self._thread = threading.Thread(target=self._run, name="steer-inbound", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        super().__init__("steer-inbound")
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().stop()
         for source in (self._closes, self._refusals):
             if source is not None:
                 source.close()

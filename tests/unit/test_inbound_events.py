@@ -33,7 +33,7 @@ from steer.node.nfnetlink import (
     messages,
     parse_conntrack,
 )
-from steer.node.observe import NodeView, Revoked, inbound_flow_event, refused_event
+from steer.node.observe import NodeView, Revoked, inbound_flow_event, one_line, refused_event
 from tests.samples import CLIENT, PODS, WEB, sample_enforcement
 from tests.unit.test_fuzz_inputs import FUZZ
 
@@ -285,3 +285,13 @@ def test_a_filter_too_long_for_the_kernel_is_not_attempted() -> None:
     many = [IPv4Address(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}") for n in range(1000)]
     assert not nfnetlink.filter_fits(nfnetlink.closes_filter(0x30000000, many, many))
     assert nfnetlink.filter_fits(nfnetlink.closes_filter(0x30000000, many[:100], many[:100]))
+
+
+def test_the_readable_line_of_a_flow_from_elsewhere_shows_who_connected_to_which_pod() -> None:
+    event = refused_event([VIEW], packet(WEB.ip, 9090), 1.0)
+    assert event is not None
+    line = one_line({**event, "time": "2026-12-04T10:51:12.480+00:00"})
+    assert line == (
+        f"10:51:12.480 DENIED  l4 {OFF_NODE}:40000 -> default/web {WEB.ip}:9090 refused "
+        "[iptables] default/web/no-debug-port"
+    )
