@@ -8,6 +8,7 @@ the regexes Envoy refuses), replayed through every entry point that reads them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from steer.control.plane import LocalControlPlane
 from steer.control.webhook import build_app
 from steer.model.load import PolicyError, parse_policies, validate_policy
 from steer.model.policy import ENVOY_MAX_PROGRAM_SIZE, HTTPPolicy
+from steer.node import agent as agent_module
 from steer.node.agent import LocalAgent
 from steer.source.kubeobjects import PolicyValidator, policy_status
 from steer.source.local import LocalInputs, PolicyDirectory
@@ -424,6 +426,9 @@ def test_agent_loop_logs_counts_and_survives_an_exception(
 
     monkeypatch.setattr(agent, "sync", sync)
     monkeypatch.setattr(agent, "_log", lambda report: None)
+    # Not the agent's event servers and netfilter readers: they would bind this host's
+    # sockets and conntrack, and set its conntrack sysctls.
+    monkeypatch.setattr(agent_module, "observing", lambda *_, **__: contextlib.nullcontext())
     agent.run()  # the first sync and the first change raise; the loop goes on
     assert calls == [0, 1, 2]
     assert agent.loop_errors == 2
