@@ -51,6 +51,12 @@ class ConntrackError(OSError):
     pass
 
 
+def mark_decision(mark: int) -> tuple[int, int]:
+    """The verdict (VERDICT_*, 0 for none) and the deciding policy's id that steer's rules
+    saved in a conntrack mark (steer.render.iptables)."""
+    return (mark & MARK_VERDICT_MASK) >> MARK_VERDICT_SHIFT, (mark & MARK_ID_MASK) >> MARK_ID_SHIFT
+
+
 @dataclass(frozen=True)
 class Flow:
     src: IPv4Address
@@ -111,8 +117,7 @@ def parse(
                 IPv4Address(m["dst"]),
                 int(m["sport"]),
                 int(m["dport"]),
-                (mark & MARK_VERDICT_MASK) >> MARK_VERDICT_SHIFT,
-                (mark & MARK_ID_MASK) >> MARK_ID_SHIFT,
+                *mark_decision(mark),
                 (IPv4Address(m["rsrc"]), int(m["rsport"])) if translated else None,
             )
         )

@@ -162,7 +162,7 @@ def _grow_receive_buffer(sock: socket.socket, size: int) -> None:
 
 @dataclass(frozen=True)
 class ConntrackFlow:
-    """An IPv4 TCP entry of conntrack, as an event or a lookup gave it."""
+    """An IPv4 TCP entry of conntrack, as its event gave it."""
 
     id: int
     src: str

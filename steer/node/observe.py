@@ -41,10 +41,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from steer.constants import (
     ALS_SOCKET,
     BPF_PIN_DIR,
-    MARK_ID_MASK,
-    MARK_ID_SHIFT,
     MARK_VERDICT_MASK,
-    MARK_VERDICT_SHIFT,
     NFLOG_GROUP,
     OBSERVE_RING_SIZE,
     OBSERVE_SOCKET,
@@ -68,6 +65,7 @@ from steer.node.bpfmaps import (
     FlowRecord,
     ip_from_be,
 )
+from steer.node.conntrack import mark_decision
 from steer.node.netns import run_in_netns
 from steer.node.nfnetlink import (
     TCP_CLOSE,
@@ -382,7 +380,7 @@ def _flow_shape(view: NodeView, raw: FlowRecord) -> Event:
         if on_iptables:
             verdict = decided
     outcome, policy, rule = _l4_outcome(
-        view, pod.ip if pod else None, f"{dst_ip}:{dst_port}", verdict, (policy, rule)
+        view, pod.ip if pod else None, dst_ip, dst_port, verdict=verdict, named=(policy, rule)
     )
     return {
         "time": None,
@@ -409,7 +407,9 @@ def _flow_shape(view: NodeView, raw: FlowRecord) -> Event:
 def _l4_outcome(
     view: NodeView,
     src_ip: str | None,
-    backend: str,
+    dst_ip: str,
+    dst_port: int,
+    *,
     verdict: int | None,
     named: tuple[str | None, str | None],
 ) -> tuple[str, str | None, str | None]:
@@ -417,8 +417,7 @@ def _l4_outcome(
     audited rule that would have denied a flow let through."""
     if verdict in (VERDICT_DENY, VERDICT_NO_BACKEND):
         return "denied", *named
-    dst_ip, _, port = backend.rpartition(":")
-    audited = None if src_ip is None else view.l4_audit_for(src_ip, dst_ip, int(port))
+    audited = None if src_ip is None else view.l4_audit_for(src_ip, dst_ip, dst_port)
     if audited is not None:
         return "audit", *audited
     return "allowed", *named
@@ -440,12 +439,11 @@ def _named_as_decided(
     again. Where none does (a verdict no view explains, such as an L7 flow after a
     NodePort's translation refused), the policy is the one whose id the mark carries,
     and no rule is named rather than a wrong one."""
-    verdict = (mark & MARK_VERDICT_MASK) >> MARK_VERDICT_SHIFT
+    verdict, policy_id = mark_decision(mark)
     for view in views:
         decided, policy, rule = view.l4_verdict_for(src, dst, port)
         if decided == verdict:
             return view, policy, rule
-    policy_id = (mark & MARK_ID_MASK) >> MARK_ID_SHIFT
     for view in views:
         if view.enforcement is not None and (key := view.enforcement.policy_key(policy_id)):
             return views[0], key, None
@@ -496,13 +494,13 @@ def inbound_flow_event(
     came from off the node, or from a pod steer does not steer), when conntrack let go of
     it. On a node without BPF, where no hook records the pods' own flows, theirs come
     this way too."""
-    verdict = (flow.mark & MARK_VERDICT_MASK) >> MARK_VERDICT_SHIFT
+    verdict, _ = mark_decision(flow.mark)
     via_envoy = verdict == VERDICT_L7
     # Past a REDIRECT conntrack's reply names Envoy: the pod is the one dialled.
     backend = (flow.dst, flow.dport) if via_envoy else (flow.reply_src, flow.reply_sport)
-    view, *named = _named_as_decided(views, flow.src, *backend, flow.mark)
+    view, policy, rule = _named_as_decided(views, flow.src, *backend, flow.mark)
     outcome, policy, rule = _l4_outcome(
-        view, flow.src, f"{backend[0]}:{backend[1]}", verdict, (named[0], named[1])
+        view, flow.src, *backend, verdict=verdict, named=(policy, rule)
     )
     return _netfilter_event(
         view,
@@ -530,13 +528,11 @@ def refused_event(views: Sequence[NodeView], packet: LoggedPacket, now: float) -
     packet of a live flow a policy change revoked is refused too (its conntrack entry
     deleted, it walked the new rules): the flow's own event, from conntrack, ends
     `revoked`, and this one says what refused it."""
-    source = (packet.src, packet.sport)
     view, policy, rule = _named_as_decided(views, packet.src, packet.dst, packet.dport, packet.mark)
-    dst = f"{packet.dst}:{packet.dport}"
     return _netfilter_event(
         view,
-        source,
-        dst,
+        (packet.src, packet.sport),
+        f"{packet.dst}:{packet.dport}",
         (packet.dst, packet.dport),
         time=now,
         verdict="denied",
@@ -1173,7 +1169,7 @@ class Observability:
     _flows: FlowReader | None = None
     _inbound: InboundReader | None = None
     # The last few views, newest first, for events read after the policy that decided
-    # them changed again (`_deciding_view`).
+    # them changed again (`_named_as_decided`).
     _views: deque[NodeView] = field(default_factory=lambda: deque(maxlen=_VIEWS_KEPT))
 
     def update(
