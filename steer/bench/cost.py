@@ -14,9 +14,10 @@ sets them up; the servers are Envoy instances answering from a static route):
                     route with the RBAC rules steer renders for it
 
 Per path: p50 and p99 latency with one connection, and CPU per request (user and system,
-the whole lab's cgroup subtree: clients, servers, the node's Envoy and the sidecars) with
-16 connections; `node_envoy_user_us_per_req` is the node Envoy's own share (its cgroup),
-on the paths through it. Rounds are interleaved ABBA; figures are medians.
+the whole lab's cgroup subtree: clients, servers, the node's Envoy and the sidecars; and
+steer's agent and control plane) with 16 connections; `node_envoy_user_us_per_req` is
+the node Envoy's own share (its cgroup), on the paths through it. Rounds are interleaved
+ABBA; figures are medians.
 
 Memory (`envoy_rss_mb`): the node's Envoy with the configuration steer renders for N pods
 (one HTTP policy per pod), against N sidecars, each an Envoy holding only its own pod's
@@ -345,10 +346,9 @@ class CostBench:
     def measure(self, path: str) -> None:
         self.bench._skmsg(path == "l7_ebpf_skmsg")
         latency = self._wrk(path, 1)
-        root = self.bench.cgroup_root
-        lab0, envoy0 = _cpu_usec(root), _cpu_usec(self.node_cgroup)
+        lab0, envoy0 = self.bench.node_cpu_usec(), _cpu_usec(self.node_cgroup)
         load = self._wrk(path, 16)
-        lab1, envoy1 = _cpu_usec(root), _cpu_usec(self.node_cgroup)
+        lab1, envoy1 = self.bench.node_cpu_usec(), _cpu_usec(self.node_cgroup)
         rps, requests = _rps_and_requests(load)
         requests = max(requests, 1)
         values = self.samples[path].values

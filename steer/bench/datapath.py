@@ -12,20 +12,22 @@ its own path, so nothing restarts between rounds:
 Servers are Envoy instances answering from a static route in their pod (a Python server
 would measure Python). The load is wrk, run inside the client pod (its netns and cgroup).
 Rounds are interleaved ABBA; figures are medians with min and max. CPU time is what the
-cgroup subtree of the whole lab (clients, servers, node Envoy) used, from cgroup v2's
-cpu.stat, per 10,000 requests.
+node used per 10,000 requests: the cgroup subtree of the whole lab (clients, servers, node
+Envoy), from cgroup v2's cpu.stat, and steer's agent and control plane, which share the
+node's cores with them (the agent reads every observed request).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shlex
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +234,19 @@ def _cpu_usec(root: Path) -> tuple[int, int]:
     return int(fields["user_usec"]), int(fields["system_usec"])
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_usec(pids: Iterable[int]) -> tuple[int, int]:
+    """User and system CPU of processes, every thread of each, from /proc/PID/stat."""
+    user = system = 0
+    for pid in pids:
+        # Fields after the command (which may hold spaces): state is 3, utime 14, stime 15.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user * 1_000_000 // _CLOCK_TICKS, system * 1_000_000 // _CLOCK_TICKS
+
+
 @dataclass
 class Samples:
     values: dict[str, list[float]] = field(default_factory=lambda: {f: [] for f in FIGURES})
@@ -246,6 +261,13 @@ class DatapathBench:
         self.clients = clients
         self.seconds = seconds
         self.cgroup_root = cgroup2_root() / "steer"
+
+    def node_cpu_usec(self) -> tuple[int, int]:
+        """User and system CPU the node has used: the lab's cgroup subtree, and steer's
+        agent and control plane (Envoy is in the subtree)."""
+        lab = _cpu_usec(self.cgroup_root)
+        steer = _process_cpu_usec(self.node.pids[name] for name in ("agent", "control"))
+        return lab[0] + steer[0], lab[1] + steer[1]
 
     def _wrk(self, config: str, connections: int) -> str:
         server = PAIRS[OBSERVED.get(config, config)][1]
@@ -283,9 +305,9 @@ class DatapathBench:
         self._skmsg(OBSERVED.get(config, config) == "ebpf_skmsg")
         self._access_log(config in OBSERVED)
         latency = self._wrk(config, 1)
-        user0, sys0 = _cpu_usec(self.cgroup_root)
+        user0, sys0 = self.node_cpu_usec()
         load = self._wrk(config, 16)
-        user1, sys1 = _cpu_usec(self.cgroup_root)
+        user1, sys1 = self.node_cpu_usec()
         rps, requests = _rps_and_requests(load)
         per_10k = 10_000 / max(requests, 1) / 1e6
         for name, value in (

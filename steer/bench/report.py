@@ -204,15 +204,18 @@ ABOUT = {
         "Each way a pod's traffic can go, side by side in one run: direct, L4-only under "
         "eBPF, L7 via iptables, L7 via eBPF + sk_msg, and Istio's sidecar model built in "
         "the lab (unsteered pods, each with its own Envoy holding the same policy as steer "
-        "renders it, reached through iptables REDIRECT in the pods). CPU is the whole lab's "
-        "cgroup subtree per request at 16 connections; latency with one connection. Memory: "
+        "renders it, reached through iptables REDIRECT in the pods). CPU is the whole node's "
+        "per request at 16 connections (the lab's cgroup subtree, and steer's agent and "
+        "control plane); latency with one connection. Memory: "
         "a real Envoy per model with the configuration for N pods, VmRSS once ready."
     ),
     "datapath": (
         "The same HTTP GET through each path a pod's traffic can take, one client and one "
         "server pod per path on one node; servers are Envoy instances answering from a "
-        "static route, the load is wrk inside the client pod. CPU is the whole lab's cgroup "
-        "subtree (clients, servers, node Envoy) per 10k requests."
+        "static route, the load is wrk inside the client pod. CPU is the whole node's per 10k "
+        "requests: the lab's cgroup subtree (clients, servers, node Envoy), and steer's "
+        "agent and control plane, which share its cores (the agent reads every observed "
+        "request)."
     ),
     "l4-rules": (
         "Bulk and small-write TCP throughput between two pods with growing numbers of L4 "

@@ -195,13 +195,31 @@ def _audited(tags: Any) -> tuple[str, str] | str | None:
 
 _METHODS = {number: name for name, number in base_pb2.RequestMethod.items()}
 
+# An event read and not yet made whole: the agent reads tens of thousands a second and
+# `steer observe` reads a few, so only what its shape decides (pods, verdict, policy: all
+# the metrics count, shared by every event of that shape) is worked out on arrival, and the
+# rest for those read (`materialized`).
+# A flow: its shape's event, the ring's record, and the clock offset at reading.
+PendingFlow = tuple[Event, bytes, float]
+# An access log entry: its shape's event, its time, its client end, and the process behind
+# that end if known on arrival.
+PendingHttp = tuple[Event, float, str, "tuple[int, str] | None"]
+Pending = PendingFlow | PendingHttp
+
 
 def http_event(
     entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView, openers: Openers | None = None
 ) -> Event:
     """One access log entry as a `steer observe` event; `openers` names the process behind
-    the client's connection, where a socket hook saw it open. Runs once per request: what
-    follows from the request's shape alone is worked out once per shape and view."""
+    the client's connection, where a socket hook saw it open."""
+    return materialized(pending_http(entry, view, openers))
+
+
+def pending_http(
+    entry: accesslog_pb2.HTTPAccessLogEntry, view: NodeView, openers: Openers | None = None
+) -> PendingHttp:
+    """An access log entry as it is kept until read (`PendingHttp`). Runs once per request:
+    what follows from the request's shape alone is worked out once per shape and view."""
     common, request, response = entry.common_properties, entry.request, entry.response
     remote, local = (
         common.downstream_remote_address.socket_address,
@@ -229,17 +247,28 @@ def http_event(
         if len(view.shapes) >= _EXPLAINED_MAX:
             view.shapes.clear()
         known = view.shapes[shape] = _http_shape(view, _Shape._make(shape))
-    opener = openers.get(f"{src_ip}:{src_port}") if openers is not None else None
+    source = f"{src_ip}:{src_port}"
     start = common.start_time
+    return (
+        known,
+        start.seconds + start.nanos / 1e9,
+        source,
+        openers.get(source) if openers is not None else None,
+    )
+
+
+def _completed_http(
+    known: Event, time: float, source: str, opener: tuple[int, str] | None
+) -> Event:
     return {
         **known,
         # Seconds since the epoch; an ISO 8601 string once the event is read (`_readable`).
-        "time": start.seconds + start.nanos / 1e9,
+        "time": time,
         # The opener of the client's socket: known to the kernel's socket hooks, not to
         # Envoy's access log.
         "pid": opener[0] if opener else None,
         "comm": opener[1] if opener else None,
-        "src": f"{src_ip}:{src_port}",
+        "src": source,
     }
 
 
@@ -321,13 +350,6 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
-# A flow read from the ring and not yet made an event: what follows from its shape, the
-# record, and the clock offset at reading. The agent reads ten thousand a second under
-# short connections and `steer observe` reads a few: the rest of the event is only worked
-# out for those read (`materialized`).
-PendingFlow = tuple[Event, bytes, float]
-
-
 def known_shape(view: NodeView, record: bytes) -> Event:
     """What follows from a flow record's shape alone (pods, addresses, verdict), worked
     out once per shape and view. A flow is one of a pod, as its socket hooks recorded it:
@@ -345,9 +367,11 @@ def known_shape(view: NodeView, record: bytes) -> Event:
     return known
 
 
-def materialized(item: Event | PendingFlow) -> Event:
+def materialized(item: Event | Pending) -> Event:
     if isinstance(item, dict):
         return item
+    if len(item) == 4:
+        return _completed_http(*item)
     known, record, offset = item
     return _completed(known, FlowRecord.unpack(record), offset)
 
@@ -984,11 +1008,12 @@ class _PinnedRing:
 
 class EventRing:
     """The last `size` events, for `--last`, and a wait for new ones, for `--follow`.
-    Flows are kept as read (`PendingFlow`) and made events when first read out, in place,
-    so that what `join_late` writes into an event stays for every later read."""
+    Flows and HTTP requests are kept as read (`Pending`) and made events when first read
+    out, in place, so that what `join_late` writes into an event stays for every later
+    read."""
 
     def __init__(self, size: int = OBSERVE_RING_SIZE) -> None:
-        self._items: deque[Event | PendingFlow] = deque(maxlen=size)
+        self._items: deque[Event | Pending] = deque(maxlen=size)
         self._changed = threading.Condition()
         # The sequence number of the newest item; the oldest is `_seq - len(_items) + 1`.
         self._seq = 0
@@ -998,7 +1023,7 @@ class EventRing:
     def add(self, event: Event) -> None:
         self.extend((event,))
 
-    def extend(self, items: Sequence[Event | PendingFlow]) -> None:
+    def extend(self, items: Sequence[Event | Pending]) -> None:
         """Add a batch under one lock, waking `--follow` readers once."""
         with self._changed:
             room = self._items.maxlen or 0
@@ -1041,7 +1066,7 @@ class EventRing:
 class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(
         self,
-        add: Callable[[Sequence[Event]], None],
+        add: Callable[[Sequence[Pending]], None],
         view: Callable[[], NodeView],
         openers: Openers,
     ) -> None:
@@ -1054,14 +1079,14 @@ class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     ) -> als_pb2.StreamAccessLogsResponse:
         for message in request_iterator:
             view = self._view()
-            events = []
+            requests = []
             for entry in message.http_logs.log_entry:
                 try:
-                    events.append(http_event(entry, view, self._openers))
+                    requests.append(pending_http(entry, view, self._openers))
                 except Exception:  # one odd entry must not end Envoy's stream
                     log.exception("access log entry not understood: %s", entry)
             # A message carries a worker's entries of up to 200 ms: one batch each.
-            self._add(events)
+            self._add(requests)
         return als_pb2.StreamAccessLogsResponse()
 
 
@@ -1201,16 +1226,16 @@ class Observability:
         self.ring.extend(events)
         self.on_events(events)
 
-    def _add_flows(self, flows: Sequence[PendingFlow]) -> None:
-        self.ring.extend(flows)
+    def _add_pending(self, items: Sequence[Pending]) -> None:
+        self.ring.extend(items)
         # What the metrics count of an event (layer, verdict, policy...) is in its shape.
-        self.on_events([known for known, _, _ in flows])
+        self.on_events([item[0] for item in items])
 
     def start(self) -> None:
         _bind_path(self.als_socket)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            _AccessLogs(self._add, lambda: self.view, self.openers), server
+            _AccessLogs(self._add_pending, lambda: self.view, self.openers), server
         )
         # Owner-only from the start: the umask covers the moment before a chmod could.
         old = os.umask(0o077)
@@ -1224,7 +1249,9 @@ class Observability:
         observe.ring, observe.openers, observe.revoked = self.ring, self.openers, self.revoked
         threading.Thread(target=observe.serve_forever, name="steer-observe", daemon=True).start()
         self._grpc, self._observe = server, observe
-        self._flows = FlowReader(self.flow_events, self._add_flows, lambda: self.view, self.openers)
+        self._flows = FlowReader(
+            self.flow_events, self._add_pending, lambda: self.view, self.openers
+        )
         self._flows.start()
         if self.inbound:
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import wrappers_pb2
 
 from steer.constants import VERDICT_ALLOW, VERDICT_DENY, VERDICT_L7
@@ -23,8 +24,10 @@ from steer.node.bpfmaps import (
 from steer.node.observe import (
     EventRing,
     NodeView,
+    Observability,
     Openers,
     Revoked,
+    _AccessLogs,
     http_event,
     join_late,
     known_shape,
@@ -313,3 +316,34 @@ def test_flows_of_one_shape_are_counted_as_often_as_they_came() -> None:
     labels = {"dataplane": "ebpf", "direction": "egress", "verdict": "denied"}
     sample = metrics.registry.get_sample_value
     assert sample("steer_flows_total", {**labels, "policy": "default/web"}) == 3
+
+
+def test_access_log_entries_are_kept_as_read_counted_and_made_events_when_read() -> None:
+    # The agent's path for Envoy's stream: one message, two requests of one shape and a
+    # denial; the metrics count them before anything reads them, and the ring makes each
+    # the same event `http_event` would.
+    observability = Observability(on_events=(metrics := AgentMetrics()).observe_events)
+    observability.view = replace(VIEW, shapes={})
+    observability.openers.remember(f"{CLIENT.ip}:40000", (4242, "curl"))
+    denial = "rbac_access_denied_matched_policy[default/web:default/web/1/no-debug-port]"
+    message = als_pb2.StreamAccessLogsMessage()
+    entries = [
+        entry("/public/a", 200, "via_upstream"),
+        entry("/public/a", 200, "via_upstream"),
+        entry("/debug", 403, denial),
+    ]
+    message.http_logs.log_entry.extend(entries)
+    servicer = _AccessLogs(observability._add_pending, lambda: observability.view, Openers())
+    servicer.StreamAccessLogs(iter([message]), None)
+    sample = metrics.registry.get_sample_value
+    labels = {"dataplane": "ebpf", "direction": "egress", "policy": "default/web"}
+    assert sample("steer_http_requests_total", {**labels, "verdict": "allowed"}) == 2
+    assert sample("steer_http_requests_total", {**labels, "verdict": "denied"}) == 1
+    events, seq = observability.ring.last(10)
+    assert seq == 3
+    assert events == [http_event(e, replace(VIEW, shapes={})) for e in entries]
+    # The servicer's openers were empty: the process is joined when read, as for any event
+    # whose open record came late.
+    join_late(events[0], observability.openers, Revoked())
+    assert (events[0]["pid"], events[0]["comm"]) == (4242, "curl")
+    assert observability.ring.last(3)[0][0] is events[0]
