@@ -258,12 +258,12 @@ def pending_http(
 
 
 def _completed_http(
-    known: Event, time: float, source: str, opener: tuple[int, str] | None
+    known: Event, started: float, source: str, opener: tuple[int, str] | None
 ) -> Event:
     return {
         **known,
         # Seconds since the epoch; an ISO 8601 string once the event is read (`_readable`).
-        "time": time,
+        "time": started,
         # The opener of the client's socket: known to the kernel's socket hooks, not to
         # Envoy's access log.
         "pid": opener[0] if opener else None,
