@@ -574,6 +574,8 @@ def _http_connection_manager(stat_prefix: str, route_name: str) -> hcm_pb2.HttpC
 # The share of requests Envoy logs to the agent, in percent: an Envoy runtime key, so an
 # operator (or the benchmark) can sample or stop access logging without a config push.
 ACCESS_LOG_RUNTIME_KEY = "steer.access_log_percent"
+# Responses from this status up are logged whatever the share (`_LOGGED_REQUESTS`).
+ACCESS_LOG_ALWAYS_FROM_STATUS_KEY = "steer.access_log_always_from_status"
 
 
 def _agent_access_log() -> accesslog_pb2.AccessLog:
@@ -593,16 +595,58 @@ def _agent_access_log() -> accesslog_pb2.AccessLog:
             buffer_size_bytes=wrappers_pb2.UInt32Value(value=64 << 10),
         )
     )
-    sampled = accesslog_pb2.AccessLogFilter(
-        runtime_filter=accesslog_pb2.RuntimeFilter(
-            runtime_key=ACCESS_LOG_RUNTIME_KEY,
-            percent_sampled=percent_pb2.FractionalPercent(numerator=100),
-            use_independent_randomness=True,
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        filter=_LOGGED_REQUESTS,
+        typed_config=_pack(config),
+    )
+
+
+def _audit_would_deny(prefix: str) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(
+        metadata_filter=accesslog_pb2.MetadataFilter(
+            matcher=metadata_pb2.MetadataMatcher(
+                filter=RBAC_METADATA,
+                path=[
+                    metadata_pb2.MetadataMatcher.PathSegment(key=f"{prefix}shadow_engine_result")
+                ],
+                value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact="denied")),
+            ),
+            # Unset, a request without the key (nearly every one) would be logged.
+            match_if_key_not_found=wrappers_pb2.BoolValue(value=False),
         )
     )
-    return accesslog_pb2.AccessLog(
-        name="envoy.access_loggers.http_grpc", filter=sampled, typed_config=_pack(config)
+
+
+# The runtime share samples allowed requests only: a denial or refusal (any status from
+# 400 up: 403 from RBAC, 400 from a refusal route or the connection manager, 413 from the
+# body check) and an audited would-be denial are logged whatever the share, so an operator
+# who samples to save CPU still sees every one. The share comes first: at 100, the default,
+# it decides alone.
+_LOGGED_REQUESTS = accesslog_pb2.AccessLogFilter(
+    or_filter=accesslog_pb2.OrFilter(
+        filters=[
+            accesslog_pb2.AccessLogFilter(
+                runtime_filter=accesslog_pb2.RuntimeFilter(
+                    runtime_key=ACCESS_LOG_RUNTIME_KEY,
+                    percent_sampled=percent_pb2.FractionalPercent(numerator=100),
+                    use_independent_randomness=True,
+                )
+            ),
+            accesslog_pb2.AccessLogFilter(
+                status_code_filter=accesslog_pb2.StatusCodeFilter(
+                    comparison=accesslog_pb2.ComparisonFilter(
+                        op=accesslog_pb2.ComparisonFilter.GE,
+                        value=base_pb2.RuntimeUInt32(
+                            default_value=400, runtime_key=ACCESS_LOG_ALWAYS_FROM_STATUS_KEY
+                        ),
+                    )
+                )
+            ),
+            *(_audit_would_deny(prefix) for prefix in AUDIT_PREFIXES.values()),
+        ]
     )
+)
 
 
 def _build_http_connection_manager(

@@ -9,7 +9,7 @@ import io
 import json
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ from steer.constants import (
     NODE_NETNS,
 )
 from steer.lab.podproc import PodProcessError
+from steer.node.envoy import admin_post
 from steer.node.netns import run_in_netns
+from steer.render.xds import ACCESS_LOG_RUNTIME_KEY
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 from tests.e2e.test_http_policy import (
     ALLOWED,
@@ -127,6 +129,62 @@ def test_filters_select_events(node: PodsNode) -> None:
     by_pod = observe("--last", "500", "--pod", "default/client", "--port", str(HTTP_PORT))
     assert {f"/public/{tag}", f"/admin/{tag}"} <= {e["path"] for e in by_pod}
     assert observe("--last", "500", "--pod", "nobody") == []
+
+
+@contextlib.contextmanager
+def access_log_share(percent: int) -> Iterator[None]:
+    """Envoy's access log sampled at `percent` while the block runs, as an operator would
+    set it (docs/observability.md), and every request logged again after."""
+
+    def share(value: int) -> None:
+        status, body = admin_post(f"/runtime_modify?{ACCESS_LOG_RUNTIME_KEY}={value}")
+        assert status == 200, body
+
+    share(percent)
+    try:
+        yield
+    finally:
+        share(100)
+
+
+def test_a_sampled_access_log_still_logs_every_denial_and_audited_request(
+    node: PodsNode,
+) -> None:
+    """With the share at 0, an allowed request is not logged; a denial and an audited
+    would-be denial still are, with the rule that decided."""
+    apply(
+        node,
+        ingress(
+            "web",
+            {"name": "public", **http_rule(paths=[prefix("/public/")])},
+            {
+                "name": "would-block-audited",
+                "mode": "Audit",
+                **http_rule("Deny", paths=[prefix("/public/audited/")]),
+            },
+        ),
+    )
+    tag = f"{node.dataplane}-{time.monotonic_ns()}"
+    with access_log_share(0):
+        expect(request(node, f"/public/{tag}"), ALLOWED)
+        expect(request(node, f"/public/audited/{tag}"), ALLOWED)
+        expect(request(node, f"/admin/{tag}"), DENIED)
+        (denied,) = observed(f"/admin/{tag}")
+        (audited,) = observed(f"/public/audited/{tag}")
+        # Envoy flushes each worker's entries every 200 ms: by now the allowed request,
+        # sent first, would be here had it been logged.
+        time.sleep(1)
+        assert f"/public/{tag}" not in {e.get("path") for e in observe("--last", "500")}
+    assert (denied["verdict"], denied["status"], denied["rule"]) == ("denied", 403, "default-deny")
+    assert (audited["verdict"], audited["status"], audited["rule"]) == (
+        "audit",
+        200,
+        "would-block-audited",
+    )
+    # Logged again once the share is back.
+    expect(request(node, f"/public/again/{tag}"), ALLOWED)
+    (again,) = observed(f"/public/again/{tag}")
+    assert again["verdict"] == "allowed"
 
 
 def scrape(port: int, path: str = "/metrics") -> str:
