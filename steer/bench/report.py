@@ -42,7 +42,7 @@ ANALYSIS = """\
   newly connected node, builds 1,001 route configurations and 2,002 filter chains in
   Python protobuf: ~0.1 s at 100 rules, ~0.3 s at 10k.
 - **datapath, eBPF + sk_msg against iptables** (issue 3's targets): the rps ratio met in
-  the last run (1.27x for >= 1.2x), the p50 ratio not (0.82x for <= 0.70x); both move
+  the last run (1.32x for >= 1.2x), the p50 ratio not (0.80x for <= 0.70x); both move
   between runs (p50 0.69-0.88x, rps 1.12-1.30x over the runs so far). Envoy's user-space
   work dominates every L7 path; sk_msg removes ~55% of the kernel CPU per request and
   keeps the payload off the veths, but cannot touch the user-space share. (The machine's
@@ -54,8 +54,9 @@ ANALYSIS = """\
   round reached only ~6,700/s: the agent's reader then cost ~6 us per flow on the same
   two cores (see services below for what changed).
 - **datapath, observed** (issue 14: >= 0.95x rps and <= 1.10x CPU per request of the same
-  path unobserved): not met. iptables_observed: 0.84x the rps, 1.15x the CPU per request;
-  ebpf_skmsg_observed: 0.88x, 1.15x. The CPU per request now counts steer's agent and
+  path unobserved): not met. iptables_observed: 0.88x the rps, 1.07x the CPU per request
+  (0.84x and 1.15x in the run before); ebpf_skmsg_observed: 0.83x, 1.22x (0.88x, 1.15x).
+  The CPU per request now counts steer's agent and
   control plane with the lab's cgroup (they share its two cores); earlier rounds read the
   lab's cgroup alone, which left out the agent's work for every logged request and showed
   1.00x and 1.03x. What logging every request costs, per request, from the node Envoy's
@@ -193,10 +194,11 @@ runs (where wrk and a direct-response Envoy backend together took ~43 us); the n
 was 10-20% above it, at 102-111 us.
 
 The machine these figures come from is faster than the one of the table above (direct:
-~42k rps against ~18k), and the node Envoy's user CPU per request falls with it: 38.3 us
-on iptables and 32.7 us on eBPF + sk_msg in this run (target <= 40 us: met), 44.4 and
-34.8 us in another run of the same code that day. The target sits at the line on this
-machine, at no change of configuration; it is not met on the slower one. Tried again on
+~42k rps against ~18k), and the node Envoy's user CPU per request falls with it: 41.9 us
+on iptables and 31.5 us on eBPF + sk_msg in this run (target <= 40 us: not met), 38.3 /
+32.7 and 44.4 / 34.8 us in two other runs that day (met in one of the three). The target
+sits at the line on this machine, at no change of configuration; it is not met on the
+slower one. Tried again on
 this machine, one variant per node, three alternating runs each (L7 via iptables / eBPF
 + sk_msg, Envoy user us/req): shipped 39-43 / 31-39; no refusal routes 42-44 / 38-40;
 no stream idle timer 38-40 / 30-36; no access log filter at all 39-44 / 30-38: all within
@@ -204,17 +206,18 @@ the spread between runs of the same configuration (one node's shipped runs: 44-5
 47-52), so nothing left in steer's configuration moves Envoy's CPU measurably. Pinning
 Envoy to one of the two cores cost 20-30% of the rps. (The HTTP/1 parser cannot be
 chosen: Envoy removed the runtime switch to http-parser in 2025.) The eBPF + sk_msg path
-against iptables: p50 0.74-0.82x (target 0.70x) and rps 1.17-1.36x (target 1.3x) over the
-runs of the day; sk_msg halves the kernel's share (13 against 26 us of Envoy's system
-CPU), but user space is most of each request. The L7 path via eBPF + sk_msg at 1.98x
-direct p50 in this run (target 2.5x: met; 2.42-2.59x on the slower machine).
+against iptables: p50 0.74-0.81x (target 0.70x) and rps 1.17-1.36x (target 1.3x) over
+three runs of the day; sk_msg halves the kernel's share (13 against 26 us of Envoy's system
+CPU), but user space is most of each request. The L7 path via eBPF + sk_msg at 1.94x
+direct p50 in this run (target 2.5x: met; 1.87-1.98x that day, 2.42-2.59x on the slower
+machine).
 
 The sidecar model costs more on every count: two Envoys per request instead of one, each
 with its pod's iptables redirect: 2.7x the CPU per request of L7 via eBPF + sk_msg, and
-2.0x its p50, in this run (1.9x and 1.9x on the slower machine). Memory: one sidecar
+2.1x its p50, in this run (1.9x and 1.9x on the slower machine). Memory: one sidecar
 holding only its own pod's configuration (the sidecar model's best case) takes ~64 MiB;
 the node Envoy with the configuration of 100 pods takes ~76 MiB, 0.012x the sidecars'
-6.3 GiB (target <= 0.2x: met), and ~176 MiB at 1,000 pods.
+6.3 GiB (target <= 0.2x: met), and ~180 MiB at 1,000 pods.
 """
 
 ABOUT = {
