@@ -22,7 +22,6 @@ Targets: RSS slope <= 1 MiB per 10 minutes after warm-up, p99 change-to-enforcem
 
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 import time
@@ -32,7 +31,13 @@ from typing import Any
 
 from steer.atomicfile import write_json_atomic
 from steer.bench import BenchOptions
-from steer.bench.memory import PODS_PER_POLICY, modelled_pods, pid_of, policies
+from steer.bench.memory import (
+    PODS_PER_POLICY,
+    modelled_pods,
+    pid_of,
+    policies,
+    processes_cpu_usec,
+)
 from steer.bench.plots import new_figure, save
 from steer.constants import AGENT_STATUS_FILE, CONTROL_STATUS_FILE, LAB_STATE_FILE
 from steer.lab.localnode import LocalNode, envoy_has_current, read_status, wait_for
@@ -88,11 +93,6 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return float(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def slope_mb_per_10_min(times: list[float], values: list[float]) -> float:
@@ -169,7 +169,7 @@ def _sampler(pids: dict[str, int], samples: Samples, stop: threading.Event, star
         samples.times.append(time.monotonic() - started)
         for process, pid in pids.items():
             samples.rss[process].append(_rss_mb(pid))
-        samples.agent_cpu_s.append(_cpu_s(pids["agent"]))
+        samples.agent_cpu_s.append(sum(processes_cpu_usec([pids["agent"]])) / 1e6)
 
 
 def run(options: BenchOptions) -> dict[str, Any]:

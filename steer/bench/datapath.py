@@ -21,19 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steer.bench import BenchOptions
+from steer.bench.memory import pid_of, processes_cpu_usec
 from steer.bench.plots import new_figure, save
 from steer.bench.stats import abba, summarize
 from steer.constants import (
@@ -234,19 +234,6 @@ def _cpu_usec(root: Path) -> tuple[int, int]:
     return int(fields["user_usec"]), int(fields["system_usec"])
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _process_cpu_usec(pids: Iterable[int]) -> tuple[int, int]:
-    """User and system CPU of processes, every thread of each, from /proc/PID/stat."""
-    user = system = 0
-    for pid in pids:
-        # Fields after the command (which may hold spaces): state is 3, utime 14, stime 15.
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        user, system = user + int(fields[11]), system + int(fields[12])
-    return user * 1_000_000 // _CLOCK_TICKS, system * 1_000_000 // _CLOCK_TICKS
-
-
 @dataclass
 class Samples:
     values: dict[str, list[float]] = field(default_factory=lambda: {f: [] for f in FIGURES})
@@ -261,12 +248,13 @@ class DatapathBench:
         self.clients = clients
         self.seconds = seconds
         self.cgroup_root = cgroup2_root() / "steer"
+        # Outside the lab's cgroup subtree, which holds Envoy.
+        self.steer_pids = [pid_of(role) for role in ("agent", "control")]
 
     def node_cpu_usec(self) -> tuple[int, int]:
         """User and system CPU the node has used: the lab's cgroup subtree, and steer's
-        agent and control plane (Envoy is in the subtree)."""
-        lab = _cpu_usec(self.cgroup_root)
-        steer = _process_cpu_usec(self.node.pids[name] for name in ("agent", "control"))
+        agent and control plane."""
+        lab, steer = _cpu_usec(self.cgroup_root), processes_cpu_usec(self.steer_pids)
         return lab[0] + steer[0], lab[1] + steer[1]
 
     def _wrk(self, config: str, connections: int) -> str:

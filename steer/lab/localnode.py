@@ -76,8 +76,6 @@ class LocalNode:
         self.policy_dir = policy_dir
         self.specs = specs
         self._written_at = 0.0
-        # The node's own processes by name (control, agent, envoy), for what they cost.
-        self.pids: dict[str, int] = {}
 
     def set_annotations(self, pod: str, annotations: Mapping[str, str]) -> None:
         """Change a pod's annotations, as an operator would, and wait until the agent has
@@ -176,7 +174,7 @@ class LocalNode:
                     # socket), so `steer lab down`, which kills what is in the lab's
                     # namespaces, stops them all, also when this process is gone (--keep,
                     # or killed outright).
-                    process = stack.enter_context(
+                    stack.enter_context(
                         supervised(
                             argv,
                             LOG_DIR / f"{name}.log",
@@ -184,8 +182,6 @@ class LocalNode:
                             outlive_parent=keep,
                         )
                     )
-                    # setpriv and nsenter exec what they run: the same process.
-                    node.pids[name] = process.pid
                 run_in_netns(lab.node_netns, wait_ready)
                 node.wait_synced()
                 yield node

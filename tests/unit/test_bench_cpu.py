@@ -1,5 +1,5 @@
 """The benchmarks' CPU accounting of processes outside the lab's cgroup (steer's agent and
-control plane), read from /proc the way `steer bench datapath` reads them."""
+control plane), read from /proc the way `steer bench datapath` and `churn` read them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from steer.bench.datapath import _process_cpu_usec
+from steer.bench.memory import processes_cpu_usec
 
 # Spends 0.3 s of CPU in a second thread, says so, then waits to be killed. Its name holds
 # a space and a ")", which /proc/PID/stat prints as is: the fields after it must still be
@@ -35,8 +35,8 @@ def test_the_cpu_of_every_thread_of_a_process_is_counted() -> None:
         try:
             assert child.stdout is not None and child.stdout.readline() == b"spun\n"
             assert Path(f"/proc/{child.pid}/comm").read_text() == "odd) name x\n"
-            user, system = _process_cpu_usec([child.pid])
+            user, system = processes_cpu_usec([child.pid])
             assert user + system >= 250_000
-            assert _process_cpu_usec([child.pid, child.pid]) == (2 * user, 2 * system)
+            assert processes_cpu_usec([child.pid, child.pid]) == (2 * user, 2 * system)
         finally:
             child.kill()
