@@ -141,6 +141,11 @@ ENVOY_ADMIN_SOCKET_MODE: Final = 0o600
 ALS_SOCKET: Final = RUN_DIR / "als.sock"
 OBSERVE_SOCKET: Final = RUN_DIR / "observe.sock"
 ALS_CLUSTER: Final = "steer-als"
+# The share of allowed requests Envoy logs to the agent, in percent: an Envoy runtime key,
+# so an operator (or the benchmark) can sample or stop access logging without a config
+# push. Responses from the status under the second key up are logged whatever the share.
+ACCESS_LOG_RUNTIME_KEY: Final = "steer.access_log_percent"
+ACCESS_LOG_ALWAYS_FROM_STATUS_KEY: Final = "steer.access_log_always_from_status"
 # Events the agent keeps for `steer observe --last`: the oldest go first.
 OBSERVE_RING_SIZE: Final = 10_000
 

@@ -48,10 +48,9 @@ from steer.lab.podproc import PodProcess
 from steer.lab.spec import LabPod, LabPodSpec
 from steer.node.bpfobjects import BpfObjects
 from steer.node.cgroups import cgroup2_root
-from steer.node.envoy import admin_post, envoy_binary
+from steer.node.envoy import envoy_binary, set_access_log_percent
 from steer.node.kernel import HostKernel
 from steer.node.netns import run_in_netns
-from steer.render.xds import ACCESS_LOG_RUNTIME_KEY
 
 CONFIGS = (
     "direct",
@@ -285,9 +284,7 @@ class DatapathBench:
         run_in_netns(NODE_NETNS, set_flag)
 
     def _access_log(self, on: bool) -> None:
-        status, body = admin_post(f"/runtime_modify?{ACCESS_LOG_RUNTIME_KEY}={100 if on else 0}")
-        if status != 200:
-            raise RuntimeError(f"Envoy's runtime refused the access log setting: {body}")
+        set_access_log_percent(100 if on else 0)
 
     def measure(self, config: str, into: Samples) -> None:
         self._skmsg(OBSERVED.get(config, config) == "ebpf_skmsg")

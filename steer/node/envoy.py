@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from steer.constants import (
+    ACCESS_LOG_RUNTIME_KEY,
     ENVOY_ADMIN_SOCKET,
     ENVOY_BOOTSTRAP_FILE,
     ENVOY_LOG_FILE,
@@ -70,6 +71,15 @@ def admin_post(
 ) -> tuple[int, str]:
     """POST to Envoy's admin (what changes state, e.g. "/runtime_modify?key=value")."""
     return _admin_call("POST", path, admin, timeout)
+
+
+def set_access_log_percent(percent: int, admin: Path | str = ENVOY_ADMIN_SOCKET) -> None:
+    """The share of allowed requests Envoy logs to the agent, set at once through its
+    runtime (docs/observability.md, "Access log sampling")."""
+    setting = f"{ACCESS_LOG_RUNTIME_KEY}={percent}"
+    status, body = admin_post(f"/runtime_modify?{setting}", admin)
+    if status != 200:
+        raise RuntimeError(f"Envoy's runtime refused {setting}: {body}")
 
 
 def _admin_call(method: str, path: str, admin: Path | str, timeout: float) -> tuple[int, str]:

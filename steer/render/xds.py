@@ -46,6 +46,8 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from steer.constants import (
+    ACCESS_LOG_ALWAYS_FROM_STATUS_KEY,
+    ACCESS_LOG_RUNTIME_KEY,
     ALS_CLUSTER,
     ENVOY_INBOUND_PORT,
     ENVOY_OUTBOUND_PORT,
@@ -569,13 +571,6 @@ def _http_connection_manager(stat_prefix: str, route_name: str) -> hcm_pb2.HttpC
     hcm.stat_prefix = stat_prefix
     hcm.rds.route_config_name = route_name
     return hcm
-
-
-# The share of requests Envoy logs to the agent, in percent: an Envoy runtime key, so an
-# operator (or the benchmark) can sample or stop access logging without a config push.
-ACCESS_LOG_RUNTIME_KEY = "steer.access_log_percent"
-# Responses from this status up are logged whatever the share (`_LOGGED_REQUESTS`).
-ACCESS_LOG_ALWAYS_FROM_STATUS_KEY = "steer.access_log_always_from_status"
 
 
 def _agent_access_log() -> accesslog_pb2.AccessLog:

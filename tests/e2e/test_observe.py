@@ -27,9 +27,8 @@ from steer.constants import (
     NODE_NETNS,
 )
 from steer.lab.podproc import PodProcessError
-from steer.node.envoy import admin_post
+from steer.node.envoy import set_access_log_percent
 from steer.node.netns import run_in_netns
-from steer.render.xds import ACCESS_LOG_RUNTIME_KEY
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 from tests.e2e.test_http_policy import (
     ALLOWED,
@@ -135,16 +134,11 @@ def test_filters_select_events(node: PodsNode) -> None:
 def access_log_share(percent: int) -> Iterator[None]:
     """Envoy's access log sampled at `percent` while the block runs, as an operator would
     set it (docs/observability.md), and every request logged again after."""
-
-    def share(value: int) -> None:
-        status, body = admin_post(f"/runtime_modify?{ACCESS_LOG_RUNTIME_KEY}={value}")
-        assert status == 200, body
-
-    share(percent)
+    set_access_log_percent(percent)
     try:
         yield
     finally:
-        share(100)
+        set_access_log_percent(100)
 
 
 def test_a_sampled_access_log_still_logs_every_denial_and_audited_request(
