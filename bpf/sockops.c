@@ -118,24 +118,34 @@ int steer_sockops(struct bpf_sock_ops *skops)
 	__u32 remote_port = STEER_REMOTE_PORT(skops->remote_port);
 
 	switch (skops->op) {
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
-		/* A flow connect4 recorded: its close is to be seen, and, for a flow to Envoy, its
-		 * source port (now known) names its opener to Envoy's access log entries of the
-		 * same connection. Flows past Envoy have no such entries: their close record
-		 * alone says it all, at half the records a short connection costs the agent. */
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
+		/* A flow connect4 recorded: its close is to be seen from here on, one the peer
+		 * refuses included (it never reaches ESTABLISHED), and the source port connect()
+		 * just chose tells the agent which connection a flow that lives long is. */
 		__u64 cookie = bpf_get_socket_cookie(skops);
 		struct steer_flow *flow = steer_flows.lookup(&cookie);
 		if (flow) {
+			flow->local_ip = skops->local_ip4;
+			flow->local_port = (__u16)skops->local_port;
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-			if (flow->verdict == STEER_VERDICT_L7) {
-				struct steer_flow_end opened = {
-					.at_ns = bpf_ktime_get_ns(),
-					.src_ip = skops->local_ip4,
-					.src_port = (__u16)skops->local_port,
-					.kind = STEER_FLOW_OPENED,
-				};
-				steer_emit_flow(flow, cookie, &opened);
-			}
+		}
+		break;
+	}
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		/* A flow to Envoy: its source port names its opener to Envoy's access log entries
+		 * of the same connection. Flows past Envoy have no such entries: their close
+		 * record alone says it all, at half the records a short connection costs the
+		 * agent. */
+		__u64 cookie = bpf_get_socket_cookie(skops);
+		struct steer_flow *flow = steer_flows.lookup(&cookie);
+		if (flow && flow->verdict == STEER_VERDICT_L7) {
+			struct steer_flow_end opened = {
+				.at_ns = bpf_ktime_get_ns(),
+				.src_ip = skops->local_ip4,
+				.src_port = (__u16)skops->local_port,
+				.kind = STEER_FLOW_OPENED,
+			};
+			steer_emit_flow(flow, cookie, &opened);
 		}
 		if (skops->remote_ip4 == cfg->envoy_ip && steer_is_client_listener(remote_port)) {
 			steer_client_established(skops, cfg);
@@ -192,6 +202,8 @@ int steer_observe_ops(struct bpf_sock_ops *skops)
 			.dialled_port_be = (__u16)(skops->remote_port >> 16),
 			.dst_port_be = (__u16)(skops->remote_port >> 16),
 			.verdict = STEER_VERDICT_IPTABLES,
+			.local_ip = skops->local_ip4,
+			.local_port = (__u16)skops->local_port,
 		};
 		bpf_get_current_comm(&flow.comm, sizeof(flow.comm));
 		__u64 cookie = bpf_get_socket_cookie(skops);

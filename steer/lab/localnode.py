@@ -112,11 +112,13 @@ class LocalNode:
     def write_policies(self, texts: Mapping[str, str], *, replace: bool = True) -> None:
         """Put policy files in place, each whole (by rename, as operators should); with
         replace, every other policy file goes."""
+        existing = self.policy_dir.glob("*.y*ml") if replace else ()
+        going = [path for path in existing if path.name not in texts]
+        if not (going or texts):
+            return  # nothing changes, so nothing is loaded again to wait for
         self._written_at = time.time()
-        if replace:
-            for existing in self.policy_dir.glob("*.y*ml"):
-                if existing.name not in texts:
-                    existing.unlink()
+        for path in going:
+            path.unlink()
         for name, text in texts.items():
             write_text_atomic(self.policy_dir / name, text)
 

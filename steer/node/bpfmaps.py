@@ -148,6 +148,9 @@ class Flow(ct.Structure):
         ("verdict", ct.c_uint8),
         ("pad", ct.c_uint8 * 3),
         ("comm", ct.c_char * 16),
+        ("local_ip", ct.c_uint32),
+        ("local_port", ct.c_uint16),
+        ("pad2", ct.c_uint16),
     )
 
 
@@ -184,6 +187,8 @@ class FlowRecord(NamedTuple):
     dst_port_be: int
     verdict: int
     comm: bytes
+    local_ip: int
+    local_port: int
     cookie: int
     at_ns: int
     bytes_sent: int
@@ -200,7 +205,7 @@ class FlowRecord(NamedTuple):
 
 # Native byte order, as the programs write it; the addresses stay in network order, as
 # in FlowEvent.
-_FLOW_RECORD = struct.Struct("=QIIIIHHB3x16sQQQQIHBB")
+_FLOW_RECORD = struct.Struct("=QIIIIHHB3x16sIH2xQQQQIHBB")
 if _FLOW_RECORD.size != ct.sizeof(FlowEvent):
     raise ImportError("FlowRecord's layout disagrees with struct steer_flow_event's")
 FLOW_RECORD_SIZE: Final = _FLOW_RECORD.size
@@ -216,9 +221,35 @@ FLOW_SOURCE: Final = slice(
 )
 
 
+_FLOW_END = struct.Struct("=QQQIHBB")  # struct steer_flow_end
+_FLOW_LOCAL = struct.Struct("=IH")
+_FLOW_START = struct.Struct("=Q")
+if _FLOW_END.size != ct.sizeof(FlowEnd):
+    raise ImportError("steer_flow_end's layout disagrees with FlowEnd's")
+FLOW_SIZE: Final = ct.sizeof(Flow)
+
+
+def flow_started_ns(flows: bytes, at: int = 0) -> int:
+    """When the `struct steer_flow` at `at` in `flows` (as steer_flows holds them) was
+    recorded, in bpf_ktime_get_ns() time."""
+    return int(_FLOW_START.unpack_from(flows, at)[0])
+
+
+def live_record(cookie: bytes, flow: bytes, at_ns: int) -> bytes | None:
+    """A record of kind FLOW_LIVE for a flow still in steer_flows (its socket has not
+    closed), as its close record will be but with no bytes yet; None before connect()
+    chose the socket's own address."""
+    local_ip, local_port = _FLOW_LOCAL.unpack_from(flow, Flow.local_ip.offset)
+    if not local_port:
+        return None
+    return flow + cookie + _FLOW_END.pack(at_ns, 0, 0, local_ip, local_port, FLOW_LIVE, 0)
+
+
 FLOW_REFUSED: Final = 1
 FLOW_CLOSED: Final = 2
 FLOW_OPENED: Final = 3
+# Made by the agent, from a flow still in steer_flows (`steer.node.observe.live_records`).
+FLOW_LIVE: Final = 4
 VERDICT_NO_BACKEND: Final = 4
 # A pod on iptables: its rules decided the flow; the record says who opened it and how.
 VERDICT_IPTABLES: Final = 5

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import logging
+from collections.abc import Iterator
 from enum import IntEnum
 from functools import cache
 from pathlib import Path
@@ -130,18 +131,35 @@ def count_entries(fd: int) -> int | None:
     if info is None:
         return None
     if info.type in _BATCHED_TYPES:
-        counted = _count_in_batches(fd, info.key_size, info.value_size)
-        if counted is not None:
+        counted = 0
+        for batch in _batches(fd, info.key_size, info.value_size):
+            if batch is None:
+                break
+            counted += batch[0]
+        else:
             return counted
     return _count_keys(fd, info.key_size, info.max_entries)
 
 
-def _count_in_batches(fd: int, key_size: int, value_size: int) -> int | None:
+def read_batches(fd: int) -> Iterator[tuple[int, bytes, bytes]]:
+    """A hash map's entries a batch (up to 1,024) at a time: (how many, their keys, their
+    values), each packed end to end. Raises OSError where the map cannot be read so."""
+    info = map_info(fd)
+    if info is None or info.type not in _BATCHED_TYPES:
+        raise OSError(errno.EINVAL, "not a hash map this process can read")
+    for batch in _batches(fd, info.key_size, info.value_size):
+        if batch is None:
+            raise OSError(ct.get_errno(), "reading a batch failed")
+        yield batch
+
+
+def _batches(fd: int, key_size: int, value_size: int) -> Iterator[tuple[int, bytes, bytes] | None]:
+    """A hash map's entries a batch at a time, as (how many, their keys, their values);
+    None (and the end) where the kernel refuses a batch."""
     keys = ct.create_string_buffer(key_size * _BATCH)
     values = ct.create_string_buffer(value_size * _BATCH)
     # The batch token of a hash map is a bucket index (u32); key-sized is always enough.
     tokens = [ct.create_string_buffer(max(key_size, 8)) for _ in range(2)]
-    total = 0
     position: Any = None
     while True:
         count = ct.c_uint32(_BATCH)
@@ -149,10 +167,14 @@ def _count_in_batches(fd: int, key_size: int, value_size: int) -> int | None:
         result = _lib().bpf_map_lookup_batch(
             fd, position, following, keys, values, ct.byref(count), None
         )
-        total += count.value
+        # ENOENT: the walk is done (the last batch may still carry entries).
+        if result != 0 and ct.get_errno() != errno.ENOENT:
+            yield None
+            return
+        read = count.value
+        yield read, keys.raw[: read * key_size], values.raw[: read * value_size]
         if result != 0:
-            # ENOENT: the walk is done (the last batch may still carry entries).
-            return total if ct.get_errno() == errno.ENOENT else None
+            return
         position = following
 
 

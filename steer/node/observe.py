@@ -53,17 +53,21 @@ from steer.model.explain import HTTPRequest, audit_default, explain, l4_audit, l
 from steer.model.pod import Pod
 from steer.node import libbpf
 from steer.node.bpfmaps import (
-    FLOW_CLOSED,
     FLOW_KIND_AT,
+    FLOW_LIVE,
     FLOW_OPENED,
     FLOW_RECORD_SIZE,
+    FLOW_REFUSED,
     FLOW_SHAPE,
+    FLOW_SIZE,
     FLOW_SOURCE,
     FLOW_VERDICT_AT,
     VERDICT_IPTABLES,
     VERDICT_NO_BACKEND,
     FlowRecord,
+    flow_started_ns,
     ip_from_be,
+    live_record,
 )
 from steer.node.conntrack import mark_decision
 from steer.node.netns import run_in_netns
@@ -378,17 +382,20 @@ def materialized(item: Event | Pending) -> Event:
 
 def _completed(known: Event, raw: FlowRecord, offset: float) -> Event:
     event = known.copy()
-    closed = raw.kind == FLOW_CLOSED
+    refused, live = raw.kind == FLOW_REFUSED, raw.kind == FLOW_LIVE
     event["time"] = raw.start_ns / 1e9 + offset
     event["pid"] = raw.tgid
     event["comm"] = _comm(raw.comm)
-    event["src"] = f"{_ip(raw.src_ip)}:{raw.src_port}" if closed else _ip(raw.src_ip)
-    event["bytes_sent"] = raw.bytes_sent
-    event["bytes_received"] = raw.bytes_received
+    # A connect refused before it reached the stack has no source port yet.
+    event["src"] = _ip(raw.src_ip) if refused else f"{_ip(raw.src_ip)}:{raw.src_port}"
+    # The socket's counts are read when it closes: a flow still open has none yet.
+    event["bytes_sent"] = None if live else raw.bytes_sent
+    event["bytes_received"] = None if live else raw.bytes_received
+    # So far, for a flow still open.
     event["duration_ms"] = round((raw.at_ns - raw.start_ns) / 1e6, 3)
     # A refused connect on iptables is the rules' TCP reset: the socket closes from
     # SYN_SENT, like any connect the peer refuses.
-    event["end"] = _ENDED_BY.get(raw.end_state, "fin") if closed else "refused"
+    event["end"] = None if live else "refused" if refused else _ENDED_BY.get(raw.end_state, "fin")
     return event
 
 
@@ -601,6 +608,17 @@ Revoked = Recent[float]
 
 # How often the flow reader looks for the ring buffer's pin, or checks it is still its own.
 _PIN_CHECK_S = 0.1
+# A flow still open after this long is an event of its own, once, with no end yet: one
+# that lives for hours (a database pool's connection, say) is seen while it lives, not
+# only when it closes. The reader looks for them this often, in one read of steer_flows
+# (batches of 1,024 entries).
+LIVE_AFTER_S = 5.0
+_LIVE_SCAN_S = 2.0
+# ... or less often on a node with so many flows that reading them takes more than this
+# share of the time between reads: 130-200 ms for the 262,144 a full map holds, read
+# every 7-10 s then.
+_LIVE_SCAN_SHARE = 0.02
+_COOKIE = 8
 # Above this many records a second, the flow reader lets records gather this long after
 # reading some. Below it each record is read as it comes: an HTTP event looks up the open
 # record of its connection when it arrives, and a quiet node should not make it wait.
@@ -654,14 +672,22 @@ class FlowReader(_Worker):
         on_flows: Callable[[Sequence[PendingFlow]], None],
         view: Callable[[], NodeView],
         openers: Openers,
+        *,
+        on_live: Callable[[Sequence[PendingFlow]], None] = lambda flows: None,
+        live_after_s: float = LIVE_AFTER_S,
     ) -> None:
         self.openers = openers
         self._pin = pin
         self._on_flows = on_flows
+        self._on_live = on_live
         self._view = view
         self._rate = _Rate(_GATHER_ABOVE_PER_S)
         self._lock = threading.Lock()
         self._ring: _PinnedRing | None = None
+        self._live_after_ns = int(live_after_s * 1e9)
+        self._next_live_scan = 0.0
+        # The cookies of the flows told of while still open, as long as they are.
+        self._told_live: set[bytes] = set()
         super().__init__("steer-flows")
 
     def _read(self, ring: RingReader) -> int:
@@ -689,6 +715,43 @@ class FlowReader(_Worker):
             except Exception:
                 log.exception("%d flow events were lost on their way to the ring", len(flows))
         return len(records)
+
+    def tell_live(self) -> None:
+        """An event for each flow open for `live_after_s` and not told of yet. The flows
+        are those still in steer_flows: the hooks keep a flow there from its connect to
+        its close."""
+        fd = libbpf.obj_get(self._pin.parent / "steer_flows")
+        if fd < 0:  # the datapath is not loaded
+            return
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        view, offset = self._view(), _monotonic_to_epoch()
+        told, still_open = self._told_live, set()
+        live: list[PendingFlow] = []
+        try:
+            # Batch by batch: the map can hold 262,144 flows, which as Python objects all
+            # at once would cost the agent ~50 MiB for a moment.
+            for count, cookies, flows in libbpf.read_batches(fd):
+                for index in range(count):
+                    cookie = cookies[index * _COOKIE : (index + 1) * _COOKIE]
+                    if cookie in told:
+                        still_open.add(cookie)
+                        continue
+                    at = index * FLOW_SIZE
+                    if now_ns - flow_started_ns(flows, at) < self._live_after_ns:
+                        continue
+                    record = live_record(cookie, flows[at : at + FLOW_SIZE], now_ns)
+                    if record is not None:
+                        still_open.add(cookie)
+                        live.append((known_shape(view, record), record, offset))
+        except OSError as exc:
+            log.warning("steer_flows could not be read (%s): open flows wait for next time", exc)
+            return
+        finally:
+            os.close(fd)
+        # What was told of and has closed since is forgotten.
+        self._told_live = still_open
+        if live:
+            self._on_live(live)
 
     def open_now(self) -> None:
         """Open the ring buffer now if it is pinned and not open yet: the agent calls this
@@ -722,6 +785,13 @@ class FlowReader(_Worker):
                 log.warning("reading flow events failed (%s); opening the ring buffer again", exc)
                 self._close()
                 continue
+            if (started := time.monotonic()) >= self._next_live_scan:
+                try:
+                    self.tell_live()
+                except Exception:  # the events of flows open now; their closes still come
+                    log.exception("looking for flows open long failed")
+                took = time.monotonic() - started
+                self._next_live_scan = started + max(_LIVE_SCAN_S, took / _LIVE_SCAN_SHARE)
             if read > 0 and self._rate.busy(read):
                 # Let records gather: the kernel wakes a reader only when it has caught up,
                 # so reading each one as it came cost a wake-up per flow, about a third of
@@ -1153,7 +1223,8 @@ def join_late(event: Event, openers: Openers, revoked: Revoked) -> None:
             event["pid"], event["comm"] = opener
     elif (
         event.get("layer") == "l4"
-        and event.get("end") not in ("refused", "revoked")
+        # A flow told of while open (no end yet) was open then, revoked or not later.
+        and event.get("end") not in (None, "refused", "revoked")
         and revoked.get(source) is not None
     ):
         event["end"] = "revoked"
@@ -1189,6 +1260,7 @@ class Observability:
     netns: str = ""
     # Called with (source, count) for netfilter events lost.
     on_lost: Callable[[str, int], None] = lambda source, count: None
+    live_after_s: float = LIVE_AFTER_S
     _grpc: grpc.Server | None = None
     _observe: _ObserveServer | None = None
     _flows: FlowReader | None = None
@@ -1250,7 +1322,13 @@ class Observability:
         threading.Thread(target=observe.serve_forever, name="steer-observe", daemon=True).start()
         self._grpc, self._observe = server, observe
         self._flows = FlowReader(
-            self.flow_events, self._add_pending, lambda: self.view, self.openers
+            self.flow_events,
+            self._add_pending,
+            lambda: self.view,
+            self.openers,
+            # Not counted: the metrics count each flow once, at its close.
+            on_live=self.ring.extend,
+            live_after_s=self.live_after_s,
         )
         self._flows.start()
         if self.inbound:
@@ -1317,14 +1395,18 @@ def one_line(event: Event) -> str:
             # From a client elsewhere (no process of this node) to the pod.
             who, process, to = str(event["src"]), "", f"{who} {to}"
         via = " via Envoy" if event.get("via_envoy") else ""
-        traffic = (
-            f" {event.get('bytes_sent')}B/{event.get('bytes_received')}B "
-            f"{event.get('duration_ms')}ms"
-            if event.get("end") != "refused"
-            else ""
-        )
+        end = event.get("end")
+        if end is None:  # still open: how long so far
+            traffic, end = f" {event.get('duration_ms')}ms", "open"
+        elif end == "refused":
+            traffic = ""
+        else:
+            traffic = (
+                f" {event.get('bytes_sent')}B/{event.get('bytes_received')}B "
+                f"{event.get('duration_ms')}ms"
+            )
         return (
-            f"{head} {who}{process} -> {to}{via} {event.get('end')}{traffic} "
+            f"{head} {who}{process} -> {to}{via} {end}{traffic} "
             f"[{event.get('dataplane') or '-'}] {decided}"
         )
     service = f" via {event['service']}" if event.get("service") else ""

@@ -29,6 +29,7 @@ from steer.constants import (
 from steer.lab.podproc import PodProcessError
 from steer.node.envoy import set_access_log_percent
 from steer.node.netns import run_in_netns
+from steer.node.observe import LIVE_AFTER_S
 from tests.e2e.conftest import HTTP_PORT, PodsNode
 from tests.e2e.test_http_policy import (
     ALLOWED,
@@ -53,6 +54,8 @@ KEYS = {
     "pod", "namespace", "pid", "comm", "src", "dst", "dataplane", "verdict", "layer",
     "policy", "rule", "method", "path", "status",
 }  # fmt: skip
+# The discard port: no test server listens there.
+NOTHING_LISTENS = 9
 WEB_PUBLIC = ingress(
     "web",
     {"name": "public", **http_rule(paths=[prefix("/public/")])},
@@ -262,9 +265,11 @@ def test_audit_mode_lets_a_request_through_and_records_it(node: PodsNode) -> Non
     assert sample(scrape(METRICS_PORT), "steer_http_requests_total", **audited) == before + 1
 
 
-def l4_events(wanted: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
-    """The L4 events `wanted` picks, once at least one has arrived (or after 10 s)."""
-    deadline = time.monotonic() + 10
+def l4_events(
+    wanted: Callable[[dict[str, Any]], bool], within_s: float = 10
+) -> list[dict[str, Any]]:
+    """The L4 events `wanted` picks, once at least one has arrived (or after `within_s`)."""
+    deadline = time.monotonic() + within_s
     while True:
         found = [e for e in observe("--last", "1000", "--layer", "l4") if wanted(e)]
         if found or time.monotonic() > deadline:
@@ -351,6 +356,68 @@ def test_l4_flows_name_the_process_behind_them(node: PodsNode) -> None:
     assert served["dst"] == f"{node.ip('api')}:{HTTP_PORT}"
 
 
+def test_a_flow_that_lives_long_is_an_event_while_open_and_counted_once(node: PodsNode) -> None:
+    """A connection kept open is an event once it has lived LIVE_AFTER_S, with its opener
+    and verdict and no end or bytes yet, and again when it closes, with them. The
+    metrics count the flow once."""
+    apply(node, ingress("api", {"name": "kept-open", "ports": [{"port": HTTP_PORT}]}))
+    labels = {"verdict": "allowed", "dataplane": node.dataplane, "policy": "default/api-ingress"}
+    before = sample(scrape(METRICS_PORT), "steer_flows_total", **labels)
+    client = node.workers["client"]
+    comm = Path(f"/proc/{client.pid}/comm").read_text().strip()
+    conn = client.http_open(node.ip("api"), HTTP_PORT)
+    try:
+        opened = client.http_request(conn, "GET", f"/long/{time.monotonic_ns()}")
+        assert opened.status == 200
+        source = f"{node.ip('client')}:{opened.local_port}"
+        found = l4_events(lambda e: e["src"] == source, within_s=LIVE_AFTER_S + 15)
+        assert found, f"no event of the open flow from {source}"
+        (live,) = found
+        assert (live["end"], live["bytes_sent"], live["verdict"], live["rule"]) == (
+            None,
+            None,
+            "allowed",
+            "kept-open",
+        )
+        assert (live["pid"], live["comm"], live["dataplane"]) == (client.pid, comm, node.dataplane)
+        assert live["dst"] == f"{node.ip('api')}:{HTTP_PORT}"
+        assert live["duration_ms"] >= LIVE_AFTER_S * 1000
+        # Counted at its close, not before.
+        assert sample(scrape(METRICS_PORT), "steer_flows_total", **labels) == before
+    finally:
+        client.http_close(conn)
+    closed = l4_events(lambda e: e["src"] == source and e["end"] is not None)
+    assert [(e["end"], e["pid"]) for e in closed] == [("fin", client.pid)]
+    assert closed[0]["bytes_sent"] > 0
+    assert len(l4_events(lambda e: e["src"] == source)) == 2
+    assert sample(scrape(METRICS_PORT), "steer_flows_total", **labels) == before + 1
+
+
+def test_an_allowed_connect_the_server_refuses_ends_refused(node: PodsNode) -> None:
+    """Allowed by policy, reset by the server's kernel (nothing listens): the socket never
+    reaches ESTABLISHED, and its event still comes, with its opener."""
+    apply(node)
+    client = node.workers["client"]
+    since = time.time() - 0.05
+    assert client.connect_outcome(node.ip("api"), NOTHING_LISTENS)[0] == "refused"
+    dst = f"{node.ip('api')}:{NOTHING_LISTENS}"
+    found = l4_events(
+        lambda e: (
+            e["dst"] == dst
+            and e["pid"] == client.pid
+            and datetime.fromisoformat(e["time"]).timestamp() >= since
+        )
+    )
+    assert found, f"no event of the refused connect to {dst}"
+    assert {k: found[-1][k] for k in ("verdict", "end", "dataplane", "pod", "via_envoy")} == {
+        "verdict": "allowed",
+        "end": "refused",
+        "dataplane": node.dataplane,
+        "pod": "client",
+        "via_envoy": False,
+    }
+
+
 def test_a_flow_a_policy_change_revokes_ends_revoked(node: PodsNode) -> None:
     """An allowed direct flow, then a policy that denies it: the agent revokes the live
     connection (socket destroyed on eBPF, conntrack entry dropped on iptables), and its
@@ -370,7 +437,8 @@ def test_a_flow_a_policy_change_revokes_ends_revoked(node: PodsNode) -> None:
     finally:
         client.http_close(conn)
     source = f"{node.ip('client')}:{opened.local_port}"
-    ended = l4_events(lambda e: e["src"] == source)
+    # Its close: a sync slower than LIVE_AFTER_S would have told of it while open too.
+    ended = l4_events(lambda e: e["src"] == source and e["end"] is not None)
     assert ended, f"no flow event from {source}"
     (flow,) = ended
     assert (flow["end"], flow["pid"], flow["dataplane"]) == ("revoked", client.pid, node.dataplane)

@@ -18,10 +18,11 @@ import pytest
 
 from steer.node import libbpf
 from steer.node.bpfbuild import _bcc
-from steer.node.bpfmaps import FLOW_OPENED, Flow, FlowEnd, FlowEvent
+from steer.node.bpfmaps import FLOW_LIVE, FLOW_OPENED, Flow, FlowEnd, FlowEvent
 from steer.node.kernel import ensure_bpffs
 from steer.node.observe import FlowReader, NodeView, Openers
 from steer.node.ringbuf import RingReader
+from tests.privileged.test_map_fill import LRU_HASH, create_map
 
 pytestmark = pytest.mark.privileged
 
@@ -182,3 +183,47 @@ def test_the_reader_keeps_order_across_the_rings_end_and_skips_discarded_records
         sender.close()
         receiver.close()
         module.cleanup()
+
+
+def test_a_flow_open_long_is_told_once_while_its_entry_lives(pin: Path) -> None:
+    """The reader tells of each flow in steer_flows open for `live_after_s`, once: not a
+    young one, not one whose connect() has not chosen its address yet, and again only for
+    a new flow under the same cookie (its entry went, and came back)."""
+    flows = create_map(LRU_HASH, 8, 64, value_size=ct.sizeof(Flow))
+    told: list[list[bytes]] = []
+    reader = FlowReader(
+        pin,
+        lambda events: None,
+        NodeView,
+        Openers(),
+        on_live=lambda items: told.append([item[1] for item in items]),
+        live_after_s=1.0,
+    )
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+    def put(cookie: int, started_ns: int, port: int) -> ct.c_uint64:
+        key = ct.c_uint64(cookie)
+        flow = Flow(start_ns=started_ns, tgid=cookie, local_ip=0x0100000A, local_port=port)
+        assert libbpf.update(flows, ct.byref(key), ct.byref(flow), 0) == 0
+        return key
+
+    try:
+        assert libbpf.obj_pin(flows, pin.parent / "steer_flows") == 0
+        old = put(1, now - 3_000_000_000, 40001)
+        put(2, now, 40002)  # young
+        put(3, now - 3_000_000_000, 0)  # connect() not there yet
+        reader.tell_live()
+        reader.tell_live()
+        assert len(told) == 1 and len(told[0]) == 1, told
+        event = FlowEvent.from_buffer_copy(told[0][0])
+        assert (event.cookie, event.flow.tgid, event.end.src_port) == (1, 1, 40001)
+        assert (event.end.kind, event.end.bytes_sent) == (FLOW_LIVE, 0)
+        assert event.end.at_ns >= now
+        # Closed (its entry deleted), then a new flow under the same cookie.
+        assert libbpf.delete(flows, ct.byref(old)) == 0
+        reader.tell_live()
+        put(1, now - 2_000_000_000, 40009)
+        reader.tell_live()
+        assert len(told) == 2 and FlowEvent.from_buffer_copy(told[1][0]).end.src_port == 40009
+    finally:
+        os.close(flows)

@@ -20,6 +20,7 @@ from steer.node.bpfmaps import (
     VERDICT_IPTABLES,
     FlowEvent,
     ip_be,
+    live_record,
 )
 from steer.node.observe import (
     EventRing,
@@ -33,6 +34,7 @@ from steer.node.observe import (
     known_shape,
     matches,
     materialized,
+    one_line,
 )
 from tests.samples import CLIENT, WEB, sample_enforcement
 
@@ -211,6 +213,36 @@ def test_a_closed_flow_carries_its_bytes_duration_and_ending() -> None:
     )
     reset = event_of(record(VERDICT_L7, FLOW_CLOSED, end_state=1), SLOTTED)
     assert (reset["end"], reset["via_envoy"]) == ("reset", True)
+
+
+def test_a_flow_still_open_is_an_event_without_an_end_or_bytes_yet() -> None:
+    """What the agent makes of a flow still in steer_flows: the same pod, process, verdict
+    and source as its close record will carry, how long it has been open, no end."""
+    closed = FlowEvent.from_buffer_copy(record(VERDICT_ALLOW, FLOW_CLOSED, end_state=9))
+    flow = bytes(closed.flow)
+    # Before connect() chose the socket's address there is nothing to name it by.
+    assert live_record(b"\x01" * 8, flow, 5_000_000_000) is None
+    closed.flow.local_ip, closed.flow.local_port = ip_be(CLIENT.ip), 40000
+    flow = bytes(closed.flow)
+    data = live_record(b"\x01" * 8, flow, 6_000_000_000)
+    assert data is not None
+    live = event_of(data, SLOTTED)
+    done = event_of(bytes(closed), SLOTTED)
+    same = ("layer", "verdict", "pod", "pid", "comm", "src", "dst", "policy", "rule")
+    assert {k: live[k] for k in same} == {k: done[k] for k in same}
+    assert live["src"] == f"{CLIENT.ip}:40000"
+    assert (live["end"], live["bytes_sent"], live["bytes_received"], live["duration_ms"]) == (
+        None,
+        None,
+        None,
+        5000.0,
+    )
+    assert " open 5000.0ms " in one_line({**live, "time": "2026-12-05T10:00:00+00:00"})
+    # Revoked later, the flow was still open when this event was made: its close says so.
+    revoked = Revoked()
+    revoked.remember(live["src"], 1.0)
+    join_late(live, Openers(), revoked)
+    assert live["end"] is None
 
 
 def test_an_http_event_names_the_process_that_opened_its_connection() -> None:

@@ -141,10 +141,12 @@ BPF_PERCPU_ARRAY(steer_counters, struct steer_counters, STEER_MAX_PODS);
 
 /* Flow events for `steer observe`: one record per flow a steered pod opens, sent when it
  * closes, or at connect when connect4 refused it. What connect4 knew (the opener, the
- * verdict) waits in steer_flows under the socket's cookie until sockops sees the close. */
+ * verdict) waits in steer_flows under the socket's cookie until sockops sees the close;
+ * the agent reads the flows still there to tell of those that live long. */
 #define STEER_FLOW_REFUSED 1
 #define STEER_FLOW_CLOSED 2
 #define STEER_FLOW_OPENED 3 /* established: its source port is known (for joining HTTP events) */
+#define STEER_FLOW_LIVE 4   /* made by the agent from steer_flows, never by a program */
 #define STEER_VERDICT_NO_BACKEND 4 /* a Service without backends: refused */
 #define STEER_VERDICT_IPTABLES 5   /* a pod on iptables: its rules decide, not a hook here */
 struct steer_flow {
@@ -158,6 +160,9 @@ struct steer_flow {
 	__u8 verdict;          /* STEER_VERDICT_* */
 	__u8 pad[3];
 	char comm[16];
+	__u32 local_ip;        /* the socket's own address, once connect() has chosen it */
+	__u16 local_port;
+	__u16 pad2;
 };
 BPF_TABLE("lru_hash", __u64, struct steer_flow, steer_flows, STEER_MAX_FLOWS);
 
