@@ -82,8 +82,11 @@ static __always_inline void steer_flow_closed(struct bpf_sock_ops *skops)
 		.kind = STEER_FLOW_CLOSED,
 		.end_state = (__u8)skops->args[0],
 	};
-	steer_emit_flow(flow, cookie, &end);
+	/* Gone from steer_flows before its record is out: the agent, which reads the records
+	 * and the flows still open in turn, never tells of a flow as open after its close. */
+	struct steer_flow closed = *flow;
 	steer_flows.delete(&cookie);
+	steer_emit_flow(&closed, cookie, &end);
 }
 
 static __always_inline void steer_closed(struct bpf_sock_ops *skops, struct steer_cfg *cfg)

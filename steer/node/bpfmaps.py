@@ -248,7 +248,7 @@ def live_record(cookie: bytes, flow: bytes, at_ns: int) -> bytes | None:
 FLOW_REFUSED: Final = 1
 FLOW_CLOSED: Final = 2
 FLOW_OPENED: Final = 3
-# Made by the agent, from a flow still in steer_flows (`steer.node.observe.live_records`).
+# Made by the agent, from a flow still in steer_flows (`live_record`).
 FLOW_LIVE: Final = 4
 VERDICT_NO_BACKEND: Final = 4
 # A pod on iptables: its rules decided the flow; the record says who opened it and how.

@@ -618,6 +618,10 @@ _LIVE_SCAN_S = 2.0
 # share of the time between reads: 130-200 ms for the 262,144 a full map holds, read
 # every 7-10 s then.
 _LIVE_SCAN_SHARE = 0.02
+# At most this many such events per read: a pool of thousands of connections opened at
+# once (or an agent started on a busy node) is told over several reads, not in one burst
+# that would push every recent event out of the ring.
+_LIVE_PER_SCAN = 1000
 _COOKIE = 8
 # Above this many records a second, the flow reader lets records gather this long after
 # reading some. Below it each record is read as it comes: an HTTP event looks up the open
@@ -717,12 +721,22 @@ class FlowReader(_Worker):
         return len(records)
 
     def tell_live(self) -> None:
-        """An event for each flow open for `live_after_s` and not told of yet. The flows
-        are those still in steer_flows: the hooks keep a flow there from its connect to
-        its close."""
+        """An event for each flow open for `live_after_s` and not told of yet (up to
+        `_LIVE_PER_SCAN`; the rest next time). The flows are those still in steer_flows:
+        the hooks keep a flow there from connect() to its close (one whose connect()
+        failed before choosing an address stays until the LRU map evicts it, untold)."""
         fd = libbpf.obj_get(self._pin.parent / "steer_flows")
         if fd < 0:  # the datapath is not loaded
             return
+        try:
+            info = libbpf.map_info(fd)
+            # A stale pin of an older build, until the sync after a start replaces it.
+            if info is not None and info.value_size == FLOW_SIZE:
+                self._tell_live(fd)
+        finally:
+            os.close(fd)
+
+    def _tell_live(self, fd: int) -> None:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         view, offset = self._view(), _monotonic_to_epoch()
         told, still_open = self._told_live, set()
@@ -737,17 +751,22 @@ class FlowReader(_Worker):
                         still_open.add(cookie)
                         continue
                     at = index * FLOW_SIZE
-                    if now_ns - flow_started_ns(flows, at) < self._live_after_ns:
+                    if (
+                        len(live) >= _LIVE_PER_SCAN
+                        or now_ns - flow_started_ns(flows, at) < self._live_after_ns
+                    ):
                         continue
                     record = live_record(cookie, flows[at : at + FLOW_SIZE], now_ns)
-                    if record is not None:
-                        still_open.add(cookie)
+                    if record is None:
+                        continue
+                    try:
                         live.append((known_shape(view, record), record, offset))
+                    except Exception:  # one bad record must not stop every later one
+                        log.exception("an open flow could not be read; it is told at its close")
+                    still_open.add(cookie)
         except OSError as exc:
             log.warning("steer_flows could not be read (%s): open flows wait for next time", exc)
             return
-        finally:
-            os.close(fd)
         # What was told of and has closed since is forgotten.
         self._told_live = still_open
         if live:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from steer.node import libbpf
+from steer.node import libbpf, observe
 from steer.node.bpfbuild import _bcc
 from steer.node.bpfmaps import FLOW_LIVE, FLOW_OPENED, Flow, FlowEnd, FlowEvent
 from steer.node.kernel import ensure_bpffs
@@ -225,5 +225,45 @@ def test_a_flow_open_long_is_told_once_while_its_entry_lives(pin: Path) -> None:
         put(1, now - 2_000_000_000, 40009)
         reader.tell_live()
         assert len(told) == 2 and FlowEvent.from_buffer_copy(told[1][0]).end.src_port == 40009
+    finally:
+        os.close(flows)
+
+
+def test_open_flows_are_told_a_thousand_a_read_and_never_from_a_stale_layout(
+    pin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of long flows is told over several reads; a steer_flows of an older build
+    (its values another size) is not read at all until a sync replaces it."""
+    monkeypatch.setattr(observe, "_LIVE_PER_SCAN", 2)
+    told: list[int] = []
+    reader = FlowReader(
+        pin,
+        lambda events: None,
+        NodeView,
+        Openers(),
+        on_live=lambda items: told.append(len(items)),
+        live_after_s=1.0,
+    )
+    stale = create_map(LRU_HASH, 8, 64, value_size=ct.sizeof(Flow) - 8)
+    try:
+        key, value = ct.c_uint64(1), ct.create_string_buffer(ct.sizeof(Flow) - 8)
+        assert libbpf.update(stale, ct.byref(key), value, 0) == 0
+        assert libbpf.obj_pin(stale, pin.parent / "steer_flows") == 0
+        reader.tell_live()
+        assert told == []
+    finally:
+        os.close(stale)
+        (pin.parent / "steer_flows").unlink()
+    flows = create_map(LRU_HASH, 8, 64, value_size=ct.sizeof(Flow))
+    try:
+        assert libbpf.obj_pin(flows, pin.parent / "steer_flows") == 0
+        old = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - 3_000_000_000
+        for cookie in (1, 2, 3):
+            key = ct.c_uint64(cookie)
+            flow = Flow(start_ns=old, local_ip=0x0100000A, local_port=40000 + cookie)
+            assert libbpf.update(flows, ct.byref(key), ct.byref(flow), 0) == 0
+        for _ in range(3):
+            reader.tell_live()
+        assert told == [2, 1]
     finally:
         os.close(flows)
