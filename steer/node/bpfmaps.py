@@ -204,9 +204,13 @@ class FlowRecord(NamedTuple):
 
 
 # Native byte order, as the programs write it; the addresses stay in network order, as
-# in FlowEvent.
-_FLOW_RECORD = struct.Struct("=QIIIIHHB3x16sIH2xQQQQIHBB")
-if _FLOW_RECORD.size != ct.sizeof(FlowEvent):
+# in FlowEvent. A record is a struct steer_flow, the socket's cookie, a struct
+# steer_flow_end.
+_FLOW = "QIIIIHHB3x16sIH2x"
+_END = "QQQIHBB"
+_FLOW_RECORD = struct.Struct(f"={_FLOW}Q{_END}")
+_FLOW_END = struct.Struct(f"={_END}")
+if _FLOW_RECORD.size != ct.sizeof(FlowEvent) or _FLOW_END.size != ct.sizeof(FlowEnd):
     raise ImportError("FlowRecord's layout disagrees with struct steer_flow_event's")
 FLOW_RECORD_SIZE: Final = _FLOW_RECORD.size
 # Where a record's fields sit, for the flow reader, which looks at a few of them in each
@@ -221,11 +225,8 @@ FLOW_SOURCE: Final = slice(
 )
 
 
-_FLOW_END = struct.Struct("=QQQIHBB")  # struct steer_flow_end
 _FLOW_LOCAL = struct.Struct("=IH")
 _FLOW_START = struct.Struct("=Q")
-if _FLOW_END.size != ct.sizeof(FlowEnd):
-    raise ImportError("steer_flow_end's layout disagrees with FlowEnd's")
 FLOW_SIZE: Final = ct.sizeof(Flow)
 
 

@@ -1279,7 +1279,6 @@ class Observability:
     netns: str = ""
     # Called with (source, count) for netfilter events lost.
     on_lost: Callable[[str, int], None] = lambda source, count: None
-    live_after_s: float = LIVE_AFTER_S
     _grpc: grpc.Server | None = None
     _observe: _ObserveServer | None = None
     _flows: FlowReader | None = None
@@ -1347,7 +1346,6 @@ class Observability:
             self.openers,
             # Not counted: the metrics count each flow once, at its close.
             on_live=self.ring.extend,
-            live_after_s=self.live_after_s,
         )
         self._flows.start()
         if self.inbound:
