@@ -34,6 +34,12 @@ CONDITION_PODS_PROTECTED: Final = "PodsProtected"
 # The NFLOG group steer's deny rules copy refused packets to, for `steer observe`: one
 # reader per group and network namespace, so a number no common tool uses by default.
 NFLOG_GROUP: Final = 3125
+# The group the client's FIN and RST packets of flows steer let through are copied to:
+# their events come at the close rather than when conntrack forgets the flow.
+NFLOG_CLOSE_GROUP: Final = 3126
+# Where the node manifest mounts the node's /proc/sys/net into the agent, writable: a
+# container that is not privileged has /proc/sys read-only.
+HOST_PROC_SYS_NET: Final = Path("/host/proc/sys/net")
 
 # --- Envoy ports (Istio's habits) ---------------------------------------------------------
 ENVOY_OUTBOUND_PORT: Final = 15001

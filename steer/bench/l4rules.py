@@ -113,7 +113,9 @@ def packet_chain_text(size: int, client_ip: str, server_ip: str) -> str:
         [
             "*filter",
             f":{chain} - [0:0]",
-            f"-A FORWARD -d {server_ip}/32 -p tcp -j {chain}",
+            # First: kube-proxy's KUBE-FORWARD (the lab runs it for Services) accepts
+            # every packet of an established flow, so a chain after it sees only SYNs.
+            f"-I FORWARD 1 -d {server_ip}/32 -p tcp -j {chain}",
             *rules,
             f"-A {chain} -s {client_ip}/32 -p tcp --dport {PORT} -j ACCEPT",
             # As steer's defaultAction: Deny: a flow passes only through the last rule.

@@ -14,6 +14,13 @@ conntrack mark (steer.render.iptables), so conntrack is where it is seen:
   entries it meets, so the agent sweeps with an empty dump every few seconds. (One
   destroy event per flow: subscribing to state changes instead cost ~6 events per flow
   on every flow of the node, ~10 us of kernel time per connection.)
+- a flow let through that closes with FIN or RST is told at its close, not when
+  conntrack forgets it (two minutes after a FIN: conntrack's TIME_WAIT): a rule copies
+  the client's FIN and RST packets of flows steer decided to an NFLOG group of their own,
+  and the agent reads the entry (`ConntrackCloses.get`, one lookup by tuple, no table
+  walk) a moment later, once both sides are done; the destroy event of a flow told so is
+  then dropped by its conntrack id. Best effort: a copy lost, or a flow closed some
+  other way, is still told by its destroy event.
 - a refused flow is never confirmed in conntrack (its SYN is rejected before), so no
   conntrack event tells of it: the deny rules copy the packet to an NFLOG group.
 
@@ -43,7 +50,7 @@ _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (big-
 _ATTR = struct.Struct("=HH")
 # The subsystems, in the high byte of a message's type.
 _SUBSYS_CTNETLINK, _SUBSYS_ULOG = 1, 4
-_CT_GET, _CT_DELETE = 1, 2
+_CT_NEW, _CT_GET, _CT_DELETE = 0, 1, 2
 _ULOG_PACKET, _ULOG_CONFIG = 0, 1
 # The conntrack multicast group of entries going away.
 CONNTRACK_DESTROY_GROUP = 3
@@ -74,12 +81,15 @@ _NFLOG_COPY = 120
 # an event is at most 50 ms late (the kernel's defaults, 100 copies or 1 s, held one
 # refusal a second).
 _NFLOG_BATCH, _NFLOG_FLUSH_CS = 64, 5
+# Where an NFLOG copy's packet starts, past nlmsghdr and nfgenmsg: its attributes; the
+# payload attribute's value is the IPv4 header, whose source is 12 bytes in.
+_NFLOG_ATTRS_AT, _IPV4_SRC_IN_PAYLOAD = 20, 4 + 12
 
 # Classic BPF (linux/filter.h), for the conntrack socket's filter.
 _LD_B_ABS, _LD_W_ABS, _LD_IMM, _LDX_IMM = 0x30, 0x20, 0x00, 0x01
 _LD_B_IND, _LD_W_IND, _TAX = 0x50, 0x40, 0x07
 _JEQ_K, _AND_K, _RET_K = 0x15, 0x54, 0x06
-_SKF_AD_NLATTR, _SKF_AD_NLATTR_NEST = -0x1000 + 12, -0x1000 + 16
+_SKF_AD_NLATTR = -0x1000 + 12
 _SO_ATTACH_FILTER = 26
 _SO_RCVBUFFORCE = 33
 # Where an IPv4 conntrack event puts what the filter looks at: the original tuple comes
@@ -252,6 +262,28 @@ def _instruction(code: int, jt: int, jf: int, k: int) -> tuple[int, int, int, in
 
 
 Instruction = tuple[int, int, int, int]
+_DROP = _instruction(_RET_K, 0, 0, 0)
+_TAKE = _instruction(_RET_K, 0, 0, 0xFFFFFFFF)
+
+
+def _find_attribute(kind: int) -> list[Instruction]:
+    """A: where the attributes start. A becomes the offset of the attribute `kind`; a
+    message without one is dropped."""
+    return [
+        _instruction(_LDX_IMM, 0, 0, kind),
+        _instruction(_LD_W_ABS, 0, 0, _SKF_AD_NLATTR),
+        _instruction(_JEQ_K, 0, 1, 0),
+        _DROP,
+    ]
+
+
+def _ends_when_equal(addresses: Collection[IPv4Address], then: Instruction) -> list[Instruction]:
+    """A: an address. Two instructions an address, no long jumps: an equal one ends the
+    program with `then`."""
+    program = []
+    for ip in sorted(addresses):
+        program += [_instruction(_JEQ_K, 0, 1, int(ip)), then]
+    return program
 
 
 def closes_filter(
@@ -267,49 +299,48 @@ def closes_filter(
     the kernel, before any copy to the agent: a node's pods open most of its flows, and
     flows between pods steer does not steer are not its to show. Cheap checks first:
     every flow of the node runs it."""
-    drop = _instruction(_RET_K, 0, 0, 0)
-    take = _instruction(_RET_K, 0, 0, 0xFFFFFFFF)
-
-    def find(kind: int, nested: bool) -> list[Instruction]:
-        # A: where to look (a message offset, or a nest's); X: the type. A becomes the
-        # attribute's offset, 0 when it is not there.
-        return [
-            _instruction(_LDX_IMM, 0, 0, kind),
-            _instruction(_LD_W_ABS, 0, 0, _SKF_AD_NLATTR_NEST if nested else _SKF_AD_NLATTR),
-            _instruction(_JEQ_K, 0, 1, 0),
-            drop,
-        ]
 
     def on_equal(
         at: int, addresses: Collection[IPv4Address], then: Instruction
     ) -> list[Instruction]:
-        # Two instructions an address, no long jumps: an equal one ends the program.
-        program = [_instruction(_LD_W_ABS, 0, 0, at)]
-        for ip in sorted(addresses):
-            program += [_instruction(_JEQ_K, 0, 1, int(ip)), then]
-        return program
+        return [_instruction(_LD_W_ABS, 0, 0, at), *_ends_when_equal(addresses, then)]
 
     program = [
         _instruction(_LD_B_ABS, 0, 0, _EVENT_FAMILY_AT),
         _instruction(_JEQ_K, 1, 0, socket.AF_INET),
-        drop,
+        _DROP,
         _instruction(_LD_B_ABS, 0, 0, EVENT_PROTO_AT),
         _instruction(_JEQ_K, 1, 0, socket.IPPROTO_TCP),
-        drop,
+        _DROP,
         _instruction(_LD_IMM, 0, 0, _EVENT_ATTRS_AT),
-        *find(CTA_MARK, nested=False),
+        *_find_attribute(CTA_MARK),
         _instruction(_TAX, 0, 0, 0),
         _instruction(_LD_W_IND, 0, 0, 4),
         _instruction(_AND_K, 0, 0, verdict_mask),
         _instruction(_JEQ_K, 0, 1, 0),
-        drop,
-        *(on_equal(EVENT_SRC_AT, recorded, drop) if recorded else []),
+        _DROP,
+        *(on_equal(EVENT_SRC_AT, recorded, _DROP) if recorded else []),
     ]
     if steered is None:
-        return [*program, take]
+        return [*program, _TAKE]
     for at in (EVENT_SRC_AT, EVENT_DST_AT, EVENT_REPLY_SRC_AT):
-        program += on_equal(at, steered, take)
-    return [*program, drop]
+        program += on_equal(at, steered, _TAKE)
+    return [*program, _DROP]
+
+
+def closing_filter(recorded: Collection[IPv4Address]) -> list[Instruction]:
+    """A classic BPF program for the socket of the closing packets' NFLOG group: a copy
+    whose packet comes from one of `recorded` (a pod whose own hooks tell of its flows)
+    is dropped in the kernel. One copy a datagram (`NflogGroup(batch=1)`), so dropping a
+    datagram drops exactly that copy."""
+    return [
+        _instruction(_LD_IMM, 0, 0, _NFLOG_ATTRS_AT),
+        *_find_attribute(_NFULA_PAYLOAD),
+        _instruction(_TAX, 0, 0, 0),
+        _instruction(_LD_W_IND, 0, 0, _IPV4_SRC_IN_PAYLOAD),
+        *_ends_when_equal(recorded, _DROP),
+        _TAKE,
+    ]
 
 
 def filter_fits(program: Sequence[Instruction]) -> bool:
@@ -380,6 +411,39 @@ class ConntrackCloses:
                     flows.append(flow)
         return flows, False
 
+    def get(self, src: str, sport: int, dst: str, dport: int) -> ConntrackFlow | None:
+        """The entry of the TCP flow whose original tuple this is, as it is now (a
+        lookup by tuple, no walk of the table); None when conntrack has none."""
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        tcp = _nest(
+            _TUPLE_PROTO,
+            _attr(_PROTO_NUM, bytes([socket.IPPROTO_TCP])),
+            _attr(_PROTO_SRC_PORT, struct.pack("!H", sport)),
+            _attr(_PROTO_DST_PORT, struct.pack("!H", dport)),
+        )
+        ips = _nest(
+            _TUPLE_IP,
+            _attr(_IP_V4_SRC, IPv4Address(src).packed),
+            _attr(_IP_V4_DST, IPv4Address(dst).packed),
+        )
+        kind = (_SUBSYS_CTNETLINK << 8) | _CT_GET
+        body = _nest(CTA_TUPLE_ORIG, ips, tcp)
+        self.sweeps.send(_message(kind, _NLM_F_REQUEST, self._seq, socket.AF_INET, body))
+        while True:
+            data = self.sweeps.recv(65536)
+            for kind, start, end in messages(data):
+                (seq,) = struct.unpack_from("=I", data, start - 8)
+                if seq != self._seq:
+                    continue  # the answer to a request that timed out
+                if kind == _NLMSG_ERROR:
+                    code = _error_of(data, start)
+                    if code == errno.ENOENT:
+                        return None
+                    why = errno.errorcode.get(code, str(code))
+                    raise NetlinkError(code, f"conntrack lookup failed: {why}")
+                if kind == (_SUBSYS_CTNETLINK << 8) | _CT_NEW:
+                    return parse_conntrack(data, start, end)
+
     def sweep(self) -> None:
         """Dump conntrack's table with a filter no entry matches: the dump reaps each
         expired entry it meets (conntrack's own sweep can come a minute later), and
@@ -420,10 +484,11 @@ class LoggedPacket:
 
 
 class NflogGroup:
-    """The packets steer's deny rules copy to an NFLOG group (`--nflog-group`), each with
-    its packet mark, numbered by the kernel so that a gap counts the packets lost."""
+    """The packets steer's rules copy to an NFLOG group (`--nflog-group`), each with its
+    packet mark, numbered by the kernel so that a gap counts the packets lost. `batch`:
+    how many copies the kernel may put in one datagram."""
 
-    def __init__(self, group: int, buffer_bytes: int = 4 << 20) -> None:
+    def __init__(self, group: int, buffer_bytes: int = 4 << 20, batch: int = _NFLOG_BATCH) -> None:
         self.sock = _netfilter_socket()
         self.lost = 0
         self._next_seq: int | None = None
@@ -436,7 +501,7 @@ class NflogGroup:
                 _attr(_CFG_CMD, bytes([_CFG_CMD_BIND]))
                 + _attr(_CFG_MODE, struct.pack("!IBx", _NFLOG_COPY, _COPY_PACKET))
                 + _attr(_CFG_FLAGS, struct.pack("!H", _CFG_F_SEQ))
-                + _attr(_CFG_QTHRESH, struct.pack("!I", _NFLOG_BATCH))
+                + _attr(_CFG_QTHRESH, struct.pack("!I", batch))
                 + _attr(_CFG_TIMEOUT, struct.pack("!I", _NFLOG_FLUSH_CS)),
             )
         except OSError:
@@ -459,6 +524,17 @@ class NflogGroup:
                         return
         finally:
             self.sock.settimeout(None)
+
+    def drop_sources(self, recorded: Collection[IPv4Address]) -> bool:
+        """Have the kernel drop copies of packets from `recorded` (`closing_filter`, for a
+        group of one copy a datagram); False where the list makes too long a filter (the
+        kernel then drops none, the caller checks)."""
+        program = closing_filter(recorded)
+        if filter_fits(program):
+            attach_filter(self.sock, program)
+            return True
+        attach_filter(self.sock, closing_filter(()))
+        return False
 
     def read(self) -> list[LoggedPacket]:
         """The TCP packets of one datagram. Packets the kernel could not queue (a full

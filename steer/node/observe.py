@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from ipaddress import IPv4Address
@@ -41,7 +41,9 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from steer.constants import (
     ALS_SOCKET,
     BPF_PIN_DIR,
+    HOST_PROC_SYS_NET,
     MARK_VERDICT_MASK,
+    NFLOG_CLOSE_GROUP,
     NFLOG_GROUP,
     OBSERVE_RING_SIZE,
     OBSERVE_SOCKET,
@@ -833,14 +835,44 @@ class FlowReader(_Worker):
 # Sysctls of the node's namespace that give conntrack's entries the bytes each way and a
 # start time, for the events of flows from elsewhere (new entries only). Left on when the
 # agent stops: turning them off would leave other readers of conntrack without them.
-_CONNTRACK_SYSCTLS = (
-    Path("/proc/sys/net/netfilter/nf_conntrack_acct"),
-    Path("/proc/sys/net/netfilter/nf_conntrack_timestamp"),
-)
+_CONNTRACK_SYSCTLS = ("netfilter/nf_conntrack_acct", "netfilter/nf_conntrack_timestamp")
+
+
+def _told_keep_s() -> float:
+    """How long a flow told at its close waits for its destroy event: conntrack's
+    TIME_WAIT in this namespace, two sweeps, and margin."""
+    try:
+        time_wait = int((proc_sys_net() / _TIME_WAIT_SYSCTL).read_text())
+    except (OSError, ValueError):
+        time_wait = 120
+    return time_wait + 2 * _SWEEP_S + 30.0
+
+
+def proc_sys_net() -> Path:
+    # Either way a file under net/ is the sysctl of the writer's network namespace (the
+    # agent's: the node's), not the mount's.
+    return HOST_PROC_SYS_NET if HOST_PROC_SYS_NET.is_dir() else Path("/proc/sys/net")
+
+
 # How often the agent makes conntrack let go of the ended flows (`ConntrackCloses.sweep`):
 # a dump walks the table (~7 ms at 262,144 buckets).
 _SWEEP_S = 5.0
 _HOLD_S = 1.0
+# A flow's client sent FIN or RST (NFLOG_CLOSE_GROUP): its entry is read this long after,
+# when the other side has nearly always closed too, and again after each later delay if it
+# had not; then its destroy event tells of it. At most so many flows wait at once.
+CLOSE_READS_S = (0.5, 2.0, 8.0)
+CLOSING_MAX = 16_384
+# Flows told at their close, kept until their destroy events come (after conntrack's
+# TIME_WAIT and a sweep): at most so many (~220 bytes each). Past that the oldest go, and
+# their destroy events tell of them a second time: at over ~1,000 closes a second from
+# elsewhere, held for two minutes.
+TOLD_MAX = 1 << 17
+# What a flow told at its close may still carry before its destroy event is told too:
+# the last ACK and a retransmitted FIN or two, not a flow that went on (a client whose
+# in-window RST or FIN conntrack took and the pod did not).
+TOLD_SLACK_BYTES = 256
+_TIME_WAIT_SYSCTL = "netfilter/nf_conntrack_tcp_timeout_time_wait"
 _VIEWS_KEPT = 4
 # Events a second each netfilter source may cost the agent. Past it the reader leaves
 # the socket alone for the rest of the second: the kernel queues what fits and counts
@@ -864,6 +896,92 @@ class _Budget:
             self.window_start, self.spent = now, 0
         self.spent += count
         return max(0.0, self.window_start + 1.0 - now) if self.spent >= self.per_second else 0.0
+
+
+ClosingKey = tuple[str, int, str, int]  # the original tuple: src, sport, dst, dport
+
+
+class ClosingFlows:
+    """The flows from elsewhere whose client sent FIN or RST, from the packet's copy to
+    the flow's event: which entries to read when, what a read says, and which destroy
+    events tell of flows already told. Bookkeeping only: the reader reads."""
+
+    def __init__(self, verdict_mask: int, keep_s: float, told_max: int = TOLD_MAX) -> None:
+        self.verdict_mask, self.keep_s, self.told_max = verdict_mask, keep_s, told_max
+        # One queue per read: the delays are fixed, so each queue is in due order.
+        self._queues: tuple[deque[tuple[float, ClosingKey]], ...] = tuple(
+            deque() for _ in CLOSE_READS_S
+        )
+        # key -> (which read is next, the client's close (wall clock ns), the conntrack id
+        # the first read found, or 0)
+        self._waiting: dict[ClosingKey, tuple[int, int, int]] = {}
+        # (conntrack id, source port) of a flow told -> (when to forget it, its bytes then)
+        self._told: OrderedDict[int, tuple[float, int]] = OrderedDict()
+
+    def copied(self, key: ClosingKey, now: float, seen_ns: int) -> None:
+        """A copy of the client's FIN or RST: read the entry after the first delay."""
+        known = self._waiting.get(key)
+        if known is not None:
+            # A RST after a FIN, or a FIN sent again: the close is the later one, and the
+            # read stays when it was (a client cannot put its flow's event off).
+            self._waiting[key] = (known[0], seen_ns, known[2])
+        elif len(self._waiting) < CLOSING_MAX:
+            self._waiting[key] = (0, seen_ns, 0)
+            self._queues[0].append((now + CLOSE_READS_S[0], key))
+
+    def due(self, now: float) -> list[ClosingKey]:
+        """The flows whose entries are to be read now (each answered with `read`)."""
+        keys = []
+        for queue in self._queues:
+            while queue and queue[0][0] <= now:
+                keys.append(queue.popleft()[1])
+        return keys
+
+    def read(self, key: ClosingKey, flow: ConntrackFlow | None, now: float) -> ConntrackFlow | None:
+        """The entry of a due flow, as read (None: conntrack has none): the flow to tell,
+        stopped at the client's close, or None (not steer's, not closed yet, or its
+        destroy event is to tell of it)."""
+        step, closed_ns, first_id = self._waiting.pop(key)
+        if (
+            flow is None  # gone: its destroy event tells of it
+            or not flow.mark & self.verdict_mask
+            or flow.bytes_orig is None  # no counters: nothing to tell a later change by
+            or flow.bytes_reply is None
+            or (first_id and flow.id != first_id)  # a new flow on the same tuple
+            or _told_key(flow) in self._told
+        ):
+            return None
+        if flow.state not in (TCP_TIME_WAIT, TCP_CLOSE):
+            if step + 1 < len(CLOSE_READS_S):
+                self._waiting[key] = (step + 1, closed_ns, flow.id)
+                self._queues[step + 1].append((now + CLOSE_READS_S[step + 1], key))
+            return None
+        self.forget(now)
+        self._told[_told_key(flow)] = (now + self.keep_s, flow.bytes_orig + flow.bytes_reply)
+        return replace(flow, stop_ns=closed_ns)
+
+    def told(self, flow: ConntrackFlow) -> bool:
+        """Whether a destroy event is of a flow told at its close that carried (almost)
+        nothing since: such an event is not told again."""
+        told = self._told.pop(_told_key(flow), None)
+        if told is None:
+            return False
+        return (flow.bytes_orig or 0) + (flow.bytes_reply or 0) - told[1] <= TOLD_SLACK_BYTES
+
+    def forget(self, now: float) -> None:
+        """Let go of flows told whose destroy events are overdue, and of the oldest past
+        the cap (and one, to make room)."""
+        told = self._told
+        while told and (next(iter(told.values()))[0] <= now or len(told) >= self.told_max):
+            told.popitem(last=False)
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+
+def _told_key(flow: ConntrackFlow) -> int:
+    # The source port beside the id: ids are hashes (pointers before Linux 5.0).
+    return flow.id << 16 | flow.sport
 
 
 class InboundReader(_Worker):
@@ -893,12 +1011,16 @@ class InboundReader(_Worker):
         self._held: list[tuple[float, ConntrackFlow]] = []
         self._closes: ConntrackCloses | None = None
         self._refusals: NflogGroup | None = None
+        self._closing: NflogGroup | None = None
         self._nflog_lost = 0
+        self._closing_flows = ClosingFlows(MARK_VERDICT_MASK, _told_keep_s())
         self._budgets = {
             "conntrack": _Budget(INBOUND_EVENTS_PER_S),
             "nflog": _Budget(INBOUND_EVENTS_PER_S),
+            "closing": _Budget(INBOUND_EVENTS_PER_S),
         }
-        for sysctl in _CONNTRACK_SYSCTLS:
+        for name in _CONNTRACK_SYSCTLS:
+            sysctl = proc_sys_net() / name
             try:
                 sysctl.write_text("1\n")
             except OSError as exc:
@@ -921,11 +1043,23 @@ class InboundReader(_Worker):
                 NFLOG_GROUP,
                 exc,
             )
+        if self._closes is not None:
+            try:
+                # One copy a datagram, so that the socket filter can drop one.
+                self._closing = NflogGroup(NFLOG_CLOSE_GROUP, batch=1)
+            except OSError as exc:
+                log.warning(
+                    "NFLOG group %d is unavailable (%s): flows let in are told when "
+                    "conntrack forgets them (two minutes after a FIN). Fix: stop the other "
+                    "reader of that group",
+                    NFLOG_CLOSE_GROUP,
+                    exc,
+                )
         super().__init__("steer-inbound")
 
     def stop(self) -> None:
         super().stop()
-        for source in (self._closes, self._refusals):
+        for source in (self._closes, self._refusals, self._closing):
             if source is not None:
                 source.close()
 
@@ -937,20 +1071,25 @@ class InboundReader(_Worker):
         if (recorded, steered) == (self._recorded, self._steered):
             return
         self._recorded, self._steered = recorded, steered
-        if self._closes is None:
-            return
+        recorded_ips = [IPv4Address(ip) for ip in recorded]
         try:
-            if not self._closes.filter_addresses(
-                [IPv4Address(ip) for ip in recorded], [IPv4Address(ip) for ip in steered]
+            if self._closes is not None and not self._closes.filter_addresses(
+                recorded_ips, [IPv4Address(ip) for ip in steered]
             ):
                 log.info(
                     "%d pods are too many for conntrack's socket filter: addresses are "
                     "checked in the agent",
                     len(steered),
                 )
+            if self._closing is not None and not self._closing.drop_sources(recorded_ips):
+                log.info(
+                    "%d pods are too many for the closing packets' socket filter: the "
+                    "agent drops their copies itself",
+                    len(recorded),
+                )
         except OSError as exc:
-            # The previous filter stays; the reader's own checks keep the events right.
-            log.warning("conntrack's socket filter could not be replaced: %s", exc)
+            # The previous filters stay; the reader's own checks keep the events right.
+            log.warning("a netfilter socket filter could not be replaced: %s", exc)
 
     def _wanted(self, src: str, *ends: str) -> bool:
         if src in self._recorded:
@@ -963,6 +1102,8 @@ class InboundReader(_Worker):
             sources["conntrack"] = (self._closes.events, self._read_closes)
         if self._refusals is not None:
             sources["nflog"] = (self._refusals.sock, self._read_refusals)
+        if self._closing is not None:
+            sources["closing"] = (self._closing.sock, self._read_closing)
         paused_until = dict.fromkeys(sources, 0.0)
         registered: set[str] = set()
         next_sweep = time.monotonic() + _SWEEP_S
@@ -975,7 +1116,11 @@ class InboundReader(_Worker):
                         self._closes.sweep()
                     except OSError as exc:
                         log.warning("sweeping conntrack failed: %s", exc)
-                self._release_held(now)
+                try:
+                    self._release_held(now)
+                    self._settle(now)
+                except Exception:  # a bad event must not end the reader (and refusals)
+                    log.exception("telling of ended flows from elsewhere failed")
                 for source, (sock, read) in sources.items():
                     if paused_until[source] <= now and source not in registered:
                         selector.register(sock, selectors.EVENT_READ, (source, read))
@@ -1002,6 +1147,8 @@ class InboundReader(_Worker):
         now = time.monotonic()
         ended = []
         for flow in flows:
+            if self._closing_flows.told(flow):
+                continue
             if not self._wanted(flow.src, flow.dst, flow.reply_src):
                 continue
             if flow.state in (TCP_TIME_WAIT, TCP_CLOSE):
@@ -1010,6 +1157,34 @@ class InboundReader(_Worker):
                 self._held.append((now + _HOLD_S, flow))
         self._emit(ended)
         return len(flows)
+
+    def _read_closing(self) -> int:
+        """The client's FIN or RST copies: each flow's entry is read a moment later."""
+        assert self._closing is not None
+        packets = self._closing.read()
+        now, seen_ns = time.monotonic(), time.time_ns()
+        for packet in packets:
+            if packet.src not in self._recorded:  # else the socket filter could not drop it
+                key = (packet.src, packet.sport, packet.dst, packet.dport)
+                self._closing_flows.copied(key, now, seen_ns)
+        return len(packets)
+
+    def _settle(self, now: float) -> None:
+        """Read the entries of the flows whose closes are due: one both sides ended is
+        told now."""
+        if self._closes is None:
+            return
+        ended = []
+        for key in self._closing_flows.due(now):
+            try:
+                entry = self._closes.get(*key)
+            except OSError as exc:
+                log.warning("reading conntrack's entry of %s:%d failed: %s", *key[:2], exc)
+                entry = None
+            flow = self._closing_flows.read(key, entry, now)
+            if flow is not None and self._wanted(flow.src, flow.dst, flow.reply_src):
+                ended.append(flow)
+        self._emit(ended)
 
     def _release_held(self, now: float) -> None:
         if self._held and self._held[0][0] <= now:

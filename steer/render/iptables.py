@@ -37,6 +37,7 @@ from steer.constants import (
     MARK_MASK,
     MARK_VERDICT_MASK,
     MARK_VERDICT_SHIFT,
+    NFLOG_CLOSE_GROUP,
     NFLOG_GROUP,
     VERDICT_ALLOW,
     VERDICT_DENY,
@@ -315,12 +316,25 @@ _VERDICT_CACHED = (
     "RETURN",
 )
 _NOT_NEW = ("-m", "conntrack", "!", "--ctstate", "NEW", "-j", "RETURN")
+# A copy of the client's FIN or RST of a flow steer let through, for `steer observe`: the
+# agent tells of the flow at its close (steer.node.nfnetlink), where conntrack's destroy
+# event comes two minutes after a FIN. Every packet of the node meets this one rule; the
+# flags test fails first for all but a flow's last few. Denied flows never get here (no
+# packet follows a refused SYN); the eBPF datapath's flows carry no verdict mark (their
+# hooks record them). Headers only; with no reader on the group the kernel drops it.
+LOG_CLOSE = (
+    *("-p", "tcp", "-m", "tcp", "!", "--tcp-flags", "FIN,RST", "NONE"),
+    *("-m", "conntrack", "--ctdir", "ORIGINAL"),
+    *("-m", "connmark", "!", "--mark", f"0x0/{_hex(MARK_VERDICT_MASK)}"),
+    *("-j", "NFLOG", "--nflog-group", str(NFLOG_CLOSE_GROUP), "--nflog-size", "64"),
+)
 
 
 def _pre_rules(
     enforcement: Enforcement, ebpf_pods: list[ManagedPod], services: ServiceSteering
 ) -> list[Rule]:
     rules = [
+        Rule("mangle", CHAIN_PRE, LOG_CLOSE, "log-close"),
         Rule("mangle", CHAIN_PRE, _VERDICT_CACHED, "verdict-cached"),
         Rule("mangle", CHAIN_PRE, _NOT_NEW, "not-new"),
         *(

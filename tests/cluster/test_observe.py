@@ -1,8 +1,9 @@
-"""`steer observe` on the real node, read in the agent container as the docs say: a flow
+"""`steer observe` on the real node, read in the agent container as the docs say: flows
 from off the node (the host, through the veth that carries the node's address) to a
-NodePort whose backend's policy refuses it. kube-proxy translates it, steer's rules in
-the node's namespace refuse it and copy the packet to NFLOG, and the agent's event names
-the pod, the policy and the rule."""
+NodePort. kube-proxy translates them, and steer's rules in the node's namespace decide
+them on the backend. One the backend's policy refuses is copied to NFLOG; one it lets
+through is told at its close (the client's FIN, copied to NFLOG, then the flow's conntrack
+entry). Each event names the pod, the policy and the rule."""
 
 from __future__ import annotations
 
@@ -57,3 +58,45 @@ def test_a_refused_flow_from_off_the_node_is_an_event_in_the_agent(cluster: Clus
     assert (found["policy"], found["rule"]) == (f"{namespace}/web", "no-debug-port")
     # Decided after kube-proxy's translation: the backend pod's port.
     assert found["dst"] == f"{web}:9090"
+
+
+def open_http_policy(namespace: str) -> str:
+    """web's port 8080 open to anyone at L4 (no HTTP rule: no Envoy)."""
+    policy = json.loads(web_policy(namespace))
+    policy["spec"]["ingress"]["rules"] = [{"name": "open-http", "ports": [{"port": 8080}]}]
+    return json.dumps(policy)
+
+
+def host_get(node_ip: str, node_port: int) -> str | None:
+    """One HTTP/1.0 GET from the host to the NodePort, closed by both sides; the client's
+    address, or None if it got no answer."""
+    with socket.socket() as client:
+        client.bind((HOST_IP, 0))
+        client.settimeout(5)
+        client.connect((node_ip, node_port))
+        client.sendall(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+        source = f"{HOST_IP}:{client.getsockname()[1]}"
+    return source if answer.startswith(b"HTTP/1.") else None
+
+
+def test_a_flow_let_in_from_off_the_node_is_an_event_at_its_close(cluster: Cluster) -> None:
+    """Told within seconds of its close, while conntrack still holds the entry (two
+    minutes of TIME_WAIT on this node): from the client's FIN, not from conntrack's
+    letting go."""
+    namespace, web = web_and_client(cluster, "ebpf")
+    _, node_ip, node_port = serve_web(cluster, namespace, open_http_policy(namespace))
+    source = eventually(lambda: host_get(node_ip, node_port), "the host to reach web's NodePort")
+
+    def event() -> dict[str, Any] | None:
+        return next((e for e in observed(cluster) if e["src"] == source), None)
+
+    found = eventually(event, f"an event of the flow from {source} at its close", timeout=30)
+    assert (found["namespace"], found["pod"], found["direction"]) == (namespace, "web", "ingress")
+    assert (found["verdict"], found["end"], found["via_envoy"]) == ("allowed", "fin", False)
+    assert (found["policy"], found["rule"]) == (f"{namespace}/web", "open-http")
+    assert (found["dst"], found["backend"]) == (f"{node_ip}:{node_port}", f"{web}:8080")
+    assert found["bytes_sent"] > 0 and found["bytes_received"] > 0
+    assert 0 <= found["duration_ms"] < 30_000

@@ -37,6 +37,7 @@ from steer.constants import (
     ENVOY_ADMIN_SOCKET,
     ENVOY_INBOUND_PORT,
     ENVOY_OUTBOUND_PORT,
+    HOST_PROC_SYS_NET,
     LEADER_LEASE_NAME,
     METRICS_PORT,
     MUTATING_WEBHOOK_NAME,
@@ -95,6 +96,8 @@ NODE_HOST_PATHS = {
     "/run/steer",
     "/run/xtables.lock",
 }
+# Host paths the agent sees elsewhere: where its own would be read-only.
+NODE_HOST_PATHS_MOVED = {"/proc/sys/net": str(HOST_PROC_SYS_NET)}
 # Envoy's only host path besides /run/steer: the node's own xDS client certificate.
 ENVOY_HOST_PATHS = {"/run/steer", str(XDS_NODE_TLS_DIR)}
 
@@ -355,9 +358,13 @@ def test_envoy_adds_no_capability() -> None:
 
 def test_node_host_paths() -> None:
     host_paths = {v["hostPath"]["path"] for v in NODE_POD["volumes"] if "hostPath" in v}
-    assert host_paths == NODE_HOST_PATHS | ENVOY_HOST_PATHS
+    assert host_paths == NODE_HOST_PATHS | set(NODE_HOST_PATHS_MOVED) | ENVOY_HOST_PATHS
     mounts = {m["mountPath"]: m for m in container(NODE, "agent")["volumeMounts"]}
-    assert set(mounts) == NODE_HOST_PATHS
+    assert set(mounts) == NODE_HOST_PATHS | set(NODE_HOST_PATHS_MOVED.values())
+    volumes = {v["name"]: v for v in NODE_POD["volumes"]}
+    for mount in mounts.values():
+        host_path = volumes[mount["name"]]["hostPath"]["path"]
+        assert NODE_HOST_PATHS_MOVED.get(host_path, host_path) == mount["mountPath"]
     assert mounts["/sys/fs/cgroup"].get("readOnly", False) is False
     assert mounts["/lib/modules"]["readOnly"] is True
     assert mounts["/usr/src"]["readOnly"] is True

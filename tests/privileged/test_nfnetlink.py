@@ -1,8 +1,9 @@
 """The agent's netfilter readers against the real kernel, in a namespace of the test's own:
 conntrack's destroy events, with counters and times, taken by the socket filter only for
 flows with a verdict in their mark, a steered end and a source no pod hook records, and
-brought on by a sweep once the flow's TIME_WAIT is over; and NFLOG copies of refused
-packets, with every lost copy counted."""
+brought on by a sweep once the flow's TIME_WAIT is over; NFLOG copies of refused
+packets, with every lost copy counted; and copies of the client's FIN of a flow steer let
+through, by steer's own rule, with the flow's entry read by its tuple at once."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from ipaddress import IPv4Address
 import pytest
 
 from steer.bench.render import scratch_netns
-from steer.constants import MARK_VERDICT_MASK, NFLOG_GROUP
+from steer.constants import MARK_VERDICT_MASK, NFLOG_CLOSE_GROUP, NFLOG_GROUP
 from steer.node.netns import run_in_netns
 from steer.node.nfnetlink import TCP_TIME_WAIT, ConntrackCloses, ConntrackFlow, NflogGroup
+from steer.render.iptables import LOG_CLOSE
 
 pytestmark = pytest.mark.privileged
 
@@ -188,3 +190,49 @@ def test_refused_packets_are_copied_and_every_lost_copy_is_counted(netns: str) -
         assert read + group.lost == 601
     finally:
         group.close()
+
+
+def test_a_clients_fin_is_copied_once_and_its_entry_read_by_tuple_while_in_time_wait(
+    netns: str,
+) -> None:
+    """steer's own rule, in PREROUTING: only the FIN of the client (the flow's original
+    direction) of a flow with a verdict, and none from a recorded source once the socket
+    filter drops them. The entry read by that tuple is the one whose destroy event comes
+    later: the same id, so the agent can drop that event."""
+    run(netns, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=3")
+    run(netns, "iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport",
+        str(MARKED), "-j", "CONNMARK", "--set-mark", hex(ALLOW_MARK))  # fmt: skip
+    run(netns, "iptables-legacy", "-t", "mangle", "-A", "PREROUTING", *LOG_CLOSE)
+    closes = run_in_netns(netns, lambda: ConntrackCloses(MARK_VERDICT_MASK))
+    group = run_in_netns(netns, lambda: NflogGroup(NFLOG_CLOSE_GROUP, batch=1))
+    try:
+        group.sock.settimeout(1.0)
+        assert group.drop_sources([IPv4Address("127.0.0.2")])
+        assert closes.filter_addresses([], [IPv4Address("127.0.0.1")])
+        unmarked = exchange(netns, UNMARKED)
+        exchange(netns, MARKED, source="127.0.0.2")
+        sport = exchange(netns, MARKED)
+        (copy,) = group.read()
+        assert (copy.src, copy.sport, copy.dst, copy.dport) == ("127.0.0.1", sport, "127.0.0.1",
+                                                                 MARKED)  # fmt: skip
+        with pytest.raises(TimeoutError):
+            group.read()
+        flow = closes.get(copy.src, copy.sport, copy.dst, copy.dport)
+        assert flow is not None and flow.id != 0
+        assert (flow.state, flow.mark, flow.reply_sport) == (TCP_TIME_WAIT, ALLOW_MARK, MARKED)
+        assert flow.bytes_orig is not None and flow.bytes_orig > len(PAYLOAD) + 3 * 40
+        assert flow.start_ns is not None and flow.stop_ns is None
+        # Found by its tuple too, but with no verdict in its mark: not steer's to tell.
+        other = closes.get("127.0.0.1", unmarked, "127.0.0.1", UNMARKED)
+        assert other is not None and (other.mark, other.state) == (0, TCP_TIME_WAIT)
+        assert closes.get("127.0.0.1", unmarked, "127.0.0.1", MARKED) is None
+        deadline = time.monotonic() + 15
+        destroyed: list[ConntrackFlow] = []
+        while not any(f.sport == sport for f in destroyed):
+            assert time.monotonic() < deadline, "the entry's destroy event never came"
+            destroyed += read_all(closes, 0.5)
+        assert [f.id for f in destroyed if f.sport == sport] == [flow.id]
+        assert closes.get(copy.src, copy.sport, copy.dst, copy.dport) is None
+    finally:
+        group.close()
+        closes.close()

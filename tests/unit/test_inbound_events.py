@@ -281,6 +281,35 @@ def test_the_filter_takes_ends_of_decided_flows_touching_a_steered_pod_not_recor
         kernel.close()
 
 
+def nflog_copy(src: str, *, payload: bool = True) -> bytes:
+    """An NFLOG copy as the kernel lays it out: the packet header, the mark, then the
+    packet (checked against the kernel in tests/privileged/test_nfnetlink.py)."""
+    ip_header = bytes([0x45]) + bytes(8) + bytes([socket.IPPROTO_TCP]) + bytes(2)
+    ip_header += IPv4Address(src).packed + IPv4Address(STEERED).packed
+    body = nfnetlink._attr(1, b"\x08\x00\x03\x00") + nfnetlink._attr(
+        nfnetlink._NFULA_MARK, struct.pack("!I", mark(VERDICT_ALLOW))
+    )
+    if payload:
+        body += nfnetlink._attr(nfnetlink._NFULA_PAYLOAD, ip_header + struct.pack("!HH", 1, 2))
+    return nfnetlink._message(0x400, 0, 0, socket.AF_INET, body)
+
+
+def test_the_closing_filter_drops_copies_of_recorded_pods_packets() -> None:
+    kernel = FilteredSocket(nfnetlink.closing_filter([IPv4Address(RECORDED)]))
+    try:
+        assert kernel.takes(nflog_copy(STRANGER))
+        assert kernel.takes(nflog_copy(STEERED))
+        assert not kernel.takes(nflog_copy(RECORDED))
+        assert not kernel.takes(nflog_copy(STRANGER, payload=False))
+    finally:
+        kernel.close()
+    nothing_recorded = FilteredSocket(nfnetlink.closing_filter([]))
+    try:
+        assert nothing_recorded.takes(nflog_copy(RECORDED))
+    finally:
+        nothing_recorded.close()
+
+
 def test_a_filter_too_long_for_the_kernel_is_not_attempted() -> None:
     many = [IPv4Address(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}") for n in range(1000)]
     assert not nfnetlink.filter_fits(nfnetlink.closes_filter(0x30000000, many, many))
