@@ -414,7 +414,6 @@ class ConntrackCloses:
     def get(self, src: str, sport: int, dst: str, dport: int) -> ConntrackFlow | None:
         """The entry of the TCP flow whose original tuple this is, as it is now (a
         lookup by tuple, no walk of the table); None when conntrack has none."""
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
         tcp = _nest(
             _TUPLE_PROTO,
             _attr(_PROTO_NUM, bytes([socket.IPPROTO_TCP])),
@@ -426,45 +425,42 @@ class ConntrackCloses:
             _attr(_IP_V4_SRC, IPv4Address(src).packed),
             _attr(_IP_V4_DST, IPv4Address(dst).packed),
         )
-        kind = (_SUBSYS_CTNETLINK << 8) | _CT_GET
-        body = _nest(CTA_TUPLE_ORIG, ips, tcp)
-        self.sweeps.send(_message(kind, _NLM_F_REQUEST, self._seq, socket.AF_INET, body))
-        while True:
-            data = self.sweeps.recv(65536)
-            for kind, start, end in messages(data):
-                (seq,) = struct.unpack_from("=I", data, start - 8)
-                if seq != self._seq:
-                    continue  # the answer to a request that timed out
-                if kind == _NLMSG_ERROR:
-                    code = _error_of(data, start)
-                    if code == errno.ENOENT:
-                        return None
-                    why = errno.errorcode.get(code, str(code))
-                    raise NetlinkError(code, f"conntrack lookup failed: {why}")
+        try:
+            for kind, data, start, end in self._ask(0, _nest(CTA_TUPLE_ORIG, ips, tcp), "lookup"):
                 if kind == (_SUBSYS_CTNETLINK << 8) | _CT_NEW:
                     return parse_conntrack(data, start, end)
+        except NetlinkError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return None  # never: the answer comes, or the socket times out
 
     def sweep(self) -> None:
         """Dump conntrack's table with a filter no entry matches: the dump reaps each
         expired entry it meets (conntrack's own sweep can come a minute later), and
         their destroy events follow."""
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
         nothing = struct.pack("!I", 0xFFFFFFFF)
         body = _attr(CTA_MARK, nothing) + _attr(CTA_MARK_MASK, nothing)
+        for kind, *_ in self._ask(_NLM_F_DUMP, body, "sweep"):
+            if kind == _NLMSG_DONE:
+                return
+
+    def _ask(self, flags: int, body: bytes, what: str) -> Iterator[tuple[int, bytes, int, int]]:
+        """Send conntrack a GET on the sweeps socket; the messages that answer it (type,
+        datagram, start, end), its error raised."""
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
         kind = (_SUBSYS_CTNETLINK << 8) | _CT_GET
-        flags = _NLM_F_REQUEST | _NLM_F_DUMP
-        self.sweeps.send(_message(kind, flags, self._seq, socket.AF_INET, body))
+        self.sweeps.send(_message(kind, _NLM_F_REQUEST | flags, self._seq, socket.AF_INET, body))
         while True:
             data = self.sweeps.recv(65536)
-            for kind, start, _end in messages(data):
+            for kind, start, end in messages(data):
                 (seq,) = struct.unpack_from("=I", data, start - 8)
                 if seq != self._seq:
-                    continue  # the end of a sweep that timed out
-                if kind == _NLMSG_DONE:
-                    return
+                    continue  # the end of an earlier request that timed out
                 if kind == _NLMSG_ERROR and (code := _error_of(data, start)):
                     why = errno.errorcode.get(code, str(code))
-                    raise NetlinkError(code, f"conntrack sweep failed: {why}")
+                    raise NetlinkError(code, f"conntrack {what} failed: {why}")
+                yield kind, data, start, end
 
     def close(self) -> None:
         self.events.close()
