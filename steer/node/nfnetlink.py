@@ -17,7 +17,7 @@ conntrack mark (steer.render.iptables), so conntrack is where it is seen:
 - a flow let through that closes with FIN or RST is told at its close, not when
   conntrack forgets it (two minutes after a FIN: conntrack's TIME_WAIT): a rule copies
   the client's FIN and RST packets of flows steer decided to an NFLOG group of their own,
-  and the agent reads the entry (`ConntrackCloses.get`, one lookup by tuple, no table
+  and the agent reads the entry (`ConntrackEvents.get`, one lookup by tuple, no table
   walk) a moment later, once both sides are done; the destroy event of a flow told so is
   then dropped by its conntrack id. Best effort: a copy lost, or a flow closed some
   other way, is still told by its destroy event.
@@ -52,8 +52,9 @@ _ATTR = struct.Struct("=HH")
 _SUBSYS_CTNETLINK, _SUBSYS_ULOG = 1, 4
 _CT_NEW, _CT_GET, _CT_DELETE = 0, 1, 2
 _ULOG_PACKET, _ULOG_CONFIG = 0, 1
-# The conntrack multicast group of entries going away.
-CONNTRACK_DESTROY_GROUP = 3
+# The conntrack multicast groups of entries confirmed (a flow's first packet passed) and
+# of entries going away.
+CONNTRACK_NEW_GROUP, CONNTRACK_DESTROY_GROUP = 1, 3
 
 # Conntrack attributes (linux/netfilter/nfnetlink_conntrack.h).
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_MARK = 1, 2, 4, 8
@@ -66,7 +67,7 @@ _PROTOINFO_TCP, _PROTOINFO_TCP_STATE = 1, 1
 _COUNTERS_BYTES = 2
 _TIMESTAMP_START, _TIMESTAMP_STOP = 1, 2
 # Conntrack's TCP states that end a flow.
-TCP_TIME_WAIT, TCP_CLOSE = 7, 8
+TCP_ESTABLISHED, TCP_TIME_WAIT, TCP_CLOSE = 3, 7, 8
 
 # NFLOG (linux/netfilter/nfnetlink_log.h).
 _NFULA_MARK, _NFULA_PAYLOAD, _NFULA_SEQ = 2, 9, 12
@@ -362,12 +363,18 @@ def attach_filter(sock: socket.socket, program: Sequence[Instruction]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
 
-class ConntrackCloses:
-    """Conntrack's events of entries going away, filtered in the kernel
-    (`closes_filter`), and sweeps that make conntrack let go of the ended ones now."""
+class ConntrackEvents:
+    """Conntrack's events of entries going away (or, with `group`
+    CONNTRACK_NEW_GROUP, of new ones), filtered in the kernel (`closes_filter`); sweeps
+    that make conntrack let go of the ended ones now; and lookups by tuple."""
 
-    def __init__(self, verdict_mask: int, buffer_bytes: int = 8 << 20) -> None:
+    def __init__(
+        self, verdict_mask: int, buffer_bytes: int = 8 << 20, group: int = CONNTRACK_DESTROY_GROUP
+    ) -> None:
         self.verdict_mask = verdict_mask
+        self._kind = (_SUBSYS_CTNETLINK << 8) | (
+            _CT_NEW if group == CONNTRACK_NEW_GROUP else _CT_DELETE
+        )
         self.events = _netfilter_socket()
         self.sweeps = _netfilter_socket()
         self._seq = 0
@@ -375,7 +382,7 @@ class ConntrackCloses:
             _grow_receive_buffer(self.events, buffer_bytes)
             # Nothing is taken before the filter is on.
             attach_filter(self.events, closes_filter(verdict_mask, steered=()))
-            self.events.bind((0, 1 << (CONNTRACK_DESTROY_GROUP - 1)))
+            self.events.bind((0, 1 << (group - 1)))
             self.sweeps.bind((0, 0))
             self.sweeps.settimeout(5.0)
         except OSError:
@@ -405,7 +412,7 @@ class ConntrackCloses:
             raise
         flows = []
         for kind, start, end in messages(data):
-            if kind == (_SUBSYS_CTNETLINK << 8) | _CT_DELETE:
+            if kind == self._kind:
                 flow = parse_conntrack(data, start, end)
                 if flow is not None:
                     flows.append(flow)

@@ -74,9 +74,11 @@ from steer.node.bpfmaps import (
 from steer.node.conntrack import mark_decision
 from steer.node.netns import run_in_netns
 from steer.node.nfnetlink import (
+    CONNTRACK_NEW_GROUP,
     TCP_CLOSE,
+    TCP_ESTABLISHED,
     TCP_TIME_WAIT,
-    ConntrackCloses,
+    ConntrackEvents,
     ConntrackFlow,
     LoggedPacket,
     NflogGroup,
@@ -521,12 +523,17 @@ def _netfilter_event(
 
 
 def inbound_flow_event(
-    views: Sequence[NodeView], flow: ConntrackFlow, now_ns: int, revoked: Revoked
+    views: Sequence[NodeView],
+    flow: ConntrackFlow,
+    now_ns: int,
+    revoked: Revoked,
+    *,
+    live: bool = False,
 ) -> Event | None:
     """A flow steer's iptables rules let through and no socket hook of a pod recorded (it
-    came from off the node, or from a pod steer does not steer), when conntrack let go of
-    it. On a node without BPF, where no hook records the pods' own flows, theirs come
-    this way too."""
+    came from off the node, or from a pod steer does not steer), at its close; or, `live`,
+    while it is open (no end, no bytes: as a pod's own open flow). On a node without BPF,
+    where no hook records the pods' own flows, theirs come this way too."""
     verdict, _ = mark_decision(flow.mark)
     via_envoy = verdict == VERDICT_L7
     # Past a REDIRECT conntrack's reply names Envoy: the pod is the one dialled.
@@ -546,12 +553,14 @@ def inbound_flow_event(
         policy=policy,
         rule=rule,
         # Conntrack's counts: whole IP packets, headers included, each way.
-        bytes_sent=flow.bytes_orig,
-        bytes_received=flow.bytes_reply,
+        bytes_sent=None if live else flow.bytes_orig,
+        bytes_received=None if live else flow.bytes_reply,
         duration_ms=round(((flow.stop_ns or now_ns) - flow.start_ns) / 1e6, 3)
         if flow.start_ns
         else None,
-        end=_CONNTRACK_END.get(flow.state or 0)
+        end=None
+        if live
+        else _CONNTRACK_END.get(flow.state or 0)
         or ("revoked" if revoked.get(f"{flow.src}:{flow.sport}") is not None else "expired"),
     )
 
@@ -854,7 +863,7 @@ def proc_sys_net() -> Path:
     return HOST_PROC_SYS_NET if HOST_PROC_SYS_NET.is_dir() else Path("/proc/sys/net")
 
 
-# How often the agent makes conntrack let go of the ended flows (`ConntrackCloses.sweep`):
+# How often the agent makes conntrack let go of the ended flows (`ConntrackEvents.sweep`):
 # a dump walks the table (~7 ms at 262,144 buckets).
 _SWEEP_S = 5.0
 _HOLD_S = 1.0
@@ -979,6 +988,40 @@ class ClosingFlows:
         return len(self._waiting)
 
 
+class LongFlows:
+    """The flows from elsewhere that conntrack confirmed, each looked at once when it has
+    been open LIVE_AFTER_S (and told then, if still open), unless its close came first.
+    Bookkeeping only: the reader reads."""
+
+    def __init__(self, live_after_s: float = LIVE_AFTER_S, watched_max: int = CLOSING_MAX):
+        self.live_after_s, self.watched_max = live_after_s, watched_max
+        self._queue: deque[tuple[float, ClosingKey]] = deque()
+        self._watched: dict[ClosingKey, int] = {}  # -> conntrack id
+
+    def opened(self, key: ClosingKey, conntrack_id: int, now: float) -> None:
+        if key not in self._watched and len(self._watched) < self.watched_max:
+            self._watched[key] = conntrack_id
+            self._queue.append((now + self.live_after_s, key))
+
+    def closed(self, key: ClosingKey) -> None:
+        self._watched.pop(key, None)
+
+    def due(self, now: float) -> list[tuple[ClosingKey, int]]:
+        """The flows open long enough, with their conntrack ids, each once."""
+        found = []
+        while self._queue and self._queue[0][0] <= now:
+            key = self._queue.popleft()[1]
+            conntrack_id = self._watched.pop(key, None)
+            if conntrack_id is not None:
+                found.append((key, conntrack_id))
+        return found
+
+    def still_open(self, conntrack_id: int, flow: ConntrackFlow | None) -> bool:
+        """Whether the entry read of a due flow is that flow, open: not closing, not gone,
+        not a new flow on the same tuple."""
+        return flow is not None and flow.id == conntrack_id and flow.state == TCP_ESTABLISHED
+
+
 def _told_key(flow: ConntrackFlow) -> int:
     # The source port beside the id: ids are hashes (pointers before Linux 5.0).
     return flow.id << 16 | flow.sport
@@ -986,10 +1029,11 @@ def _told_key(flow: ConntrackFlow) -> int:
 
 class InboundReader(_Worker):
     """The events of flows into the node's steered pods that no socket hook of a pod
-    recorded, from netfilter (steer.node.nfnetlink): those let through, at their end in
-    conntrack, and those refused, from the deny rules' NFLOG copies. Either source that
-    cannot be opened (another reader holds the NFLOG group, say) is logged and left out.
-    Made in the network namespace whose flows it reads (its sockets stay there)."""
+    recorded, from netfilter (steer.node.nfnetlink): those let through, at their close
+    (and while open, once, when they live long: `on_live`, not counted), and those
+    refused, from the deny rules' NFLOG copies. A source that cannot be opened (another
+    reader holds the NFLOG group, say) is logged and left out. Made in the network
+    namespace whose flows it reads (its sockets stay there)."""
 
     def __init__(
         self,
@@ -997,27 +1041,32 @@ class InboundReader(_Worker):
         views: Callable[[], Sequence[NodeView]],
         revoked: Revoked,
         on_lost: Callable[[str, int], None],
+        on_live: Callable[[Sequence[Event]], None] = lambda events: None,
     ) -> None:
-        self._on_events, self._views, self._revoked, self._on_lost = (
+        self._on_events, self._views, self._revoked, self._on_lost, self._on_live = (
             on_events,
             views,
             revoked,
             on_lost,
+            on_live,
         )
         self._recorded: frozenset[str] = frozenset()
         self._steered: frozenset[str] = frozenset()
         # Flows whose entry went while they were live, held a moment: the agent notes
         # the flows it revokes only once its sync is done.
         self._held: list[tuple[float, ConntrackFlow]] = []
-        self._closes: ConntrackCloses | None = None
+        self._closes: ConntrackEvents | None = None
         self._refusals: NflogGroup | None = None
         self._closing: NflogGroup | None = None
+        self._opens: ConntrackEvents | None = None
         self._nflog_lost = 0
         self._closing_flows = ClosingFlows(MARK_VERDICT_MASK, _told_keep_s())
+        self._long_flows = LongFlows()
         self._budgets = {
             "conntrack": _Budget(INBOUND_EVENTS_PER_S),
             "nflog": _Budget(INBOUND_EVENTS_PER_S),
             "closing": _Budget(INBOUND_EVENTS_PER_S),
+            "opens": _Budget(INBOUND_EVENTS_PER_S),
         }
         for name in _CONNTRACK_SYSCTLS:
             sysctl = proc_sys_net() / name
@@ -1031,7 +1080,7 @@ class InboundReader(_Worker):
                     exc,
                 )
         try:
-            self._closes = ConntrackCloses(MARK_VERDICT_MASK)
+            self._closes = ConntrackEvents(MARK_VERDICT_MASK)
         except OSError as exc:
             log.error("conntrack events are unavailable (%s): no events of flows let in", exc)
         try:
@@ -1055,11 +1104,21 @@ class InboundReader(_Worker):
                     NFLOG_CLOSE_GROUP,
                     exc,
                 )
+            try:
+                self._opens = ConntrackEvents(
+                    MARK_VERDICT_MASK, buffer_bytes=1 << 20, group=CONNTRACK_NEW_GROUP
+                )
+            except OSError as exc:
+                log.warning(
+                    "conntrack's events of new flows are unavailable (%s): flows let in "
+                    "are not told while open",
+                    exc,
+                )
         super().__init__("steer-inbound")
 
     def stop(self) -> None:
         super().stop()
-        for source in (self._closes, self._refusals, self._closing):
+        for source in (self._closes, self._refusals, self._closing, self._opens):
             if source is not None:
                 source.close()
 
@@ -1072,15 +1131,15 @@ class InboundReader(_Worker):
             return
         self._recorded, self._steered = recorded, steered
         recorded_ips = [IPv4Address(ip) for ip in recorded]
+        steered_ips = [IPv4Address(ip) for ip in steered]
         try:
-            if self._closes is not None and not self._closes.filter_addresses(
-                recorded_ips, [IPv4Address(ip) for ip in steered]
-            ):
-                log.info(
-                    "%d pods are too many for conntrack's socket filter: addresses are "
-                    "checked in the agent",
-                    len(steered),
-                )
+            for events in (self._closes, self._opens):
+                if events is not None and not events.filter_addresses(recorded_ips, steered_ips):
+                    log.info(
+                        "%d pods are too many for conntrack's socket filter: addresses are "
+                        "checked in the agent",
+                        len(steered),
+                    )
             if self._closing is not None and not self._closing.drop_sources(recorded_ips):
                 log.info(
                     "%d pods are too many for the closing packets' socket filter: the "
@@ -1104,6 +1163,8 @@ class InboundReader(_Worker):
             sources["nflog"] = (self._refusals.sock, self._read_refusals)
         if self._closing is not None:
             sources["closing"] = (self._closing.sock, self._read_closing)
+        if self._opens is not None:
+            sources["opens"] = (self._opens.events, self._read_opens)
         paused_until = dict.fromkeys(sources, 0.0)
         registered: set[str] = set()
         next_sweep = time.monotonic() + _SWEEP_S
@@ -1147,6 +1208,7 @@ class InboundReader(_Worker):
         now = time.monotonic()
         ended = []
         for flow in flows:
+            self._long_flows.closed((flow.src, flow.sport, flow.dst, flow.dport))
             if self._closing_flows.told(flow):
                 continue
             if not self._wanted(flow.src, flow.dst, flow.reply_src):
@@ -1167,7 +1229,18 @@ class InboundReader(_Worker):
             if packet.src not in self._recorded:  # else the socket filter could not drop it
                 key = (packet.src, packet.sport, packet.dst, packet.dport)
                 self._closing_flows.copied(key, now, seen_ns)
+                self._long_flows.closed(key)
         return len(packets)
+
+    def _read_opens(self) -> int:
+        """Conntrack's new flows: each is looked at once when it has lived long."""
+        assert self._opens is not None
+        flows, _ = self._opens.read()  # one lost only costs an open event
+        now = time.monotonic()
+        for flow in flows:
+            if self._wanted(flow.src, flow.dst, flow.reply_src):
+                self._long_flows.opened((flow.src, flow.sport, flow.dst, flow.dport), flow.id, now)
+        return len(flows)
 
     def _settle(self, now: float) -> None:
         """Read the entries of the flows whose closes are due: one both sides ended is
@@ -1185,6 +1258,25 @@ class InboundReader(_Worker):
             if flow is not None and self._wanted(flow.src, flow.dst, flow.reply_src):
                 ended.append(flow)
         self._emit(ended)
+        live = []
+        for key, conntrack_id in self._long_flows.due(now):
+            try:
+                entry = self._closes.get(*key)
+            except OSError as exc:
+                log.warning("reading conntrack's entry of %s:%d failed: %s", *key[:2], exc)
+                continue
+            if self._long_flows.still_open(conntrack_id, entry):
+                assert entry is not None
+                live.append(entry)
+        if live:
+            views, now_ns = self._views(), time.time_ns()
+            events = [
+                event
+                for flow in live
+                if (event := inbound_flow_event(views, flow, now_ns, self._revoked, live=True))
+            ]
+            if events:
+                self._on_live(events)
 
     def _release_held(self, now: float) -> None:
         if self._held and self._held[0][0] <= now:
@@ -1526,7 +1618,10 @@ class Observability:
         if self.inbound:
 
             def reader() -> InboundReader:
-                return InboundReader(self._add, self._last_views, self.revoked, self.on_lost)
+                # Open flows are not counted: the metrics count each flow once, at its close.
+                return InboundReader(
+                    self._add, self._last_views, self.revoked, self.on_lost, self.ring.extend
+                )
 
             self._inbound = run_in_netns(self.netns, reader) if self.netns else reader()
             self._inbound.start()

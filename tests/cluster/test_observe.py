@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -67,33 +68,46 @@ def open_http_policy(namespace: str) -> str:
     return json.dumps(policy)
 
 
-def host_get(node_ip: str, node_port: int) -> str | None:
+def host_get(
+    node_ip: str, node_port: int, before_the_request: Callable[[str], object] = lambda _: None
+) -> str | None:
     """One HTTP/1.0 GET from the host to the NodePort, closed by both sides; the client's
-    address, or None if it got no answer."""
+    address, or None if it got no answer. `before_the_request` is called with the address
+    once connected."""
     with socket.socket() as client:
         client.bind((HOST_IP, 0))
         client.settimeout(5)
         client.connect((node_ip, node_port))
+        source = f"{HOST_IP}:{client.getsockname()[1]}"
+        before_the_request(source)
         client.sendall(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
         answer = b""
         while chunk := client.recv(65536):
             answer += chunk
-        source = f"{HOST_IP}:{client.getsockname()[1]}"
     return source if answer.startswith(b"HTTP/1.") else None
 
 
-def test_a_flow_let_in_from_off_the_node_is_an_event_at_its_close(cluster: Cluster) -> None:
-    """Told within seconds of its close, while conntrack still holds the entry (two
-    minutes of TIME_WAIT on this node): from the client's FIN, not from conntrack's
-    letting go."""
+def test_a_flow_let_in_from_off_the_node_is_an_event_while_open_and_at_its_close(
+    cluster: Cluster,
+) -> None:
+    """Told once while open (it lived over 5 s), then within seconds of its close, while
+    conntrack still holds the entry (two minutes of TIME_WAIT on this node): from the
+    client's FIN, not from conntrack's letting go."""
     namespace, web = web_and_client(cluster, "ebpf")
     _, node_ip, node_port = serve_web(cluster, namespace, open_http_policy(namespace))
-    source = eventually(lambda: host_get(node_ip, node_port), "the host to reach web's NodePort")
+    eventually(lambda: host_get(node_ip, node_port), "the host to reach web's NodePort")
 
-    def event() -> dict[str, Any] | None:
-        return next((e for e in observed(cluster) if e["src"] == source), None)
+    def event(source: str, end: str | None) -> dict[str, Any] | None:
+        return next((e for e in observed(cluster) if (e["src"], e["end"]) == (source, end)), None)
 
-    found = eventually(event, f"an event of the flow from {source} at its close", timeout=30)
+    def told_while_open(source: str) -> None:
+        opened = eventually(lambda: event(source, None), f"{source}'s event while open", timeout=30)
+        assert (opened["pod"], opened["verdict"], opened["bytes_sent"]) == ("web", "allowed", None)
+        assert opened["duration_ms"] >= 5000
+
+    source = host_get(node_ip, node_port, told_while_open)
+    assert source is not None
+    found = eventually(lambda: event(source, "fin"), f"{source}'s event at its close", timeout=30)
     assert (found["namespace"], found["pod"], found["direction"]) == (namespace, "web", "ingress")
     assert (found["verdict"], found["end"], found["via_envoy"]) == ("allowed", "fin", False)
     assert (found["policy"], found["rule"]) == (f"{namespace}/web", "open-http")

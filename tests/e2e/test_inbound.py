@@ -201,6 +201,31 @@ def test_flows_let_in_from_off_the_node_are_events_at_their_close(
     assert [e["end"] for e in told] == ["fin"]
 
 
+def test_a_flow_let_in_that_lives_long_is_an_event_while_open_then_at_its_close(
+    node: PodsNode, offnode: PodProcess, echo_on_client: str
+) -> None:
+    """Once, about five seconds after conntrack confirmed it: no end, no bytes yet, the
+    duration so far; then its close, as any other."""
+    conn = offnode.open_tcp(node.ip("client"), ECHO_PORT)
+    try:
+        assert offnode.tcp_echo(conn, b"kept open") == b"kept open"
+        (opened,) = inbound_events(lambda e: e["dst"] == echo_on_client and e["end"] is None)
+        source = opened["src"]
+        assert (opened["verdict"], opened["pod"], opened["direction"]) == (
+            "allowed",
+            "client",
+            "ingress",
+        )
+        assert opened["bytes_sent"] is None and opened["bytes_received"] is None
+        assert opened["duration_ms"] >= 5000
+        assert offnode.tcp_echo(conn, b"still open") == b"still open"
+    finally:
+        offnode.tcp_close(conn)
+    told = inbound_events(lambda e: e["src"] == source, count=2)
+    assert [e["end"] for e in told] == [None, "fin"]
+    assert told[1]["bytes_sent"] > len(b"kept open") + len(b"still open")
+
+
 CLIENT_CLOSED = policy_yaml(
     "spec:\n  podSelector: {matchLabels: {app: client}}\n"
     "  ingress:\n    defaultAction: Allow\n    rules:\n"

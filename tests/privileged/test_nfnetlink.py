@@ -18,7 +18,7 @@ import pytest
 from steer.bench.render import scratch_netns
 from steer.constants import MARK_VERDICT_MASK, NFLOG_CLOSE_GROUP, NFLOG_GROUP
 from steer.node.netns import run_in_netns
-from steer.node.nfnetlink import TCP_TIME_WAIT, ConntrackCloses, ConntrackFlow, NflogGroup
+from steer.node.nfnetlink import TCP_TIME_WAIT, ConntrackEvents, ConntrackFlow, NflogGroup
 from steer.render.iptables import LOG_CLOSE
 
 pytestmark = pytest.mark.privileged
@@ -94,7 +94,7 @@ def final_connect(netns: str, client: socket.socket) -> None:
         client.connect(("127.0.0.1", REFUSED))
 
 
-def read_all(closes: ConntrackCloses, timeout: float) -> list[ConntrackFlow]:
+def read_all(closes: ConntrackEvents, timeout: float) -> list[ConntrackFlow]:
     """What the events say once the flows' TIME_WAIT is over and a sweep reaped them."""
     time.sleep(1.2)
     closes.sweep()
@@ -112,7 +112,7 @@ def read_all(closes: ConntrackCloses, timeout: float) -> list[ConntrackFlow]:
 def test_a_flow_is_read_once_when_conntrack_lets_go_with_bytes_and_times(netns: str) -> None:
     run(netns, "iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport",
         str(MARKED), "-j", "CONNMARK", "--set-mark", hex(ALLOW_MARK))  # fmt: skip
-    closes = run_in_netns(netns, lambda: ConntrackCloses(MARK_VERDICT_MASK))
+    closes = run_in_netns(netns, lambda: ConntrackEvents(MARK_VERDICT_MASK))
     try:
         # Until it is told which pods are steered, it takes nothing.
         exchange(netns, MARKED)
@@ -139,7 +139,7 @@ def test_the_kernel_drops_flows_without_a_verdict_recorded_or_between_unsteered_
 ) -> None:
     run(netns, "iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport",
         str(MARKED), "-j", "CONNMARK", "--set-mark", hex(ALLOW_MARK))  # fmt: skip
-    closes = run_in_netns(netns, lambda: ConntrackCloses(MARK_VERDICT_MASK))
+    closes = run_in_netns(netns, lambda: ConntrackEvents(MARK_VERDICT_MASK))
     try:
         # 127.0.0.1 plays the steered pod (the server), 127.0.0.2 a recorded one.
         local, recorded = IPv4Address("127.0.0.1"), IPv4Address("127.0.0.2")
@@ -203,7 +203,7 @@ def test_a_clients_fin_is_copied_once_and_its_entry_read_by_tuple_while_in_time_
     run(netns, "iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport",
         str(MARKED), "-j", "CONNMARK", "--set-mark", hex(ALLOW_MARK))  # fmt: skip
     run(netns, "iptables-legacy", "-t", "mangle", "-A", "PREROUTING", *LOG_CLOSE)
-    closes = run_in_netns(netns, lambda: ConntrackCloses(MARK_VERDICT_MASK))
+    closes = run_in_netns(netns, lambda: ConntrackEvents(MARK_VERDICT_MASK))
     group = run_in_netns(netns, lambda: NflogGroup(NFLOG_CLOSE_GROUP, batch=1))
     try:
         group.sock.settimeout(1.0)

@@ -1,6 +1,7 @@
 """The bookkeeping between a copy of a client's FIN or RST and its flow's event
 (steer.node.observe.ClosingFlows): when the entry is read, what a read says, and which
-destroy events tell of flows already told. The kernel's side (the copies, the lookups by
+destroy events tell of flows already told; and between conntrack's event of a new flow
+and its event while open (LongFlows). The kernel's side (the copies, the lookups by
 tuple, the ids) is checked in tests/privileged/test_nfnetlink.py and
 tests/e2e/test_inbound.py."""
 
@@ -9,10 +10,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 from steer.constants import MARK_VERDICT_MASK, MARK_VERDICT_SHIFT, VERDICT_ALLOW
-from steer.node.nfnetlink import TCP_CLOSE, TCP_TIME_WAIT, ConntrackFlow
-from steer.node.observe import CLOSE_READS_S, TOLD_SLACK_BYTES, ClosingFlows
+from steer.node.nfnetlink import TCP_CLOSE, TCP_ESTABLISHED, TCP_TIME_WAIT, ConntrackFlow
+from steer.node.observe import (
+    CLOSE_READS_S,
+    TOLD_SLACK_BYTES,
+    ClosingFlows,
+    LongFlows,
+    NodeView,
+    Revoked,
+    inbound_flow_event,
+    one_line,
+)
+from tests.samples import PODS, WEB, sample_enforcement
 
-TCP_ESTABLISHED, TCP_FIN_WAIT = 3, 4
+TCP_FIN_WAIT = 4
 KEY = ("10.99.0.2", 40000, "10.244.0.3", 8080)
 CLOSED_NS = 1_700_000_000_000_000_000
 ALLOWED = VERDICT_ALLOW << MARK_VERDICT_SHIFT
@@ -155,3 +166,48 @@ def test_told_flows_are_keyed_by_id_and_source_port() -> None:
     assert not flows.told(replace(entry(TCP_TIME_WAIT), sport=40001))
     assert not flows.told(replace(entry(TCP_TIME_WAIT), id=78))
     assert flows.told(entry(TCP_TIME_WAIT))
+
+
+# --- flows that live long ------------------------------------------------------------------
+
+
+def test_a_flow_open_long_is_looked_at_once_after_the_delay() -> None:
+    flows = LongFlows(live_after_s=5.0)
+    flows.opened(KEY, 77, 0.0)
+    flows.opened(KEY, 77, 1.0)  # an event seen twice is one flow
+    assert flows.due(4.99) == []
+    assert flows.due(5.0) == [(KEY, 77)]
+    assert flows.due(60.0) == []
+
+
+def test_a_flow_closed_before_the_delay_is_not_looked_at() -> None:
+    flows = LongFlows(live_after_s=5.0)
+    flows.opened(KEY, 77, 0.0)
+    flows.closed(KEY)
+    assert flows.due(5.0) == []
+
+
+def test_only_the_same_flow_still_established_is_told_open() -> None:
+    flows = LongFlows()
+    assert flows.still_open(77, entry(TCP_ESTABLISHED))
+    assert not flows.still_open(77, entry(TCP_FIN_WAIT))  # closing: its close tells of it
+    assert not flows.still_open(77, entry(TCP_ESTABLISHED, id=78))  # a new flow, same tuple
+    assert not flows.still_open(77, None)
+
+
+def test_past_the_cap_new_flows_are_not_watched() -> None:
+    flows = LongFlows(live_after_s=5.0, watched_max=1)
+    flows.opened(KEY, 77, 0.0)
+    flows.opened((KEY[0], 1, *KEY[2:]), 78, 0.0)
+    assert flows.due(5.0) == [(KEY, 77)]
+
+
+def test_an_open_flow_from_elsewhere_has_no_end_and_no_bytes_yet() -> None:
+    view = NodeView({p.ip: (p, "iptables") for p in PODS}, sample_enforcement())
+    flow = replace(entry(TCP_ESTABLISHED), dst=WEB.ip, reply_src=WEB.ip)
+    event = inbound_flow_event([view], flow, CLOSED_NS + 6 * 10**9, Revoked(), live=True)
+    assert event is not None
+    assert (event["end"], event["bytes_sent"], event["bytes_received"]) == (None, None, None)
+    assert event["duration_ms"] == 7000.0
+    assert (event["pod"], event["direction"]) == ("web", "ingress")
+    assert " open 7000.0ms " in one_line({**event, "time": "2026-12-05T10:00:00+00:00"})
