@@ -996,24 +996,34 @@ class LongFlows:
     def __init__(self, live_after_s: float = LIVE_AFTER_S, watched_max: int = CLOSING_MAX):
         self.live_after_s, self.watched_max = live_after_s, watched_max
         self._queue: deque[tuple[float, ClosingKey]] = deque()
-        self._watched: dict[ClosingKey, int] = {}  # -> conntrack id
+        self._watched: dict[ClosingKey, tuple[int, float]] = {}  # -> conntrack id, when due
 
     def opened(self, key: ClosingKey, conntrack_id: int, now: float) -> None:
-        if key not in self._watched and len(self._watched) < self.watched_max:
-            self._watched[key] = conntrack_id
+        known = self._watched.get(key)
+        if known is not None and known[0] == conntrack_id:
+            return  # seen already
+        if known is not None or len(self._watched) < self.watched_max:
+            # A new flow on a tuple still watched (the old one's close went unseen) takes
+            # its place, with its own time.
+            self._watched[key] = (conntrack_id, now + self.live_after_s)
             self._queue.append((now + self.live_after_s, key))
 
-    def closed(self, key: ClosingKey) -> None:
-        self._watched.pop(key, None)
+    def closed(self, key: ClosingKey, conntrack_id: int | None = None) -> None:
+        """The flow on `key` closed (`conntrack_id`: that flow, where known; the events
+        of a new flow on the same tuple can come before the old one's end)."""
+        known = self._watched.get(key)
+        if known is not None and conntrack_id in (None, known[0]):
+            del self._watched[key]
 
     def due(self, now: float) -> list[tuple[ClosingKey, int]]:
         """The flows open long enough, with their conntrack ids, each once."""
         found = []
         while self._queue and self._queue[0][0] <= now:
-            key = self._queue.popleft()[1]
-            conntrack_id = self._watched.pop(key, None)
-            if conntrack_id is not None:
-                found.append((key, conntrack_id))
+            when, key = self._queue.popleft()
+            known = self._watched.get(key)
+            if known is not None and known[1] == when:  # else closed, or a later flow's
+                del self._watched[key]
+                found.append((key, known[0]))
         return found
 
     def still_open(self, conntrack_id: int, flow: ConntrackFlow | None) -> bool:
@@ -1208,7 +1218,7 @@ class InboundReader(_Worker):
         now = time.monotonic()
         ended = []
         for flow in flows:
-            self._long_flows.closed((flow.src, flow.sport, flow.dst, flow.dport))
+            self._long_flows.closed((flow.src, flow.sport, flow.dst, flow.dport), flow.id)
             if self._closing_flows.told(flow):
                 continue
             if not self._wanted(flow.src, flow.dst, flow.reply_src):
@@ -1235,7 +1245,9 @@ class InboundReader(_Worker):
     def _read_opens(self) -> int:
         """Conntrack's new flows: each is looked at once when it has lived long."""
         assert self._opens is not None
-        flows, _ = self._opens.read()  # one lost only costs an open event
+        flows, overran = self._opens.read()
+        if overran:
+            self._on_lost("conntrack_new", 1)  # open events, not the flows' own
         now = time.monotonic()
         for flow in flows:
             if self._wanted(flow.src, flow.dst, flow.reply_src):
@@ -1267,7 +1279,8 @@ class InboundReader(_Worker):
                 continue
             if self._long_flows.still_open(conntrack_id, entry):
                 assert entry is not None
-                live.append(entry)
+                if self._wanted(entry.src, entry.dst, entry.reply_src):
+                    live.append(entry)
         if live:
             views, now_ns = self._views(), time.time_ns()
             events = [

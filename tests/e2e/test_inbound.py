@@ -206,10 +206,13 @@ def test_a_flow_let_in_that_lives_long_is_an_event_while_open_then_at_its_close(
 ) -> None:
     """Once, about five seconds after conntrack confirmed it: no end, no bytes yet, the
     duration so far; then its close, as any other."""
+    since = time.time() - 0.05
     conn = offnode.open_tcp(node.ip("client"), ECHO_PORT)
     try:
         assert offnode.tcp_echo(conn, b"kept open") == b"kept open"
-        (opened,) = inbound_events(lambda e: e["dst"] == echo_on_client and e["end"] is None)
+        (opened,) = inbound_events(
+            lambda e: e["dst"] == echo_on_client and e["end"] is None and _at_or_after(e, since)
+        )
         source = opened["src"]
         assert (opened["verdict"], opened["pod"], opened["direction"]) == (
             "allowed",

@@ -18,7 +18,13 @@ import pytest
 from steer.bench.render import scratch_netns
 from steer.constants import MARK_VERDICT_MASK, NFLOG_CLOSE_GROUP, NFLOG_GROUP
 from steer.node.netns import run_in_netns
-from steer.node.nfnetlink import TCP_TIME_WAIT, ConntrackEvents, ConntrackFlow, NflogGroup
+from steer.node.nfnetlink import (
+    CONNTRACK_NEW_GROUP,
+    TCP_TIME_WAIT,
+    ConntrackEvents,
+    ConntrackFlow,
+    NflogGroup,
+)
 from steer.render.iptables import LOG_CLOSE
 
 pytestmark = pytest.mark.privileged
@@ -236,3 +242,27 @@ def test_a_clients_fin_is_copied_once_and_its_entry_read_by_tuple_while_in_time_
     finally:
         group.close()
         closes.close()
+
+
+def test_new_flows_are_read_through_the_same_filter_with_their_verdict(netns: str) -> None:
+    """Conntrack's event of a new flow comes once the flow's first packet is through, with
+    the mark steer's rules set on it; the filter drops the rest as for destroy events."""
+    run(netns, "iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport",
+        str(MARKED), "-j", "CONNMARK", "--set-mark", hex(ALLOW_MARK))  # fmt: skip
+    opens = run_in_netns(
+        netns, lambda: ConntrackEvents(MARK_VERDICT_MASK, group=CONNTRACK_NEW_GROUP)
+    )
+    try:
+        assert opens.filter_addresses([IPv4Address("127.0.0.2")], [IPv4Address("127.0.0.1")])
+        exchange(netns, UNMARKED)
+        exchange(netns, MARKED, source="127.0.0.2")
+        sport = exchange(netns, MARKED)
+        opens.events.settimeout(1.0)
+        (flow,) = opens.read()[0]
+        assert (flow.src, flow.sport, flow.dport, flow.mark) == ("127.0.0.1", sport, MARKED,
+                                                                  ALLOW_MARK)  # fmt: skip
+        assert flow.id != 0
+        with pytest.raises(TimeoutError):
+            opens.read()
+    finally:
+        opens.close()

@@ -211,3 +211,22 @@ def test_an_open_flow_from_elsewhere_has_no_end_and_no_bytes_yet() -> None:
     assert event["duration_ms"] == 7000.0
     assert (event["pod"], event["direction"]) == ("web", "ingress")
     assert " open 7000.0ms " in one_line({**event, "time": "2026-12-05T10:00:00+00:00"})
+
+
+def test_a_new_flow_on_a_watched_tuple_is_looked_at_on_its_own_time() -> None:
+    """Ports reused within five seconds: the old flow's time does not apply to the new."""
+    flows = LongFlows(live_after_s=5.0)
+    flows.opened(KEY, 77, 0.0)
+    flows.opened(KEY, 78, 3.0)
+    assert flows.due(5.0) == []
+    assert flows.due(8.0) == [(KEY, 78)]
+
+
+def test_the_old_flows_end_read_late_does_not_stop_watching_the_new_one() -> None:
+    flows = LongFlows(live_after_s=5.0)
+    flows.opened(KEY, 78, 0.0)
+    flows.closed(KEY, 77)  # the destroy event of the tuple's earlier flow
+    assert flows.due(5.0) == [(KEY, 78)]
+    flows.opened(KEY, 79, 6.0)
+    flows.closed(KEY)  # a FIN copy: the flow on the tuple now
+    assert flows.due(11.0) == []
