@@ -12,8 +12,12 @@ conntrack mark (steer.render.iptables), so conntrack is where it is seen:
   a source no pod hook records. Conntrack finds an ended flow's entry expired in a
   periodic sweep, up to a minute late; a dump walks the table and reaps the expired
   entries it meets, so the agent sweeps with an empty dump every few seconds. (One
-  destroy event per flow: subscribing to state changes instead cost ~6 events per flow
-  on every flow of the node, ~10 us of kernel time per connection.)
+  destroy event per flow, and one new-flow event below: subscribing to state changes
+  instead cost ~6 events per flow on every flow of the node, ~10 us of kernel time per
+  connection.)
+- a flow let through that lives long is told while open: conntrack's event of each new
+  flow, through the same socket filter, and a lookup of its entry by tuple a few seconds
+  later, if its close has not come by then.
 - a flow let through that closes with FIN or RST is told at its close, not when
   conntrack forgets it (two minutes after a FIN: conntrack's TIME_WAIT): a rule copies
   the client's FIN and RST packets of flows steer decided to an NFLOG group of their own,
