@@ -360,6 +360,16 @@ def filter_fits(program: Sequence[Instruction]) -> bool:
     return len(program) <= _BPF_MAXINSNS and needed <= optmem
 
 
+def attach_fitting(
+    sock: socket.socket, program: Sequence[Instruction], shorter: Sequence[Instruction]
+) -> bool:
+    """Attach `program` if the kernel takes it (`filter_fits`), else `shorter`; whether
+    `program` went on."""
+    fits = filter_fits(program)
+    attach_filter(sock, program if fits else shorter)
+    return fits
+
+
 def attach_filter(sock: socket.socket, program: Sequence[Instruction]) -> None:
     """Attach (or replace, atomically) a classic BPF socket filter."""
     code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *insn) for insn in program))
@@ -398,12 +408,11 @@ class ConntrackEvents:
     ) -> bool:
         """Filter in the kernel by address; False where the lists make too long a filter
         (the kernel then filters by state and mark only, the caller by address)."""
-        program = closes_filter(self.verdict_mask, recorded, steered)
-        if filter_fits(program):
-            attach_filter(self.events, program)
-            return True
-        attach_filter(self.events, closes_filter(self.verdict_mask))
-        return False
+        return attach_fitting(
+            self.events,
+            closes_filter(self.verdict_mask, recorded, steered),
+            closes_filter(self.verdict_mask),
+        )
 
     def read(self) -> tuple[list[ConntrackFlow], bool]:
         """The flows of one datagram of events, and whether the socket overran since the
@@ -536,12 +545,7 @@ class NflogGroup:
         """Have the kernel drop copies of packets from `recorded` (`closing_filter`, for a
         group of one copy a datagram); False where the list makes too long a filter (the
         kernel then drops none, the caller checks)."""
-        program = closing_filter(recorded)
-        if filter_fits(program):
-            attach_filter(self.sock, program)
-            return True
-        attach_filter(self.sock, closing_filter(()))
-        return False
+        return attach_fitting(self.sock, closing_filter(recorded), closing_filter(()))
 
     def read(self) -> list[LoggedPacket]:
         """The TCP packets of one datagram. Packets the kernel could not queue (a full

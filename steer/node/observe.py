@@ -1032,6 +1032,10 @@ class LongFlows:
         return flow is not None and flow.id == conntrack_id and flow.state == TCP_ESTABLISHED
 
 
+def _original_tuple(flow: ConntrackFlow | LoggedPacket) -> ClosingKey:
+    return flow.src, flow.sport, flow.dst, flow.dport
+
+
 def _told_key(flow: ConntrackFlow) -> int:
     # The source port beside the id: ids are hashes (pointers before Linux 5.0).
     return flow.id << 16 | flow.sport
@@ -1218,7 +1222,7 @@ class InboundReader(_Worker):
         now = time.monotonic()
         ended = []
         for flow in flows:
-            self._long_flows.closed((flow.src, flow.sport, flow.dst, flow.dport), flow.id)
+            self._long_flows.closed(_original_tuple(flow), flow.id)
             if self._closing_flows.told(flow):
                 continue
             if not self._wanted(flow.src, flow.dst, flow.reply_src):
@@ -1237,7 +1241,7 @@ class InboundReader(_Worker):
         now, seen_ns = time.monotonic(), time.time_ns()
         for packet in packets:
             if packet.src not in self._recorded:  # else the socket filter could not drop it
-                key = (packet.src, packet.sport, packet.dst, packet.dport)
+                key = _original_tuple(packet)
                 self._closing_flows.copied(key, now, seen_ns)
                 self._long_flows.closed(key)
         return len(packets)
@@ -1251,7 +1255,7 @@ class InboundReader(_Worker):
         now = time.monotonic()
         for flow in flows:
             if self._wanted(flow.src, flow.dst, flow.reply_src):
-                self._long_flows.opened((flow.src, flow.sport, flow.dst, flow.dport), flow.id, now)
+                self._long_flows.opened(_original_tuple(flow), flow.id, now)
         return len(flows)
 
     def _settle(self, now: float) -> None:
@@ -1259,37 +1263,30 @@ class InboundReader(_Worker):
         told now."""
         if self._closes is None:
             return
-        ended = []
-        for key in self._closing_flows.due(now):
+        closes = self._closes
+
+        def entry(key: ClosingKey) -> ConntrackFlow | None:
             try:
-                entry = self._closes.get(*key)
+                return closes.get(*key)
             except OSError as exc:
                 log.warning("reading conntrack's entry of %s:%d failed: %s", *key[:2], exc)
-                entry = None
-            flow = self._closing_flows.read(key, entry, now)
-            if flow is not None and self._wanted(flow.src, flow.dst, flow.reply_src):
-                ended.append(flow)
+                return None
+
+        ended = [
+            flow
+            for key in self._closing_flows.due(now)
+            if (flow := self._closing_flows.read(key, entry(key), now)) is not None
+            and self._wanted(flow.src, flow.dst, flow.reply_src)
+        ]
         self._emit(ended)
-        live = []
-        for key, conntrack_id in self._long_flows.due(now):
-            try:
-                entry = self._closes.get(*key)
-            except OSError as exc:
-                log.warning("reading conntrack's entry of %s:%d failed: %s", *key[:2], exc)
-                continue
-            if self._long_flows.still_open(conntrack_id, entry):
-                assert entry is not None
-                if self._wanted(entry.src, entry.dst, entry.reply_src):
-                    live.append(entry)
-        if live:
-            views, now_ns = self._views(), time.time_ns()
-            events = [
-                event
-                for flow in live
-                if (event := inbound_flow_event(views, flow, now_ns, self._revoked, live=True))
-            ]
-            if events:
-                self._on_live(events)
+        live = [
+            flow
+            for key, conntrack_id in self._long_flows.due(now)
+            if (flow := entry(key)) is not None
+            and self._long_flows.still_open(conntrack_id, flow)
+            and self._wanted(flow.src, flow.dst, flow.reply_src)
+        ]
+        self._emit(live, live=True)
 
     def _release_held(self, now: float) -> None:
         if self._held and self._held[0][0] <= now:
@@ -1297,17 +1294,19 @@ class InboundReader(_Worker):
             self._held = [(when, flow) for when, flow in self._held if when > now]
             self._emit(due)
 
-    def _emit(self, flows: Sequence[ConntrackFlow]) -> None:
+    def _emit(self, flows: Sequence[ConntrackFlow], *, live: bool = False) -> None:
+        """The flows' events, to `on_events`; with `live` (flows still open), to `on_live`."""
         if not flows:
             return
         views, now_ns = self._views(), time.time_ns()
         events = [
             event
             for flow in flows
-            if (event := inbound_flow_event(views, flow, now_ns, self._revoked)) is not None
+            if (event := inbound_flow_event(views, flow, now_ns, self._revoked, live=live))
+            is not None
         ]
         if events:
-            self._on_events(events)
+            (self._on_live if live else self._on_events)(events)
 
     def _read_refusals(self) -> int:
         assert self._refusals is not None

@@ -306,15 +306,8 @@ _SAVE_VERDICT = (
     "--ctmask",
     _hex(MARK_MASK),
 )
-_VERDICT_CACHED = (
-    "-m",
-    "connmark",
-    "!",
-    "--mark",
-    f"0x0/{_hex(MARK_VERDICT_MASK)}",
-    "-j",
-    "RETURN",
-)
+_VERDICT_DECIDED = ("-m", "connmark", "!", "--mark", f"0x0/{_hex(MARK_VERDICT_MASK)}")
+_VERDICT_CACHED = (*_VERDICT_DECIDED, "-j", "RETURN")
 _NOT_NEW = ("-m", "conntrack", "!", "--ctstate", "NEW", "-j", "RETURN")
 # A copy of the client's FIN or RST of a flow steer let through, for `steer observe`: the
 # agent tells of the flow at its close (steer.node.nfnetlink), where conntrack's destroy
@@ -325,7 +318,7 @@ _NOT_NEW = ("-m", "conntrack", "!", "--ctstate", "NEW", "-j", "RETURN")
 LOG_CLOSE = (
     *("-p", "tcp", "-m", "tcp", "!", "--tcp-flags", "FIN,RST", "NONE"),
     *("-m", "conntrack", "--ctdir", "ORIGINAL"),
-    *("-m", "connmark", "!", "--mark", f"0x0/{_hex(MARK_VERDICT_MASK)}"),
+    *_VERDICT_DECIDED,
     *("-j", "NFLOG", "--nflog-group", str(NFLOG_CLOSE_GROUP), "--nflog-size", "64"),
 )
 
