@@ -77,6 +77,19 @@ ANALYSIS = """\
   ([observability](observability.md#access-log-sampling)). Batches of 64 KiB (16 KiB
   before): 1 MiB batches, flushed by time, cut the agent's per-message work but stalled a
   worker while it serialised one, and p99 with one connection went to 3 ms.
+  Where the floor is (measured with code changed for the measurement only, iptables, 16
+  connections, 6-8 interleaved 5 s runs each, medians): with the agent reading each
+  message off the stream and dropping it unparsed, logging every request still cost
+  0.89x the rps, Envoy's user CPU per request 42.1 -> 49.5 us and the agent 3.8 us (gRPC
+  receipt alone). The node Envoy's one worker is what bounds the rps (94% busy on this
+  path), so whatever Envoy spends on each entry comes straight off the rps: the target's
+  5% is ~2 us of Envoy's ~42 us, and Envoy's gRPC ALS takes ~7 us on its own. Envoy's
+  OpenTelemetry access logger with the same fields as one tab-separated line did no
+  better in Envoy (+4 to +7 us, 0.92x with the agent dropping the messages, 0.86-0.92x
+  parsing them); the same logger with a one-character line cost 0.99x and +1.3 us, so
+  it is formatting the request's fields, whatever the transport, that costs. No consumer
+  can bring back what Envoy spends before the entry leaves it: every HTTP verdict logged
+  meets 0.95x only where the node Envoy is not the bottleneck.
 
 - **services** (connect-time LB >= 1.3x kube-proxy's new-connection rate at 5,000
   Services, and >= 0.95x its own rate at 10): both met: 1.32x (14,969 against 11,366
@@ -208,7 +221,16 @@ this machine, one variant per node, three alternating runs each (L7 via iptables
 no stream idle timer 38-40 / 30-36; no access log filter at all 39-44 / 30-38: all within
 the spread between runs of the same configuration (one node's shipped runs: 44-53 /
 47-52), so nothing left in steer's configuration moves Envoy's CPU measurably. Pinning
-Envoy to one of the two cores cost 20-30% of the rps. (The HTTP/1 parser cannot be
+Envoy to one of the two cores cost 20-30% of the rps. Why the rps ratio stops short of
+what the CPU per request predicts (73 against 116 us of the whole node's CPU per request
+would allow ~1.6x): the node Envoy's worker is 94-95% busy on the iptables path but only
+78-80% on eBPF + sk_msg, and the machine is ~35% idle on both (/proc/stat). `perf sched`
+shows why: sk_msg hands each message to the peer socket and wakes its reader with a sync
+wake-up, so the scheduler places the backend on the node Envoy's core, and the two take
+turns there in 10-40 us slices while the other core waits for wrk. Keeping them apart
+(the node Envoy on one core, the pods on the other) was worse: every hand-over then
+crosses cores, 102 against 73 us of CPU per request, 0.94x the rps of iptables.
+(The HTTP/1 parser cannot be
 chosen: Envoy removed the runtime switch to http-parser in 2025.) The eBPF + sk_msg path
 against iptables: p50 0.74-0.81x (target 0.70x) and rps 1.17-1.36x (target 1.3x) over
 three runs of the day; sk_msg halves the kernel's share (13 against 26 us of Envoy's system
