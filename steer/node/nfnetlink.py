@@ -39,7 +39,7 @@ import ctypes
 import errno
 import socket
 import struct
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -55,6 +55,8 @@ _ATTR = struct.Struct("=HH")
 # The subsystems, in the high byte of a message's type.
 _SUBSYS_CTNETLINK, _SUBSYS_ULOG = 1, 4
 _CT_NEW, _CT_GET, _CT_DELETE = 0, 1, 2
+# The message type of an entry (an event of a new one, or an answer to a GET or a dump).
+_CT_ENTRY = (_SUBSYS_CTNETLINK << 8) | _CT_NEW
 _ULOG_PACKET, _ULOG_CONFIG = 0, 1
 # The conntrack multicast groups of entries confirmed (a flow's first packet passed) and
 # of entries going away.
@@ -386,8 +388,8 @@ class ConntrackEvents:
         self, verdict_mask: int, buffer_bytes: int = 8 << 20, group: int = CONNTRACK_DESTROY_GROUP
     ) -> None:
         self.verdict_mask = verdict_mask
-        self._kind = (_SUBSYS_CTNETLINK << 8) | (
-            _CT_NEW if group == CONNTRACK_NEW_GROUP else _CT_DELETE
+        self._kind = (
+            _CT_ENTRY if group == CONNTRACK_NEW_GROUP else ((_SUBSYS_CTNETLINK << 8) | _CT_DELETE)
         )
         self.events = _netfilter_socket()
         self.sweeps = _netfilter_socket()
@@ -447,7 +449,7 @@ class ConntrackEvents:
         )
         try:
             for kind, data, start, end in self._ask(0, _nest(CTA_TUPLE_ORIG, ips, tcp), "lookup"):
-                if kind == (_SUBSYS_CTNETLINK << 8) | _CT_NEW:
+                if kind == _CT_ENTRY:
                     return parse_conntrack(data, start, end)
         except NetlinkError as exc:
             if exc.errno == errno.ENOENT:
@@ -459,11 +461,30 @@ class ConntrackEvents:
         """Dump conntrack's table with a filter no entry matches: the dump reaps each
         expired entry it meets (conntrack's own sweep can come a minute later), and
         their destroy events follow."""
-        nothing = struct.pack("!I", 0xFFFFFFFF)
-        body = _attr(CTA_MARK, nothing) + _attr(CTA_MARK_MASK, nothing)
-        for kind, *_ in self._ask(_NLM_F_DUMP, body, "sweep"):
+        for _ in self._dump(0xFFFFFFFF, 0xFFFFFFFF, "sweep"):
+            pass
+
+    def marked(self, verdicts: Iterable[int]) -> list[ConntrackFlow]:
+        """The TCP entries whose verdict (the mark's bits under the verdict mask) is one of
+        `verdicts`, as they are now: one dump of the table a verdict, filtered by the
+        kernel."""
+        shift = (self.verdict_mask & -self.verdict_mask).bit_length() - 1
+        return [
+            flow
+            for verdict in verdicts
+            for flow in self._dump(verdict << shift, self.verdict_mask, "dump")
+            if flow is not None
+        ]
+
+    def _dump(self, mark: int, mask: int, what: str) -> Iterator[ConntrackFlow | None]:
+        body = _attr(CTA_MARK, struct.pack("!I", mark)) + _attr(
+            CTA_MARK_MASK, struct.pack("!I", mask)
+        )
+        for kind, data, start, end in self._ask(_NLM_F_DUMP, body, what):
             if kind == _NLMSG_DONE:
                 return
+            if kind == _CT_ENTRY:
+                yield parse_conntrack(data, start, end)
 
     def _ask(self, flags: int, body: bytes, what: str) -> Iterator[tuple[int, bytes, int, int]]:
         """Send conntrack a GET on the sweeps socket; the messages that answer it (type,

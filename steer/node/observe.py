@@ -14,6 +14,7 @@ object per line.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ from steer.constants import (
     NFLOG_GROUP,
     OBSERVE_RING_SIZE,
     OBSERVE_SOCKET,
+    VERDICT_ALLOW,
     VERDICT_DENY,
     VERDICT_L7,
 )
@@ -995,7 +997,8 @@ class LongFlows:
 
     def __init__(self, live_after_s: float = LIVE_AFTER_S, watched_max: int = CLOSING_MAX):
         self.live_after_s, self.watched_max = live_after_s, watched_max
-        self._queue: deque[tuple[float, ClosingKey]] = deque()
+        # A heap by when due: flows found at start-up come due sooner than those seen since.
+        self._queue: list[tuple[float, ClosingKey]] = []
         self._watched: dict[ClosingKey, tuple[int, float]] = {}  # -> conntrack id, when due
 
     def opened(self, key: ClosingKey, conntrack_id: int, now: float) -> None:
@@ -1006,7 +1009,7 @@ class LongFlows:
             # A new flow on a tuple still watched (the old one's close went unseen) takes
             # its place, with its own time.
             self._watched[key] = (conntrack_id, now + self.live_after_s)
-            self._queue.append((now + self.live_after_s, key))
+            heapq.heappush(self._queue, (now + self.live_after_s, key))
 
     def closed(self, key: ClosingKey, conntrack_id: int | None = None) -> None:
         """The flow on `key` closed (`conntrack_id`: that flow, where known; the events
@@ -1019,7 +1022,7 @@ class LongFlows:
         """The flows open long enough, with their conntrack ids, each once."""
         found = []
         while self._queue and self._queue[0][0] <= now:
-            when, key = self._queue.popleft()
+            when, key = heapq.heappop(self._queue)
             known = self._watched.get(key)
             if known is not None and known[1] == when:  # else closed, or a later flow's
                 del self._watched[key]
@@ -1076,6 +1079,7 @@ class InboundReader(_Worker):
         self._nflog_lost = 0
         self._closing_flows = ClosingFlows(MARK_VERDICT_MASK, _told_keep_s())
         self._long_flows = LongFlows()
+        self._found_open_flows = False
         self._budgets = {
             "conntrack": _Budget(INBOUND_EVENTS_PER_S),
             "nflog": _Budget(INBOUND_EVENTS_PER_S),
@@ -1192,6 +1196,8 @@ class InboundReader(_Worker):
                     except OSError as exc:
                         log.warning("sweeping conntrack failed: %s", exc)
                 try:
+                    if self._steered and not self._found_open_flows:
+                        self._find_open_flows()
                     self._release_held(now)
                     self._settle(now)
                 except Exception:  # a bad event must not end the reader (and refusals)
@@ -1257,6 +1263,33 @@ class InboundReader(_Worker):
             if self._wanted(flow.src, flow.dst, flow.reply_src):
                 self._long_flows.opened(_original_tuple(flow), flow.id, now)
         return len(flows)
+
+    def _find_open_flows(self) -> None:
+        """The flows let in before the reader started (by an agent restarted, say): their
+        new-flow events went by unread, so each is found in conntrack's table, once, and
+        watched from then on as if its event had just come, at its age where conntrack
+        knows it (told while open once it has lived LIVE_AFTER_S, and at its close)."""
+        self._found_open_flows = True
+        if self._opens is None or self._closes is None:
+            return  # no flow is told while open without the new-flow events
+        try:
+            flows = self._closes.marked((VERDICT_ALLOW, VERDICT_L7))
+        except OSError as exc:
+            log.warning(
+                "the flows let in before the agent started could not be listed (%s): they "
+                "are told at their close only",
+                exc,
+            )
+            return
+        # The ages and the times due from one instant, after the dump.
+        now, wall_ns = time.monotonic(), time.time_ns()
+        live_after_s = self._long_flows.live_after_s
+        for flow in flows:
+            if flow.state == TCP_ESTABLISHED and self._wanted(flow.src, flow.dst, flow.reply_src):
+                age_s = (wall_ns - flow.start_ns) / 1e9 if flow.start_ns else live_after_s
+                self._long_flows.opened(
+                    _original_tuple(flow), flow.id, now - min(max(age_s, 0.0), live_after_s)
+                )
 
     def _settle(self, now: float) -> None:
         """Read the entries of the flows whose closes are due: one both sides ended is

@@ -9,6 +9,9 @@ and the servers stop before the node goes.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -16,10 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from steer.constants import ANNOTATION_DATAPLANE
+from steer.constants import (
+    AGENT_STATUS_FILE,
+    ANNOTATION_DATAPLANE,
+    LOG_DIR,
+    NODE_NETNS,
+    POLICY_DIR,
+)
 from steer.demo import leftovers
-from steer.lab.localnode import LocalNode
+from steer.lab.localnode import LocalNode, read_status, wait_for
 from steer.lab.podproc import PodProcess
+from steer.lab.process import supervised
 from steer.lab.spec import default_lab_specs
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
@@ -66,6 +76,37 @@ def pods_node(dataplane: str) -> Iterator[PodsNode]:
         assert running.dataplane_of("client") == dataplane
         yield running
     assert not leftovers(), f"the local node left state behind: {leftovers()}"
+
+
+def agent_pid() -> int:
+    found = subprocess.run(
+        ["pgrep", "-f", "steer.cli agent"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert len(found) == 1, f"expected one agent, found {found}"
+    return int(found[0])
+
+
+def kill_agent() -> None:
+    """kill -9 of the node's agent: no `finally` of its runs."""
+    os.kill(agent_pid(), signal.SIGKILL)
+
+
+@contextmanager
+def restarted_agent() -> Iterator[Path]:
+    """A new agent on the node whose agent the test killed, as the node started it, once it
+    has synced; its log. It stops with the block, and the node then has no agent: a test
+    that uses it comes last in its module."""
+    synced_before = (read_status(AGENT_STATUS_FILE) or {}).get("loaded_at", 0)
+    log = LOG_DIR / "agent-restarted.log"
+    log.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "steer.cli", "agent", "--policies", str(POLICY_DIR)]
+    with supervised(argv, log, netns=NODE_NETNS):
+        wait_for(
+            lambda: (read_status(AGENT_STATUS_FILE) or {}).get("loaded_at", 0) > synced_before,
+            20,
+            "the restarted agent to sync",
+        )
+        yield log
 
 
 @pytest.fixture(scope="module", params=["iptables", "ebpf"])

@@ -4,18 +4,13 @@ survive kill -9 of the agent, which then re-adopts the pinned objects."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from steer.constants import AGENT_STATUS_FILE, ANNOTATION_DATAPLANE, LOG_DIR, POLICY_DIR
-from steer.lab.localnode import read_status, wait_for
+from steer.constants import ANNOTATION_DATAPLANE, POLICY_DIR
 from steer.lab.podproc import PodProcessError
-from tests.e2e.conftest import HTTP_PORT, PodsNode, pods_node
+from tests.e2e.conftest import HTTP_PORT, PodsNode, kill_agent, pods_node, restarted_agent
 from tests.samples import policy_yaml
 
 pytestmark = [pytest.mark.privileged, pytest.mark.envoy]
@@ -126,46 +121,24 @@ def test_connections_opened_on_ebpf_are_revoked_after_the_pod_moved_to_iptables(
         assert node.dataplane_of("client") == "ebpf"
 
 
-def _agent_pid() -> int:
-    found = subprocess.run(
-        ["pgrep", "-f", "steer.cli agent"], capture_output=True, text=True, check=False
-    ).stdout.split()
-    assert len(found) == 1, f"expected one agent, found {found}"
-    return int(found[0])
-
-
 def test_flows_survive_kill_9_of_the_agent_and_a_restart_adopts_the_pins(node: PodsNode) -> None:
     client = node.workers["client"]
     steered = client.http_open(node.ip("web"), HTTP_PORT)
     direct = client.http_open(node.ip("api"), L4_PORT)
     assert (get(node, steered), get(node, direct, "/")) == (200, 200)
 
-    os.kill(_agent_pid(), signal.SIGKILL)
+    kill_agent()
     # Attachments are legacy cgroup attachments and the maps are pinned: nothing depended
     # on the agent process being alive.
     assert (get(node, steered), get(node, direct, "/")) == (200, 200)
     assert client.request(node.ip("web"), HTTP_PORT, "GET", "/admin").status == 403
     assert client.connect_outcome(node.ip("web"), 9090)[0] == "refused"
 
-    restarted_at = (read_status(AGENT_STATUS_FILE) or {}).get("loaded_at", 0)
-    log = LOG_DIR / "agent-restarted.log"
-    with log.open("wb") as out:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "steer.cli", "agent", "--policies", str(POLICY_DIR)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        wait_for(
-            lambda: (read_status(AGENT_STATUS_FILE) or {}).get("loaded_at", 0) > restarted_at,
-            20,
-            "the restarted agent to sync",
-        )
-        assert "adopted pinned objects" in log.read_text()
-        assert node.dataplane_of("client") == "ebpf"
-        assert (get(node, steered), get(node, direct, "/")) == (200, 200)
+        with restarted_agent() as log:
+            assert "adopted pinned objects" in log.read_text()
+            assert node.dataplane_of("client") == "ebpf"
+            assert (get(node, steered), get(node, direct, "/")) == (200, 200)
     finally:
-        agent.terminate()
-        agent.wait(timeout=10)
         client.http_close(steered)
         client.http_close(direct)

@@ -28,7 +28,7 @@ from steer.constants import (
 from steer.lab.podproc import PodProcess
 from steer.node.cgroups import cgroup2_root
 from steer.node.envoy import admin_get
-from tests.e2e.conftest import HTTP_PORT, PodsNode
+from tests.e2e.conftest import HTTP_PORT, PodsNode, kill_agent, restarted_agent
 from tests.e2e.test_observe import observe
 from tests.samples import policy_yaml
 
@@ -285,3 +285,30 @@ def test_a_pods_own_refused_flow_is_one_event(node: PodsNode, offnode: PodProces
     time.sleep(1.0)  # an NFLOG copy read as a second event would be in by now
     found = [e for e in observe("--last", "1000", "--layer", "l4") if picked(e)]
     assert [(e["direction"], e["pid"]) for e in found] == [("egress", client.pid)]
+
+
+# Last in the module: it restarts the agent, and the node then has none.
+def test_a_flow_let_in_before_the_agent_started_is_told_while_open_then_at_its_close(
+    node: PodsNode, offnode: PodProcess, echo_on_client: str
+) -> None:
+    """Conntrack's event of the flow's start went by while no agent read it: the new
+    agent finds the flow in conntrack's table, tells of it while open, and then at its
+    close, as any other."""
+    conn = offnode.open_tcp(node.ip("client"), ECHO_PORT)
+    assert offnode.tcp_echo(conn, b"before the restart") == b"before the restart"
+    kill_agent()
+    with restarted_agent():
+        try:
+            (opened,) = inbound_events(lambda e: e["dst"] == echo_on_client and e["end"] is None)
+            assert (opened["verdict"], opened["pod"], opened["direction"]) == (
+                "allowed",
+                "client",
+                "ingress",
+            )
+            assert opened["duration_ms"] >= 5000 and opened["bytes_sent"] is None
+            assert offnode.tcp_echo(conn, b"after the restart") == b"after the restart"
+        finally:
+            offnode.tcp_close(conn)
+        told = inbound_events(lambda e: e["src"] == opened["src"], count=2)
+        assert [e["end"] for e in told] == [None, "fin"]
+        assert told[1]["bytes_sent"] > len(b"before the restart") + len(b"after the restart")

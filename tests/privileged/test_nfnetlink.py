@@ -3,7 +3,8 @@ conntrack's destroy events, with counters and times, taken by the socket filter 
 flows with a verdict in their mark, a steered end and a source no pod hook records, and
 brought on by a sweep once the flow's TIME_WAIT is over; NFLOG copies of refused
 packets, with every lost copy counted; and copies of the client's FIN of a flow steer let
-through, by steer's own rule, with the flow's entry read by its tuple at once."""
+through, by steer's own rule, with the flow's entry read by its tuple at once; and the
+flows open now, listed by the verdict in their mark."""
 
 from __future__ import annotations
 
@@ -16,10 +17,17 @@ from ipaddress import IPv4Address
 import pytest
 
 from steer.bench.render import scratch_netns
-from steer.constants import MARK_VERDICT_MASK, NFLOG_CLOSE_GROUP, NFLOG_GROUP
+from steer.constants import (
+    MARK_VERDICT_MASK,
+    NFLOG_CLOSE_GROUP,
+    NFLOG_GROUP,
+    VERDICT_ALLOW,
+    VERDICT_L7,
+)
 from steer.node.netns import run_in_netns
 from steer.node.nfnetlink import (
     CONNTRACK_NEW_GROUP,
+    TCP_ESTABLISHED,
     TCP_TIME_WAIT,
     ConntrackEvents,
     ConntrackFlow,
@@ -266,3 +274,39 @@ def test_new_flows_are_read_through_the_same_filter_with_their_verdict(netns: st
             opens.read()
     finally:
         opens.close()
+
+
+def test_flows_open_now_are_listed_by_their_verdict(netns: str) -> None:
+    """What a restarted agent reads to find the flows let in before it: a dump of the
+    table, filtered by the kernel on the verdict in the mark; each entry as it is now."""
+    run(netns, "iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport",
+        str(MARKED), "-j", "CONNMARK", "--set-mark", hex(ALLOW_MARK))  # fmt: skip
+
+    def open_flow(port: int) -> tuple[socket.socket, socket.socket, socket.socket]:
+        server = socket.create_server(("127.0.0.1", port))
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        client.sendall(PAYLOAD)
+        assert accepted.recv(len(PAYLOAD), socket.MSG_WAITALL) == PAYLOAD
+        return server, client, accepted
+
+    closes = run_in_netns(netns, lambda: ConntrackEvents(MARK_VERDICT_MASK))
+    held = [*run_in_netns(netns, lambda: open_flow(MARKED))]
+    held += run_in_netns(netns, lambda: open_flow(UNMARKED))
+    try:
+        sport = held[1].getsockname()[1]
+        (flow,) = closes.marked([VERDICT_ALLOW, VERDICT_L7])
+        assert (flow.src, flow.sport, flow.dst, flow.dport) == ("127.0.0.1", sport, "127.0.0.1",
+                                                                 MARKED)  # fmt: skip
+        assert (flow.state, flow.mark) == (TCP_ESTABLISHED, ALLOW_MARK)
+        assert flow.id != 0 and flow.start_ns is not None
+        assert flow.bytes_orig is not None and flow.bytes_orig > len(PAYLOAD)
+        # Other verdicts find nothing here; the unmarked flow is no verdict's.
+        assert closes.marked([VERDICT_L7]) == []
+        # The same entry as a lookup by its tuple finds.
+        same = closes.get(flow.src, flow.sport, flow.dst, flow.dport)
+        assert same is not None and same.id == flow.id
+    finally:
+        for sock in held:
+            sock.close()
+        closes.close()

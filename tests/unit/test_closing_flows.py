@@ -180,6 +180,19 @@ def test_a_flow_open_long_is_looked_at_once_after_the_delay() -> None:
     assert flows.due(60.0) == []
 
 
+def test_a_flow_found_already_old_comes_due_before_flows_seen_earlier() -> None:
+    """At start-up the reader finds flows opened before it, some long ago: each is due
+    when it has lived the delay, not after the flows whose events came first."""
+    flows = LongFlows(live_after_s=5.0)
+    seen = (KEY[0], 1, *KEY[2:])
+    flows.opened(seen, 78, 10.0)  # a new flow's event: due at 15
+    flows.opened(KEY, 77, 10.0 - 5.0)  # found open, 5 s old or more: due now
+    flows.opened((KEY[0], 2, *KEY[2:]), 79, 10.0 - 2.0)  # found open, 2 s old: due at 13
+    assert flows.due(10.0) == [(KEY, 77)]
+    assert flows.due(13.0) == [((KEY[0], 2, *KEY[2:]), 79)]
+    assert flows.due(15.0) == [(seen, 78)]
+
+
 def test_a_flow_closed_before_the_delay_is_not_looked_at() -> None:
     flows = LongFlows(live_after_s=5.0)
     flows.opened(KEY, 77, 0.0)
