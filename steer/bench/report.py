@@ -230,6 +230,16 @@ wake-up, so the scheduler places the backend on the node Envoy's core, and the t
 turns there in 10-40 us slices while the other core waits for wrk. Keeping them apart
 (the node Envoy on one core, the pods on the other) was worse: every hand-over then
 crosses cores, 102 against 73 us of CPU per request, 0.94x the rps of iptables.
+The p50 with one connection is mostly neither path's own: this VM halts an idle vCPU at
+once (`/sys/module/haltpoll/parameters/guest_halt_poll_ns` is 0), so each of the
+request's hand-overs that wakes the other core waits for it to come out of a halt. With
+polling turned on for a measurement (200 us, then set back), p50 fell from 0.259 to
+0.148 ms on iptables and from 0.218 to 0.131 ms on eBPF + sk_msg, and the ratio rose
+from 0.84x to 0.88x: what is left is two Envoys' and wrk's user-space work, the same on
+both paths. The kernel's whole share of a request on the iptables path (52 us of system
+CPU per request over the whole node, in the cost run above: 20% of its 0.260 ms p50) is
+less than the 30% of p50 that 0.70x asks sk_msg to remove; sk_msg removes about half of
+it (23 us left: the socket calls and the scheduler).
 (The HTTP/1 parser cannot be
 chosen: Envoy removed the runtime switch to http-parser in 2025.) The eBPF + sk_msg path
 against iptables: p50 0.74-0.81x (target 0.70x) and rps 1.17-1.36x (target 1.3x) over
