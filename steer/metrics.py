@@ -51,8 +51,9 @@ class AgentMetrics:
         self.inbound_events_lost = Counter(
             "steer_inbound_events_lost",
             "Events of flows from elsewhere that netfilter could not hand over, by source: "
-            "nflog (refused packets, counted exactly) and conntrack (socket overruns: at "
-            "least one event each)",
+            "nflog (refused packets, counted exactly), conntrack (socket overruns: at "
+            "least one event each) and conntrack_new (open events: overruns of new-flow "
+            "events, and flows found at start-up past the cap)",
             ["source"],
             registry=self.registry,
         )

@@ -17,7 +17,8 @@ conntrack mark (steer.render.iptables), so conntrack is where it is seen:
   connection.)
 - a flow let through that lives long is told while open: conntrack's event of each new
   flow, through the same socket filter, and a lookup of its entry by tuple a few seconds
-  later, if its close has not come by then.
+  later, if its close has not come by then. A reader just started finds the flows open
+  before it in a dump of the table, filtered by the kernel on the verdict in the mark.
 - a flow let through that closes with FIN or RST is told at its close, not when
   conntrack forgets it (two minutes after a FIN: conntrack's TIME_WAIT): a rule copies
   the client's FIN and RST packets of flows steer decided to an NFLOG group of their own,
@@ -382,7 +383,8 @@ def attach_filter(sock: socket.socket, program: Sequence[Instruction]) -> None:
 class ConntrackEvents:
     """Conntrack's events of entries going away (or, with `group`
     CONNTRACK_NEW_GROUP, of new ones), filtered in the kernel (`closes_filter`); sweeps
-    that make conntrack let go of the ended ones now; and lookups by tuple."""
+    that make conntrack let go of the ended ones now; lookups by tuple; and the flows
+    open now, by verdict (for a reader just started)."""
 
     def __init__(
         self, verdict_mask: int, buffer_bytes: int = 8 << 20, group: int = CONNTRACK_DESTROY_GROUP
@@ -464,17 +466,15 @@ class ConntrackEvents:
         for _ in self._dump(0xFFFFFFFF, 0xFFFFFFFF, "sweep"):
             pass
 
-    def marked(self, verdicts: Iterable[int]) -> list[ConntrackFlow]:
+    def marked(self, verdicts: Iterable[int]) -> Iterator[ConntrackFlow]:
         """The TCP entries whose verdict (the mark's bits under the verdict mask) is one of
-        `verdicts`, as they are now: one dump of the table a verdict, filtered by the
-        kernel."""
+        `verdicts`, as they are now, as they come: one dump of the table a verdict,
+        filtered by the kernel (and checked again here)."""
         shift = (self.verdict_mask & -self.verdict_mask).bit_length() - 1
-        return [
-            flow
-            for verdict in verdicts
-            for flow in self._dump(verdict << shift, self.verdict_mask, "dump")
-            if flow is not None
-        ]
+        for verdict in verdicts:
+            for flow in self._dump(verdict << shift, self.verdict_mask, "dump"):
+                if flow is not None and flow.mark & self.verdict_mask == verdict << shift:
+                    yield flow
 
     def _dump(self, mark: int, mask: int, what: str) -> Iterator[ConntrackFlow | None]:
         body = _attr(CTA_MARK, struct.pack("!I", mark)) + _attr(

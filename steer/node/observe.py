@@ -1000,16 +1000,40 @@ class LongFlows:
         # A heap by when due: flows found at start-up come due sooner than those seen since.
         self._queue: list[tuple[float, ClosingKey]] = []
         self._watched: dict[ClosingKey, tuple[int, float]] = {}  # -> conntrack id, when due
+        # Flows found open at start-up that have lived long already: their entries as the
+        # table gave them, told in turn (`found_due`).
+        self._found: OrderedDict[ClosingKey, ConntrackFlow] = OrderedDict()
 
-    def opened(self, key: ClosingKey, conntrack_id: int, now: float) -> None:
+    def _room(self, key: ClosingKey) -> bool:
+        return key in self._watched or len(self._watched) + len(self._found) < self.watched_max
+
+    def opened(self, key: ClosingKey, conntrack_id: int, now: float) -> bool:
+        """Watch the flow conntrack confirmed at `now` (or earlier: its age subtracted);
+        False when past the cap."""
         known = self._watched.get(key)
         if known is not None and known[0] == conntrack_id:
-            return  # seen already
-        if known is not None or len(self._watched) < self.watched_max:
-            # A new flow on a tuple still watched (the old one's close went unseen) takes
-            # its place, with its own time.
-            self._watched[key] = (conntrack_id, now + self.live_after_s)
-            heapq.heappush(self._queue, (now + self.live_after_s, key))
+            return True  # seen already
+        if not self._room(key):
+            return False
+        # A new flow on a tuple still watched (the old one's close went unseen) takes its
+        # place, with its own time.
+        self._watched[key] = (conntrack_id, now + self.live_after_s)
+        heapq.heappush(self._queue, (now + self.live_after_s, key))
+        return True
+
+    def found(self, key: ClosingKey, flow: ConntrackFlow) -> bool:
+        """A flow found open, that has lived LIVE_AFTER_S already: told as found, with
+        no second read; False when past the cap."""
+        if not self._room(key):
+            return False
+        self._found[key] = flow
+        return True
+
+    def found_due(self, most: int) -> list[ConntrackFlow]:
+        """Up to `most` of the flows found, oldest finding first: a node with thousands
+        of them is told over several passes, not in one burst that would push every
+        recent event out of the ring."""
+        return [self._found.popitem(last=False)[1] for _ in range(min(most, len(self._found)))]
 
     def closed(self, key: ClosingKey, conntrack_id: int | None = None) -> None:
         """The flow on `key` closed (`conntrack_id`: that flow, where known; the events
@@ -1017,6 +1041,9 @@ class LongFlows:
         known = self._watched.get(key)
         if known is not None and conntrack_id in (None, known[0]):
             del self._watched[key]
+        found = self._found.get(key)
+        if found is not None and conntrack_id in (None, found.id):
+            del self._found[key]
 
     def due(self, now: float) -> list[tuple[ClosingKey, int]]:
         """The flows open long enough, with their conntrack ids, each once."""
@@ -1079,7 +1106,7 @@ class InboundReader(_Worker):
         self._nflog_lost = 0
         self._closing_flows = ClosingFlows(MARK_VERDICT_MASK, _told_keep_s())
         self._long_flows = LongFlows()
-        self._found_open_flows = False
+        self._pods_known = self._found_open_flows = False
         self._budgets = {
             "conntrack": _Budget(INBOUND_EVENTS_PER_S),
             "nflog": _Budget(INBOUND_EVENTS_PER_S),
@@ -1167,6 +1194,9 @@ class InboundReader(_Worker):
         except OSError as exc:
             # The previous filters stay; the reader's own checks keep the events right.
             log.warning("a netfilter socket filter could not be replaced: %s", exc)
+        # Only now: a flow the new-flow events' filter took no note of yet is one that
+        # the reader's look at conntrack's table must still find.
+        self._pods_known = True
 
     def _wanted(self, src: str, *ends: str) -> bool:
         if src in self._recorded:
@@ -1196,7 +1226,7 @@ class InboundReader(_Worker):
                     except OSError as exc:
                         log.warning("sweeping conntrack failed: %s", exc)
                 try:
-                    if self._steered and not self._found_open_flows:
+                    if self._pods_known and not self._found_open_flows:
                         self._find_open_flows()
                     self._release_held(now)
                     self._settle(now)
@@ -1266,30 +1296,45 @@ class InboundReader(_Worker):
 
     def _find_open_flows(self) -> None:
         """The flows let in before the reader started (by an agent restarted, say): their
-        new-flow events went by unread, so each is found in conntrack's table, once, and
-        watched from then on as if its event had just come, at its age where conntrack
-        knows it (told while open once it has lived LIVE_AFTER_S, and at its close)."""
+        new-flow events went by unread, so each is found in conntrack's table, once. One
+        that has lived LIVE_AFTER_S is told as found; a younger one is watched as if its
+        event had just come, at its age (at none, where conntrack has no start time); the
+        close of each is told as any other's."""
         self._found_open_flows = True
         if self._opens is None or self._closes is None:
             return  # no flow is told while open without the new-flow events
+        # Ages from before the dump: a flow read late in it comes due late, never early.
+        wall_ns, now = time.time_ns(), time.monotonic()
+        live_after_s = self._long_flows.live_after_s
+        found = past_cap = 0
         try:
-            flows = self._closes.marked((VERDICT_ALLOW, VERDICT_L7))
+            for flow in self._closes.marked((VERDICT_ALLOW, VERDICT_L7)):
+                if flow.state != TCP_ESTABLISHED or not self._wanted(
+                    flow.src, flow.dst, flow.reply_src
+                ):
+                    continue
+                key = _original_tuple(flow)
+                age_s = max((wall_ns - flow.start_ns) / 1e9, 0.0) if flow.start_ns else 0.0
+                if age_s >= live_after_s:
+                    kept = self._long_flows.found(key, flow)
+                else:
+                    kept = self._long_flows.opened(key, flow.id, now - age_s)
+                found, past_cap = found + kept, past_cap + (not kept)
         except OSError as exc:
             log.warning(
-                "the flows let in before the agent started could not be listed (%s): they "
-                "are told at their close only",
+                "the flows let in before the agent started could not all be listed (%s): "
+                "the rest are told at their close only",
                 exc,
             )
-            return
-        # The ages and the times due from one instant, after the dump.
-        now, wall_ns = time.monotonic(), time.time_ns()
-        live_after_s = self._long_flows.live_after_s
-        for flow in flows:
-            if flow.state == TCP_ESTABLISHED and self._wanted(flow.src, flow.dst, flow.reply_src):
-                age_s = (wall_ns - flow.start_ns) / 1e9 if flow.start_ns else live_after_s
-                self._long_flows.opened(
-                    _original_tuple(flow), flow.id, now - min(max(age_s, 0.0), live_after_s)
-                )
+        if past_cap:
+            self._on_lost("conntrack_new", past_cap)  # open events, not the flows' own
+            log.warning(
+                "%d flows let in before the agent started are past the %d watched: they "
+                "are told at their close only",
+                past_cap,
+                self._long_flows.watched_max,
+            )
+        log.info("found %d flows let in before the agent started, still open", found)
 
     def _settle(self, now: float) -> None:
         """Read the entries of the flows whose closes are due: one both sides ended is
@@ -1320,6 +1365,7 @@ class InboundReader(_Worker):
             and self._wanted(flow.src, flow.dst, flow.reply_src)
         ]
         self._emit(live, live=True)
+        self._emit(self._long_flows.found_due(_LIVE_PER_SCAN), live=True)
 
     def _release_held(self, now: float) -> None:
         if self._held and self._held[0][0] <= now:

@@ -28,6 +28,7 @@ from steer.constants import (
 from steer.lab.podproc import PodProcess
 from steer.node.cgroups import cgroup2_root
 from steer.node.envoy import admin_get
+from steer.node.observe import LIVE_AFTER_S
 from tests.e2e.conftest import HTTP_PORT, PodsNode, kill_agent, restarted_agent
 from tests.e2e.test_observe import observe
 from tests.samples import policy_yaml
@@ -292,11 +293,13 @@ def test_a_flow_let_in_before_the_agent_started_is_told_while_open_then_at_its_c
     node: PodsNode, offnode: PodProcess, echo_on_client: str
 ) -> None:
     """Conntrack's event of the flow's start went by while no agent read it: the new
-    agent finds the flow in conntrack's table, tells of it while open, and then at its
-    close, as any other."""
+    agent finds the flow in conntrack's table, open longer than the delay of an open
+    event already, tells of it while open at once, and then at its close, as any
+    other."""
     conn = offnode.open_tcp(node.ip("client"), ECHO_PORT)
     assert offnode.tcp_echo(conn, b"before the restart") == b"before the restart"
     kill_agent()
+    time.sleep(LIVE_AFTER_S)  # an agent down that long: the flow is told from the table
     with restarted_agent():
         try:
             (opened,) = inbound_events(lambda e: e["dst"] == echo_on_client and e["end"] is None)

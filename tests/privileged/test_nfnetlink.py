@@ -302,7 +302,7 @@ def test_flows_open_now_are_listed_by_their_verdict(netns: str) -> None:
         assert flow.id != 0 and flow.start_ns is not None
         assert flow.bytes_orig is not None and flow.bytes_orig > len(PAYLOAD)
         # Other verdicts find nothing here; the unmarked flow is no verdict's.
-        assert closes.marked([VERDICT_L7]) == []
+        assert list(closes.marked([VERDICT_L7])) == []
         # The same entry as a lookup by its tuple finds.
         same = closes.get(flow.src, flow.sport, flow.dst, flow.dport)
         assert same is not None and same.id == flow.id

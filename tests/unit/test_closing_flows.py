@@ -193,6 +193,30 @@ def test_a_flow_found_already_old_comes_due_before_flows_seen_earlier() -> None:
     assert flows.due(15.0) == [(seen, 78)]
 
 
+def test_flows_found_old_are_told_as_found_a_batch_at_a_time_unless_closed_first() -> None:
+    flows = LongFlows(live_after_s=5.0)
+    found = [replace(entry(TCP_ESTABLISHED, id=100 + port), sport=port) for port in range(5)]
+    for flow in found:
+        assert flows.found((flow.src, flow.sport, flow.dst, flow.dport), flow)
+    closed = found[1]
+    flows.closed((closed.src, closed.sport, closed.dst, closed.dport))
+    other = found[2]  # a destroy event of an earlier flow on the same tuple: not this one
+    flows.closed((other.src, other.sport, other.dst, other.dport), conntrack_id=1)
+    assert flows.found_due(2) == [found[0], found[2]]
+    assert flows.found_due(2) == found[3:]
+    assert flows.found_due(2) == []
+    assert flows.due(60.0) == []  # never also looked at as a flow watched
+
+
+def test_past_the_cap_flows_found_are_refused_and_say_so() -> None:
+    flows = LongFlows(live_after_s=5.0, watched_max=2)
+    assert flows.opened(KEY, 77, 0.0)
+    assert flows.found((KEY[0], 1, *KEY[2:]), entry(TCP_ESTABLISHED, id=78))
+    assert not flows.found((KEY[0], 2, *KEY[2:]), entry(TCP_ESTABLISHED, id=79))
+    assert not flows.opened((KEY[0], 3, *KEY[2:]), 80, 0.0)
+    assert flows.opened(KEY, 81, 1.0)  # a new flow on a watched tuple takes its place
+
+
 def test_a_flow_closed_before_the_delay_is_not_looked_at() -> None:
     flows = LongFlows(live_after_s=5.0)
     flows.opened(KEY, 77, 0.0)
