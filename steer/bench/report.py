@@ -91,7 +91,7 @@ ANALYSIS = """\
   can bring back what Envoy spends before the entry leaves it: every HTTP verdict logged
   meets 0.95x only where the node Envoy is not the bottleneck. Sampled at 10% of allowed
   requests (`steer.access_log_percent`; denials always logged), the same measurement gave
-  0.97x the rps and 1.02x the CPU per request.
+  0.94-0.97x the rps and 1.02x the CPU per request (two runs).
 
 - **services** (connect-time LB >= 1.3x kube-proxy's new-connection rate at 5,000
   Services, and >= 0.95x its own rate at 10): both met: 1.32x (14,969 against 11,366
