@@ -1198,6 +1198,10 @@ class InboundReader(_Worker):
         # the reader's look at conntrack's table must still find.
         self._pods_known = True
 
+    def _wanted_flow(self, flow: ConntrackFlow) -> bool:
+        """`_wanted` for a conntrack entry: its ends as dialled, and where it went."""
+        return self._wanted(flow.src, flow.dst, flow.reply_src)
+
     def _wanted(self, src: str, *ends: str) -> bool:
         if src in self._recorded:
             return False  # its pod's hooks record it
@@ -1261,7 +1265,7 @@ class InboundReader(_Worker):
             self._long_flows.closed(_original_tuple(flow), flow.id)
             if self._closing_flows.told(flow):
                 continue
-            if not self._wanted(flow.src, flow.dst, flow.reply_src):
+            if not self._wanted_flow(flow):
                 continue
             if flow.state in (TCP_TIME_WAIT, TCP_CLOSE):
                 ended.append(flow)
@@ -1290,7 +1294,7 @@ class InboundReader(_Worker):
             self._on_lost("conntrack_new", 1)  # open events, not the flows' own
         now = time.monotonic()
         for flow in flows:
-            if self._wanted(flow.src, flow.dst, flow.reply_src):
+            if self._wanted_flow(flow):
                 self._long_flows.opened(_original_tuple(flow), flow.id, now)
         return len(flows)
 
@@ -1309,9 +1313,7 @@ class InboundReader(_Worker):
         found = past_cap = 0
         try:
             for flow in self._closes.marked((VERDICT_ALLOW, VERDICT_L7)):
-                if flow.state != TCP_ESTABLISHED or not self._wanted(
-                    flow.src, flow.dst, flow.reply_src
-                ):
+                if flow.state != TCP_ESTABLISHED or not self._wanted_flow(flow):
                     continue
                 key = _original_tuple(flow)
                 age_s = max((wall_ns - flow.start_ns) / 1e9, 0.0) if flow.start_ns else 0.0
@@ -1319,7 +1321,10 @@ class InboundReader(_Worker):
                     kept = self._long_flows.found(key, flow)
                 else:
                     kept = self._long_flows.opened(key, flow.id, now - age_s)
-                found, past_cap = found + kept, past_cap + (not kept)
+                if kept:
+                    found += 1
+                else:
+                    past_cap += 1
         except OSError as exc:
             log.warning(
                 "the flows let in before the agent started could not all be listed (%s): "
@@ -1354,7 +1359,7 @@ class InboundReader(_Worker):
             flow
             for key in self._closing_flows.due(now)
             if (flow := self._closing_flows.read(key, entry(key), now)) is not None
-            and self._wanted(flow.src, flow.dst, flow.reply_src)
+            and self._wanted_flow(flow)
         ]
         self._emit(ended)
         live = [
@@ -1362,7 +1367,7 @@ class InboundReader(_Worker):
             for key, conntrack_id in self._long_flows.due(now)
             if (flow := entry(key)) is not None
             and self._long_flows.still_open(conntrack_id, flow)
-            and self._wanted(flow.src, flow.dst, flow.reply_src)
+            and self._wanted_flow(flow)
         ]
         self._emit(live, live=True)
         self._emit(self._long_flows.found_due(_LIVE_PER_SCAN), live=True)
